@@ -1,0 +1,24 @@
+"""Pluggable backbones: ``create_backbone(name, **kwargs)`` and ``list_backbones()``.
+
+Importing this package registers every family (ResNet, U-Net, stacked hourglass, and the
+``timm:`` / ``smp:`` / ``torchvision:`` adapters).
+"""
+
+# Family modules register themselves on import.
+from lightning_convnets.backbones import external, hourglass, resnet, unet  # noqa: F401
+from lightning_convnets.backbones.base import Backbone, check_contract
+from lightning_convnets.backbones.registry import (
+    create_backbone,
+    list_backbones,
+    register_backbone,
+    register_prefix,
+)
+
+__all__ = [
+    "Backbone",
+    "check_contract",
+    "create_backbone",
+    "list_backbones",
+    "register_backbone",
+    "register_prefix",
+]

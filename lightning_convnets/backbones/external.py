@@ -1,0 +1,1 @@
+"""Placeholder: this family arrives in its own commit."""
