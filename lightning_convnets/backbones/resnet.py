@@ -1,1 +1,714 @@
-"""Placeholder: this family arrives in its own commit."""
+"""ResNet family: post-activation (v1), pre-activation (v2) and their skip-free "plain" twins.
+
+* v1, He et al. 2015, "Deep Residual Learning for Image Recognition": ``conv -> BN -> ReLU`` inside the
+  branch, ReLU after the sum, bottleneck stride on the 3x3 conv (the "ResNet v1.5" layout torchvision
+  uses). Parameter names are torchvision's (``conv1, bn1, layer1..layer4``, blocks ``conv1/bn1/conv2/bn2
+  [/conv3/bn3]/downsample.0/.1``), so a torchvision ImageNet state dict (minus ``fc``) loads with
+  ``strict=True``.
+* v2, He et al. 2016, "Identity Mappings in Deep Residual Networks": ``BN -> ReLU -> conv`` inside the
+  branch and nothing after the sum, so each block can add negative as well as positive quantities; a
+  linear stem conv before the first block (otherwise the input to the first block is all non-negative)
+  and a final ``BN -> ReLU`` after the last stage. A projection shortcut reads the pre-activated input.
+* ``skip=False`` builds the plain twin: the same branch layers without any shortcut (identity or
+  projection), the "regular network" ``h_{l+1} = f_l(h_l)`` of the lecture.
+
+Every residual sum goes through :class:`lightning_convnets.nn.ResidualAdd` (``block.add``), so a forward
+hook receives ``(shortcut, branch)``. ReLUs are not in-place: hooks that keep or differentiate through a
+block's intermediate tensors (variance and gradient monitors) must see them unmodified.
+
+Example:
+    >>> import torch
+    >>> from lightning_convnets.backbones import create_backbone
+    >>> net = create_backbone("resnet18", width=8, stem="cifar")
+    >>> [tuple(f.shape) for f in net(torch.zeros(1, 3, 32, 32))]
+    [(1, 8, 32, 32), (1, 16, 16, 16), (1, 32, 8, 8), (1, 64, 4, 4)]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from lightning_convnets.backbones.base import Backbone
+from lightning_convnets.backbones.registry import register_backbone
+from lightning_convnets.nn import ResidualAdd
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "BasicBlock",
+    "Bottleneck",
+    "PreActBasicBlock",
+    "PreActBottleneck",
+    "ResNet",
+    "adapt_stem_weight",
+    "load_torchvision_state_dict",
+    "preact_resnet18",
+    "preact_resnet34",
+    "preact_resnet50",
+    "preact_resnet101",
+    "preact_resnet152",
+    "preact_resnet200",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnet200",
+    "weights_normalization",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+NORMS = ("batch", "group", "none")
+STEMS = ("imagenet", "cifar")
+# Stage depths per network depth; 200 is the pre-activation paper's ImageNet model (no torchvision twin).
+DEPTHS: dict[int, tuple[int, int, int, int]] = {
+    18: (2, 2, 2, 2),
+    34: (3, 4, 6, 3),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+    200: (3, 24, 36, 3),
+}
+
+
+def _group_count(channels: int) -> int:
+    # 32 groups as in Wu & He 2018, fewer when a tiny width has fewer channels than that.
+    return math.gcd(channels, 32)
+
+
+def make_norm(norm: str, channels: int) -> nn.Module:
+    """The normalisation layer named by ``norm`` (``"batch"``, ``"group"`` or ``"none"``) for ``channels``.
+
+    ``"group"`` uses 32 groups, or ``gcd(channels, 32)`` when the channel count does not allow 32.
+    """
+    if norm == "batch":
+        return nn.BatchNorm2d(channels)
+    if norm == "group":
+        return nn.GroupNorm(_group_count(channels), channels)
+    if norm == "none":
+        return nn.Identity()
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
+    """3x3 convolution with padding 1 (size-preserving at stride 1)."""
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias)
+
+
+def conv1x1(in_channels: int, out_channels: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
+    """1x1 convolution: mixes channels, changes their number, or subsamples with ``stride``."""
+    return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=bias)
+
+
+def _zero_branch_end(norm: nn.Module | None, conv: nn.Conv2d) -> None:
+    # The closing norm's scale when it has one (torchvision's zero_init_residual), else the conv itself.
+    if norm is not None and getattr(norm, "weight", None) is not None:
+        nn.init.zeros_(norm.weight)
+    else:
+        nn.init.zeros_(conv.weight)
+
+
+def _needs_projection(in_channels: int, out_channels: int, stride: int) -> bool:
+    return stride != 1 or in_channels != out_channels
+
+
+class BasicBlock(nn.Module):
+    """Post-activation basic block: ``relu(x + bn2(conv2(relu(bn1(conv1(x))))))``.
+
+    With C channels, batch norm and no conv bias it has ``2 * 9C^2`` weights and ``2 * 2C`` norm
+    parameters: ``18C^2 + 4C``.
+
+    Args:
+        in_channels: channels of the block input.
+        planes: channels of the branch (and of the output: ``expansion`` is 1).
+        stride: stride of the first 3x3 conv; a stride or a channel change adds a 1x1 projection.
+        norm: ``"batch"``, ``"group"`` or ``"none"`` (``"none"`` gives the convs a bias).
+        skip: ``False`` drops the shortcut and the sum: the plain block ``relu(bn2(conv2(...)))``.
+
+    Example:
+        >>> import torch
+        >>> BasicBlock(8, 16, stride=2)(torch.zeros(1, 8, 8, 8)).shape
+        torch.Size([1, 16, 4, 4])
+    """
+
+    expansion = 1
+    preact = False
+
+    def __init__(
+        self, in_channels: int, planes: int, stride: int = 1, norm: str = "batch", skip: bool = True
+    ) -> None:
+        super().__init__()
+        bias = norm == "none"
+        out_channels = planes * self.expansion
+        self.conv1 = conv3x3(in_channels, planes, stride, bias=bias)
+        self.bn1 = make_norm(norm, planes)
+        self.conv2 = conv3x3(planes, out_channels, bias=bias)
+        self.bn2 = make_norm(norm, out_channels)
+        self.relu = nn.ReLU()
+        self.downsample: nn.Module | None = None
+        self.add: ResidualAdd | None = ResidualAdd() if skip else None
+        if skip and _needs_projection(in_channels, out_channels, stride):
+            self.downsample = nn.Sequential(
+                conv1x1(in_channels, out_channels, stride, bias=bias), make_norm(norm, out_channels)
+            )
+
+    def zero_init_last(self) -> None:
+        """Make the branch output zero (the block starts as ``relu(shortcut)``): zero the closing norm's
+        scale, or the closing conv when ``norm="none"``."""
+        _zero_branch_end(self.bn2, self.conv2)
+
+    def branch(self, x: Tensor) -> Tensor:
+        return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.branch(x)
+        if self.add is not None:
+            shortcut = x if self.downsample is None else self.downsample(x)
+            out = self.add(shortcut, out)
+        return self.relu(out)
+
+
+class Bottleneck(nn.Module):
+    """Post-activation bottleneck: 1x1 reduce, 3x3 (carrying the stride), 1x1 expand by 4.
+
+    Args:
+        in_channels: channels of the block input.
+        planes: channels of the two inner convs; the output has ``4 * planes``.
+        stride: stride of the 3x3 conv (torchvision's "v1.5" placement); with a channel change it adds a
+            1x1 projection shortcut.
+        norm: ``"batch"``, ``"group"`` or ``"none"`` (``"none"`` gives the convs a bias).
+        skip: ``False`` drops the shortcut and the sum.
+
+    Example:
+        >>> import torch
+        >>> Bottleneck(16, 8, stride=2)(torch.zeros(1, 16, 8, 8)).shape
+        torch.Size([1, 32, 4, 4])
+    """
+
+    expansion = 4
+    preact = False
+
+    def __init__(
+        self, in_channels: int, planes: int, stride: int = 1, norm: str = "batch", skip: bool = True
+    ) -> None:
+        super().__init__()
+        bias = norm == "none"
+        out_channels = planes * self.expansion
+        self.conv1 = conv1x1(in_channels, planes, bias=bias)
+        self.bn1 = make_norm(norm, planes)
+        self.conv2 = conv3x3(planes, planes, stride, bias=bias)
+        self.bn2 = make_norm(norm, planes)
+        self.conv3 = conv1x1(planes, out_channels, bias=bias)
+        self.bn3 = make_norm(norm, out_channels)
+        self.relu = nn.ReLU()
+        self.downsample: nn.Module | None = None
+        self.add: ResidualAdd | None = ResidualAdd() if skip else None
+        if skip and _needs_projection(in_channels, out_channels, stride):
+            self.downsample = nn.Sequential(
+                conv1x1(in_channels, out_channels, stride, bias=bias), make_norm(norm, out_channels)
+            )
+
+    def zero_init_last(self) -> None:
+        """Make the branch output zero (the block starts as ``relu(shortcut)``): zero the closing norm's
+        scale, or the closing conv when ``norm="none"``."""
+        _zero_branch_end(self.bn3, self.conv3)
+
+    def branch(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.bn3(self.conv3(out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.branch(x)
+        if self.add is not None:
+            shortcut = x if self.downsample is None else self.downsample(x)
+            out = self.add(shortcut, out)
+        return self.relu(out)
+
+
+class PreActBasicBlock(nn.Module):
+    """Pre-activation basic block: ``x + conv2(relu(bn2(conv1(relu(bn1(x))))))``.
+
+    Nothing follows the sum, so the identity path runs unchanged from block to block. A projection
+    shortcut (a bare 1x1 conv: the next block normalises) reads the pre-activated ``relu(bn1(x))``.
+
+    Args:
+        in_channels: channels of the block input.
+        planes: channels of the branch and of the output.
+        stride: stride of the first 3x3 conv.
+        norm: ``"batch"``, ``"group"`` or ``"none"`` (``"none"`` gives the convs a bias).
+        skip: ``False`` drops the shortcut and the sum.
+
+    Example:
+        >>> import torch
+        >>> PreActBasicBlock(8, 16, stride=2)(torch.zeros(1, 8, 8, 8)).shape
+        torch.Size([1, 16, 4, 4])
+    """
+
+    expansion = 1
+    preact = True
+
+    def __init__(
+        self, in_channels: int, planes: int, stride: int = 1, norm: str = "batch", skip: bool = True
+    ) -> None:
+        super().__init__()
+        bias = norm == "none"
+        out_channels = planes * self.expansion
+        self.bn1 = make_norm(norm, in_channels)
+        self.conv1 = conv3x3(in_channels, planes, stride, bias=bias)
+        self.bn2 = make_norm(norm, planes)
+        self.conv2 = conv3x3(planes, out_channels, bias=bias)
+        self.relu = nn.ReLU()
+        self.downsample: nn.Module | None = None
+        self.add: ResidualAdd | None = ResidualAdd() if skip else None
+        if skip and _needs_projection(in_channels, out_channels, stride):
+            self.downsample = nn.Sequential(conv1x1(in_channels, out_channels, stride, bias=bias))
+
+    def zero_init_last(self) -> None:
+        """Make the branch output zero (the block starts as the identity): no norm follows the closing
+        conv, so its weight is zeroed."""
+        _zero_branch_end(None, self.conv2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pre = self.relu(self.bn1(x))
+        out = self.conv2(self.relu(self.bn2(self.conv1(pre))))
+        if self.add is None:
+            return out
+        shortcut = x if self.downsample is None else self.downsample(pre)
+        return self.add(shortcut, out)
+
+
+class PreActBottleneck(nn.Module):
+    """Pre-activation bottleneck: ``BN-ReLU-1x1``, ``BN-ReLU-3x3`` (stride), ``BN-ReLU-1x1`` (x4 channels).
+
+    Args:
+        in_channels: channels of the block input.
+        planes: channels of the two inner convs; the output has ``4 * planes``.
+        stride: stride of the 3x3 conv.
+        norm: ``"batch"``, ``"group"`` or ``"none"`` (``"none"`` gives the convs a bias).
+        skip: ``False`` drops the shortcut and the sum.
+
+    Example:
+        >>> import torch
+        >>> PreActBottleneck(16, 8, stride=2)(torch.zeros(1, 16, 8, 8)).shape
+        torch.Size([1, 32, 4, 4])
+    """
+
+    expansion = 4
+    preact = True
+
+    def __init__(
+        self, in_channels: int, planes: int, stride: int = 1, norm: str = "batch", skip: bool = True
+    ) -> None:
+        super().__init__()
+        bias = norm == "none"
+        out_channels = planes * self.expansion
+        self.bn1 = make_norm(norm, in_channels)
+        self.conv1 = conv1x1(in_channels, planes, bias=bias)
+        self.bn2 = make_norm(norm, planes)
+        self.conv2 = conv3x3(planes, planes, stride, bias=bias)
+        self.bn3 = make_norm(norm, planes)
+        self.conv3 = conv1x1(planes, out_channels, bias=bias)
+        self.relu = nn.ReLU()
+        self.downsample: nn.Module | None = None
+        self.add: ResidualAdd | None = ResidualAdd() if skip else None
+        if skip and _needs_projection(in_channels, out_channels, stride):
+            self.downsample = nn.Sequential(conv1x1(in_channels, out_channels, stride, bias=bias))
+
+    def zero_init_last(self) -> None:
+        """Make the branch output zero (the block starts as the identity): no norm follows the closing
+        conv, so its weight is zeroed."""
+        _zero_branch_end(None, self.conv3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pre = self.relu(self.bn1(x))
+        out = self.conv1(pre)
+        out = self.conv2(self.relu(self.bn2(out)))
+        out = self.conv3(self.relu(self.bn3(out)))
+        if self.add is None:
+            return out
+        shortcut = x if self.downsample is None else self.downsample(pre)
+        return self.add(shortcut, out)
+
+
+Block = type[BasicBlock] | type[Bottleneck] | type[PreActBasicBlock] | type[PreActBottleneck]
+
+
+class ResNet(Backbone):
+    """A four-stage ResNet encoder returning ``[layer1, layer2, layer3, layer4]`` outputs, fine to coarse.
+
+    The block class decides the variant: :class:`BasicBlock` / :class:`Bottleneck` give v1 (stem
+    ``conv1 -> bn1 -> relu [-> maxpool]``), :class:`PreActBasicBlock` / :class:`PreActBottleneck` give v2
+    (linear stem ``conv1 [-> maxpool]``, and ``final_norm -> relu`` applied to the last stage's output).
+
+    Args:
+        block: the block class.
+        layers: number of blocks in each of the four stages, e.g. ``(3, 4, 6, 3)``.
+        in_channels: image channels (1 for grayscale, more for multispectral).
+        stem: ``"imagenet"`` (7x7 stride-2 conv + 3x3 stride-2 max-pool: reductions 4..32) or ``"cifar"``
+            (3x3 stride-1 conv, no pool: reductions 1..8, for 32 px images).
+        width: channels of the first stage; stages have ``width * (1, 2, 4, 8) * block.expansion``.
+        norm: ``"batch"``, ``"group"`` (32 groups, fewer for narrow layers) or ``"none"`` (convs then
+            carry a bias).
+        skip: ``False`` builds the plain twin: identical branch layers, no shortcut path, no sum.
+        zero_init_residual: start every block as the identity by zeroing the last norm's weight of each
+            branch (v1), or the last conv's weight where no norm closes the branch (v2, ``norm="none"``).
+
+    Attributes:
+        stages: ``(layer1, layer2, layer3, layer4)``.
+        normalization: ``{"mean": ..., "std": ...}`` for the loaded pretrained weights (one value per
+            input channel), ``None`` when randomly initialised.
+        weights: name of the loaded torchvision weights (``"ResNet50_Weights.IMAGENET1K_V2"``) or ``None``.
+
+    Raises:
+        ValueError: for an unknown ``stem`` or ``norm``, a non-positive ``width`` / ``in_channels``, a
+            ``layers`` that is not four positive ints, or ``zero_init_residual`` with ``skip=False``
+            (every plain block would output zeros).
+
+    Example:
+        >>> import torch
+        >>> net = ResNet(Bottleneck, (1, 1, 1, 1), width=8, in_channels=1)
+        >>> net.out_channels, net.reductions
+        ([32, 64, 128, 256], [4, 8, 16, 32])
+        >>> [f.shape[-1] for f in net(torch.zeros(2, 1, 64, 64))]
+        [16, 8, 4, 2]
+    """
+
+    def __init__(
+        self,
+        block: Block,
+        layers: Sequence[int],
+        *,
+        in_channels: int = 3,
+        stem: str = "imagenet",
+        width: int = 64,
+        norm: str = "batch",
+        skip: bool = True,
+        zero_init_residual: bool = False,
+    ) -> None:
+        super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"ResNet: stem must be one of {STEMS}, got {stem!r}")
+        if norm not in NORMS:
+            raise ValueError(f"ResNet: norm must be one of {NORMS}, got {norm!r}")
+        if not isinstance(width, int) or width < 1:
+            raise ValueError(f"ResNet: width must be a positive int, got {width!r}")
+        if not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"ResNet: in_channels must be a positive int, got {in_channels!r}")
+        if len(layers) != 4 or not all(isinstance(n, int) and n >= 1 for n in layers):
+            raise ValueError(f"ResNet: layers must be four positive ints (blocks per stage), got {layers!r}")
+        if zero_init_residual and not skip:
+            raise ValueError(
+                "ResNet: zero_init_residual=True with skip=False would make every plain block output "
+                "zeros; use it only with skip=True"
+            )
+        self.block = block
+        self.preact = block.preact
+        self.stem_type = stem
+        self.skip = skip
+        self.weights: str | None = None
+        self.normalization: dict[str, tuple[float, ...]] | None = None
+        bias = norm == "none"
+
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=bias)
+            self.maxpool: nn.Module = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+            stem_reduction = 4
+        else:
+            self.conv1 = conv3x3(in_channels, width, bias=bias)
+            self.maxpool = nn.Identity()
+            stem_reduction = 1
+        # v2's stem stays linear: the first block's BN-ReLU is the stem's activation.
+        if not self.preact:
+            self.bn1 = make_norm(norm, width)
+            self.relu = nn.ReLU()
+
+        channels = width
+        stage_channels = []
+        for index, (blocks, stride) in enumerate(zip(layers, (1, 2, 2, 2)), start=1):
+            planes = width * 2 ** (index - 1)
+            stage = []
+            for position in range(blocks):
+                stage.append(block(channels, planes, stride if position == 0 else 1, norm=norm, skip=skip))
+                channels = planes * block.expansion
+            setattr(self, f"layer{index}", nn.Sequential(*stage))
+            stage_channels.append(channels)
+
+        if self.preact:
+            self.final_norm = make_norm(norm, channels)
+            self.final_relu = nn.ReLU()
+
+        self.out_channels = stage_channels
+        self.reductions = [stem_reduction * 2**i for i in range(4)]
+        self.reset_parameters(zero_init_residual)
+
+    @property
+    def stages(self) -> tuple[nn.Sequential, nn.Sequential, nn.Sequential, nn.Sequential]:
+        """The four stages ``(layer1, layer2, layer3, layer4)`` (a view: not registered twice)."""
+        return (self.layer1, self.layer2, self.layer3, self.layer4)
+
+    def reset_parameters(self, zero_init_residual: bool = False) -> None:
+        """He init (normal, ReLU gain) for convs; norms start at gamma 1, beta 0; biases at 0.
+
+        ``fan_in`` keeps the forward variance of a conv after a ReLU: a branch ``conv(relu(.))`` returns
+        the variance it receives, so a no-norm pre-activation block doubles the variance (Var(x) +
+        Var(F(x))), the effect the variance monitors measure.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        if zero_init_residual:
+            for module in self.modules():
+                if isinstance(module, (BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck)):
+                    module.zero_init_last()
+
+    def forward_stem(self, images: Tensor) -> Tensor:
+        """The stem alone: the input of ``layer1``."""
+        x = self.conv1(images)
+        if not self.preact:
+            x = self.relu(self.bn1(x))
+        return self.maxpool(x)
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        if images.dim() != 4 or images.shape[1] != self.conv1.in_channels:
+            raise ValueError(
+                f"ResNet expects images of shape (N, {self.conv1.in_channels}, H, W), got "
+                f"{tuple(images.shape)}"
+            )
+        x = self.forward_stem(images)
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        if self.preact:
+            # The last stage's sum is unnormalised; v2 closes the network with BN-ReLU.
+            features[-1] = self.final_relu(self.final_norm(x))
+        return features
+
+
+# ----------------------------------------------------------------------------------------------------
+# torchvision ImageNet weights
+
+
+def adapt_stem_weight(weight: Tensor, in_channels: int) -> Tensor:
+    """Adapt an RGB stem kernel ``(out, 3, k, k)`` to ``in_channels`` input channels.
+
+    One channel sums the RGB kernels: a gray image repeated on three channels gives exactly the RGB
+    network's response. More channels repeat the RGB kernels cyclically and rescale by ``3 / in_channels``
+    so the response to an image repeated along channels keeps its magnitude.
+
+    Example:
+        >>> import torch
+        >>> adapt_stem_weight(torch.ones(8, 3, 7, 7), 1).shape
+        torch.Size([8, 1, 7, 7])
+    """
+    if weight.dim() != 4 or weight.shape[1] != 3:
+        raise ValueError(f"adapt_stem_weight expects an RGB kernel (out, 3, k, k), got {tuple(weight.shape)}")
+    if in_channels < 1:
+        raise ValueError(f"adapt_stem_weight: in_channels must be positive, got {in_channels}")
+    if in_channels == 3:
+        return weight
+    if in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = math.ceil(in_channels / 3)
+    return weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (3 / in_channels)
+
+
+def _adapt_stats(values: Sequence[float], in_channels: int) -> tuple[float, ...]:
+    # Mirrors adapt_stem_weight: the mean over RGB for one channel, the cyclic repeat for more.
+    if in_channels == 1:
+        return (sum(values) / len(values),)
+    return tuple(float(values[i % len(values)]) for i in range(in_channels))
+
+
+def weights_normalization(
+    arch: str = "resnet50", weights: str = "DEFAULT", in_channels: int = 3
+) -> dict[str, tuple[float, ...]]:
+    """Normalisation ``{"mean", "std"}`` the torchvision weights expect, adapted to ``in_channels``.
+
+    Reads torchvision's weight metadata only: nothing is downloaded.
+
+    Args:
+        arch: a torchvision ResNet name (``resnet18`` ... ``resnet152``).
+        weights: a member of that model's weights enum (``"DEFAULT"``, ``"IMAGENET1K_V1"``...).
+        in_channels: input channels of the adapted model (see :func:`adapt_stem_weight`).
+
+    Example:
+        >>> weights_normalization("resnet18", "DEFAULT", in_channels=1)["std"]
+        (0.226,)
+    """
+    transforms = _torchvision_weights(arch, weights).transforms()
+    return {
+        "mean": tuple(round(v, 6) for v in _adapt_stats(transforms.mean, in_channels)),
+        "std": tuple(round(v, 6) for v in _adapt_stats(transforms.std, in_channels)),
+    }
+
+
+def _torchvision_weights(arch: str, weights: str) -> Any:
+    from torchvision.models import get_model_weights
+
+    try:
+        enum = get_model_weights(arch)
+    except ValueError as err:
+        raise ValueError(f"weights={weights!r}: torchvision has no ImageNet weights for {arch!r}") from err
+    try:
+        return enum.verify(weights)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"weights={weights!r} is not a weights name for {arch}; choose one of {list(enum.__members__)}"
+        ) from err
+
+
+def _check_torchvision_compatible(model: ResNet) -> None:
+    if (
+        model.preact
+        or model.stem_type != "imagenet"
+        or not model.skip
+        or not isinstance(model.bn1, nn.BatchNorm2d)
+    ):
+        raise ValueError(
+            "torchvision weights need a v1 ResNet (resnet18..152) with stem='imagenet', norm='batch', "
+            f"skip=True and width=64; got preact={model.preact}, stem={model.stem_type!r}, "
+            f"norm={type(model.bn1).__name__}, skip={model.skip}"
+        )
+
+
+def load_torchvision_state_dict(model: ResNet, state_dict: Mapping[str, Tensor]) -> ResNet:
+    """Load a torchvision ResNet state dict into ``model`` (v1 layout, ImageNet stem, batch norm).
+
+    Names are identical, so the mapping is: drop ``fc.*`` and adapt ``conv1.weight`` to the model's input
+    channels (:func:`adapt_stem_weight`); everything else loads with ``strict=True``.
+
+    Raises:
+        ValueError: when ``model`` cannot hold torchvision weights (pre-activation, CIFAR stem, no skip,
+            a norm other than batch) or when the state dict does not match (missing/unexpected keys,
+            shapes: e.g. a ``width`` other than 64 or another depth).
+    """
+    _check_torchvision_compatible(model)
+    own = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+    if "conv1.weight" in own:
+        own["conv1.weight"] = adapt_stem_weight(own["conv1.weight"], model.conv1.in_channels)
+    expected = model.state_dict()
+    shapes = [k for k, v in own.items() if k in expected and expected[k].shape != v.shape]
+    if shapes:
+        raise ValueError(
+            f"torchvision state dict does not fit this ResNet: shapes differ for {shapes[:3]} "
+            f"(width must be 64 and the depth must match)"
+        )
+    result = model.load_state_dict(own, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            "torchvision state dict does not fit this ResNet (another depth?): "
+            f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}"
+        )
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# factories
+
+
+def _build(arch: str, block: Block, depth: int, weights: str | None, kwargs: dict[str, Any]) -> ResNet:
+    model = ResNet(block, DEPTHS[depth], **kwargs)
+    if weights is not None:
+        if block.preact or depth not in (18, 34, 50, 101, 152):
+            raise ValueError(
+                f"{arch}: weights={weights!r} but torchvision publishes ImageNet weights only for "
+                "resnet18/34/50/101/152"
+            )
+        enum_member = _torchvision_weights(arch, weights)
+        # Checked before the download so a wrong option fails at once.
+        if kwargs.get("width", 64) != 64:
+            raise ValueError(f"{arch}: weights={weights!r} needs width=64, got {kwargs['width']}")
+        _check_torchvision_compatible(model)
+        load_torchvision_state_dict(model, enum_member.get_state_dict(progress=True))
+        model.weights = str(enum_member)
+        model.normalization = weights_normalization(arch, weights, model.conv1.in_channels)
+    return model
+
+
+@register_backbone()
+def resnet18(*, weights: str | None = None, **kwargs: Any) -> ResNet:
+    """ResNet-18 v1 (basic blocks 2-2-2-2). ``weights``: torchvision name, e.g. ``"DEFAULT"``.
+
+    Other keyword arguments go to :class:`ResNet` (``in_channels``, ``stem``, ``width``, ``norm``, ``skip``,
+    ``zero_init_residual``).
+    """
+    return _build("resnet18", BasicBlock, 18, weights, kwargs)
+
+
+@register_backbone()
+def resnet34(*, weights: str | None = None, **kwargs: Any) -> ResNet:
+    """ResNet-34 v1 (basic blocks 3-4-6-3); arguments as :func:`resnet18`."""
+    return _build("resnet34", BasicBlock, 34, weights, kwargs)
+
+
+@register_backbone()
+def resnet50(*, weights: str | None = None, **kwargs: Any) -> ResNet:
+    """ResNet-50 v1 (bottlenecks 3-4-6-3); arguments as :func:`resnet18`."""
+    return _build("resnet50", Bottleneck, 50, weights, kwargs)
+
+
+@register_backbone()
+def resnet101(*, weights: str | None = None, **kwargs: Any) -> ResNet:
+    """ResNet-101 v1 (bottlenecks 3-4-23-3); arguments as :func:`resnet18`."""
+    return _build("resnet101", Bottleneck, 101, weights, kwargs)
+
+
+@register_backbone()
+def resnet152(*, weights: str | None = None, **kwargs: Any) -> ResNet:
+    """ResNet-152 v1 (bottlenecks 3-8-36-3); arguments as :func:`resnet18`."""
+    return _build("resnet152", Bottleneck, 152, weights, kwargs)
+
+
+@register_backbone()
+def resnet200(*, weights: str | None = None, **kwargs: Any) -> ResNet:
+    """ResNet-200 v1 (bottlenecks 3-24-36-3); no torchvision weights exist for it."""
+    return _build("resnet200", Bottleneck, 200, weights, kwargs)
+
+
+@register_backbone()
+def preact_resnet18(*, weights: str | None = None, **kwargs: Any) -> ResNet:
+    """Pre-activation ResNet-18 (He et al. 2016); keyword arguments as :class:`ResNet`, no weights."""
+    return _build("preact_resnet18", PreActBasicBlock, 18, weights, kwargs)
+
+
+@register_backbone()
+def preact_resnet34(*, weights: str | None = None, **kwargs: Any) -> ResNet:
+    """Pre-activation ResNet-34; keyword arguments as :class:`ResNet`."""
+    return _build("preact_resnet34", PreActBasicBlock, 34, weights, kwargs)
+
+
+@register_backbone()
+def preact_resnet50(*, weights: str | None = None, **kwargs: Any) -> ResNet:
+    """Pre-activation ResNet-50; keyword arguments as :class:`ResNet`."""
+    return _build("preact_resnet50", PreActBottleneck, 50, weights, kwargs)
+
+
+@register_backbone()
+def preact_resnet101(*, weights: str | None = None, **kwargs: Any) -> ResNet:
+    """Pre-activation ResNet-101; keyword arguments as :class:`ResNet`."""
+    return _build("preact_resnet101", PreActBottleneck, 101, weights, kwargs)
+
+
+@register_backbone()
+def preact_resnet152(*, weights: str | None = None, **kwargs: Any) -> ResNet:
+    """Pre-activation ResNet-152; keyword arguments as :class:`ResNet`."""
+    return _build("preact_resnet152", PreActBottleneck, 152, weights, kwargs)
+
+
+@register_backbone()
+def preact_resnet200(*, weights: str | None = None, **kwargs: Any) -> ResNet:
+    """Pre-activation ResNet-200, the paper's ImageNet model; keyword arguments as :class:`ResNet`."""
+    return _build("preact_resnet200", PreActBottleneck, 200, weights, kwargs)
