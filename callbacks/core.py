@@ -1,0 +1,668 @@
+"""The shared core of the diagnostic monitors: streaming statistics, one collective per logging
+interval, any-logger output, bounded checkpointed history, figures and one end-of-fit diagnosis.
+
+Every monitor (activation variance, gradient shattering, BatchNorm drift) subclasses
+:class:`MonitorCallback` and only says *what* to measure; the core decides *when* and *how* it is
+reduced, logged, kept and reported. The API below is stable: other monitors are built on it.
+
+API
+---
+``MonitorCallback(log_every_n_steps=None, max_history=1000, sample_every_n_steps=1, train_only=True)``
+    A Lightning ``Callback``. A *step* is an optimizer step (``trainer.global_step``), so gradient
+    accumulation is handled: all micro-batches of a step accumulate into the same interval.
+
+    Subclasses set the class attribute ``monitor_name`` (the metric prefix, e.g. ``"activation_variance"``)
+    and override any of:
+
+    * ``attach(trainer, pl_module)``: register hooks with :meth:`~MonitorCallback.add_hook`. Called once in
+      ``setup`` (before Lightning applies ``torch.compile``; dynamo only sees hooks present when it
+      traces). Hooks must start with ``if not self.is_recording(module): return``.
+    * ``pack(trainer, pl_module, packer)``: put the interval's on-device accumulators into the
+      :class:`StatsPacker` (``packer.moments`` / ``packer.sum`` / ``packer.min`` / ``packer.max``).
+      The core concatenates them into ONE float64 tensor and calls ``trainer.strategy.all_gather``
+      exactly once (:meth:`~MonitorCallback.collective`), then merges ranks exactly (Chan's formula for
+      moments) into a :class:`PackedStats` on the CPU. A monitor that packs nothing issues no collective.
+    * ``compute_metrics(trainer, pl_module, stats) -> dict[str, float]``: turn the merged statistics into
+      a flat metrics dict (keys without the prefix; the core adds ``"<monitor_name>/"``). Runs on every
+      rank with identical inputs; only rank zero logs.
+    * ``reset_interval()``: zero the on-device accumulators after a flush.
+    * ``diagnose(trainer, pl_module) -> list[Finding]``: the monitor's findings for the end-of-fit report.
+    * ``figures(trainer, pl_module) -> dict[str, Figure]``: matplotlib figures for the end of fit, sent
+      through :func:`lightning_convnets.figures.log_figure` under ``"monitors/<monitor_name>/<key>"``.
+    * ``extra_state() -> dict`` / ``load_extra_state(state)``: state besides the history to checkpoint.
+
+    Provided: ``history`` (a list of ``{"step": int, **metrics}`` dicts, at most ``max_history`` entries:
+    when full, every other entry is dropped, so the whole run stays covered at half the resolution),
+    ``flush(trainer, pl_module)`` (what runs every ``log_every_n_steps``), ``collectives`` (how many
+    collectives this monitor issued: tests count them), ``log_metrics(trainer, metrics)`` (one dict to
+    every logger, rank zero only) and ``state_dict``/``load_state_dict`` (history and extra state).
+
+:class:`RunningMoments`
+    Per-channel (count, mean, M2) of a stream of tensors, kept as one float64 ``[3, C]`` tensor on the
+    device; each batch is reduced with ``torch.var_mean`` in float32 and merged with Chan's parallel
+    formula in float64, never by naive sums of x and x^2 (they fail when the mean dwarfs the spread).
+
+:class:`Finding`, :class:`Diagnosis`, :func:`diagnosis_for`
+    One shared report per trainer: at the end of fit every monitor adds its findings; the last monitor to
+    finish prints it as a rich table (rank zero) and writes ``diagnosis.md`` and ``diagnosis.json`` to the
+    log dir (the first logger's ``log_dir``, else ``trainer.default_root_dir``).
+
+:func:`observers_paused`
+    A context manager that silences every monitor's hooks, for forwards that are not training (e.g. the
+    shattering probe evaluated in train mode for ``bn_mode="batch"``).
+
+Costs: no host sync, ``.item()`` or collective on non-logging steps; one ``all_gather`` of a float64
+vector per logging interval; no activation tensor is kept past its hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    import lightning.pytorch as pl
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "DEFAULT_MAX_HISTORY",
+    "Diagnosis",
+    "Finding",
+    "Moments",
+    "MonitorCallback",
+    "PackedStats",
+    "RunningMoments",
+    "StatsPacker",
+    "diagnosis_for",
+    "observers_paused",
+]
+
+DEFAULT_MAX_HISTORY = 1000
+"""History cap (entries) of every monitor unless ``max_history`` says otherwise."""
+
+_PAUSED = 0  # module-level so a hook's gate is one global read (dynamo guards on it under compile)
+
+
+@contextlib.contextmanager
+def observers_paused() -> Iterator[None]:
+    """Silence every monitor's hooks inside the block (probes, extra forwards that are not training).
+
+    Example:
+        >>> with observers_paused():  # doctest: +SKIP
+        ...     model(probe)  # no monitor records this forward
+    """
+    global _PAUSED
+    _PAUSED += 1
+    try:
+        yield
+    finally:
+        _PAUSED -= 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def channel_dims(x: Tensor) -> tuple[int, ...]:
+    """Dimensions reduced for per-channel statistics: all but dim 1 (``N, C, *spatial``); ``[N]`` and
+    0-d tensors count as one channel."""
+    if x.dim() <= 1:
+        return tuple(range(x.dim()))
+    return (0, *range(2, x.dim()))
+
+
+class RunningMoments:
+    """Per-channel count, mean and M2 (sum of squared deviations) of a stream of tensors.
+
+    The state is one float64 tensor ``[3, C]`` (rows: count, mean, M2) on the input's device, created at
+    the first update. Each update reduces the batch with ``torch.var_mean`` (float32, or the input's
+    dtype if wider) and merges it with Chan et al.'s formula in float64:
+    ``delta = m_b - m_a; n = n_a + n_b; m = m_a + delta n_b / n; M2 = M2_a + M2_b + delta^2 n_a n_b / n``.
+    Everything is a tensor op: no host sync, and under ``torch.compile`` no Python number that changes
+    per step (which would recompile).
+
+    Example:
+        >>> import torch
+        >>> rm = RunningMoments()
+        >>> _ = rm.update(torch.tensor([[1.0], [3.0]]))
+        >>> _ = rm.update(torch.tensor([[5.0]]))
+        >>> rm.mean, rm.var
+        (tensor([3.], dtype=torch.float64), tensor([2.6667], dtype=torch.float64))
+    """
+
+    __slots__ = ("state",)
+
+    def __init__(self) -> None:
+        self.state: Tensor | None = None
+
+    def update(self, x: Tensor) -> Tensor:
+        """Merge ``x`` (``N, C, ...`` or ``N, C``) in; returns the batch's float32 per-channel sum (cheap,
+        finite iff every element was finite, as long as nothing overflows)."""
+        x = x.detach()
+        if x.dtype in (torch.float16, torch.bfloat16) or not x.is_floating_point():
+            x = x.float()
+        dims = channel_dims(x)
+        var_b, mean_b = torch.var_mean(x, dim=dims, correction=0)
+        n_b = float(x.numel() // max(mean_b.numel(), 1))  # static per shape: no sync, no recompile
+        mean_b = mean_b.reshape(-1).double()
+        m2_b = var_b.reshape(-1).double() * n_b
+        if self.state is None:  # created inside the traced hook under compile (dynamo replays it)
+            self.state = torch.zeros(3, mean_b.numel(), dtype=torch.float64, device=x.device)
+        count, mean, m2 = self.state[0], self.state[1], self.state[2]
+        total = count + n_b
+        delta = mean_b - mean
+        frac = n_b / total
+        mean.add_(delta * frac)
+        m2.add_(m2_b + delta * delta * count * frac)
+        count.copy_(total)
+        return mean_b * n_b
+
+    def reset(self) -> None:
+        """Zero the state in place (keeps the tensor: no reallocation under compile)."""
+        if self.state is not None:
+            self.state.zero_()
+
+    @property
+    def count(self) -> Tensor | None:
+        return None if self.state is None else self.state[0]
+
+    @property
+    def mean(self) -> Tensor | None:
+        return None if self.state is None else self.state[1]
+
+    @property
+    def var(self) -> Tensor | None:
+        """Population variance per channel (M2 / count)."""
+        if self.state is None:
+            return None
+        return self.state[2] / self.state[0].clamp_min(1)
+
+
+@dataclass
+class Moments:
+    """Merged per-channel statistics on the CPU (float64): ``count``, ``mean``, ``m2`` of shape ``[C]``."""
+
+    count: Tensor
+    mean: Tensor
+    m2: Tensor
+
+    @property
+    def var(self) -> Tensor:
+        """Per-channel population variance."""
+        return self.m2 / self.count.clamp_min(1)
+
+    def pooled(self) -> tuple[float, float, float]:
+        """(count, mean, variance) over all channels together: the channels' moments merged by Chan's
+        formula (total variance = mean within-channel variance + variance of the channel means)."""
+        n = float(self.count.sum())
+        if n <= 0:
+            return 0.0, math.nan, math.nan
+        mean = float((self.count * self.mean).sum() / n)
+        m2 = float(self.m2.sum() + (self.count * (self.mean - mean) ** 2).sum())
+        return n, mean, m2 / n
+
+
+_KINDS = ("moments", "sum", "min", "max")
+
+
+class StatsPacker:
+    """Collects a monitor's on-device tensors for the interval's single collective.
+
+    Keys are free-form strings; each entry says how ranks merge: ``moments`` (Chan), ``sum``, ``min``,
+    ``max``. Tensors may live on any device and have any float/int dtype; they are sent as float64.
+    """
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, str, list[Tensor]]] = []
+
+    def moments(self, key: str, count: Tensor, mean: Tensor, m2: Tensor) -> None:
+        """Per-channel (count, mean, M2) of one rank; ``count`` may be a scalar tensor."""
+        mean = mean.reshape(-1)
+        count = count.reshape(-1).expand_as(mean) if count.numel() == 1 else count.reshape(-1)
+        self.entries.append((key, "moments", [count, mean, m2.reshape(-1)]))
+
+    def running(self, key: str, moments: RunningMoments) -> None:
+        """Shortcut for a :class:`RunningMoments` (skipped if it never saw data on this rank: every rank
+        must pack the same layout, so monitors should allocate states the same way on each rank)."""
+        if moments.state is not None:
+            self.moments(key, moments.state[0], moments.state[1], moments.state[2])
+
+    def sum(self, key: str, value: Tensor) -> None:
+        self.entries.append((key, "sum", [value.reshape(-1)]))
+
+    def min(self, key: str, value: Tensor) -> None:
+        self.entries.append((key, "min", [value.reshape(-1)]))
+
+    def max(self, key: str, value: Tensor) -> None:
+        self.entries.append((key, "max", [value.reshape(-1)]))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def flat(self) -> Tensor:
+        """All entries as one float64 vector (on the first entry's device)."""
+        parts = [t.detach().to(torch.float64) for _, _, ts in self.entries for t in ts]
+        device = parts[0].device
+        return torch.cat([p.to(device) for p in parts])
+
+    def unpack(self, gathered: Tensor) -> PackedStats:
+        """Merge ``gathered`` (``[world, total]`` float64 on the CPU) into per-key results."""
+        out: dict[str, Any] = {}
+        offset = 0
+        for key, kind, tensors in self.entries:
+            sizes = [t.numel() for t in tensors]
+            chunks = []
+            for size in sizes:
+                chunks.append(gathered[:, offset : offset + size])
+                offset += size
+            if kind == "moments":
+                out[key] = merge_moments(*chunks)
+            elif kind == "sum":
+                out[key] = chunks[0].sum(0)
+            elif kind == "min":
+                out[key] = chunks[0].min(0).values
+            else:
+                out[key] = chunks[0].max(0).values
+        return PackedStats(out)
+
+
+def merge_moments(count: Tensor, mean: Tensor, m2: Tensor) -> Moments:
+    """Chan's merge of per-rank moments along dim 0 (each ``[world, C]``) into one :class:`Moments`."""
+    n = count.sum(0)
+    safe = n.clamp_min(1)
+    merged_mean = (count * mean).sum(0) / safe
+    merged_m2 = m2.sum(0) + (count * (mean - merged_mean) ** 2).sum(0)
+    return Moments(n, merged_mean, merged_m2)
+
+
+class PackedStats(dict):
+    """The merged statistics of one interval: ``key -> Moments`` (moments) or ``key -> Tensor`` (others),
+    all on the CPU in float64, identical on every rank."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Findings and the shared diagnosis
+# --------------------------------------------------------------------------------------------------
+
+Severity = Literal["info", "warning", "error"]
+_SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
+
+
+@dataclass
+class Finding:
+    """One line of the diagnosis.
+
+    Args:
+        monitor: the monitor that found it (its ``monitor_name``).
+        severity: ``"error"`` (training is broken: NaN/Inf), ``"warning"`` (likely to hurt), ``"info"``.
+        layers: the layer names concerned (module names in the LightningModule).
+        message: what was measured, with the numbers.
+        suggestion: a concrete thing to try.
+        step: the optimizer step it refers to, if any.
+        values: the key numbers, for machine reading (``diagnosis.json``).
+
+    Example:
+        >>> Finding("activation_variance", "warning", ["net.layer3"], "variance grows 1.9x per block",
+        ...         "add BN or scale the residual branch").severity
+        'warning'
+    """
+
+    monitor: str
+    severity: Severity
+    layers: list[str]
+    message: str
+    suggestion: str = ""
+    step: int | None = None
+    values: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.severity not in _SEVERITY_ORDER:
+            raise ValueError(
+                f"Finding.severity must be one of {list(_SEVERITY_ORDER)}, got {self.severity!r}"
+            )
+        self.layers = list(self.layers)
+
+
+class Diagnosis:
+    """The findings of every monitor of one run, rendered once at the end of fit.
+
+    Example:
+        >>> d = Diagnosis()
+        >>> d.add([Finding("m", "info", ["layer1"], "all good")])
+        >>> "layer1" in d.to_markdown()
+        True
+    """
+
+    def __init__(self) -> None:
+        self.findings: list[Finding] = []
+        self._contributors: set[int] = set()
+
+    def add(self, findings: list[Finding]) -> None:
+        self.findings.extend(findings)
+
+    def sorted(self) -> list[Finding]:
+        return sorted(self.findings, key=lambda f: (_SEVERITY_ORDER[f.severity], f.monitor))
+
+    def to_markdown(self) -> str:
+        lines = [
+            "# Diagnosis",
+            "",
+            "| severity | monitor | layers | finding | suggestion |",
+            "|---|---|---|---|---|",
+        ]
+        for f in self.sorted():
+            layers = ", ".join(f.layers) or "-"
+            cells = [f.severity, f.monitor, layers, f.message, f.suggestion or "-"]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        if not self.findings:
+            lines.append("| info | - | - | no monitor reported anything | - |")
+        return "\n".join(lines) + "\n"
+
+    def table(self) -> Any:
+        """The findings as a ``rich.table.Table``."""
+        from rich.table import Table
+
+        table = Table(title="lightning-convnets diagnosis", show_lines=True)
+        for column in ("severity", "monitor", "layers", "finding", "suggestion"):
+            table.add_column(column, overflow="fold")
+        colour = {"error": "bold red", "warning": "yellow", "info": "green"}
+        for f in self.sorted():
+            table.add_row(
+                f"[{colour[f.severity]}]{f.severity}[/]",
+                f.monitor,
+                ", ".join(f.layers) or "-",
+                f.message,
+                f.suggestion or "-",
+            )
+        return table
+
+    def write(self, directory: str | Path) -> Path:
+        """Write ``diagnosis.md`` and ``diagnosis.json`` into ``directory``; returns the markdown path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "diagnosis.json").write_text(json.dumps([asdict(f) for f in self.sorted()], indent=2))
+        path = directory / "diagnosis.md"
+        path.write_text(self.to_markdown())
+        return path
+
+    def print(self) -> None:
+        from rich.console import Console
+
+        Console().print(self.table())
+
+
+_DIAGNOSES: weakref.WeakKeyDictionary[Any, Diagnosis] = weakref.WeakKeyDictionary()
+
+
+def diagnosis_for(trainer: pl.Trainer) -> Diagnosis:
+    """The shared :class:`Diagnosis` of ``trainer`` (created on first use)."""
+    report = _DIAGNOSES.get(trainer)
+    if report is None:
+        report = _DIAGNOSES[trainer] = Diagnosis()
+    return report
+
+
+def log_dir(trainer: pl.Trainer) -> Path:
+    """The run's log directory: the first logger's ``log_dir`` (or ``save_dir``), else the trainer's
+    ``default_root_dir``: where the diagnosis and (under ``figures/``) the PNGs go."""
+    from lightning_convnets.figures import figure_dir
+
+    return figure_dir(trainer).parent
+
+
+# --------------------------------------------------------------------------------------------------
+# The base callback
+# --------------------------------------------------------------------------------------------------
+
+
+class MonitorCallback(Callback):
+    """Base class of the diagnostic monitors (see the module docstring for the subclass API).
+
+    Args:
+        log_every_n_steps: optimizer steps between reductions/logs; ``None`` uses the trainer's
+            ``log_every_n_steps``.
+        max_history: most history entries kept (and checkpointed); when full, every other entry is
+            dropped so the curve still spans the run.
+        sample_every_n_steps: record statistics on one optimizer step in every ``k`` (all of its
+            micro-batches); 1 records every step. Larger values cut the overhead proportionally.
+        train_only: only training-mode forwards are recorded (validation does not pollute statistics).
+            Hooks check ``module.training`` in any case; with ``False`` they record eval forwards too.
+
+    Raises:
+        ValueError: for non-positive intervals or history caps.
+
+    Example:
+        >>> class CountingMonitor(MonitorCallback):  # doctest: +SKIP
+        ...     monitor_name = "counting"
+        ...     def attach(self, trainer, pl_module):
+        ...         self.seen = torch.zeros((), device=pl_module.device)
+        ...         self.add_hook(pl_module, self._count)
+        ...     def _count(self, module, args, output):
+        ...         if self.is_recording(module):
+        ...             self.seen += 1
+        ...     def pack(self, trainer, pl_module, packer):
+        ...         packer.sum("forwards", self.seen)
+        ...     def compute_metrics(self, trainer, pl_module, stats):
+        ...         return {"forwards": float(stats["forwards"])}
+        ...     def reset_interval(self):
+        ...         self.seen.zero_()
+    """
+
+    monitor_name: ClassVar[str] = "monitor"
+
+    def __init__(
+        self,
+        log_every_n_steps: int | None = None,
+        max_history: int = DEFAULT_MAX_HISTORY,
+        sample_every_n_steps: int = 1,
+        train_only: bool = True,
+    ) -> None:
+        super().__init__()
+        if log_every_n_steps is not None and log_every_n_steps < 1:
+            raise ValueError(
+                f"{type(self).__name__}: log_every_n_steps must be >= 1, got {log_every_n_steps}"
+            )
+        if max_history < 2:
+            raise ValueError(f"{type(self).__name__}: max_history must be >= 2, got {max_history}")
+        if sample_every_n_steps < 1:
+            raise ValueError(
+                f"{type(self).__name__}: sample_every_n_steps must be >= 1, got {sample_every_n_steps}"
+            )
+        self.log_every_n_steps = log_every_n_steps
+        self.max_history = max_history
+        self.sample_every_n_steps = sample_every_n_steps
+        self.train_only = train_only
+        self.enabled = True
+        self.history: list[dict[str, float]] = []
+        self.collectives = 0
+        self._recording = False
+        self._handles: list[Any] = []
+        self._attached = False
+        self._last_flush_step = -1
+        self._batches_since_flush = 0
+
+    # ----------------------------------------------------------------------------- subclass API
+    def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Register hooks (with :meth:`add_hook`). Called once, in ``setup`` of the fit stage."""
+
+    def pack(self, trainer: pl.Trainer, pl_module: pl.LightningModule, packer: StatsPacker) -> None:
+        """Add this interval's on-device statistics to ``packer``."""
+
+    def compute_metrics(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stats: PackedStats
+    ) -> dict[str, float]:
+        """Metrics (without the ``monitor_name/`` prefix) from the merged statistics."""
+        return {}
+
+    def reset_interval(self) -> None:
+        """Zero the on-device accumulators (after each flush)."""
+
+    def diagnose(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Finding]:
+        """Findings for the end-of-fit diagnosis."""
+        return []
+
+    def figures(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Figure]:
+        """End-of-fit figures, ``key -> matplotlib Figure`` (logged as ``monitors/<name>/<key>``)."""
+        return {}
+
+    def extra_state(self) -> dict[str, Any]:
+        """Checkpointed state besides ``history``."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned."""
+
+    # ----------------------------------------------------------------------------- helpers
+    def is_recording(self, module: nn.Module) -> bool:
+        """The gate every hook checks first: the monitor is on for this step, nothing paused it, and the
+        module is in training mode (unless ``train_only=False``)."""
+        return self._recording and _PAUSED == 0 and (module.training or not self.train_only)
+
+    def add_hook(
+        self,
+        module: nn.Module,
+        hook: Callable[..., Any],
+        *,
+        pre: bool = False,
+        with_kwargs: bool = False,
+    ) -> None:
+        """Register a forward (or forward-pre) hook on ``module``; removed at teardown."""
+        if pre:
+            handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
+        else:
+            handle = module.register_forward_hook(hook, with_kwargs=with_kwargs)
+        self._handles.append(handle)
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._attached = False
+
+    def interval(self, trainer: pl.Trainer) -> int:
+        """Optimizer steps between flushes."""
+        return int(self.log_every_n_steps or getattr(trainer, "log_every_n_steps", 50) or 50)
+
+    def collective(self, trainer: pl.Trainer, packed: Tensor) -> Tensor:
+        """The monitor's ONE collective per interval: ``trainer.strategy.all_gather`` of the packed
+        vector, returned as ``[world, total]`` float64 on the CPU (the only host sync of the interval)."""
+        self.collectives += 1
+        gathered = trainer.strategy.all_gather(packed)
+        if gathered.dim() == packed.dim():  # single process: the strategy returns the tensor itself
+            gathered = gathered.unsqueeze(0)
+        return gathered.reshape(gathered.shape[0], -1).to("cpu", torch.float64)
+
+    def log_metrics(self, trainer: pl.Trainer, metrics: dict[str, float], step: int | None = None) -> None:
+        """One dict to every logger, from global rank zero only (not ``self.log``: it would drop
+        values off the trainer's logging steps and cost a call per key)."""
+        if not trainer.is_global_zero or not metrics:
+            return
+        step = int(trainer.global_step if step is None else step)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+            logger.save()
+
+    def append_history(self, entry: dict[str, float]) -> None:
+        """Add an entry; halve the history (keep every other entry, always the newest) past the cap."""
+        self.history.append(entry)
+        if len(self.history) > self.max_history:
+            last = self.history[-1]
+            self.history = self.history[:-1:2] + [last]
+
+    def flush(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Reduce the interval across ranks (one collective), log one dict, extend the history, reset.
+
+        Every rank must call it at the same point (the core does so on the same optimizer steps).
+        Returns the prefixed metrics (identical on every rank).
+        """
+        packer = StatsPacker()
+        self.pack(trainer, pl_module, packer)
+        if len(packer):
+            stats = packer.unpack(self.collective(trainer, packer.flat()))
+        else:
+            stats = PackedStats()
+        metrics = self.compute_metrics(trainer, pl_module, stats)
+        self.reset_interval()
+        self._batches_since_flush = 0
+        self._last_flush_step = trainer.global_step
+        if not metrics:
+            return {}
+        prefixed = {f"{self.monitor_name}/{k}": float(v) for k, v in metrics.items()}
+        self.append_history({"step": float(trainer.global_step), **prefixed})
+        self.log_metrics(trainer, prefixed)
+        return prefixed
+
+    # ----------------------------------------------------------------------------- Lightning hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and not self._attached:
+            self.attach(trainer, pl_module)
+            self._attached = True
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.remove_hooks()
+            self._recording = False
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # all micro-batches of one optimizer step share global_step, so accumulation samples whole steps
+        self._recording = self.enabled and trainer.global_step % self.sample_every_n_steps == 0
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._recording = False
+        self._batches_since_flush += 1
+        step = trainer.global_step
+        # global_step only moves on optimizer steps: with accumulation the later micro-batches of a
+        # logged step see the same value and must not flush again
+        if step > 0 and step != self._last_flush_step and step % self.interval(trainer) == 0:
+            self.flush(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the tail of a run shorter than an interval still counts; every rank saw the same batches
+        if self._batches_since_flush > 0 and trainer.global_step != self._last_flush_step:
+            self.flush(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_convnets.figures import log_figure
+
+        try:
+            for key, fig in self.figures(trainer, pl_module).items():
+                log_figure(trainer, f"monitors/{self.monitor_name}/{key}", fig)
+        except Exception as err:  # a plotting problem must not hide the diagnosis
+            rank_zero_warn(f"{type(self).__name__}: could not draw its figures: {err}")
+        report = diagnosis_for(trainer)
+        report.add(self.diagnose(trainer, pl_module))
+        report._contributors.add(id(self))
+        monitors = [cb for cb in trainer.callbacks if isinstance(cb, MonitorCallback)]
+        if all(id(cb) in report._contributors for cb in monitors):
+            if trainer.is_global_zero:
+                report.print()
+                report.write(log_dir(trainer))
+            _DIAGNOSES.pop(trainer, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1, "history": list(self.history), "extra": self.extra_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "history" not in state_dict:
+            raise KeyError(
+                f"{type(self).__name__}.load_state_dict: checkpoint state has no 'history' "
+                f"(keys: {sorted(state_dict)})"
+            )
+        self.history = list(state_dict["history"])[-self.max_history :]
+        self.load_extra_state(state_dict.get("extra", {}))
