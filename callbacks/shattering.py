@@ -1,0 +1,351 @@
+"""Shattered gradients (Balduzzi et al. 2017, "The Shattered Gradients Problem").
+
+Walk along a line through input space, x(t) = x_a + t (x_b - x_a) for t in [0, 1], and record the
+directional derivative of the network's output, s(t) = d/dt f(x(t)) = <grad_x f(x(t)), x_b - x_a>. In a
+shallow network, or a healthy residual one, s(t) changes smoothly ("brown noise": neighbouring values are
+strongly correlated). In a deep feed-forward network it decorrelates into white noise: the gradient at one
+point says nothing about the gradient a step away, so gradient descent works with noise. The summary is
+the autocorrelation of s(t),
+
+    rho(k) = sum_t (s_t - mean)(s_{t+k} - mean) / sum_t (s_t - mean)^2,
+
+and in particular its value at lag 1, compared with the band +-1.96/sqrt(K) inside which white noise of K
+samples falls 95% of the time.
+
+:func:`shattering_profile` computes it once for any ``nn.Module``; it is an observer and leaves the model
+exactly as it found it (parameters, ``.grad``, BatchNorm buffers, train/eval flags, RNG state).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+BNMode = Literal["eval", "batch"]
+_BN_MODES = ("eval", "batch")
+
+
+@dataclass
+class ShatteringProfile:
+    """The gradient along one probe line and its autocorrelation.
+
+    Attributes:
+        t: the K positions on the line, ``linspace(0, 1, K)``.
+        s: s(t) = <grad_x f(x(t)), d>, the derivative of f along the line (K values).
+        autocorrelation: rho(k) for k = 0..K-1 (rho(0) = 1); all NaN when s(t) is constant.
+        lag1: rho(1). Near 1: smooth ("brown noise"); inside +-``white_noise_band``: shattered.
+        correlation_length: the first lag k >= 1 with rho(k) below the white-noise band, in points
+            (1 for white noise; K when rho never drops into the band).
+        neighbour_cosine: mean cosine between the full input gradients at neighbouring points,
+            cos(grad f(x(t_i)), grad f(x(t_{i+1}))); it sees all input dimensions, not only the line's.
+        white_noise_band: 1.96 / sqrt(K).
+        target_class: the output class whose logit is f (``None`` when ``output_fn`` defines f or the
+            output has a single value per sample).
+        bn_mode: ``"eval"`` or ``"batch"``.
+    """
+
+    t: Tensor
+    s: Tensor
+    autocorrelation: Tensor
+    lag1: float
+    correlation_length: int
+    neighbour_cosine: float
+    white_noise_band: float
+    target_class: int | None = None
+    bn_mode: str = "eval"
+
+    @property
+    def num_points(self) -> int:
+        return int(self.s.numel())
+
+    @property
+    def shattered(self) -> bool:
+        """True when rho(1) lies inside the white-noise band (gradients look like white noise)."""
+        return bool(abs(self.lag1) <= self.white_noise_band)
+
+    def summary(self) -> dict[str, float]:
+        """The scalar numbers, ready for a logger."""
+        return {
+            "lag1": float(self.lag1),
+            "correlation_length": float(self.correlation_length),
+            "neighbour_cosine": float(self.neighbour_cosine),
+            "white_noise_band": float(self.white_noise_band),
+        }
+
+
+def autocorrelation(s: Tensor) -> Tensor:
+    """rho(k) = sum_t (s_t - m)(s_{t+k} - m) / sum_t (s_t - m)^2 for k = 0..K-1, in float64.
+
+    The sum in the numerator runs over the K - k available pairs while the denominator keeps all K terms
+    (the usual biased estimator: |rho(k)| <= 1 and rho shrinks towards 0 at large lags). A constant series
+    has no defined autocorrelation and gives NaN everywhere.
+    """
+    if s.dim() != 1 or s.numel() < 2:
+        raise ValueError(
+            f"autocorrelation: expected a 1-D series of at least 2 values, got shape {tuple(s.shape)}"
+        )
+    x = s.detach().to(torch.float64).cpu()
+    x = x - x.mean()
+    n = x.numel()
+    denom = (x * x).sum()
+    # O(K log K) through the FFT of the zero-padded series (power spectrum -> autocovariance).
+    spec = torch.fft.rfft(x, n=2 * n)
+    acov = torch.fft.irfft(spec * spec.conj(), n=2 * n)[:n]
+    if denom <= 0:
+        return torch.full((n,), float("nan"), dtype=torch.float64)
+    return acov / denom
+
+
+def _eager_module(model: nn.Module) -> tuple[nn.Module, Callable[[Tensor], Any]]:
+    """The plain module behind DDP / ``torch.compile`` wrappers, and an eager call of its forward.
+
+    The probe never enters the DDP wrapper (its forward may broadcast buffers, a collective that would
+    hang when only one rank probes) nor a compiled graph (a new batch size and input gradients would
+    trigger a recompile, minutes with inductor).
+    """
+    seen = 0
+    while seen < 8:  # DDP(compile(module)) and similar nestings
+        seen += 1
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+            model = model._orig_mod
+        else:
+            break
+    ctx = getattr(model, "_compiler_ctx", None)  # Lightning's from_compiled keeps the eager forward here
+    if isinstance(ctx, dict) and callable(ctx.get("original_forward")):
+        return model, ctx["original_forward"]
+    return model, model
+
+
+class _LocalBatchNorm(_BatchNorm):
+    """SyncBatchNorm seen as a local BatchNorm: no collective while only this rank probes."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+@contextmanager
+def _observer_state(model: nn.Module, bn_mode: str, device: torch.device) -> Iterator[list[_BatchNorm]]:
+    """Put the model in probe state and give everything back afterwards, whatever happens inside.
+
+    Every module goes to eval mode (dropout off). In ``"batch"`` mode the BatchNorm layers alone go back to
+    train mode so that they normalise with the probe's statistics; their running buffers are snapshot and
+    restored, so the probe leaves them bit-identical.
+    """
+    flags = {m: m.training for m in model.modules()}
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    saved = {}
+    swapped = []
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else []
+    )
+    with torch.random.fork_rng(devices=devices):
+        try:
+            model.eval()
+            if bn_mode == "batch":
+                for bn in bns:
+                    saved[bn] = {k: v.detach().clone() for k, v in bn._buffers.items() if v is not None}
+                    if isinstance(bn, nn.SyncBatchNorm):
+                        swapped.append((bn, bn.__class__))
+                        bn.__class__ = _LocalBatchNorm
+                    bn.train()
+            yield bns
+        finally:
+            with torch.no_grad():
+                for bn, buffers in saved.items():
+                    for k, v in buffers.items():
+                        bn._buffers[k].copy_(v)
+            for bn, cls in swapped:
+                bn.__class__ = cls
+            for m, flag in flags.items():
+                m.training = flag
+
+
+def _default_objective(output: Any) -> tuple[Callable[[Tensor], Tensor], int | None]:
+    """f = the logit of the class predicted at x_a (the first row of ``output``), kept fixed along the line.
+
+    Keeping the class fixed makes f one smooth function of x; re-taking the argmax at each point would add
+    jumps where the decision changes that have nothing to do with the gradient's structure. Dense outputs
+    (N, C, *positions) use the class map predicted at x_a and average the chosen logits over positions.
+    """
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            f"shattering_profile: the model returned {type(output).__name__}, not a Tensor; pass "
+            "output_fn=... mapping the output to one value per input point, e.g. a logit or a per-sample loss"
+        )
+    if output.dim() == 1 or (output.dim() == 2 and output.shape[1] == 1):
+        return (lambda out: out.reshape(out.shape[0])), None
+    if output.dim() == 2:
+        cls = int(output[0].detach().argmax())
+        return (lambda out: out[:, cls]), cls
+    class_map = output[0].detach().argmax(dim=0, keepdim=True)  # (1, *positions)
+
+    def dense(out: Tensor) -> Tensor:
+        picked = out.gather(1, class_map.unsqueeze(0).expand(out.shape[0], *class_map.shape))
+        return picked.flatten(1).mean(dim=1)
+
+    return dense, None
+
+
+def _per_point(values: Any, n: int) -> Tensor:
+    if not isinstance(values, Tensor) or values.numel() != n:
+        shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+        raise ValueError(
+            f"shattering_profile: output_fn must return one value per input point (shape ({n},)), got {shape}; "
+            "with a loss use reduction='none'"
+        )
+    return values.reshape(n)
+
+
+def shattering_profile(
+    model: nn.Module,
+    start: Tensor,
+    end: Tensor | None = None,
+    num_points: int = 256,
+    bn_mode: BNMode = "eval",
+    output_fn: Callable[[Any], Tensor] | None = None,
+    *,
+    chunk_size: int = 64,
+    seed: int = 0,
+) -> ShatteringProfile:
+    """Gradient of ``model`` along the line from ``start`` to ``end`` and how fast it decorrelates.
+
+    The K = ``num_points`` points x(t_i) = start + t_i d, t_i = i / (K - 1), d = end - start, go through
+    the model; s(t_i) = <grad_x f(x(t_i)), d> comes from autograd with respect to the inputs only (no
+    parameter ``.grad`` is touched), in the parameters' dtype (fp32 for a normal model) with autocast off.
+
+    BatchNorm:
+      * ``"eval"``: running statistics, the function the model computes at inference. Points are
+        independent, so they go through in chunks of ``chunk_size``. (BN layers that keep no running
+        statistics normalise with whatever batch they see; then all K points go as one batch.)
+      * ``"batch"``: the K points form one batch and BN normalises with their statistics, as in training
+        and in the paper's experiments. The gradient of f at each point then includes, as in training, its
+        influence on every other point through the batch statistics (autograd of sum_i f(x_i)). Running
+        buffers are restored afterwards; SyncBatchNorm runs locally, so no collective is entered.
+
+    f is ``output_fn(model(x))`` (one value per point, e.g. a loss with ``reduction="none"``) or, by
+    default, the logit of the class predicted at ``start``, that class kept fixed along the line.
+
+    Args:
+        model: any ``nn.Module`` (a LightningModule, its network, or a DDP / ``torch.compile`` wrapper,
+            which is unwrapped and run eagerly) whose forward takes a batch of inputs.
+        start: x_a, one input without the batch dimension (e.g. ``(3, 32, 32)`` or ``(1,)``).
+        end: x_b, same shape as ``start``; ``None`` walks along a random direction d (seeded by ``seed``)
+            whose elements have the root-mean-square of ``start`` (the data's scale).
+        num_points: K, at least 3.
+        bn_mode: ``"eval"`` or ``"batch"`` (see above).
+        output_fn: maps the model's output for a batch of B points to B values; required when the model
+            does not return a tensor.
+        chunk_size: points per forward/backward in eval mode (bounds memory).
+        seed: seed of the random direction when ``end`` is ``None`` (a private generator: the global RNG
+            is untouched either way).
+
+    Returns:
+        A :class:`ShatteringProfile`.
+
+    Raises:
+        ValueError: on a bad ``bn_mode``, ``num_points``, shape mismatch or ``output_fn`` result.
+        TypeError: when the model's output is not a tensor and no ``output_fn`` is given.
+        RuntimeError: when called under ``torch.inference_mode()``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(1, 32), nn.ReLU(), nn.Linear(32, 1))
+        >>> p = shattering_profile(net, torch.tensor([-2.0]), torch.tensor([2.0]), num_points=64)
+        >>> p.autocorrelation.shape, p.lag1 > 0.5
+        (torch.Size([64]), True)
+    """
+    if bn_mode not in _BN_MODES:
+        raise ValueError(f"shattering_profile: bn_mode must be one of {_BN_MODES}, got {bn_mode!r}")
+    if not isinstance(num_points, int) or num_points < 3:
+        raise ValueError(f"shattering_profile: num_points must be an int >= 3, got {num_points!r}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"shattering_profile: chunk_size must be a positive int, got {chunk_size!r}")
+    if not isinstance(start, Tensor) or not start.is_floating_point():
+        raise ValueError(
+            "shattering_profile: start must be a floating-point tensor (one input, no batch dim)"
+        )
+    if end is not None and (not isinstance(end, Tensor) or end.shape != start.shape):
+        got = tuple(end.shape) if isinstance(end, Tensor) else type(end).__name__
+        raise ValueError(
+            f"shattering_profile: end must be a tensor shaped like start {tuple(start.shape)}, got {got}"
+        )
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("shattering_profile needs autograd; it cannot run under torch.inference_mode()")
+
+    module, forward = _eager_module(model)
+    ref = next(iter(module.parameters()), None)
+    if ref is None:
+        ref = next(iter(module.buffers()), None)
+    device = ref.device if ref is not None else start.device
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+
+    x_a = start.detach().to(device=device, dtype=dtype)
+    if end is None:
+        gen = torch.Generator().manual_seed(int(seed))
+        d = torch.randn(start.shape, generator=gen, dtype=torch.float64)
+        scale = float(x_a.double().pow(2).mean().sqrt()) or 1.0
+        d = (d / d.pow(2).mean().sqrt() * scale).to(device=device, dtype=dtype)
+    else:
+        d = end.detach().to(device=device, dtype=dtype) - x_a
+    k = num_points
+    t = torch.linspace(0.0, 1.0, k, device=device, dtype=dtype)
+
+    s_parts: list[Tensor] = []
+    cos_sum = torch.zeros((), device=device, dtype=torch.float64)
+    target_class: int | None = None
+    with (
+        _observer_state(module, bn_mode, device) as bns,
+        torch.enable_grad(),
+        torch.autocast(device.type, enabled=False),
+    ):
+        stateless_bn = any(bn.running_mean is None for bn in bns)
+        step = k if bn_mode == "batch" or stateless_bn else min(chunk_size, k)
+        objective: Callable[[Tensor], Tensor] | None = None
+        prev_grad: Tensor | None = None
+        for lo in range(0, k, step):
+            tt = t[lo : lo + step]
+            x = (x_a.unsqueeze(0) + tt.view(-1, *([1] * x_a.dim())) * d.unsqueeze(0)).requires_grad_(True)
+            out = forward(x)
+            if output_fn is not None:
+                f = _per_point(output_fn(out), x.shape[0])
+            else:
+                if objective is None:
+                    objective, target_class = _default_objective(out)
+                f = objective(out)
+            (grad,) = torch.autograd.grad(f.sum(), x)
+            g = grad.detach().flatten(1).to(torch.float64)
+            s_parts.append(g @ d.flatten().to(torch.float64))
+            rows = g if prev_grad is None else torch.cat([prev_grad, g])
+            cos_sum += nn.functional.cosine_similarity(rows[:-1], rows[1:], dim=1, eps=1e-30).sum()
+            prev_grad = g[-1:]
+            del out, f, grad, x
+
+    s = torch.cat(s_parts).cpu()
+    rho = autocorrelation(s)
+    band = 1.96 / math.sqrt(k)
+    below = (rho[1:] < band).nonzero()
+    corr_len = int(below[0, 0]) + 1 if below.numel() else k
+    return ShatteringProfile(
+        t=t.detach().cpu().to(torch.float64),
+        s=s,
+        autocorrelation=rho,
+        lag1=float(rho[1]),
+        correlation_length=corr_len,
+        neighbour_cosine=float(cos_sum) / (k - 1),
+        white_noise_band=band,
+        target_class=target_class,
+        bn_mode=bn_mode,
+    )

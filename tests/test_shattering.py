@@ -1,0 +1,299 @@
+"""Shattered gradients: ``shattering_profile`` (the paper's Figure 1 numbers, exactness, no side effects)
+and ``GradientShatteringMonitor`` in real Lightning fits."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from lightning_convnets.callbacks.shattering import ShatteringProfile, autocorrelation, shattering_profile
+from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # the tiny problems here run several times faster single-threaded on a shared 2-core machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The paper's setting: 1-D input on [-2, 2], 256 points, 200 hidden units, BN over the 256 points
+# ----------------------------------------------------------------------------------------------------
+
+
+class _Block(nn.Module):
+    """h <- W ReLU(BN(h)) + b, plus h itself when residual."""
+
+    def __init__(self, width: int, residual: bool) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(width)
+        self.linear = nn.Linear(width, width)
+        self.residual = residual
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        branch = self.linear(torch.relu(self.bn(h)))
+        return h + branch if self.residual else branch
+
+
+def _paper_net(depth: int, residual: bool, seed: int, width: int = 200) -> nn.Module:
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Linear(1, width), *[_Block(width, residual) for _ in range(depth)], nn.Linear(width, 1)
+    )
+    for m in net.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")  # He init
+            nn.init.normal_(m.bias, 0.0, 0.1)
+    return net
+
+
+def _mean_lag1(depth: int, residual: bool) -> float:
+    lags = []
+    for seed in range(5):
+        net = _paper_net(depth, residual, seed)
+        p = shattering_profile(
+            net, torch.tensor([-2.0]), torch.tensor([2.0]), num_points=256, bn_mode="batch"
+        )
+        lags.append(p.lag1)
+    return float(np.mean(lags))
+
+
+def test_paper_figure1_shallow_feedforward_is_brown_noise():
+    assert _mean_lag1(1, residual=False) >= 0.9
+
+
+def test_paper_figure1_deep_feedforward_is_white_noise():
+    assert abs(_mean_lag1(24, residual=False)) <= 0.3
+
+
+def test_paper_figure1_resnet_lies_between():
+    lag1 = _mean_lag1(50, residual=True)
+    assert 0.4 <= lag1 <= 0.8, lag1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exactness
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_autocorrelation_matches_the_definition():
+    s = torch.randn(50, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    c = s.numpy() - s.numpy().mean()
+    expected = [np.sum(c[: len(c) - k] * c[k:]) / np.sum(c * c) for k in range(len(c))]
+    np.testing.assert_allclose(autocorrelation(s).numpy(), expected, atol=1e-12)
+    assert autocorrelation(torch.ones(10)).isnan().all()
+    with pytest.raises(ValueError, match="1-D series"):
+        autocorrelation(torch.ones(2, 3))
+
+
+class _Sine(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(3.0 * x).sum(dim=1)
+
+
+def test_s_is_the_directional_derivative():
+    a, b = torch.tensor([-1.0, 0.5]), torch.tensor([2.0, -0.5])
+    p = shattering_profile(_Sine(), a, b, num_points=101, chunk_size=16)
+    x = a + p.t.float()[:, None] * (b - a)
+    expected = (3.0 * torch.cos(3.0 * x) * (b - a)).sum(dim=1)
+    torch.testing.assert_close(p.s.float(), expected, atol=1e-5, rtol=1e-5)
+    assert p.num_points == 101 and p.white_noise_band == pytest.approx(1.96 / math.sqrt(101))
+    assert p.autocorrelation[0] == pytest.approx(1.0)
+    assert p.lag1 > 0.9 and p.neighbour_cosine > 0.9 and not p.shattered
+    assert set(p.summary()) == {"lag1", "correlation_length", "neighbour_cosine", "white_noise_band"}
+
+
+def _conv_net(num_classes: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Conv2d(6, 6, 3, padding=1, stride=2),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, num_classes),
+    )
+
+
+def _images(n: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def test_eval_mode_does_not_depend_on_chunking():
+    net, (a, b) = _conv_net(), _images()
+    net.train()
+    with torch.no_grad():  # non-trivial running statistics
+        net(torch.randn(8, 3, 16, 16) * 2 + 1)
+    p1 = shattering_profile(net, a, b, num_points=40, chunk_size=40)
+    p2 = shattering_profile(net, a, b, num_points=40, chunk_size=7)
+    torch.testing.assert_close(p1.s, p2.s, rtol=1e-5, atol=1e-7)
+    assert p1.neighbour_cosine == pytest.approx(p2.neighbour_cosine, rel=1e-5)
+
+
+def test_batch_mode_is_one_training_mode_batch_of_all_points():
+    net, (a, b) = _conv_net(), _images()
+    p = shattering_profile(net, a, b, num_points=32, bn_mode="batch", chunk_size=4)
+    # reference: the points as ONE batch through BN in training mode (dropout off), gradient of the sum
+    ref = copy.deepcopy(net).eval()
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()
+    t = torch.linspace(0, 1, 32)
+    x = (a + t[:, None, None, None] * (b - a)).requires_grad_(True)
+    cls = int(ref(x).detach()[0].argmax())
+    (g,) = torch.autograd.grad(ref(x)[:, cls].sum(), x)
+    torch.testing.assert_close(p.s.float(), (g * (b - a)).flatten(1).sum(1), rtol=1e-4, atol=1e-6)
+    assert p.target_class == cls and p.bn_mode == "batch"
+    assert not torch.allclose(p.s, shattering_profile(net, a, b, num_points=32, bn_mode="eval").s)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The probe is an observer
+# ----------------------------------------------------------------------------------------------------
+
+
+class _Noisy(nn.Module):
+    """Draws from the global RNG in every forward, train or eval (so a missing RNG restore shows)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.0 * torch.rand_like(x)
+
+
+def _state(net: nn.Module) -> dict[str, torch.Tensor]:
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    state.update({f"{k}.grad": p.grad.clone() for k, p in net.named_parameters() if p.grad is not None})
+    return state
+
+
+@pytest.mark.parametrize("bn_mode", ["eval", "batch"])
+def test_probe_leaves_parameters_grads_buffers_rng_and_modes_untouched(bn_mode):
+    net, (a, b) = nn.Sequential(_Noisy(), _conv_net()), _images()
+    net.train()
+    net(torch.randn(4, 3, 16, 16)).sum().backward()  # existing .grad and running stats
+    net[1][5].eval()  # a frozen BN the probe must leave frozen
+    before = _state(net)
+    modes = [m.training for m in net.modules()]
+    rng = torch.get_rng_state()
+    shattering_profile(net, a, b, num_points=16, bn_mode=bn_mode)
+    shattering_profile(net, a, None, num_points=16, bn_mode=bn_mode)  # random direction
+    after = _state(net)
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert [m.training for m in net.modules()] == modes
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_random_direction_is_seeded_and_has_the_data_scale():
+    net, (a, _) = _conv_net(), _images()
+    p1 = shattering_profile(net, a, None, num_points=8, seed=5)
+    p2 = shattering_profile(net, a, None, num_points=8, seed=5)
+    p3 = shattering_profile(net, a, None, num_points=8, seed=6)
+    assert torch.equal(p1.s, p2.s) and not torch.equal(p1.s, p3.s)
+    # on f(x) = sum(x), s = sum(d): a sum of D normals with variance rms(a)^2 (a sanity bound)
+    summed = shattering_profile(_Summer(), a, None, num_points=4, seed=5)
+    assert abs(float(summed.s[0])) < 6 * math.sqrt(a.numel()) * float(a.pow(2).mean().sqrt())
+
+
+class _Summer(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).sum(1)
+
+
+def test_sync_batchnorm_runs_locally_in_batch_mode_and_is_restored():
+    net, (a, b) = _conv_net(), _images()
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(net))
+    p = shattering_profile(net, a, b, num_points=16, bn_mode="batch")
+    q = shattering_profile(sync, a, b, num_points=16, bn_mode="batch")
+    torch.testing.assert_close(p.s, q.s)
+    assert type(sync[1]) is nn.SyncBatchNorm
+
+
+def test_ddp_wrapper_is_never_entered(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    net, (a, b) = _conv_net(), _images()
+    expected = shattering_profile(net, a, b, num_points=8, bn_mode="batch").s
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(net)
+
+        def forbidden(*args, **kwargs):
+            raise AssertionError("the probe entered the DDP wrapper's forward")
+
+        monkeypatch.setattr(nn.parallel.DistributedDataParallel, "forward", forbidden)
+        torch.testing.assert_close(shattering_profile(ddp, a, b, num_points=8, bn_mode="batch").s, expected)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compiled_model_is_probed_eagerly():
+    net, (a, b) = _conv_net(), _images()
+    compiled = torch.compile(net, backend="aot_eager")
+    p = shattering_profile(compiled, a, b, num_points=16)
+    torch.testing.assert_close(p.s, shattering_profile(net, a, b, num_points=16).s)
+
+
+# ----------------------------------------------------------------------------------------------------
+# f: the predicted-class logit, a dense output, or a loss via output_fn
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_default_objective_is_the_class_predicted_at_start():
+    net, (a, b) = _conv_net(num_classes=5), _images()
+    net.eval()
+    p = shattering_profile(net, a, b, num_points=8)
+    assert p.target_class == int(net(a[None]).argmax())
+
+
+def test_dense_output_and_loss_objective():
+    torch.manual_seed(0)
+    seg = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 1))
+    a, b = _images()
+    p = shattering_profile(seg, a, b, num_points=12)
+    assert p.s.shape == (12,) and torch.isfinite(p.autocorrelation).all()
+
+    net = _conv_net()
+    target = torch.tensor(2)
+
+    def loss(out: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, target.expand(out.shape[0]), reduction="none")
+
+    q = shattering_profile(net, a, b, num_points=12, output_fn=loss)
+    assert q.target_class is None and torch.isfinite(q.s).all()
+
+
+def test_bad_arguments_are_named():
+    net, (a, b) = _conv_net(), _images()
+    with pytest.raises(ValueError, match="bn_mode"):
+        shattering_profile(net, a, b, bn_mode="train")
+    with pytest.raises(ValueError, match="num_points"):
+        shattering_profile(net, a, b, num_points=2)
+    with pytest.raises(ValueError, match="end must be a tensor shaped like start"):
+        shattering_profile(net, a, b[:, :8])
+    with pytest.raises(ValueError, match="one value per input point"):
+        shattering_profile(net, a, b, num_points=8, output_fn=lambda out: out.sum())
+    with pytest.raises(TypeError, match="output_fn"):
+        shattering_profile(_ListNet(), a, b, num_points=8)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        shattering_profile(net, a, b, num_points=8)
+
+
+class _ListNet(nn.Module):
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x.mean(dim=(1, 2, 3))]
+
+
+def test_profile_dataclass_is_public():
+    p = shattering_profile(_Sine(), torch.tensor([0.0]), torch.tensor([1.0]), num_points=5)
+    assert isinstance(p, ShatteringProfile) and p.correlation_length >= 1
