@@ -191,7 +191,7 @@ def test_encoder_module_as_contracting_path():
     check_contract(net)
     assert net.out_channels == [4] and net.reductions == [1] and net.multiple == 8
     # Three up-steps (8 -> 4 -> 2 -> 1); only the first finds an encoder map to concatenate.
-    assert net._skip_reductions == [4, None, None]
+    assert net.skip_reductions == [4, None, None]
     assert [block[0].in_channels for block in net.up_blocks] == [16 + 6, 8, 4]
     x = torch.randn(2, 2, 32, 40)
     (out,) = net(x)

@@ -59,7 +59,14 @@ class DoubleConv(nn.Sequential):
         torch.Size([1, 4, 8, 8])
     """
 
-    def __init__(self, in_channels: int, out_channels: int, padding: str, norm: str, bias: bool) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        padding: str = "same",
+        norm: str = "none",
+        bias: bool = True,
+    ) -> None:
         pad = 1 if padding == "same" else 0
         layers: list[nn.Module] = []
         for c_in in (in_channels, out_channels):
@@ -119,6 +126,8 @@ class UNet(Backbone):
         border: pixels removed at the top/left (and, the difference being even, at the bottom/right) with
             valid padding; 0 otherwise. Crop targets with ``center_crop(target, *output.shape[-2:])``.
         multiple: every input side must be a multiple of this (same padding, encoder).
+        skip_reductions: for each up-step (coarse to fine), the reduction of the map concatenated there,
+            or ``None`` for a step without skip.
 
     Raises:
         ValueError: for bad options, and in ``forward`` for an input size the network cannot take (the
@@ -210,7 +219,7 @@ class UNet(Backbone):
         # Decoder, coarse to fine: one up-step per halving of the reduction.
         self.ups = nn.ModuleList()
         self.up_blocks = nn.ModuleList()
-        self._skip_reductions: list[int | None] = []
+        self.skip_reductions: list[int | None] = []
         c_in, reduction = coarsest_channels, coarsest
         while reduction > 1:
             reduction //= 2
@@ -218,7 +227,7 @@ class UNet(Backbone):
             skip = skip_channels.get(reduction)
             self.ups.append(_upsampler(upsample, c_in, c_out, bias))
             self.up_blocks.append(DoubleConv(c_out + (skip or 0), c_out, padding, norm, bias))
-            self._skip_reductions.append(reduction if skip is not None else None)
+            self.skip_reductions.append(reduction if skip is not None else None)
             c_in = c_out
 
         self.out_channels = [width]
@@ -375,7 +384,7 @@ class UNet(Backbone):
             skips = dict(zip(self.encoder.reductions, maps))
             x = skips.pop(self.encoder.reductions[-1])
         x = self.dropout(x)
-        for up, block, skip_reduction in zip(self.ups, self.up_blocks, self._skip_reductions):
+        for up, block, skip_reduction in zip(self.ups, self.up_blocks, self.skip_reductions):
             x = up(x)
             if skip_reduction is not None:
                 skip = skips[skip_reduction]
