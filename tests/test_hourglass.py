@@ -39,6 +39,7 @@ def test_stack_count(name, kwargs, stacks):
     with torch.no_grad():
         maps = net(torch.randn(2, 1, 32, 48))
     assert [tuple(m.shape) for m in maps] == [(2, 8, 8, 12)] * stacks
+    assert net.output_size((32, 48)) == (8, 12)
 
 
 @pytest.mark.parametrize("order", [1, 2, 3])

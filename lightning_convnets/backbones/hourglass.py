@@ -212,6 +212,12 @@ class StackedHourglass(Backbone):
                     f"{self.multiple} (stem 4 x 2**order); use {nearest}"
                 )
 
+    def output_size(self, input_size: tuple[int, int]) -> tuple[int, int]:
+        """``(height, width)`` of every stack's map for an input size (a quarter of it); checks the size."""
+        height, width = input_size
+        self.check_input_size(height, width)
+        return height // 4, width // 4
+
     def forward(self, images: Tensor) -> list[Tensor]:
         if images.ndim != 4 or images.shape[1] != self.in_channels:
             raise ValueError(
