@@ -213,3 +213,19 @@ def test_encoder_errors():
         UNet(encoder=bad)
     with pytest.raises(ValueError, match="never downsamples"):
         UNet(encoder="unet", encoder_kwargs=dict(width=2, depth=1))
+
+
+@pytest.mark.parametrize("stem", ["imagenet", "cifar"])
+def test_resnet18_encoder_by_name(stem):
+    net = create_backbone(
+        "unet", in_channels=1, width=4, encoder="resnet18", encoder_kwargs=dict(width=8, stem=stem)
+    )
+    assert net.encoder.reductions == ([4, 8, 16, 32] if stem == "imagenet" else [1, 2, 4, 8])
+    # The imagenet stem leaves reductions 2 and 1 without an encoder map; the cifar stem has them all.
+    expected = [16, 8, 4, None, None] if stem == "imagenet" else [4, 2, 1]
+    assert net.skip_reductions == expected and net.multiple == net.encoder.reductions[-1]
+    with torch.no_grad():
+        (out,) = net(torch.randn(2, 1, 32, 64))
+    assert out.shape == (2, 4, 32, 64)
+    with pytest.raises(ValueError, match=rf"not a multiple of {net.multiple}"):
+        net(torch.zeros(1, 1, 36, 64))
