@@ -40,9 +40,9 @@ def n_params(module: nn.Module) -> int:
 
 
 def test_every_family_member_is_registered():
-    names = list_backbones()
-    for name in RESNET_NAMES + PREACT_NAMES:
-        assert name in names
+    # Equality, so a depth registered later must join the shape test below.
+    family = {n for n in list_backbones() if n.startswith(("resnet", "preact_resnet"))}
+    assert family == set(RESNET_NAMES + PREACT_NAMES)
 
 
 @pytest.mark.parametrize("name", RESNET_NAMES + PREACT_NAMES)
@@ -93,13 +93,11 @@ def _projection_params(net: ResNet) -> int:
     the channel count or stride, a 1x1 conv (Cin*Cout) plus, for v1, a norm (2*Cout)."""
     total = 0
     channels = net.conv1.out_channels
-    for index, stage in enumerate(net.stages):
+    for index, out in enumerate(net.out_channels):
         stride = 1 if index == 0 else 2
-        out = net.out_channels[index]
         if stride != 1 or channels != out:
             total += channels * out + (0 if net.preact else 2 * out)
         channels = out
-        del stage
     return total
 
 
@@ -218,6 +216,26 @@ def test_normalization_constants_follow_the_stem_adaptation():
     assert gray["mean"] == pytest.approx((sum(rgb["mean"]) / 3,))
     assert weights_normalization("resnet18", in_channels=4)["std"] == (0.229, 0.224, 0.225, 0.229)
     assert create_backbone("resnet18", width=8).normalization is None
+
+
+def test_weights_option_loads_through_the_torchvision_enum(monkeypatch):
+    """The ``weights=`` path end to end, with torchvision's download replaced by a random state dict."""
+    from torchvision.models._api import WeightsEnum
+
+    theirs = _randomized_torchvision("resnet18")
+    requested = []
+
+    def fake_download(self, *args, **kwargs):
+        requested.append(str(self))
+        return theirs.state_dict()
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", fake_download)
+    net = create_backbone("resnet18", weights="DEFAULT", in_channels=1).eval()
+    assert requested == ["ResNet18_Weights.IMAGENET1K_V1"]
+    assert net.weights == "ResNet18_Weights.IMAGENET1K_V1"
+    assert net.normalization == weights_normalization("resnet18", "IMAGENET1K_V1", in_channels=1)
+    assert torch.allclose(net.conv1.weight, theirs.conv1.weight.sum(1, keepdim=True))
+    assert torch.equal(net.layer4[1].bn2.running_var, theirs.layer4[1].bn2.running_var)
 
 
 def test_weights_option_fails_fast_without_downloading():

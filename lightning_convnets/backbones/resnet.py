@@ -357,8 +357,9 @@ class ResNet(Backbone):
         norm: ``"batch"``, ``"group"`` (32 groups, fewer for narrow layers) or ``"none"`` (convs then
             carry a bias).
         skip: ``False`` builds the plain twin: identical branch layers, no shortcut path, no sum.
-        zero_init_residual: start every block as the identity by zeroing the last norm's weight of each
-            branch (v1), or the last conv's weight where no norm closes the branch (v2, ``norm="none"``).
+        zero_init_residual: start every block with a zero branch (Goyal et al. 2017): zero the scale of
+            the norm closing each v1 branch, or the closing conv's weight where no norm closes it (every
+            v2 branch, v1 with ``norm="none"``).
 
     Attributes:
         stages: ``(layer1, layer2, layer3, layer4)``.
@@ -424,7 +425,8 @@ class ResNet(Backbone):
             self.conv1 = conv3x3(in_channels, width, bias=bias)
             self.maxpool = nn.Identity()
             stem_reduction = 1
-        # v2's stem stays linear: the first block's BN-ReLU is the stem's activation.
+        # v2's stem stays linear (the first block's BN-ReLU is its activation): an all-non-negative input
+        # to the first sum would let the identity path carry only one sign (the lecture's argument).
         if not self.preact:
             self.bn1 = make_norm(norm, width)
             self.relu = nn.ReLU()
