@@ -229,3 +229,12 @@ def test_resnet18_encoder_by_name(stem):
     assert out.shape == (2, 4, 32, 64)
     with pytest.raises(ValueError, match=rf"not a multiple of {net.multiple}"):
         net(torch.zeros(1, 1, 36, 64))
+
+
+@pytest.mark.slow  # importing timm alone takes ~10 s on a loaded 2-core machine
+def test_timm_encoder_with_a_map_at_every_reduction_but_one():
+    net = UNet(in_channels=1, width=4, encoder="timm:resnet18")
+    assert net.encoder.reductions == [2, 4, 8, 16, 32]
+    assert net.skip_reductions == [16, 8, 4, 2, None]
+    with torch.no_grad():
+        assert net.eval()(torch.randn(1, 1, 32, 64))[0].shape == (1, 4, 32, 64)
