@@ -87,7 +87,7 @@ class TimmBackbone(Backbone):
         >>> net = create_backbone("timm:resnet18", in_channels=1)
         >>> net.reductions
         [2, 4, 8, 16, 32]
-        >>> [f.shape[1] for f in net(torch.zeros(1, 1, 32, 32))] == net.out_channels
+        >>> [f.shape[1] for f in net(torch.zeros(2, 1, 64, 64))] == net.out_channels
         True
     """
 
@@ -536,7 +536,7 @@ class TorchvisionResNet(Backbone):
         model_name: str,
         in_channels: int = 3,
         pretrained: bool = False,
-        weights: Any = None,
+        weights: str | None = None,
         out_indices: Sequence[int] = (1, 2, 3, 4),
         **kwargs: Any,
     ) -> None:
