@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.fx
 import torchvision
 from torch import nn
 
@@ -321,6 +322,19 @@ def test_stages_view_and_torchvision_names():
     assert "bn1.weight" not in set(preact.state_dict())  # v2's stem is a bare conv
     assert "final_norm.weight" in set(preact.state_dict())
     assert "layer1.0.downsample.1.weight" not in set(preact.state_dict())  # projection is a bare conv
+
+
+@pytest.mark.parametrize("name", ["resnet50", "preact_resnet18"])
+def test_symbolic_trace_keeps_outputs_and_input_check(name):
+    # torch.fx is what BN fusion and torchvision's feature extractors build on.
+    net = create_backbone(name, width=4, stem="cifar").eval()
+    traced = torch.fx.symbolic_trace(net)
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        for a, b in zip(traced(x), net(x)):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        traced(torch.zeros(1, 16, 16))
 
 
 def test_bad_arguments_name_the_argument():

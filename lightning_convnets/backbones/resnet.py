@@ -30,6 +30,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch.fx
 from torch import Tensor, nn
 
 from lightning_convnets.backbones.base import Backbone
@@ -337,6 +338,16 @@ class PreActBottleneck(nn.Module):
         return self.add(shortcut, out)
 
 
+def _check_images(images: Tensor, channels: int) -> None:
+    if images.dim() != 4 or images.shape[1] != channels:
+        raise ValueError(f"ResNet expects images of shape (N, {channels}, H, W), got {tuple(images.shape)}")
+
+
+# A leaf for torch.fx: the check stays in traced graphs (BN fusion, feature extractors) without tracing
+# control flow on shapes.
+torch.fx.wrap("_check_images")
+
+
 Block = type[BasicBlock] | type[Bottleneck] | type[PreActBasicBlock] | type[PreActBottleneck]
 
 
@@ -483,11 +494,7 @@ class ResNet(Backbone):
         return self.maxpool(x)
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        if images.dim() != 4 or images.shape[1] != self.conv1.in_channels:
-            raise ValueError(
-                f"ResNet expects images of shape (N, {self.conv1.in_channels}, H, W), got "
-                f"{tuple(images.shape)}"
-            )
+        _check_images(images, self.conv1.in_channels)
         x = self.forward_stem(images)
         features = []
         for stage in self.stages:
