@@ -1,0 +1,241 @@
+"""The shared LightningDataModule base: loader settings, transforms, dataset metadata, seeded splits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from .datasets import detection_collate
+from .transforms import TransformSpec, build_pipeline
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _fit_stats(
+    values: Sequence[float] | None, in_channels: int, default: Sequence[float], name: str
+) -> tuple:
+    values = tuple(default) if values is None else tuple(float(v) for v in values)
+    if in_channels == 1 and len(values) == 3:
+        # Grayscale input with RGB statistics (e.g. the ImageNet defaults): use their average.
+        values = (sum(values) / 3,)
+    if len(values) != in_channels:
+        raise ValueError(f"{name} has {len(values)} values but in_channels={in_channels}")
+    return values
+
+
+def seeded_split(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """Split ``range(n)`` into consecutive parts of a seeded permutation.
+
+    ``fractions`` are the shares of all parts but the first, which takes the rest (so rounding never
+    loses an example). Returns sorted index arrays, first part first.
+    """
+    order = np.random.default_rng(seed).permutation(n)
+    sizes = [round(f * n) for f in fractions]
+    if sum(sizes) > n:
+        raise ValueError(f"split fractions {list(fractions)} leave no examples out of {n}")
+    parts, start = [], n - sum(sizes)
+    parts.append(np.sort(order[:start]))
+    for size in sizes:
+        parts.append(np.sort(order[start : start + size]))
+        start += size
+    return parts
+
+
+def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """Like :func:`seeded_split` but per class, so every part keeps the class balance."""
+    labels = np.asarray(labels)
+    parts: list[list[np.ndarray]] = [[] for _ in range(len(fractions) + 1)]
+    for offset, cls in enumerate(np.unique(labels)):
+        members = np.flatnonzero(labels == cls)
+        for i, idx in enumerate(seeded_split(len(members), fractions, seed + offset)):
+            parts[i].append(members[idx])
+    return [np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts]
+
+
+class ConvDataModule(LightningDataModule):
+    """Base of every data module here: loaders, transforms, and the metadata tasks read.
+
+    Subclasses set ``task`` and implement ``_build_datasets(stage)`` and ``_resolve_class_names()``.
+    After ``setup`` (and before it wherever the constructor arguments tell), the module exposes
+    ``num_classes``, ``class_names``, ``in_channels``, ``mean``, ``std``, ``num_train_examples``.
+
+    Args:
+        batch_size: examples per batch (all splits).
+        num_workers: DataLoader worker processes.
+        pin_memory: pin host memory (useful with a GPU).
+        persistent_workers: keep workers between epochs (only when ``num_workers > 0``).
+        image_size: side of the square images the loaders return; ``None`` keeps file sizes.
+        in_channels: 1 (grayscale) or 3 (RGB); files are converted on load.
+        mean, std: normalisation statistics (0..1 scale), one per channel.
+        train_transforms, eval_transforms: augmentation specs (see ``transforms``).
+        resize: ``"resize"`` (stretch) or ``"letterbox"`` (keep aspect, pad).
+        verify_images: check every file cheaply in ``setup`` (PIL ``verify``) so a broken file fails
+            before training; turn off for very large datasets (errors then surface when loaded).
+        seed: seed of the train/val/test splits.
+        drop_last: drop the last incomplete training batch.
+    """
+
+    task: Literal["classification", "segmentation", "detection"] = "classification"
+
+    def __init__(
+        self,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        image_size: int | None = None,
+        in_channels: int = 3,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        train_transforms: TransformSpec = "default",
+        eval_transforms: TransformSpec = "default",
+        resize: Literal["resize", "letterbox"] = "resize",
+        verify_images: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        ignore_index: int = 255,
+        min_visibility: float = 0.3,
+        min_area: float = 1.0,
+        default_mean: Sequence[float] = IMAGENET_MEAN,
+        default_std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"image_size must be positive or None, got {image_size}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.image_size = image_size
+        self._in_channels = in_channels
+        self._mean = _fit_stats(mean, in_channels, default_mean, "mean")
+        self._std = _fit_stats(std, in_channels, default_std, "std")
+        self.train_transforms = train_transforms
+        self.eval_transforms = eval_transforms
+        self.resize = resize
+        self.verify_images = verify_images
+        self.seed = seed
+        self.drop_last = drop_last
+        self.ignore_index = ignore_index
+        self.min_visibility = min_visibility
+        self.min_area = min_area
+        self._class_names: list[str] | None = None
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.test_dataset: Dataset | None = None
+
+    # ----------------------------------------------------------------- metadata the tasks read
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in label order (index i is label i)."""
+        if self._class_names is None:
+            self._class_names = list(self._resolve_class_names())
+        return list(self._class_names)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (for segmentation, including the background class when the data has one)."""
+        return len(self.class_names)
+
+    @property
+    def in_channels(self) -> int:
+        return self._in_channels
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self._mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self._std
+
+    @property
+    def num_train_examples(self) -> int:
+        """Number of training examples (images); exact after ``setup('fit')``."""
+        if self.train_dataset is None:
+            self.setup("fit")
+        return len(self.train_dataset)  # type: ignore[arg-type]
+
+    def check_num_classes(self, model_num_classes: int) -> None:
+        """Raise a ``ValueError`` when a model's class count disagrees with the data.
+
+        Tasks call this in their ``setup`` so the mismatch shows before the first step.
+        """
+        if int(model_num_classes) != self.num_classes:
+            names = ", ".join(self.class_names[:20])
+            raise ValueError(
+                f"the model predicts {model_num_classes} classes but {type(self).__name__} has "
+                f"{self.num_classes} ({names}); set the model's num_classes to {self.num_classes}"
+            )
+
+    def _resolve_class_names(self) -> Sequence[str]:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------- transforms, loaders
+    def pipeline(self, train: bool) -> Callable[..., dict[str, Any]]:
+        """The albumentations pipeline for the training (``train=True``) or evaluation splits."""
+        return build_pipeline(
+            self.train_transforms if train else self.eval_transforms,
+            kind=self.task,
+            train=train,
+            image_size=self.image_size,
+            mean=self.mean,
+            std=self.std,
+            resize=self.resize,
+            ignore_index=self.ignore_index,
+            min_visibility=self.min_visibility,
+            min_area=self.min_area,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Index and check the files of the splits ``stage`` needs (idempotent)."""
+        needed = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("test",),
+            None: ("train", "val", "test"),
+        }.get(stage, ("train", "val", "test"))
+        missing = [s for s in needed if getattr(self, f"{s}_dataset") is None]
+        if missing:
+            self._build_datasets(missing)
+
+    def _build_datasets(self, splits: Sequence[str]) -> None:
+        raise NotImplementedError
+
+    def _loader(self, dataset: Dataset | None, split: str, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__} has no {split} split; call setup() first")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            drop_last=self.drop_last and shuffle,
+            collate_fn=detection_collate if self.task == "detection" else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, "train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, "val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, "test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, "test", shuffle=False)

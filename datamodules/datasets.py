@@ -1,0 +1,192 @@
+"""torch Datasets over files on disk: labelled images, image/mask pairs, COCO detection records.
+
+They hold lists of paths (built and checked by the data modules) and decode one example per
+``__getitem__``, so the same code serves the generated shapes and real datasets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+from .io import DataValidationError, check_mask_values, load_image, load_mask
+
+
+class _SeededTransformMixin:
+    """Reseed an albumentations pipeline from torch's per-process seed.
+
+    albumentations 2 keeps its own RNG, seeded once at construction: forked DataLoader workers would all
+    replay the same augmentations, and ``seed_everything`` would not make runs repeatable. Reseeding from
+    ``torch.initial_seed()`` (distinct per worker, derived from the global seed) fixes both.
+    """
+
+    transform: Callable[..., dict[str, Any]] | None
+    _seed_key: tuple[int, int] | None = None
+
+    def _reseed(self) -> None:
+        if self.transform is None or not hasattr(self.transform, "set_random_seed"):
+            return
+        info = get_worker_info()
+        key = (info.id if info is not None else -1, torch.initial_seed())
+        if key != self._seed_key:
+            self._seed_key = key
+            self.transform.set_random_seed(torch.initial_seed() % 2**32)
+
+
+class ClassificationDataset(_SeededTransformMixin, Dataset):
+    """``(image, label)`` pairs from ``(path, class index)`` samples.
+
+    Args:
+        samples: image paths and their 0-based class index.
+        transform: an albumentations pipeline ending in ``ToTensorV2`` (called with ``image=``).
+        in_channels: 1 or 3; images are converted on load.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[Path, int]],
+        transform: Callable[..., dict[str, Any]] | None = None,
+        in_channels: int = 3,
+    ) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.in_channels = in_channels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        self._reseed()
+        path, label = self.samples[index]
+        image = load_image(path, self.in_channels)
+        if self.transform is not None:
+            image = self.transform(image=image)["image"]
+        return image, label
+
+
+class SegmentationDataset(_SeededTransformMixin, Dataset):
+    """``(image, mask)`` pairs; masks come back as int64 ``H x W`` tensors.
+
+    Args:
+        pairs: ``(image path, mask path)`` tuples.
+        num_classes: mask values must be ``< num_classes`` or equal ``ignore_index``.
+        transform: albumentations pipeline (called with ``image=`` and ``mask=``).
+        in_channels: 1 or 3.
+        ignore_index: the value meaning "no label" (kept through the transforms).
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[Path, Path]],
+        num_classes: int,
+        transform: Callable[..., dict[str, Any]] | None = None,
+        in_channels: int = 3,
+        ignore_index: int | None = 255,
+    ) -> None:
+        self.pairs = list(pairs)
+        self.num_classes = num_classes
+        self.transform = transform
+        self.in_channels = in_channels
+        self.ignore_index = ignore_index
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._reseed()
+        image_path, mask_path = self.pairs[index]
+        image = load_image(image_path, self.in_channels)
+        mask = load_mask(mask_path)
+        if mask.shape != image.shape[:2]:
+            raise DataValidationError(
+                f"{mask_path}: mask size {mask.shape[1]}x{mask.shape[0]} differs from image "
+                f"{image_path} size {image.shape[1]}x{image.shape[0]} (width x height)"
+            )
+        check_mask_values(mask, self.num_classes, self.ignore_index, mask_path)
+        if self.transform is not None:
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        return image, torch.as_tensor(np.asarray(mask)).long()
+
+
+@dataclass
+class DetectionRecord:
+    """One image of a detection dataset: boxes in xyxy pixels, 0-based labels."""
+
+    path: Path
+    image_id: int
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+    width: int | None = None
+    height: int | None = None
+
+
+class DetectionDataset(_SeededTransformMixin, Dataset):
+    """``(image, target)`` pairs for detection.
+
+    ``target`` is ``dict(boxes=float32 [K, 4] xyxy pixels of the transformed image, labels=int64 [K],
+    image_id=int64 scalar (the COCO id), orig_size=int64 [2] (height, width of the file))``.
+
+    Args:
+        records: the images and their boxes (see :class:`DetectionRecord`).
+        transform: albumentations pipeline with ``BboxParams(format="pascal_voc", label_fields=["labels"])``.
+        in_channels: 1 or 3.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[DetectionRecord],
+        transform: Callable[..., dict[str, Any]] | None = None,
+        in_channels: int = 3,
+    ) -> None:
+        self.records = list(records)
+        self.transform = transform
+        self.in_channels = in_channels
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self._reseed()
+        record = self.records[index]
+        image = load_image(record.path, self.in_channels)
+        height, width = image.shape[:2]
+        if record.width is not None and (record.width, record.height) != (width, height):
+            raise DataValidationError(
+                f"{record.path}: image is {width}x{height} but its annotation (image id "
+                f"{record.image_id}) says {record.width}x{record.height}"
+            )
+        # Clip to the frame first: COCO boxes often overshoot the border by a fraction of a pixel.
+        boxes = record.boxes.astype(np.float32).reshape(-1, 4).copy()
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+        labels = record.labels.astype(np.int64).reshape(-1)
+        if self.transform is not None:
+            out = self.transform(image=image, bboxes=boxes, labels=labels)
+            image, boxes, labels = out["image"], out["bboxes"], out["labels"]
+        target = {
+            "boxes": torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4),
+            "labels": torch.as_tensor(np.asarray(labels, dtype=np.int64)).reshape(-1),
+            "image_id": torch.tensor(record.image_id, dtype=torch.int64),
+            "orig_size": torch.tensor([height, width], dtype=torch.int64),
+        }
+        return image, target
+
+
+def detection_collate(
+    batch: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor]]],
+) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Collate detection examples as lists (images may differ in size, targets in box count)."""
+    images = [image for image, _ in batch]
+    targets = [target for _, target in batch]
+    return images, targets

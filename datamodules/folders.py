@@ -1,0 +1,348 @@
+"""Data modules over plain folders: class-per-folder images, and image/mask pairs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from .base import ConvDataModule, seeded_split, stratified_split
+from .datasets import ClassificationDataset, SegmentationDataset
+from .io import IMAGE_EXTENSIONS, DataValidationError, check_mask_values, list_images, load_mask, verify_image
+from .transforms import TransformSpec
+
+SPLIT_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+
+
+def _find_split_dir(root: Path, split: str) -> Path | None:
+    for name in SPLIT_NAMES[split]:
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+def _require_dir(path: Path, what: str) -> None:
+    if not path.exists():
+        raise DataValidationError(f"{path}: {what} not found")
+    if not path.is_dir():
+        raise DataValidationError(f"{path}: {what} is not a directory")
+
+
+def class_folders(folder: Path) -> list[str]:
+    """Sorted names of the (non-hidden) subfolders of ``folder``: one class each."""
+    _require_dir(folder, "image folder")
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise DataValidationError(
+            f"{folder}: empty folder, no class subfolders (expected one subfolder of images per class)"
+        )
+    return names
+
+
+def scan_class_folders(
+    folder: Path, class_names: Sequence[str], require_every_class: bool = True
+) -> list[tuple[Path, int]]:
+    """``(path, label)`` samples of a class-per-folder tree, labels by position in ``class_names``.
+
+    Raises:
+        DataValidationError: for a missing/empty folder, a folder not in ``class_names``, or (when
+            ``require_every_class``) a class folder without images.
+    """
+    found = class_folders(folder)
+    unknown = sorted(set(found) - set(class_names))
+    if unknown:
+        raise DataValidationError(
+            f"{folder}: class folders {unknown} are not among the classes {list(class_names)}"
+        )
+    samples: list[tuple[Path, int]] = []
+    for label, name in enumerate(class_names):
+        class_dir = folder / name
+        images = list_images(class_dir) if class_dir.is_dir() else []
+        if not images and require_every_class:
+            raise DataValidationError(
+                f"{class_dir}: empty class folder, no images (extensions {', '.join(IMAGE_EXTENSIONS)})"
+            )
+        samples += [(path, label) for path in images]
+    if not samples:
+        raise DataValidationError(f"{folder}: empty folder, no images in any class folder")
+    return samples
+
+
+def scan_segmentation_folder(
+    folder: Path, images_dir: str = "images", masks_dir: str = "masks"
+) -> list[tuple[Path, Path]]:
+    """``(image, mask)`` pairs of ``folder/images`` and ``folder/masks`` matched by file stem."""
+    image_root, mask_root = folder / images_dir, folder / masks_dir
+    _require_dir(image_root, "images folder")
+    _require_dir(mask_root, "masks folder")
+    images = list_images(image_root)
+    if not images:
+        raise DataValidationError(f"{image_root}: empty folder, no images")
+    masks: dict[str, Path] = {}
+    for path in list_images(mask_root):
+        if path.stem in masks:
+            raise DataValidationError(f"{path}: two masks share the stem {path.stem!r} ({masks[path.stem]})")
+        masks[path.stem] = path
+    pairs, seen = [], set()
+    for image in images:
+        if image.stem in seen:
+            raise DataValidationError(f"{image}: two images share the stem {image.stem!r}")
+        seen.add(image.stem)
+        if image.stem not in masks:
+            raise DataValidationError(f"{image}: missing mask (expected {mask_root / image.stem}.png)")
+        pairs.append((image, masks[image.stem]))
+    return pairs
+
+
+class ImageFolderDataModule(ConvDataModule):
+    """Classification from a class-per-folder tree.
+
+    Layouts: ``root/train/<class>/*.png`` with optional ``root/val`` (or ``valid``, ``validation``) and
+    ``root/test``; or ``root/<class>/*.png``. A split without its own folder is carved out of the
+    training images by ``val_fraction`` / ``test_fraction`` (per class, seeded by ``seed``).
+    Batches: ``(images float32 [N, C, H, W] normalised, labels int64 [N])``.
+
+    Args:
+        root: the dataset folder.
+        class_names: fix the classes and their order (default: sorted training folder names).
+        val_fraction: share of training images held out for validation when there is no val folder.
+        test_fraction: same for the test split (0 means no test split).
+        image_size: output side in pixels (mixed sizes are resized).
+        **see** :class:`ConvDataModule` for the loader, transform and normalisation arguments
+        (default mean/std: ImageNet).
+
+    Example:
+        >>> dm = ImageFolderDataModule("data/pets", image_size=64, batch_size=16)  # doctest: +SKIP
+        >>> dm.setup("fit"); images, labels = next(iter(dm.train_dataloader()))  # doctest: +SKIP
+    """
+
+    task = "classification"
+
+    def __init__(
+        self,
+        root: str,
+        class_names: list[str] | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        image_size: int | None = 224,
+        in_channels: int = 3,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        train_transforms: TransformSpec = "default",
+        eval_transforms: TransformSpec = "default",
+        resize: Literal["resize", "letterbox"] = "resize",
+        verify_images: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            image_size=image_size,
+            in_channels=in_channels,
+            mean=mean,
+            std=std,
+            train_transforms=train_transforms,
+            eval_transforms=eval_transforms,
+            resize=resize,
+            verify_images=verify_images,
+            seed=seed,
+            drop_last=drop_last,
+        )
+        self.save_hyperparameters()
+        self.root = Path(root).expanduser()
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        if class_names is not None:
+            if len(set(class_names)) != len(class_names) or not class_names:
+                raise ValueError(f"class_names must be non-empty and unique, got {class_names}")
+            self._class_names = list(class_names)
+
+    def _train_dir(self) -> Path:
+        _require_dir(self.root, "dataset root")
+        return _find_split_dir(self.root, "train") or self.root
+
+    def _resolve_class_names(self) -> Sequence[str]:
+        return class_folders(self._train_dir())
+
+    def _split_samples(self) -> dict[str, list[tuple[Path, int]]]:
+        train_dir = self._train_dir()
+        names = self.class_names
+        samples = {
+            "train": scan_class_folders(train_dir, names, require_every_class=self._class_names is None)
+        }
+        carve = []
+        for split, fraction in (("val", self.val_fraction), ("test", self.test_fraction)):
+            folder = _find_split_dir(self.root, split) if train_dir != self.root else None
+            if folder is not None:
+                samples[split] = scan_class_folders(folder, names, require_every_class=False)
+            elif fraction > 0:
+                carve.append((split, fraction))
+        if carve:
+            pool = samples["train"]
+            parts = stratified_split([label for _, label in pool], [f for _, f in carve], self.seed)
+            samples["train"] = [pool[i] for i in parts[0]]
+            for (split, _), idx in zip(carve, parts[1:]):
+                samples[split] = [pool[i] for i in idx]
+        return samples
+
+    def _build_datasets(self, splits: Sequence[str]) -> None:
+        samples = self._split_samples()
+        for split in splits:
+            if split not in samples:
+                continue
+            if not samples[split]:
+                raise DataValidationError(f"{self.root}: the {split} split is empty")
+            if self.verify_images:
+                for path, _ in samples[split]:
+                    verify_image(path)
+            dataset = ClassificationDataset(samples[split], self.pipeline(split == "train"), self.in_channels)
+            setattr(self, f"{split}_dataset", dataset)
+
+
+class SegmentationFolderDataModule(ConvDataModule):
+    """Semantic segmentation from ``images/`` and ``masks/`` folders with matching file stems.
+
+    Layouts: ``root/{train,val,test}/{images,masks}`` or ``root/{images,masks}``; a split without its
+    folder is carved from the training pairs by ``val_fraction`` / ``test_fraction`` (seeded).
+    Masks hold one class index per pixel: palette PNGs (their indices, as in VOC) or single-channel
+    PNGs; ``ignore_index`` marks unlabelled pixels (VOC's 255 borders).
+    Batches: ``(images float32 [N, C, H, W] normalised, masks int64 [N, H, W])``.
+
+    Args:
+        root: the dataset folder.
+        class_names: names in index order; or give ``num_classes`` (names ``class_0``...); with neither,
+            the classes are inferred as ``0..max mask value`` (ignoring ``ignore_index``) in ``setup``.
+        num_classes: number of classes when names are not given.
+        ignore_index: mask value meaning "no label" (also the fill of padded mask areas).
+        images_dir, masks_dir: the subfolder names.
+        val_fraction, test_fraction: shares carved from training pairs for splits without a folder.
+        **see** :class:`ConvDataModule` for the loader, transform and normalisation arguments.
+
+    Example:
+        >>> dm = SegmentationFolderDataModule("data/roads", class_names=["bg", "road"])  # doctest: +SKIP
+    """
+
+    task = "segmentation"
+
+    def __init__(
+        self,
+        root: str,
+        class_names: list[str] | None = None,
+        num_classes: int | None = None,
+        ignore_index: int = 255,
+        images_dir: str = "images",
+        masks_dir: str = "masks",
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        image_size: int | None = 256,
+        in_channels: int = 3,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        train_transforms: TransformSpec = "default",
+        eval_transforms: TransformSpec = "default",
+        resize: Literal["resize", "letterbox"] = "resize",
+        verify_images: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            image_size=image_size,
+            in_channels=in_channels,
+            mean=mean,
+            std=std,
+            train_transforms=train_transforms,
+            eval_transforms=eval_transforms,
+            resize=resize,
+            verify_images=verify_images,
+            seed=seed,
+            drop_last=drop_last,
+            ignore_index=ignore_index,
+        )
+        self.save_hyperparameters()
+        self.root = Path(root).expanduser()
+        self.images_dir, self.masks_dir = images_dir, masks_dir
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} entries but num_classes={num_classes}")
+        if class_names is not None:
+            self._class_names = list(class_names)
+        elif num_classes is not None:
+            self._class_names = [f"class_{i}" for i in range(num_classes)]
+
+    def _split_pairs(self) -> dict[str, list[tuple[Path, Path]]]:
+        _require_dir(self.root, "dataset root")
+        train_dir = _find_split_dir(self.root, "train")
+        pairs = {"train": scan_segmentation_folder(train_dir or self.root, self.images_dir, self.masks_dir)}
+        carve = []
+        for split, fraction in (("val", self.val_fraction), ("test", self.test_fraction)):
+            folder = _find_split_dir(self.root, split) if train_dir is not None else None
+            if folder is not None:
+                pairs[split] = scan_segmentation_folder(folder, self.images_dir, self.masks_dir)
+            elif fraction > 0:
+                carve.append((split, fraction))
+        if carve:
+            pool = pairs["train"]
+            parts = seeded_split(len(pool), [f for _, f in carve], self.seed)
+            pairs["train"] = [pool[i] for i in parts[0]]
+            for (split, _), idx in zip(carve, parts[1:]):
+                pairs[split] = [pool[i] for i in idx]
+        return pairs
+
+    def _resolve_class_names(self) -> Sequence[str]:
+        # Without names, the classes are what the masks hold: read every training mask once.
+        top = -1
+        for _, mask_path in self._split_pairs()["train"]:
+            mask = load_mask(mask_path)
+            valid = mask[mask != self.ignore_index]
+            if valid.size:
+                top = max(top, int(valid.max()))
+        return [f"class_{i}" for i in range(max(top + 1, 1))]
+
+    def _build_datasets(self, splits: Sequence[str]) -> None:
+        pairs = self._split_pairs()
+        num_classes = self.num_classes
+        for split in splits:
+            if split not in pairs:
+                continue
+            if not pairs[split]:
+                raise DataValidationError(f"{self.root}: the {split} split is empty")
+            if self.verify_images:
+                verify_pairs(pairs[split], num_classes, self.ignore_index)
+            dataset = SegmentationDataset(
+                pairs[split],
+                num_classes,
+                self.pipeline(split == "train"),
+                self.in_channels,
+                self.ignore_index,
+            )
+            setattr(self, f"{split}_dataset", dataset)
+
+
+def verify_pairs(pairs: Sequence[tuple[Path, Path]], num_classes: int, ignore_index: int | None) -> None:
+    """Check image headers, mask readability, mask/image sizes and mask values of every pair."""
+    for image_path, mask_path in pairs:
+        width, height = verify_image(image_path)
+        mask = load_mask(mask_path)
+        if mask.shape != (height, width):
+            raise DataValidationError(
+                f"{mask_path}: mask size {mask.shape[1]}x{mask.shape[0]} differs from image "
+                f"{image_path} size {width}x{height} (width x height)"
+            )
+        check_mask_values(np.asarray(mask), num_classes, ignore_index, mask_path)

@@ -1,0 +1,158 @@
+"""Reading images and masks from disk, and the errors raised for bad files.
+
+Every function here names the offending file in its error, so a broken dataset fails with a message a
+user can act on (which file, what is wrong, what was expected) instead of a stack trace from PIL.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+class DataValidationError(ValueError):
+    """A dataset file or annotation is missing, unreadable or inconsistent (the message names it)."""
+
+
+def is_image_file(path: str | Path) -> bool:
+    """Whether ``path`` has an image extension (case-insensitive) and is not a hidden file."""
+    path = Path(path)
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name (other files are ignored)."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and is_image_file(p))
+
+
+def verify_image(path: str | Path) -> tuple[int, int]:
+    """Cheap integrity check (PIL ``verify``: header and, for PNG, chunk checksums) without decoding.
+
+    Returns:
+        The image size as ``(width, height)``.
+
+    Raises:
+        DataValidationError: naming ``path`` when the file is missing, not an image, or corrupt.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataValidationError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as image:
+            size = image.size
+            image.verify()
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... depending on the codec
+        raise DataValidationError(f"{path}: unreadable or truncated image ({err})") from err
+    return size
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    # 16-bit PNGs and float TIFFs: rescale their full range to 8 bits.
+    is_float = np.issubdtype(array.dtype, np.floating)
+    array = array.astype(np.float64)
+    peak = array.max(initial=0)
+    top = 1.0 if is_float and peak <= 1.0 else (65535.0 if peak > 255 else 255.0)
+    return np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def convert_channels(image: Image.Image, in_channels: int) -> np.ndarray:
+    """Convert a PIL image to an ``H x W x in_channels`` uint8 array.
+
+    Rules: transparency (RGBA, LA, palette with transparency) is composited onto black; grayscale is
+    replicated to 3 channels when ``in_channels == 3``; colour is converted to luminance when
+    ``in_channels == 1``; 16-bit images are rescaled to 8 bits.
+    """
+    if in_channels not in (1, 3):
+        raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
+        rgb = rgba[..., :3] * (rgba[..., 3:] / 255.0)
+        image = Image.fromarray((rgb + 0.5).astype(np.uint8), mode="RGB")
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F", "1"):
+        gray = _to_uint8(np.asarray(image))
+        image = Image.fromarray(gray, mode="L")
+    array = np.asarray(image.convert("RGB" if in_channels == 3 else "L"))
+    if in_channels == 1:
+        array = array[..., None]
+    return np.ascontiguousarray(array)
+
+
+def load_image(path: str | Path, in_channels: int = 3) -> np.ndarray:
+    """Decode an image file into an ``H x W x in_channels`` uint8 array (see :func:`convert_channels`).
+
+    Raises:
+        DataValidationError: naming ``path`` when the file is missing, unreadable or truncated.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return convert_channels(image, in_channels)
+    except FileNotFoundError as err:
+        raise DataValidationError(f"{path}: image file not found") from err
+    except Exception as err:
+        raise DataValidationError(f"{path}: unreadable or truncated image ({err})") from err
+
+
+def load_mask(path: str | Path) -> np.ndarray:
+    """Read a segmentation mask (class index per pixel) as an ``H x W`` uint8 array.
+
+    Palette PNGs give their palette indices (the VOC convention), single-channel PNGs their values,
+    RGB images are accepted only when the three channels are equal (a gray image saved as RGB).
+
+    Raises:
+        DataValidationError: naming ``path`` when it is missing, unreadable, colour-coded, or holds
+            values above 255.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataValidationError(f"{path}: mask file not found")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mode = image.mode
+            array = np.array(image)  # a writable copy: torch warns on read-only arrays
+    except Exception as err:
+        raise DataValidationError(f"{path}: unreadable or truncated mask ({err})") from err
+    if mode in ("RGB", "RGBA"):
+        rgb = array[..., :3]
+        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+            raise DataValidationError(
+                f"{path}: mask is a colour ({mode}) image; expected a palette or single-channel PNG "
+                "holding one class index per pixel"
+            )
+        array = rgb[..., 0]
+    elif mode == "LA":
+        array = array[..., 0]
+    if array.ndim != 2:
+        raise DataValidationError(f"{path}: mask has shape {array.shape}; expected a single channel")
+    if array.dtype == bool:
+        return array.astype(np.uint8)
+    if array.size and (array.min() < 0 or array.max() > 255):
+        raise DataValidationError(
+            f"{path}: mask values range {array.min()}..{array.max()}; expected class indices 0..255"
+        )
+    return array.astype(np.uint8, copy=False)
+
+
+def check_mask_values(mask: np.ndarray, num_classes: int, ignore_index: int | None, path: str | Path) -> None:
+    """Raise naming ``path`` when ``mask`` holds a value that is neither a class nor ``ignore_index``."""
+    bad = mask >= num_classes
+    if ignore_index is not None:
+        bad &= mask != ignore_index
+    if bad.any():
+        values = sorted({int(v) for v in np.unique(mask[bad])})
+        raise DataValidationError(
+            f"{path}: mask values {values[:10]} are outside the classes 0..{num_classes - 1} "
+            f"and not the ignore value {ignore_index}"
+        )
