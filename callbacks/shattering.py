@@ -19,14 +19,22 @@ exactly as it found it (parameters, ``.grad``, BatchNorm buffers, train/eval fla
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
+from lightning_convnets.callbacks.core import DEFAULT_MAX_HISTORY, Finding, MonitorCallback, observers_paused
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+if TYPE_CHECKING:  # pragma: no cover
+    import lightning.pytorch as pl
+    from matplotlib.figure import Figure
+
+__all__ = ["GradientShatteringMonitor", "ShatteringProfile", "autocorrelation", "shattering_profile"]
 
 BNMode = Literal["eval", "batch"]
 _BN_MODES = ("eval", "batch")
@@ -349,3 +357,372 @@ def shattering_profile(
         target_class=target_class,
         bn_mode=bn_mode,
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The monitor
+# ----------------------------------------------------------------------------------------------------
+
+DEFAULT_EVERY_N_STEPS = 200
+"""Probe interval (optimizer steps) of :class:`GradientShatteringMonitor`. A probe of 256 points costs
+about 1.3 to 2.6 training steps of a ResNet-18 (batch 64, 32x32, CPU; the backward computes input
+gradients only): see the class docstring. One probe per 200 steps is ~1% of training time, under the 3%
+budget with room for slower probes (larger inputs than the batch's, a GPU where small batches are cheap)."""
+
+_INPUT_KEYS = ("image", "images", "input", "inputs", "x")
+
+
+def _inputs_from_batch(batch: Any) -> Tensor:
+    """The input tensor of a training batch: the batch itself, its first element, or a usual dict key."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, list | tuple) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in _INPUT_KEYS:
+            if isinstance(batch.get(key), Tensor):
+                return batch[key]
+    raise TypeError(
+        "GradientShatteringMonitor: cannot find the inputs in a training batch of type "
+        f"{type(batch).__name__} (looked for a tensor, (inputs, ...) or a dict key in {list(_INPUT_KEYS)}); "
+        "pass probe=(start, end) explicitly"
+    )
+
+
+def _submodule(pl_module: nn.Module, path: str | None) -> nn.Module:
+    if not path:
+        return pl_module
+    try:
+        return pl_module.get_submodule(path)
+    except AttributeError as err:
+        names = [n for n, _ in pl_module.named_children()]
+        raise AttributeError(
+            f"GradientShatteringMonitor: probe_module={path!r} is not a submodule of "
+            f"{type(pl_module).__name__} (children: {names})"
+        ) from err
+
+
+class GradientShatteringMonitor(MonitorCallback):
+    """Every ``every_n_steps`` optimizer steps, how shattered the input gradient of the model is.
+
+    A fixed probe line x(t) = x_a + t (x_b - x_a) between two training inputs (the first two of the first
+    training batch, unless ``probe`` gives them) is walked in ``num_points`` steps and
+    :func:`shattering_profile` measures the autocorrelation of the directional derivative s(t) along it
+    (Balduzzi et al. 2017). The probe runs on global rank zero only, between training steps, without
+    entering the DDP wrapper or any collective (SyncBatchNorm runs locally during the probe), so the other
+    ranks simply wait at their next gradient all-reduce; it changes nothing that training sees
+    (parameters, ``.grad``, BN buffers, RNG, train/eval flags), and other monitors' hooks are paused
+    during it. Under ``torch.compile`` the probe calls the eager forward: compiled graphs are untouched.
+
+    Logged (one dict to every logger, rank zero): ``shattering/lag1`` (rho(1)),
+    ``shattering/correlation_length`` (points until rho enters the white-noise band),
+    ``shattering/neighbour_cosine``, ``shattering/white_noise_band`` (1.96/sqrt(K)) and
+    ``shattering/probe_seconds``. History (bounded by ``max_history``), the probe itself and the first and
+    latest profiles are checkpointed, so a resumed run continues on the same line. At the end of fit: a
+    figure (autocorrelation with the white-noise band, s(t), rho(1) over training) and findings for the
+    shared diagnosis: rho(1) inside the band means the gradient is white noise.
+
+    Healthy: rho(1) well above the band (close to 1 for shallow or well-normalised residual nets).
+    Unhealthy: rho(1) near 0, correlation length 1 (a deep plain network).
+
+    Cost: a probe is one forward and backward of ``num_points`` inputs (plus none in ``"batch"`` mode:
+    the K points are one batch), and its backward computes input gradients only. Measured on this
+    project's shared 2-core CPU at 32x32 with training batches of 64, in process CPU time, one probe of 256
+    points costs 2.2 (``"eval"``) / 1.7 (``"batch"``) training steps of a CIFAR-stem ResNet-18 of width 16
+    and 2.3 / 1.3 steps of a timm ResNet-18. Under 3% needs ``every_n_steps`` >= ~90; the default 200
+    keeps it near 1%. With larger inputs or a smaller training batch scale ``every_n_steps`` by
+    (256 / batch size) / 0.03 / 2 or so.
+
+    Args:
+        every_n_steps: optimizer steps between probes (the first probe runs at the first batch).
+        num_points: K, the points on the line.
+        bn_mode: ``"eval"`` (running statistics: the function used at inference; points go in chunks) or
+            ``"batch"`` (BN normalises over the K points, as in training and the paper).
+        probe: the line: a tensor of two inputs ``(2, *input_shape)`` or a pair ``(start, end)`` with
+            ``end=None`` for a random direction; ``None`` takes the first training batch's inputs.
+        line: with ``probe=None``: ``"pair"`` (first two inputs of the batch) or ``"random"`` (the first
+            input plus a random direction of the data's scale).
+        output_fn: maps the module's output for B points to B values (default: the logit of the class
+            predicted at x_a); needed when the module does not return a tensor.
+        probe_module: dotted name of the submodule to probe (e.g. ``"model"``); default the
+            LightningModule itself, whose ``forward`` must take a batch of inputs.
+        chunk_size: points per forward/backward in ``"eval"`` mode (bounds the probe's memory).
+        shattered_margin: rho(1) below this (but above the band) is reported as partly shattered.
+        max_history: history entries kept (and checkpointed).
+        seed: seed of the random direction.
+
+    Raises:
+        ValueError: for a bad ``every_n_steps``, ``bn_mode``, ``line`` or ``probe``.
+
+    Example:
+        >>> from lightning.pytorch import Trainer  # doctest: +SKIP
+        >>> monitor = GradientShatteringMonitor(every_n_steps=200, bn_mode="batch")  # doctest: +SKIP
+        >>> Trainer(callbacks=[monitor]).fit(model, datamodule)  # doctest: +SKIP
+        >>> monitor.history[-1]["shattering/lag1"]  # doctest: +SKIP
+        0.93
+    """
+
+    monitor_name: ClassVar[str] = "shattering"
+
+    def __init__(
+        self,
+        every_n_steps: int = DEFAULT_EVERY_N_STEPS,
+        num_points: int = 256,
+        bn_mode: BNMode = "eval",
+        probe: Tensor | tuple[Tensor, Tensor | None] | None = None,
+        line: Literal["pair", "random"] = "pair",
+        output_fn: Callable[[Any], Tensor] | None = None,
+        probe_module: str | None = None,
+        chunk_size: int = 64,
+        shattered_margin: float = 0.5,
+        max_history: int = DEFAULT_MAX_HISTORY,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(
+                f"GradientShatteringMonitor: every_n_steps must be an int >= 1, got {every_n_steps!r}"
+            )
+        if bn_mode not in _BN_MODES:
+            raise ValueError(
+                f"GradientShatteringMonitor: bn_mode must be one of {_BN_MODES}, got {bn_mode!r}"
+            )
+        if line not in ("pair", "random"):
+            raise ValueError(f"GradientShatteringMonitor: line must be 'pair' or 'random', got {line!r}")
+        if not isinstance(num_points, int) or num_points < 3:
+            raise ValueError(f"GradientShatteringMonitor: num_points must be an int >= 3, got {num_points!r}")
+        super().__init__(log_every_n_steps=every_n_steps, max_history=max_history)
+        self.every_n_steps = every_n_steps
+        self.num_points = num_points
+        self.bn_mode = bn_mode
+        self.line = line
+        self.output_fn = output_fn
+        self.probe_module = probe_module
+        self.chunk_size = chunk_size
+        self.shattered_margin = shattered_margin
+        self.seed = seed
+        self.start: Tensor | None = None
+        self.end: Tensor | None = None
+        if probe is not None:
+            self.start, self.end = self._split_probe(probe)
+        self.first_profile: dict[str, Any] | None = None
+        self.last_profile: dict[str, Any] | None = None
+        self._last_probe_step = -1
+
+    @staticmethod
+    def _split_probe(probe: Any) -> tuple[Tensor, Tensor | None]:
+        if isinstance(probe, Tensor) and probe.dim() >= 2 and probe.shape[0] == 2:
+            return probe[0].detach().cpu().clone(), probe[1].detach().cpu().clone()
+        if isinstance(probe, list | tuple) and len(probe) == 2 and isinstance(probe[0], Tensor):
+            start, end = probe
+            if end is not None and (not isinstance(end, Tensor) or end.shape != start.shape):
+                raise ValueError(
+                    "GradientShatteringMonitor: probe=(start, end) needs end shaped like start or None"
+                )
+            return start.detach().cpu().clone(), None if end is None else end.detach().cpu().clone()
+        got = tuple(probe.shape) if isinstance(probe, Tensor) else type(probe).__name__
+        raise ValueError(
+            f"GradientShatteringMonitor: probe must be a tensor of two inputs (2, *input_shape) or a pair "
+            f"(start, end | None), got {got}"
+        )
+
+    # ----------------------------------------------------------------------------- probing
+    def capture_probe(self, batch: Any) -> None:
+        """Keep the line's end points from a training batch (copies on the CPU)."""
+        inputs = _inputs_from_batch(batch).detach()
+        self.start = inputs[0].cpu().clone()
+        pair = self.line == "pair" and inputs.shape[0] >= 2
+        self.end = inputs[1].cpu().clone() if pair else None
+
+    def probe(self, pl_module: nn.Module) -> ShatteringProfile:
+        """Run :func:`shattering_profile` on the kept line now (any rank; no collective)."""
+        if self.start is None:
+            raise RuntimeError(
+                "GradientShatteringMonitor.probe: no probe yet (it is taken from the first batch)"
+            )
+        module = _submodule(pl_module, self.probe_module)
+        with observers_paused():
+            return shattering_profile(
+                module,
+                self.start,
+                self.end,
+                num_points=self.num_points,
+                bn_mode=self.bn_mode,
+                output_fn=self.output_fn,
+                chunk_size=self.chunk_size,
+                seed=self.seed,
+            )
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # no call to the base: this monitor has no hooks to gate and nothing to all-gather
+        if not self.enabled:
+            return
+        if self.start is None:
+            self.capture_probe(batch)
+        step = trainer.global_step
+        # with gradient accumulation several micro-batches share a global_step: probe once per step
+        due = self._last_probe_step < 0 or step % self.every_n_steps == 0
+        if step == self._last_probe_step or not due:
+            return
+        self._last_probe_step = step
+        if not trainer.is_global_zero:
+            return
+        begin = time.perf_counter()
+        profile = self.probe(pl_module)
+        seconds = time.perf_counter() - begin
+        self.record(trainer, profile, seconds)
+
+    def record(
+        self, trainer: pl.Trainer, profile: ShatteringProfile, seconds: float = math.nan
+    ) -> dict[str, float]:
+        """Log a profile's numbers (rank zero), add them to the history and keep its curves for the plots."""
+        step = int(trainer.global_step)
+        metrics = {f"{self.monitor_name}/{k}": v for k, v in profile.summary().items()}
+        metrics[f"{self.monitor_name}/probe_seconds"] = float(seconds)
+        self.append_history({"step": float(step), **metrics})
+        self.log_metrics(trainer, metrics, step=step)
+        curves = {
+            "step": step,
+            "autocorrelation": profile.autocorrelation.float(),
+            "s": profile.s.float(),
+            **profile.summary(),
+        }
+        if self.first_profile is None:
+            self.first_profile = curves
+        self.last_profile = curves
+        return metrics
+
+    # ----------------------------------------------------------------------------- diagnosis and plots
+    def diagnose(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Finding]:
+        p = self.last_profile
+        if p is None:
+            return []
+        where = [self.probe_module or type(pl_module).__name__]
+        lag1, band, step = p["lag1"], p["white_noise_band"], p["step"]
+        k = int(p["s"].numel())
+        values = {
+            key: float(p[key])
+            for key in ("lag1", "correlation_length", "neighbour_cosine", "white_noise_band")
+        }
+        numbers = (
+            f"rho(1) = {lag1:.2f} (white-noise band +-{band:.2f}, K = {k}, bn_mode={self.bn_mode}), "
+            f"correlation length {int(p['correlation_length'])} point(s), "
+            f"neighbour gradient cosine {p['neighbour_cosine']:.2f}, at step {step}"
+        )
+        findings = []
+        if not math.isfinite(lag1):
+            findings.append(
+                Finding(
+                    self.monitor_name,
+                    "warning",
+                    where,
+                    f"the gradient along the probe line is constant (s(t) has no variance) at step {step}",
+                    "the output barely depends on the input: look for dead ReLUs, a collapsed BN scale or a "
+                    "detached input",
+                    step=step,
+                    values=values,
+                )
+            )
+        elif abs(lag1) <= band:
+            findings.append(
+                Finding(
+                    self.monitor_name,
+                    "warning",
+                    where,
+                    f"gradients are shattered (white noise): {numbers}",
+                    "add skip connections (residual blocks), add BatchNorm, or reduce depth: neighbouring "
+                    "inputs get unrelated gradients, so SGD steps are close to random",
+                    step=step,
+                    values=values,
+                )
+            )
+        elif lag1 < self.shattered_margin:
+            findings.append(
+                Finding(
+                    self.monitor_name,
+                    "info",
+                    where,
+                    f"gradients are partly shattered: {numbers}",
+                    "residual connections with BN (or a smaller residual-branch scale) keep gradients "
+                    "correlated; watch whether rho(1) keeps falling",
+                    step=step,
+                    values=values,
+                )
+            )
+        else:
+            findings.append(
+                Finding(
+                    self.monitor_name,
+                    "info",
+                    where,
+                    f"gradients are smooth: {numbers}",
+                    step=step,
+                    values=values,
+                )
+            )
+        first = self.first_profile
+        if first is not None and first["step"] != step and first["lag1"] - lag1 > 0.3:
+            findings.append(
+                Finding(
+                    self.monitor_name,
+                    "info",
+                    where,
+                    f"rho(1) fell from {first['lag1']:.2f} (step {first['step']}) to {lag1:.2f} (step {step}) "
+                    "during training",
+                    "the gradient decorrelates as training goes on; compare with a residual/normalised variant",
+                    step=step,
+                    values={"lag1_first": float(first["lag1"]), "lag1_last": float(lag1)},
+                )
+            )
+        return findings
+
+    def figures(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Figure]:
+        if self.last_profile is None:
+            return {}
+        import matplotlib.pyplot as plt
+
+        fig, (ax_rho, ax_s, ax_lag) = plt.subplots(1, 3, figsize=(13, 3.6))
+        profiles = [self.first_profile, self.last_profile]
+        if self.first_profile is self.last_profile or self.first_profile["step"] == self.last_profile["step"]:
+            profiles = [self.last_profile]
+        for p in profiles:
+            rho = p["autocorrelation"]
+            lags = min(rho.numel(), max(rho.numel() // 4, 2))
+            ax_rho.plot(range(lags), rho[:lags].numpy(), marker=".", label=f"step {p['step']}")
+            s = p["s"]
+            t = torch.linspace(0, 1, s.numel())
+            ax_s.plot(t.numpy(), (s / s.std().clamp_min(1e-30)).numpy(), lw=0.8, label=f"step {p['step']}")
+        band = self.last_profile["white_noise_band"]
+        for ax in (ax_rho, ax_lag):
+            ax.axhspan(-band, band, color="grey", alpha=0.25, label="white-noise band")
+            ax.axhline(0.0, color="black", lw=0.5)
+        ax_rho.set(title="autocorrelation of s(t)", xlabel="lag k (points)", ylabel="rho(k)")
+        ax_s.set(title="s(t) = d/dt f(x(t)) (unit std)", xlabel="t along the probe line", ylabel="s / std(s)")
+        key = f"{self.monitor_name}/lag1"
+        steps = [h["step"] for h in self.history if key in h]
+        ax_lag.plot(steps, [h[key] for h in self.history if key in h], marker="o")
+        ax_lag.set(
+            title="rho(1) during training", xlabel="optimizer step", ylabel="rho(1)", ylim=(-1.05, 1.05)
+        )
+        for ax in (ax_rho, ax_s):
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        return {"profile": fig}
+
+    # ----------------------------------------------------------------------------- checkpointing
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "start": self.start,
+            "end": self.end,
+            "first_profile": self.first_profile,
+            "last_profile": self.last_profile,
+            "last_probe_step": self._last_probe_step,
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if state.get("start") is not None:
+            self.start, self.end = state["start"], state.get("end")
+        self.first_profile = state.get("first_profile")
+        self.last_profile = state.get("last_profile")
+        self._last_probe_step = int(state.get("last_probe_step", -1))

@@ -4,13 +4,23 @@ and ``GradientShatteringMonitor`` in real Lightning fits."""
 from __future__ import annotations
 
 import copy
+import csv
 import math
 
 import numpy as np
 import pytest
 import torch
-from lightning_convnets.callbacks.shattering import ShatteringProfile, autocorrelation, shattering_profile
+from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning_convnets.callbacks.shattering import (
+    GradientShatteringMonitor,
+    ShatteringProfile,
+    autocorrelation,
+    shattering_profile,
+)
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 
 @pytest.fixture(autouse=True)
@@ -297,3 +307,187 @@ class _ListNet(nn.Module):
 def test_profile_dataclass_is_public():
     p = shattering_profile(_Sine(), torch.tensor([0.0]), torch.tensor([1.0]), num_points=5)
     assert isinstance(p, ShatteringProfile) and p.correlation_length >= 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# GradientShatteringMonitor in Lightning fits
+# ----------------------------------------------------------------------------------------------------
+
+
+class _TinyClassifier(LightningModule):
+    """A user's LightningModule: nothing from this project, BN and dropout inside."""
+
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Dropout(0.2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(width, 3),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _loader(n: int = 32, size: int = 16, batch_size: int = 4) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(n, 3, size, size, generator=g), torch.randint(0, 3, (n,), generator=g))
+    return DataLoader(data, batch_size=batch_size, shuffle=True)
+
+
+def _trainer(tmp_path, callbacks, **kw) -> Trainer:
+    defaults = dict(
+        default_root_dir=tmp_path,
+        logger=CSVLogger(tmp_path, name="logs"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+    )
+    defaults.update(kw)
+    return Trainer(callbacks=callbacks, **defaults)
+
+
+KEYS = [f"shattering/{k}" for k in ("lag1", "correlation_length", "neighbour_cosine", "white_noise_band")]
+
+
+def test_monitor_logs_plots_and_diagnoses_in_a_fit(tmp_path):
+    monitor = GradientShatteringMonitor(every_n_steps=2, num_points=16, bn_mode="batch")
+    trainer = _trainer(tmp_path, [monitor], max_steps=6)
+    trainer.fit(_TinyClassifier(), _loader())
+    # first probe at the first batch (step 1 after its optimizer step), then every 2 steps
+    assert [h["step"] for h in monitor.history] == [1, 2, 4, 6]
+    assert monitor.start is not None and monitor.start.shape == (3, 16, 16) and monitor.end is not None
+    with open(trainer.logger.log_dir + "/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = [r for r in rows if r.get("shattering/lag1")]
+    assert [int(r["step"]) for r in logged] == [1, 2, 4, 6]
+    for key in [*KEYS, "shattering/probe_seconds"]:
+        assert all(math.isfinite(float(r[key])) for r in logged), key
+    assert float(logged[0]["shattering/white_noise_band"]) == pytest.approx(1.96 / 4)
+    figures = list((tmp_path / "logs").rglob("monitors__shattering__profile_step*.png"))
+    assert len(figures) == 1
+    report = next((tmp_path / "logs").rglob("diagnosis.md")).read_text()
+    assert "shattering" in report and "rho(1)" in report
+
+
+def test_monitor_does_not_change_training(tmp_path):
+    def run(callbacks) -> dict[str, torch.Tensor]:
+        seed_everything(7, workers=True)
+        model = _TinyClassifier()
+        _trainer(tmp_path, callbacks, max_steps=5, logger=False).fit(model, _loader())
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    plain = run([])
+    watched = run([GradientShatteringMonitor(every_n_steps=1, num_points=8, bn_mode="batch")])
+    assert plain.keys() == watched.keys()
+    for key in plain:
+        assert torch.equal(plain[key], watched[key]), key
+
+
+def test_resume_restores_history_and_probe(tmp_path):
+    first = GradientShatteringMonitor(every_n_steps=2, num_points=8)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _trainer(tmp_path, [first, ckpt], max_steps=4, enable_checkpointing=True).fit(
+        _TinyClassifier(), _loader()
+    )
+    assert [h["step"] for h in first.history] == [1, 2, 4]
+
+    resumed = GradientShatteringMonitor(every_n_steps=2, num_points=8)
+    trainer = _trainer(tmp_path, [resumed], max_steps=8)
+    trainer.fit(_TinyClassifier(), _loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert [h["step"] for h in resumed.history] == [1, 2, 4, 6, 8]
+    assert resumed.history[:3] == first.history
+    assert torch.equal(resumed.start, first.start) and torch.equal(resumed.end, first.end)
+    assert resumed.first_profile["step"] == 1 and resumed.last_profile["step"] == 8
+
+
+def test_history_is_bounded():
+    monitor = GradientShatteringMonitor(max_history=4)
+    for step in range(10):
+        monitor.append_history({"step": float(step)})
+    assert len(monitor.history) <= 4 and monitor.history[-1]["step"] == 9
+
+
+def test_torchvision_model_bf16_and_accumulation(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+
+    class _Plain(LightningModule):  # takes dict batches and keeps its network in an attribute
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = torchvision.models.resnet18(num_classes=3)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.cross_entropy(self.model(batch["image"]), batch["label"])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    samples = [{"image": torch.randn(3, 32, 32), "label": torch.tensor(i % 3)} for i in range(8)]
+    data = DataLoader(samples, batch_size=2)
+    monitor = GradientShatteringMonitor(every_n_steps=1, num_points=8, probe_module="model", line="random")
+    trainer = _trainer(tmp_path, [monitor], max_steps=2, precision="bf16-mixed", accumulate_grad_batches=2)
+    trainer.fit(_Plain(), data)
+    # one probe per optimizer step although two micro-batches share each global_step
+    assert [h["step"] for h in monitor.history] == [0, 1, 2]
+    assert monitor.end is None  # line="random": a random direction from the first input
+    assert all(math.isfinite(h["shattering/lag1"]) for h in monitor.history)
+
+
+def test_compiled_module_is_probed(tmp_path):
+    monitor = GradientShatteringMonitor(every_n_steps=1, num_points=8)
+    model = torch.compile(_TinyClassifier(), backend="aot_eager")
+    trainer = _trainer(tmp_path, [monitor], max_steps=2)
+    trainer.fit(model, _loader())
+    assert trainer.lightning_module._compiler_ctx is not None  # the fit really ran the compiled forward
+    assert [h["step"] for h in monitor.history] == [1, 2]
+    assert all(math.isfinite(h["shattering/lag1"]) for h in monitor.history)
+
+
+def test_diagnosis_flags_shattered_gradients():
+    monitor = GradientShatteringMonitor(probe=(torch.tensor([-2.0]), torch.tensor([2.0])), bn_mode="batch")
+
+    class _Stub:
+        global_step = 3
+        loggers = ()
+        is_global_zero = True
+
+    deep, shallow = _paper_net(24, False, seed=0), _paper_net(1, False, seed=0)
+    monitor.record(_Stub(), monitor.probe(shallow))
+    _Stub.global_step = 9
+    monitor.record(_Stub(), monitor.probe(deep))
+    findings = monitor.diagnose(_Stub(), deep)
+    assert findings[0].severity == "warning" and "shattered" in findings[0].message
+    assert "skip connections" in findings[0].suggestion and findings[0].step == 9
+    assert any("fell from" in f.message for f in findings[1:])
+    assert monitor.diagnose(_Stub(), shallow)  # still reports on the latest profile
+    healthy = GradientShatteringMonitor(probe=(torch.tensor([-2.0]), torch.tensor([2.0])), bn_mode="batch")
+    healthy.record(_Stub(), healthy.probe(shallow))
+    (finding,) = healthy.diagnose(_Stub(), shallow)
+    assert finding.severity == "info" and "smooth" in finding.message
+
+
+def test_monitor_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        GradientShatteringMonitor(every_n_steps=0)
+    with pytest.raises(ValueError, match="bn_mode"):
+        GradientShatteringMonitor(bn_mode="train")
+    with pytest.raises(ValueError, match="line"):
+        GradientShatteringMonitor(line="diagonal")
+    with pytest.raises(ValueError, match="probe must be"):
+        GradientShatteringMonitor(probe=torch.zeros(3, 4))
+    with pytest.raises(AttributeError, match="probe_module='nope'"):
+        GradientShatteringMonitor(probe=torch.zeros(2, 3), probe_module="nope").probe(_TinyClassifier())
