@@ -1,0 +1,649 @@
+"""Activation variance per layer along the depth: the seed's "the variance doubles at each layer".
+
+A residual block computes ``h_{l+1} = h_l + F(h_l)``. With He initialisation and no normalisation the
+branch returns roughly the variance it receives, so ``Var(h_{l+1}) ~ 2 Var(h_l)``: the variance grows
+exponentially with depth. BatchNorm (or a down-scaled branch) makes the growth linear at most; a
+skip-free ("plain") network keeps it constant. :class:`ActivationVarianceMonitor` measures this on any
+model while it trains.
+
+Which modules are measured (the *targets*), in module-definition order (the depth axis):
+
+* the stem: the first module named ``stem``, else the first named ``maxpool`` (ours, torchvision and
+  timm ResNets end their stem there);
+* every residual block, recognised by this protocol, checked in order:
+
+  1. a module with a direct child :class:`lightning_convnets.nn.ResidualAdd` (all our blocks): a hook on
+     the ``ResidualAdd`` sees the shortcut ``x``, the branch ``F(x)`` and the sum. If the block declares
+     ``preact = True`` its output *is* the sum (measured once); otherwise the output (e.g.
+     ``relu(x + F(x))``) is measured separately.
+  2. a module whose class declares ``residual_branch`` (the name, or a tuple of names tried in order, of
+     the submodule whose output is ``F(x)``) and optionally ``residual_shortcut`` (the submodule giving the
+     projected shortcut; when absent or ``None`` at run time the block input is the shortcut): for user
+     blocks that add with ``+``. Their sum is not a module output, so only ``x``, ``F(x)`` and the block
+     output are measured.
+  3. built in, as in 2: torchvision's and timm's ResNet ``BasicBlock`` (branch ``bn2``) and ``Bottleneck``
+     (``bn3``), with timm's ``se`` / ``drop_path`` taken as the branch end when present.
+
+  A module with an ``add`` attribute set to ``None`` (our skip-free "plain" twins) counts as a block
+  measured by its output only.
+* optionally, modules by type (``types=("conv", "bn", "linear", "relu")`` or classes) or by name
+  (``names=r"regex"``, matched with ``re.search`` against the module's qualified name).
+
+Per target and logging interval (reduced from per-channel count/mean/M2, merged with Chan's formula):
+``mean``, ``var`` (variance of all elements: mean per-channel variance + variance of the channel
+means), ``var_ch_min`` / ``var_ch_max`` (the channel spread), ``growth`` = Var(out_l)/Var(out_{l-1}) along
+the targets, ``dead_fraction`` (channels exactly zero for the whole interval: dead ReLU units where the
+output is a ReLU's), and for residual blocks ``shortcut_var``, ``branch_var``, ``branch_ratio`` =
+Var(F(x))/Var(x) and ``sum_var``. Summary keys: ``growth_per_block`` (geometric mean over the blocks, from
+the first block's output), ``nonfinite_step`` (-1 while everything is finite).
+
+Non-finite values: each target's running moments become NaN/Inf at the first non-finite output and stay
+so until the interval ends, so at the next logging step the first target in depth order that went
+non-finite names the module that produced it; the step is recorded on the device (one ``where`` per step
+on the last target, no host sync). It is reported as a warning at that logging step and as an error in
+the end-of-fit diagnosis.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning_convnets.callbacks.core import (
+    Finding,
+    Moments,
+    MonitorCallback,
+    PackedStats,
+    RunningMoments,
+    StatsPacker,
+)
+from torch import Tensor, nn
+
+from lightning_convnets.nn import ResidualAdd
+
+if TYPE_CHECKING:  # pragma: no cover
+    import lightning.pytorch as pl
+    from matplotlib.figure import Figure
+
+__all__ = ["ActivationVarianceMonitor"]
+
+_TYPE_ALIASES: dict[str, tuple[type[nn.Module], ...]] = {
+    "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
+    "bn": (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
+    "norm": (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm),
+    "linear": (nn.Linear,),
+    "relu": (nn.ReLU,),
+}
+
+# protocol 3: (module, class name) -> (branch-end candidates, shortcut submodule)
+_KNOWN_BLOCKS: dict[tuple[str, str], tuple[tuple[str, ...], str | None]] = {
+    ("torchvision.models.resnet", "BasicBlock"): (("bn2",), "downsample"),
+    ("torchvision.models.resnet", "Bottleneck"): (("bn3",), "downsample"),
+    ("timm.models.resnet", "BasicBlock"): (("drop_path", "se", "bn2"), "downsample"),
+    ("timm.models.resnet", "Bottleneck"): (("drop_path", "se", "bn3"), "downsample"),
+}
+
+
+@dataclass
+class _Target:
+    name: str
+    module: nn.Module
+    kind: str  # "stem", "block", "plain", "layer"
+    add: nn.Module | None = None  # protocol 1
+    sum_is_output: bool = False
+    branch: nn.Module | None = None  # protocol 2/3
+    shortcut: nn.Module | None = None
+
+    @property
+    def residual(self) -> bool:
+        return self.add is not None or self.branch is not None
+
+
+def _branch_spec(module: nn.Module) -> tuple[tuple[str, ...], str | None] | None:
+    cls = type(module)
+    declared = getattr(cls, "residual_branch", None)
+    if declared is not None:
+        names = (declared,) if isinstance(declared, str) else tuple(declared)
+        return names, getattr(cls, "residual_shortcut", None)
+    return _KNOWN_BLOCKS.get((cls.__module__, cls.__name__))
+
+
+def find_targets(
+    model: nn.Module,
+    blocks: bool = True,
+    stem: bool = True,
+    types: Sequence[str | type[nn.Module]] = (),
+    names: str | None = None,
+) -> list[_Target]:
+    """The modules the monitor measures, in definition order (see the module docstring)."""
+    classes: list[type[nn.Module]] = []
+    for entry in types:
+        if isinstance(entry, str):
+            if entry not in _TYPE_ALIASES:
+                raise ValueError(
+                    f"ActivationVarianceMonitor: types entry {entry!r} is unknown; use one of "
+                    f"{sorted(_TYPE_ALIASES)} or an nn.Module subclass"
+                )
+            classes.extend(_TYPE_ALIASES[entry])
+        elif isinstance(entry, type) and issubclass(entry, nn.Module):
+            classes.append(entry)
+        else:
+            raise TypeError(
+                f"ActivationVarianceMonitor: types entries must be str or nn.Module classes, got {entry!r}"
+            )
+    pattern = re.compile(names) if names else None
+
+    stem_name = None
+    if stem:
+        named = [n for n, _ in model.named_modules()]
+        stem_name = next((n for n in named if n.rsplit(".", 1)[-1] == "stem"), None)
+        if stem_name is None:
+            stem_name = next((n for n in named if n.rsplit(".", 1)[-1] == "maxpool"), None)
+
+    targets: list[_Target] = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if blocks:
+            add = next((c for c in module.children() if isinstance(c, ResidualAdd)), None)
+            spec = _branch_spec(module)
+            if add is not None:
+                targets.append(
+                    _Target(
+                        name, module, "block", add=add, sum_is_output=bool(getattr(module, "preact", False))
+                    )
+                )
+                continue
+            if spec is not None:
+                branch = next(
+                    (getattr(module, n) for n in spec[0] if getattr(module, n, None) is not None), None
+                )
+                if branch is None:
+                    raise ValueError(
+                        f"ActivationVarianceMonitor: block {name!r} ({type(module).__name__}) names its branch "
+                        f"end {spec[0]} but has no such submodule"
+                    )
+                shortcut = getattr(module, spec[1], None) if spec[1] else None
+                targets.append(_Target(name, module, "block", branch=branch, shortcut=shortcut))
+                continue
+            if hasattr(module, "add") and module.add is None and not isinstance(module, ResidualAdd):
+                targets.append(_Target(name, module, "plain"))
+                continue
+        if name == stem_name:
+            targets.append(_Target(name, module, "stem"))
+            continue
+        if (classes and isinstance(module, tuple(classes))) or (pattern is not None and pattern.search(name)):
+            targets.append(_Target(name, module, "layer"))
+    return targets
+
+
+class ActivationVarianceMonitor(MonitorCallback):
+    """Per-layer activation mean and variance along the depth, residual branch ratios, dead ReLUs,
+    explosion / vanishing and the first non-finite module.
+
+    See the module docstring for the targets protocol and the logged keys (all under
+    ``activation_variance/``). Hooks are registered in ``setup`` (before Lightning compiles the model) and
+    gated on ``module.training``: under ``torch.compile`` they are traced into the graph, the monitor's
+    on/off switch and ``sample_every_n_steps`` become guards (two graph variants: recording and not),
+    and a module called several times per forward is merged across its calls.
+
+    Args:
+        log_every_n_steps: optimizer steps between reductions and logs (default: the trainer's).
+        blocks: measure residual (and plain) blocks found by the protocol.
+        stem: measure the stem output.
+        types: extra targets by type: ``"conv"``, ``"bn"``, ``"norm"``, ``"linear"``, ``"relu"`` or classes.
+        names: extra targets whose qualified name matches this regex (``re.search``).
+        explode_growth: per-block growth (geometric mean over the blocks) above which variance is reported
+            as exploding.
+        vanish_growth: per-block growth below which it is reported as vanishing.
+        dead_threshold: fraction of dead channels in a layer that makes a finding.
+        sample_every_n_steps: record one optimizer step in every ``k`` (cuts the overhead by ``k``).
+        max_history: history cap (entries); see :class:`~lightning_convnets.callbacks.core.MonitorCallback`.
+        num_curves: curves (history entries, evenly spaced) in the variance-vs-depth plot.
+        train_only: record training-mode forwards only.
+
+    Raises:
+        ValueError: for an unknown ``types`` alias, a bad regex, non-positive thresholds, or (in ``setup``)
+            a model in which nothing matches.
+
+    Example:
+        >>> import lightning.pytorch as pl  # doctest: +SKIP
+        >>> trainer = pl.Trainer(callbacks=[ActivationVarianceMonitor(log_every_n_steps=20)])  # doctest: +SKIP
+        >>> trainer.fit(model, datamodule)  # doctest: +SKIP
+        >>> # logs activation_variance/<layer>/var ..., plots monitors/activation_variance/variance_vs_depth
+        >>> # and adds its findings to the end-of-fit diagnosis
+    """
+
+    monitor_name = "activation_variance"
+
+    def __init__(
+        self,
+        log_every_n_steps: int | None = None,
+        blocks: bool = True,
+        stem: bool = True,
+        types: Sequence[str | type[nn.Module]] = (),
+        names: str | None = None,
+        explode_growth: float = 1.5,
+        vanish_growth: float = 0.67,
+        dead_threshold: float = 0.25,
+        sample_every_n_steps: int = 1,
+        max_history: int = 1000,
+        num_curves: int = 6,
+        train_only: bool = True,
+    ) -> None:
+        super().__init__(
+            log_every_n_steps=log_every_n_steps,
+            max_history=max_history,
+            sample_every_n_steps=sample_every_n_steps,
+            train_only=train_only,
+        )
+        if not explode_growth > 1:
+            raise ValueError(f"ActivationVarianceMonitor: explode_growth must be > 1, got {explode_growth}")
+        if not 0 < vanish_growth < 1:
+            raise ValueError(
+                f"ActivationVarianceMonitor: vanish_growth must be in (0, 1), got {vanish_growth}"
+            )
+        if not 0 < dead_threshold <= 1:
+            raise ValueError(
+                f"ActivationVarianceMonitor: dead_threshold must be in (0, 1], got {dead_threshold}"
+            )
+        if names is not None:
+            try:
+                re.compile(names)
+            except re.error as err:
+                raise ValueError(
+                    f"ActivationVarianceMonitor: names is not a valid regex ({names!r}): {err}"
+                ) from err
+        self.blocks = blocks
+        self.stem = stem
+        self.types = tuple(types)
+        self.names = names
+        self.explode_growth = explode_growth
+        self.vanish_growth = vanish_growth
+        self.dead_threshold = dead_threshold
+        self.num_curves = num_curves
+        self.targets: list[_Target] = []
+        self._moments: dict[str, RunningMoments] = {}
+        self._nf_step: Tensor | None = None
+        self.nonfinite: dict[str, Any] | None = None  # {"step": int, "layer": str} once seen
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self, trainer: pl.Trainer | None, pl_module: nn.Module) -> None:
+        self.targets = find_targets(pl_module, self.blocks, self.stem, self.types, self.names)
+        if not self.targets:
+            raise ValueError(
+                f"ActivationVarianceMonitor: no module of {type(pl_module).__name__} matches (no residual "
+                "block, stem, or types/names target); pass types=('conv',) or names=r'...' to choose layers"
+            )
+        self._moments = {}
+        for index, target in enumerate(self.targets):
+            self._hook(target.module, f"{index}/out", lambda a, out: out)
+            if target.add is not None:
+                self._hook(target.add, f"{index}/shortcut", lambda a, out: a[0])
+                self._hook(target.add, f"{index}/branch", lambda a, out: a[1])
+                if not target.sum_is_output:
+                    self._hook(target.add, f"{index}/sum", lambda a, out: out)
+            elif target.branch is not None:
+                self._hook(target.branch, f"{index}/branch", lambda a, out: out)
+                if target.shortcut is not None:
+                    self._hook(target.shortcut, f"{index}/shortcut", lambda a, out: out)
+                else:
+                    self._hook(target.module, f"{index}/shortcut", lambda a: a[0], pre=True)
+
+    def _hook(self, module: nn.Module, key: str, select: Callable[..., Any], pre: bool = False) -> None:
+        moments = self._moments[key] = RunningMoments()
+
+        def record(x: Any) -> None:
+            if not isinstance(x, Tensor) or not x.is_floating_point():
+                return
+            state = moments.state
+            # a module reused at another width (e.g. one ReLU module called on 64 and 128 channels):
+            # keep the first width only; shapes are static, so this is no host sync
+            if state is not None and (x.dim() >= 2 and x.shape[1] != state.shape[1]):
+                return
+            moments.update(x)
+
+        if pre:
+
+            def pre_hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+                if self.is_recording(mod) and args:
+                    record(select(args))
+
+            self.add_hook(module, pre_hook, pre=True)
+        else:
+
+            def hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+                if self.is_recording(mod):
+                    record(select(args, output))
+
+            self.add_hook(module, hook)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._recording:
+            self._track_nonfinite(trainer.global_step)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def _track_nonfinite(self, step: int) -> None:
+        # the last target's moments go NaN/Inf as soon as anything upstream did; record the step on the
+        # device (no sync). Which module it was is read from all targets at the next flush.
+        last = next(
+            (
+                m.state
+                for k, m in reversed(self._moments.items())
+                if k.endswith("/out") and m.state is not None
+            ),
+            None,
+        )
+        if last is None:
+            return
+        if self._nf_step is None:
+            self._nf_step = torch.full((), -1, dtype=torch.int64, device=last.device)
+        bad = ~torch.isfinite(last[1:].sum())
+        fresh = bad & (self._nf_step < 0)
+        self._nf_step = torch.where(fresh, torch.full_like(self._nf_step, step), self._nf_step)
+
+    # ------------------------------------------------------------------ reduction
+    def pack(self, trainer: pl.Trainer | None, pl_module: nn.Module, packer: StatsPacker) -> None:
+        for key, moments in self._moments.items():
+            packer.running(key, moments)
+        if packer.entries:
+            device = packer.entries[0][2][0].device
+            step = self._nf_step if self._nf_step is not None else torch.full((), -1, device=device)
+            # min over ranks of the first bad step; "none" must lose the min
+            packer.min("nonfinite_step", torch.where(step < 0, torch.full_like(step, 2**52), step))
+
+    def reset_interval(self) -> None:
+        for moments in self._moments.values():
+            moments.reset()
+
+    def compute_metrics(
+        self, trainer: pl.Trainer | None, pl_module: nn.Module, stats: PackedStats
+    ) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        chain: list[tuple[str, float]] = []  # (name, var) of every measured target output, in depth order
+        block_vars: list[tuple[str, float]] = []
+        first_bad: str | None = None
+        for index, target in enumerate(self.targets):
+            out = stats.get(f"{index}/out")
+            if not isinstance(out, Moments) or float(out.count.sum()) == 0:
+                continue
+            name = target.name
+            _, mean, var = out.pooled()
+            metrics[f"{name}/mean"] = mean
+            metrics[f"{name}/var"] = var
+            channel_var = out.var
+            metrics[f"{name}/var_ch_min"] = float(channel_var.min())
+            metrics[f"{name}/var_ch_max"] = float(channel_var.max())
+            dead = (out.mean == 0) & (out.m2 == 0)
+            metrics[f"{name}/dead_fraction"] = float(dead.double().mean())
+            if chain:
+                metrics[f"{name}/growth"] = _ratio(var, chain[-1][1])
+            chain.append((name, var))
+            if target.kind in ("block", "plain"):
+                block_vars.append((name, var))
+            finite = math.isfinite(var) and math.isfinite(mean)
+            if target.residual:
+                shortcut, branch = stats.get(f"{index}/shortcut"), stats.get(f"{index}/branch")
+                total = stats.get(f"{index}/sum", out)
+                if isinstance(shortcut, Moments) and isinstance(branch, Moments):
+                    x_var, f_var = shortcut.pooled()[2], branch.pooled()[2]
+                    metrics[f"{name}/shortcut_var"] = x_var
+                    metrics[f"{name}/branch_var"] = f_var
+                    metrics[f"{name}/branch_ratio"] = _ratio(f_var, x_var)
+                    finite = finite and math.isfinite(x_var) and math.isfinite(f_var)
+                if isinstance(total, Moments):
+                    metrics[f"{name}/sum_var"] = total.pooled()[2]
+            if not finite and first_bad is None:
+                first_bad = name
+        if len(block_vars) >= 2:
+            metrics["growth_per_block"] = _geomean_growth([v for _, v in block_vars])
+        step_stat = stats.get("nonfinite_step")
+        device_step = int(step_stat.min()) if isinstance(step_stat, Tensor) else -1
+        if first_bad is not None and self.nonfinite is None:
+            step = device_step if 0 <= device_step < 2**52 else (trainer.global_step if trainer else -1)
+            self.nonfinite = {"step": step, "layer": first_bad}
+            if trainer is None or trainer.is_global_zero:
+                rank_zero_warn(
+                    f"ActivationVarianceMonitor: first non-finite activation (NaN/Inf) in {first_bad!r} at "
+                    f"step {step}"
+                )
+        metrics["nonfinite_step"] = float(self.nonfinite["step"]) if self.nonfinite else -1.0
+        return metrics
+
+    # ------------------------------------------------------------------ standalone use
+    @torch.no_grad()
+    def measure(self, model: nn.Module, *inputs: Any) -> dict[str, float]:
+        """Run ``model(*inputs)`` once in training mode (no gradients) and return this monitor's metrics
+        for that forward, without a trainer: the same hooks, merging and metrics as during ``fit``.
+
+        The model's mode is restored; BatchNorm running statistics are updated as in any training
+        forward.
+
+        Example:
+            >>> import torch
+            >>> from lightning_convnets.backbones import create_backbone
+            >>> net = create_backbone("preact_resnet18", stem="cifar", width=8, norm="none")
+            >>> m = ActivationVarianceMonitor().measure(net, torch.randn(4, 3, 16, 16))
+            >>> m["growth_per_block"] > 1.2
+            True
+        """
+        was_training = model.training
+        self.attach(None, model)
+        self._recording = True
+        try:
+            model.train()
+            model(*inputs)
+            packer = StatsPacker()
+            self.pack(None, model, packer)
+            gathered = packer.flat().to("cpu", torch.float64).unsqueeze(0)
+            return self.compute_metrics(None, model, packer.unpack(gathered))
+        finally:
+            self._recording = False
+            self.remove_hooks()
+            model.train(was_training)
+
+    # ------------------------------------------------------------------ reporting
+    def _chain_names(self) -> list[str]:
+        return [t.name for t in self.targets]
+
+    def diagnose(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Finding]:
+        findings: list[Finding] = []
+        if self.nonfinite is not None:
+            findings.append(
+                Finding(
+                    self.monitor_name,
+                    "error",
+                    [self.nonfinite["layer"]],
+                    f"first non-finite activation (NaN/Inf) produced by {self.nonfinite['layer']} at step "
+                    f"{self.nonfinite['step']}",
+                    "lower the learning rate or clip gradients (Trainer(gradient_clip_val=1.0)); check the "
+                    "inputs and this layer's operation for division by zero / log of <= 0; prefer bf16 to fp16",
+                    step=int(self.nonfinite["step"]),
+                )
+            )
+        if not self.history:
+            return findings
+        last = self.history[-1]
+        step = int(last["step"])
+        prefix = f"{self.monitor_name}/"
+        blocks = [t for t in self.targets if t.kind in ("block", "plain") and f"{prefix}{t.name}/var" in last]
+        block_vars = [last[f"{prefix}{t.name}/var"] for t in blocks]
+        growth = last.get(f"{prefix}growth_per_block")
+        if growth is not None and math.isfinite(growth) and len(blocks) >= 2:
+            worst_stage, worst = _worst_stage(blocks, block_vars)
+            overall = _ratio(block_vars[-1], block_vars[0])
+            names = [blocks[0].name, blocks[-1].name]
+            values = {"growth_per_block": growth, "overall": overall}
+            if growth > self.explode_growth:
+                where = f" (worst in {worst_stage}: {worst:.2f}x per block)" if worst_stage else ""
+                findings.append(
+                    Finding(
+                        self.monitor_name,
+                        "warning",
+                        names,
+                        f"variance grows {growth:.2f}x per block over {len(blocks)} blocks{where}, "
+                        f"{overall:.3g}x from {blocks[0].name} to {blocks[-1].name} at step {step}",
+                        "add BatchNorm to the blocks or scale the residual branch (zero-init its last "
+                        "norm/conv, or multiply F(x) by ~1/sqrt(number of blocks))",
+                        step=step,
+                        values=values,
+                    )
+                )
+            elif growth < self.vanish_growth:
+                findings.append(
+                    Finding(
+                        self.monitor_name,
+                        "warning",
+                        names,
+                        f"variance shrinks to {growth:.2f}x per block over {len(blocks)} blocks "
+                        f"({overall:.3g}x overall) at step {step}",
+                        "check the initialisation (He/fan_in for ReLU), add normalisation, or use residual "
+                        "connections so the signal is not lost with depth",
+                        step=step,
+                        values=values,
+                    )
+                )
+            else:
+                findings.append(
+                    Finding(
+                        self.monitor_name,
+                        "info",
+                        names,
+                        f"variance is stable along the depth: {growth:.2f}x per block over {len(blocks)} "
+                        f"blocks ({overall:.3g}x overall) at step {step}",
+                        "",
+                        step=step,
+                        values=values,
+                    )
+                )
+        for target in self.targets:
+            dead = last.get(f"{prefix}{target.name}/dead_fraction")
+            if dead is not None and dead >= self.dead_threshold:
+                findings.append(
+                    Finding(
+                        self.monitor_name,
+                        "warning",
+                        [target.name],
+                        f"{dead:.0%} of the channels of {target.name} output exactly zero for a whole "
+                        f"interval (dead ReLUs) at step {step}",
+                        "lower the learning rate, use a warm-up, or a leaky activation; check the bias/BN "
+                        "initialisation of the layer before",
+                        step=step,
+                        values={"dead_fraction": dead},
+                    )
+                )
+        ratios = [
+            (t.name, last[f"{prefix}{t.name}/branch_ratio"])
+            for t in self.targets
+            if f"{prefix}{t.name}/branch_ratio" in last
+        ]
+        big = [(n, r) for n, r in ratios if math.isfinite(r) and r > 4]
+        if big:
+            names = [n for n, _ in big]
+            top = max(r for _, r in big)
+            findings.append(
+                Finding(
+                    self.monitor_name,
+                    "warning",
+                    names,
+                    f"residual branches dominate their shortcut (Var(F(x))/Var(x) up to {top:.3g}) in "
+                    f"{len(big)} block(s) at step {step}",
+                    "scale the branch down (zero-init the last BN gamma of each branch) so blocks start "
+                    "close to the identity",
+                    step=step,
+                    values={"max_branch_ratio": top},
+                )
+            )
+        return findings
+
+    def figures(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Figure]:
+        if not self.history or not trainer.is_global_zero:
+            return {}
+        return {"variance_vs_depth": self.plot()}
+
+    def plot(self) -> Figure:
+        """Variance vs depth (log scale), one curve per chosen history entry (evenly spaced, first and
+        last included), and the residual branch ratio below when blocks were measured."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        prefix = f"{self.monitor_name}/"
+        names = [t.name for t in self.targets]
+        count = min(self.num_curves, len(self.history))
+        picks = sorted({round(i * (len(self.history) - 1) / max(count - 1, 1)) for i in range(count)})
+        has_ratio = any(f"{prefix}{n}/branch_ratio" in e for e in self.history for n in names)
+        fig, axes = plt.subplots(
+            2 if has_ratio else 1,
+            1,
+            figsize=(max(6, 0.35 * len(names)), 6 if has_ratio else 4),
+            squeeze=False,
+        )
+        cmap = plt.get_cmap("viridis")
+        for rank, pick in enumerate(picks):
+            entry = self.history[pick]
+            colour = cmap(rank / max(len(picks) - 1, 1))
+            xs = [i for i, n in enumerate(names) if f"{prefix}{n}/var" in entry]
+            ys = [max(entry[f"{prefix}{names[i]}/var"], 1e-30) for i in xs]
+            axes[0][0].plot(xs, ys, marker="o", ms=3, color=colour, label=f"step {int(entry['step'])}")
+            if has_ratio:
+                rx = [i for i, n in enumerate(names) if f"{prefix}{n}/branch_ratio" in entry]
+                ry = [max(entry[f"{prefix}{names[i]}/branch_ratio"], 1e-30) for i in rx]
+                axes[1][0].plot(rx, ry, marker="o", ms=3, color=colour)
+        axes[0][0].set_yscale("log")
+        axes[0][0].set_ylabel("Var(output)")
+        axes[0][0].set_title("activation variance along the depth")
+        axes[0][0].legend(fontsize="small")
+        if has_ratio:
+            axes[1][0].set_yscale("log")
+            axes[1][0].set_ylabel("Var(F(x)) / Var(x)")
+        bottom = axes[-1][0]
+        bottom.set_xticks(range(len(names)))
+        bottom.set_xticklabels(names, rotation=90, fontsize="x-small")
+        fig.tight_layout()
+        return fig
+
+    # ------------------------------------------------------------------ checkpointing
+    def extra_state(self) -> dict[str, Any]:
+        return {"nonfinite": self.nonfinite}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.nonfinite = state.get("nonfinite")
+
+
+def _ratio(a: float, b: float) -> float:
+    if b == 0 or not math.isfinite(b):
+        return math.inf if a > 0 else math.nan
+    return a / b
+
+
+def _geomean_growth(variances: list[float]) -> float:
+    first, last = variances[0], variances[-1]
+    if first <= 0 or last <= 0 or not (math.isfinite(first) and math.isfinite(last)):
+        return math.nan
+    return (last / first) ** (1.0 / (len(variances) - 1))
+
+
+def _worst_stage(blocks: list[_Target], variances: list[float]) -> tuple[str | None, float]:
+    """The stage (parent module of consecutive blocks) with the highest per-block growth."""
+    stages: dict[str, list[float]] = {}
+    for target, var in zip(blocks, variances):
+        stages.setdefault(target.name.rsplit(".", 1)[0] if "." in target.name else "", []).append(var)
+    best: tuple[str | None, float] = (None, -math.inf)
+    previous: float | None = None
+    for stage, values in stages.items():
+        chain = ([previous] if previous is not None else []) + values
+        if len(chain) >= 2:
+            growth = _geomean_growth(chain)
+            if math.isfinite(growth) and growth > best[1]:
+                best = (stage, growth)
+        previous = values[-1]
+    return best
