@@ -206,8 +206,8 @@ def test_stem_adaptation_for_grayscale_and_multispectral():
 
     two = adapt_stem_weight(state["conv1.weight"], 2)
     assert torch.allclose(two, state["conv1.weight"][:, :2] * 1.5)
-    with pytest.raises(ValueError, match="RGB kernel"):
-        adapt_stem_weight(torch.zeros(8, 4, 7, 7), 1)
+    with pytest.raises(ValueError, match="conv kernel"):
+        adapt_stem_weight(torch.zeros(8, 3, 7), 1)
 
 
 def test_normalization_constants_follow_the_stem_adaptation():

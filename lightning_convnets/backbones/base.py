@@ -26,12 +26,23 @@ class Backbone(nn.Module):
         dense: True for networks whose maps are meant to be read densely at one resolution (U-Net,
             hourglass), False for pyramid encoders.
         border: pixels removed at the top/left by valid convolutions (0 with same padding).
+        mean, std: per-input-channel normalisation constants of loaded pretrained weights, ``None``
+            for a randomly initialised backbone (data presets read them; see ``normalization``).
     """
 
     out_channels: list[int]
     reductions: list[int]
     dense: bool = False
     border: int = 0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    @property
+    def normalization(self) -> dict[str, tuple[float, ...]] | None:
+        """``{"mean": ..., "std": ...}`` of the loaded pretrained weights, or ``None``."""
+        if self.mean is None or self.std is None:
+            return None
+        return {"mean": tuple(self.mean), "std": tuple(self.std)}
 
     def forward(self, images: Tensor) -> list[Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError

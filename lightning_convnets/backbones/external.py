@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from lightning_convnets.backbones.base import Backbone
 from lightning_convnets.backbones.registry import register_prefix
+from lightning_convnets.nn.stem import adapt_stem_weight
 
 __all__ = [
     "SmpDenseBackbone",
@@ -466,12 +467,7 @@ def _adapt_first_conv(conv: nn.Conv2d, in_channels: int, keep_weights: bool) -> 
     )
     if keep_weights:
         with torch.no_grad():
-            old = conv.weight
-            if in_channels == 1:
-                new.weight.copy_(old.sum(dim=1, keepdim=True))
-            else:
-                idx = torch.arange(in_channels) % old.shape[1]
-                new.weight.copy_(old[:, idx] * (old.shape[1] / in_channels))
+            new.weight.copy_(adapt_stem_weight(conv.weight, in_channels))
             if conv.bias is not None:
                 new.bias.copy_(conv.bias)
     else:

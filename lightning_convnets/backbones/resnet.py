@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from lightning_convnets.backbones.base import Backbone
 from lightning_convnets.backbones.registry import register_backbone
-from lightning_convnets.nn import ResidualAdd
+from lightning_convnets.nn.residual import ResidualAdd
+from lightning_convnets.nn.stem import adapt_stem_weight
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -374,8 +375,8 @@ class ResNet(Backbone):
 
     Attributes:
         stages: ``(layer1, layer2, layer3, layer4)``.
-        normalization: ``{"mean": ..., "std": ...}`` for the loaded pretrained weights (one value per
-            input channel), ``None`` when randomly initialised.
+        mean, std: normalisation constants of the loaded pretrained weights (one value per input
+            channel), ``None`` when randomly initialised; ``normalization`` gives both as a dict.
         weights: name of the loaded torchvision weights (``"ResNet50_Weights.IMAGENET1K_V2"``) or ``None``.
 
     Raises:
@@ -425,7 +426,6 @@ class ResNet(Backbone):
         self.stem_type = stem
         self.skip = skip
         self.weights: str | None = None
-        self.normalization: dict[str, tuple[float, ...]] | None = None
         bias = norm == "none"
 
         if stem == "imagenet":
@@ -508,30 +508,6 @@ class ResNet(Backbone):
 
 # ----------------------------------------------------------------------------------------------------
 # torchvision ImageNet weights
-
-
-def adapt_stem_weight(weight: Tensor, in_channels: int) -> Tensor:
-    """Adapt an RGB stem kernel ``(out, 3, k, k)`` to ``in_channels`` input channels.
-
-    One channel sums the RGB kernels: a gray image repeated on three channels gives exactly the RGB
-    network's response. More channels repeat the RGB kernels cyclically and rescale by ``3 / in_channels``
-    so the response to an image repeated along channels keeps its magnitude.
-
-    Example:
-        >>> import torch
-        >>> adapt_stem_weight(torch.ones(8, 3, 7, 7), 1).shape
-        torch.Size([8, 1, 7, 7])
-    """
-    if weight.dim() != 4 or weight.shape[1] != 3:
-        raise ValueError(f"adapt_stem_weight expects an RGB kernel (out, 3, k, k), got {tuple(weight.shape)}")
-    if in_channels < 1:
-        raise ValueError(f"adapt_stem_weight: in_channels must be positive, got {in_channels}")
-    if in_channels == 3:
-        return weight
-    if in_channels == 1:
-        return weight.sum(dim=1, keepdim=True)
-    repeats = math.ceil(in_channels / 3)
-    return weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (3 / in_channels)
 
 
 def _adapt_stats(values: Sequence[float], in_channels: int) -> tuple[float, ...]:
@@ -643,7 +619,8 @@ def _build(arch: str, block: Block, depth: int, weights: str | None, kwargs: dic
         _check_torchvision_compatible(model)
         load_torchvision_state_dict(model, enum_member.get_state_dict(progress=True))
         model.weights = str(enum_member)
-        model.normalization = weights_normalization(arch, weights, model.conv1.in_channels)
+        stats = weights_normalization(arch, weights, model.conv1.in_channels)
+        model.mean, model.std = stats["mean"], stats["std"]
     return model
 
 
