@@ -26,14 +26,17 @@ from .coco import CocoDetectionDataModule
 from .folders import ImageFolderDataModule, SegmentationFolderDataModule
 from .io import DataValidationError
 from .shapes import ShapesDataModule
+from .torchvision_datasets import CIFAR10DataModule, VOCSegmentationDataModule
 from .transforms import build_pipeline
 
 __all__ = [
+    "CIFAR10DataModule",
     "CocoDetectionDataModule",
     "ConvDataModule",
     "DataValidationError",
     "ImageFolderDataModule",
     "SegmentationFolderDataModule",
     "ShapesDataModule",
+    "VOCSegmentationDataModule",
     "build_pipeline",
 ]

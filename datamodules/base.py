@@ -47,14 +47,36 @@ def seeded_split(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarr
 
 
 def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: int) -> list[np.ndarray]:
-    """Like :func:`seeded_split` but per class, so every part keeps the class balance."""
+    """Like :func:`seeded_split` but keeping the class balance in every part.
+
+    Part sizes match :func:`seeded_split` (``round(fraction * n)``); each class contributes its share,
+    the rounding remainders going to the classes with the largest fractional shares.
+    """
     labels = np.asarray(labels)
-    parts: list[list[np.ndarray]] = [[] for _ in range(len(fractions) + 1)]
-    for offset, cls in enumerate(np.unique(labels)):
-        members = np.flatnonzero(labels == cls)
-        for i, idx in enumerate(seeded_split(len(members), fractions, seed + offset)):
-            parts[i].append(members[idx])
-    return [np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts]
+    classes = np.unique(labels)
+    members = [
+        np.random.default_rng([seed, offset]).permutation(np.flatnonzero(labels == cls))
+        for offset, cls in enumerate(classes)
+    ]
+    counts = np.array([len(m) for m in members])
+    taken = np.zeros(len(classes), np.int64)
+    parts: list[np.ndarray] = []
+    for fraction in fractions:
+        quota = fraction * counts
+        sizes = np.floor(quota).astype(np.int64)
+        missing = round(fraction * len(labels)) - int(sizes.sum())
+        room = counts - taken - sizes
+        for i in np.argsort(-(quota - sizes), kind="stable"):
+            if missing <= 0:
+                break
+            if room[i] > 0:
+                sizes[i] += 1
+                missing -= 1
+        sizes = np.minimum(sizes, counts - taken)
+        parts.append(np.concatenate([m[t : t + k] for m, t, k in zip(members, taken, sizes)]))
+        taken += sizes
+    rest = np.concatenate([m[t:] for m, t in zip(members, taken)])
+    return [np.sort(p).astype(np.int64) for p in [rest, *parts]]
 
 
 class ConvDataModule(LightningDataModule):

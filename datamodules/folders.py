@@ -161,6 +161,7 @@ class ImageFolderDataModule(ConvDataModule):
         self.root = Path(root).expanduser()
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
+        self._fixed_classes = class_names is not None
         if class_names is not None:
             if len(set(class_names)) != len(class_names) or not class_names:
                 raise ValueError(f"class_names must be non-empty and unique, got {class_names}")
@@ -176,9 +177,7 @@ class ImageFolderDataModule(ConvDataModule):
     def _split_samples(self) -> dict[str, list[tuple[Path, int]]]:
         train_dir = self._train_dir()
         names = self.class_names
-        samples = {
-            "train": scan_class_folders(train_dir, names, require_every_class=self._class_names is None)
-        }
+        samples = {"train": scan_class_folders(train_dir, names, require_every_class=not self._fixed_classes)}
         carve = []
         for split, fraction in (("val", self.val_fraction), ("test", self.test_fraction)):
             folder = _find_split_dir(self.root, split) if train_dir != self.root else None
