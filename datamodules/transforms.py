@@ -83,9 +83,19 @@ def transform_from_config(config: dict[str, Any]) -> A.BasicTransform | A.BaseCo
     cls = _resolve_class(config["class_path"])
     kwargs = {k: _build_value(v) for k, v in (config.get("init_args") or {}).items()}
     try:
-        return cls(**kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            transform = cls(**kwargs)
     except Exception as err:
         raise ValueError(f"cannot build transform {config['class_path']} with {kwargs}: {err}") from err
+    for warning in caught:
+        # albumentations only warns about misspelt arguments; a config typo must not pass silently.
+        if "not valid for transform" in str(warning.message):
+            raise ValueError(
+                f"cannot build transform {config['class_path']} with {kwargs}: {warning.message}"
+            )
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return transform
 
 
 def _preset(name: str, kind: Kind, train: bool, image_size: int | None, ignore_index: int) -> list[Any]:
