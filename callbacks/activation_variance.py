@@ -37,11 +37,11 @@ output is a ReLU's), and for residual blocks ``shortcut_var``, ``branch_var``, `
 Var(F(x))/Var(x) and ``sum_var``. Summary keys: ``growth_per_block`` (geometric mean over the blocks, from
 the first block's output), ``nonfinite_step`` (-1 while everything is finite).
 
-Non-finite values: each target's running moments become NaN/Inf at the first non-finite output and stay
-so until the interval ends, so at the next logging step the first target in depth order that went
-non-finite names the module that produced it; the step is recorded on the device (one ``where`` per step
-on the last target, no host sync). It is reported as a warning at that logging step and as an error in
-the end-of-fit diagnosis.
+Non-finite values: a target's running moments become NaN/Inf with its first non-finite output. After
+each training batch a few tensor ops find, on the device and without a host sync, the first target (in
+depth order) whose moments went non-finite and record its index and the step, once. At the next logging
+step it is reduced across ranks (earliest step, then shallowest module), logged as ``nonfinite_step`` and
+warned about; the end-of-fit diagnosis reports it as an error naming the module.
 """
 
 from __future__ import annotations
@@ -71,6 +71,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
 __all__ = ["ActivationVarianceMonitor"]
+
+_STEP_SCALE = 2**20  # non-finite code = step * _STEP_SCALE + target index (exact in float64 to 2^33 steps)
+_NO_NONFINITE = float(2**53)
 
 _TYPE_ALIASES: dict[str, tuple[type[nn.Module], ...]] = {
     "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
@@ -269,7 +272,10 @@ class ActivationVarianceMonitor(MonitorCallback):
         self.num_curves = num_curves
         self.targets: list[_Target] = []
         self._moments: dict[str, RunningMoments] = {}
-        self._nf_step: Tensor | None = None
+        self._nf_code: Tensor | None = None  # on device: step * 2^20 + target index, or _NO_NONFINITE
+        self._nf_layout: tuple[tuple[str, int], ...] = ()
+        self._nf_segments: Tensor | None = None
+        self._batch_step = 0
         self.nonfinite: dict[str, Any] | None = None  # {"step": int, "layer": str} once seen
 
     # ------------------------------------------------------------------ hooks
@@ -323,31 +329,40 @@ class ActivationVarianceMonitor(MonitorCallback):
 
             self.add_hook(module, hook)
 
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_step = trainer.global_step
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._recording:
-            self._track_nonfinite(trainer.global_step)
+        if self._recording:  # the step this batch ran in: global_step moved on if the optimizer stepped
+            self._track_nonfinite(self._batch_step)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def _track_nonfinite(self, step: int) -> None:
-        # the last target's moments go NaN/Inf as soon as anything upstream did; record the step on the
-        # device (no sync). Which module it was is read from all targets at the next flush.
-        last = next(
-            (
-                m.state
-                for k, m in reversed(self._moments.items())
-                if k.endswith("/out") and m.state is not None
-            ),
-            None,
-        )
-        if last is None:
+        # Every state was finite after the previous step (or this code would have fired then), so the
+        # first non-finite entry, in target order, of all states concatenated is the first module that
+        # produced NaN/Inf in this step. A handful of tensor ops per step, no host sync.
+        states = [(key, m.state) for key, m in self._moments.items() if m.state is not None]
+        if not states:
             return
-        if self._nf_step is None:
-            self._nf_step = torch.full((), -1, dtype=torch.int64, device=last.device)
-        bad = ~torch.isfinite(last[1:].sum())
-        fresh = bad & (self._nf_step < 0)
-        self._nf_step = torch.where(fresh, torch.full_like(self._nf_step, step), self._nf_step)
+        device = states[0][1].device
+        layout = tuple((key, state.shape[1]) for key, state in states)
+        if self._nf_layout != layout:
+            ids = [int(key.split("/", 1)[0]) for key, _ in states]
+            self._nf_segments = torch.cat(
+                [torch.full((2 * c,), i, dtype=torch.float64) for i, (_, c) in zip(ids, layout)]
+            ).to(device)
+            self._nf_layout = layout
+        if self._nf_code is None:
+            self._nf_code = torch.full((), _NO_NONFINITE, dtype=torch.float64, device=device)
+        bad = ~torch.isfinite(torch.cat([state[1:].reshape(-1) for _, state in states]))
+        target = self._nf_segments[torch.argmax(bad.to(torch.uint8))]
+        fresh = bad.any() & (self._nf_code >= _NO_NONFINITE)
+        self._nf_code = torch.where(fresh, step * _STEP_SCALE + target, self._nf_code)
 
     # ------------------------------------------------------------------ reduction
     def pack(self, trainer: pl.Trainer | None, pl_module: nn.Module, packer: StatsPacker) -> None:
@@ -355,9 +370,9 @@ class ActivationVarianceMonitor(MonitorCallback):
             packer.running(key, moments)
         if packer.entries:
             device = packer.entries[0][2][0].device
-            step = self._nf_step if self._nf_step is not None else torch.full((), -1, device=device)
-            # min over ranks of the first bad step; "none" must lose the min
-            packer.min("nonfinite_step", torch.where(step < 0, torch.full_like(step, 2**52), step))
+            code = self._nf_code if self._nf_code is not None else torch.tensor(_NO_NONFINITE, device=device)
+            # step * 2^20 + target index: the min over ranks is the earliest step, then the shallowest module
+            packer.min("nonfinite", code)
 
     def reset_interval(self) -> None:
         for moments in self._moments.values():
@@ -401,19 +416,22 @@ class ActivationVarianceMonitor(MonitorCallback):
                 if isinstance(total, Moments):
                     metrics[f"{name}/sum_var"] = total.pooled()[2]
             if not finite and first_bad is None:
-                first_bad = name
+                first_bad = name  # fallback when no step was tracked (e.g. NaN already in the first batch)
         if len(block_vars) >= 2:
             metrics["growth_per_block"] = _geomean_growth([v for _, v in block_vars])
-        step_stat = stats.get("nonfinite_step")
-        device_step = int(step_stat.min()) if isinstance(step_stat, Tensor) else -1
-        if first_bad is not None and self.nonfinite is None:
-            step = device_step if 0 <= device_step < 2**52 else (trainer.global_step if trainer else -1)
-            self.nonfinite = {"step": step, "layer": first_bad}
-            if trainer is None or trainer.is_global_zero:
-                rank_zero_warn(
-                    f"ActivationVarianceMonitor: first non-finite activation (NaN/Inf) in {first_bad!r} at "
-                    f"step {step}"
-                )
+        code = stats.get("nonfinite")
+        code = float(code.min()) if isinstance(code, Tensor) else _NO_NONFINITE
+        if self.nonfinite is None and (code < _NO_NONFINITE or first_bad is not None):
+            if code < _NO_NONFINITE:
+                step, index = divmod(int(code), _STEP_SCALE)
+                layer = self.targets[index].name
+            else:
+                step, layer = (trainer.global_step if trainer else 0), first_bad
+            self.nonfinite = {"step": step, "layer": layer}
+            rank_zero_warn(
+                f"ActivationVarianceMonitor: first non-finite activation (NaN/Inf) produced by {layer!r} "
+                f"at step {step}"
+            )
         metrics["nonfinite_step"] = float(self.nonfinite["step"]) if self.nonfinite else -1.0
         return metrics
 
@@ -440,6 +458,7 @@ class ActivationVarianceMonitor(MonitorCallback):
         try:
             model.train()
             model(*inputs)
+            self._track_nonfinite(0)
             packer = StatsPacker()
             self.pack(None, model, packer)
             gathered = packer.flat().to("cpu", torch.float64).unsqueeze(0)

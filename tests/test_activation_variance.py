@@ -1,0 +1,332 @@
+"""ActivationVarianceMonitor: the seed's "variance doubles at each layer" acceptance, any LightningModule,
+bf16 + accumulation, torch.compile, resume, non-finite detection, and that observing changes nothing."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torchvision
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning_convnets.callbacks import ActivationVarianceMonitor
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_convnets.backbones import create_backbone
+from lightning_convnets.backbones.resnet import PreActBasicBlock, ResNet
+
+SEEDS = (0, 1, 2)
+
+
+def _block_vars(metrics: dict[str, float]) -> list[float]:
+    """Block output variances in depth order (our ResNets name their blocks layer<stage>.<index>)."""
+    names = [k[: -len("/var")] for k in metrics if k.startswith("layer") and k.endswith("/var")]
+    return [metrics[f"{n}/var"] for n in names]
+
+
+def _profile(arch: str, norm: str, skip: bool, seed: int) -> dict[str, float]:
+    torch.manual_seed(seed)
+    net = create_backbone(arch, stem="cifar", width=64, norm=norm, skip=skip)  # He init by construction
+    return ActivationVarianceMonitor().measure(net, torch.randn(4, 3, 16, 16))
+
+
+# ---------------------------------------------------------------------------------------- acceptance
+def test_acceptance_no_norm_variance_doubles_per_block():
+    growths = []
+    for seed in SEEDS:
+        metrics = _profile("preact_resnet34", "none", True, seed)
+        variances = _block_vars(metrics)
+        assert len(variances) == 16
+        growths.append((variances[-1] / variances[0]) ** (1 / (len(variances) - 1)))
+        assert metrics["growth_per_block"] == pytest.approx(growths[-1])
+    mean_growth = sum(growths) / len(growths)
+    # ~2 in theory; zero padding at 2x2-4x4 resolutions pulls it to ~1.6 on 16x16 inputs
+    assert 1.4 <= mean_growth <= 2.6, growths
+
+
+def test_acceptance_batchnorm_growth_is_at_most_linear():
+    ratios = []
+    for seed in SEEDS:
+        variances = _block_vars(_profile("preact_resnet18", "batch", True, seed))
+        ratios.append(variances[-1] / variances[0])
+    blocks = 8
+    assert sum(ratios) / len(ratios) <= 2 * (blocks + 1), ratios
+
+
+def test_acceptance_skip_free_twin_stays_near_constant():
+    spreads = []
+    for seed in SEEDS:
+        variances = _block_vars(_profile("preact_resnet18", "batch", False, seed))
+        assert len(variances) == 8  # plain blocks are found through their `add = None`
+        spreads.append(max(variances) / min(variances))
+    # "within a factor of 2 of a constant" c = sqrt(max * min): every block in [c / 2, 2 c]
+    assert sum(spreads) / len(spreads) <= 4.0, spreads
+
+
+# ---------------------------------------------------------------------------------------- Lightning
+class Wrapper(pl.LightningModule):
+    """A plain LightningModule around any image model (not one of our tasks)."""
+
+    def __init__(self, net: nn.Module, lr: float = 0.05):
+        super().__init__()
+        self.net = net
+        self.lr = lr
+
+    def forward(self, x):
+        out = self.net(x)
+        return out[-1] if isinstance(out, (list, tuple)) else out
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self(x)
+        if out.dim() > 2:
+            out = out.mean(dim=(2, 3))
+        return nn.functional.cross_entropy(out[:, :4], y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def _data(n=16, size=16, batch_size=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, size, size, generator=gen)
+    return DataLoader(TensorDataset(images, torch.randint(0, 4, (n,), generator=gen)), batch_size=batch_size)
+
+
+def _trainer(tmp_path, callbacks, **kw):
+    options = dict(
+        accelerator="cpu",
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+    )
+    options.update(kw)
+    return pl.Trainer(**options)
+
+
+def _tiny(norm="batch", seed=0):
+    """A pre-activation ResNet with one block per stage and 4 channels: four blocks, 16x16 inputs."""
+    torch.manual_seed(seed)
+    return ResNet(PreActBasicBlock, [1, 1, 1, 1], stem="cifar", width=4, norm=norm)
+
+
+def test_lightning_run_logs_explosion_plot_and_diagnosis(tmp_path):
+    torch.manual_seed(0)
+    net = create_backbone("preact_resnet18", stem="cifar", width=8, norm="none")
+    images = torch.randn(4, 3, 16, 16)
+    expected = ActivationVarianceMonitor().measure(net, images)
+    monitor = ActivationVarianceMonitor(log_every_n_steps=1)
+    loader = DataLoader(TensorDataset(images, torch.zeros(4, dtype=torch.long)), batch_size=4)
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    _trainer(tmp_path, [monitor], max_steps=1, logger=logger).fit(Wrapper(net, lr=0.0), loader)
+    (entry,) = monitor.history
+    # the Lightning path and the standalone measure agree on the same forward
+    assert entry["activation_variance/growth_per_block"] == pytest.approx(
+        expected["growth_per_block"], rel=1e-9
+    )
+    assert entry["activation_variance/net.layer4.1/var"] == pytest.approx(expected["layer4.1/var"], rel=1e-9)
+    run_dir = tmp_path / "run" / "version_0"
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0]
+    assert "activation_variance/net.layer1.0/branch_ratio" in header
+    assert list((run_dir / "figures").glob("monitors__activation_variance__variance_vs_depth*.png"))
+    report = (run_dir / "diagnosis.md").read_text()
+    assert "variance grows" in report and "net.layer1.0" in report and "BatchNorm" in report
+
+
+def test_torchvision_model_in_a_plain_module_matches_direct_computation(tmp_path):
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=4)
+    captured = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            if module.training and name not in captured:
+                captured[name] = (args[0].detach().double(), output.detach().double())
+
+        return hook
+
+    block = net.layer1[0]
+    block.register_forward_hook(keep("block"))
+    block.bn2.register_forward_hook(keep("bn2"))
+    monitor = ActivationVarianceMonitor(log_every_n_steps=1)
+    _trainer(tmp_path, [monitor], max_steps=1).fit(Wrapper(net), _data(n=4, size=32))
+    names = [t.name for t in monitor.targets]
+    assert names[0] == "net.maxpool" and len(names) == 9 and names[1:3] == ["net.layer1.0", "net.layer1.1"]
+    metrics = monitor.history[0]
+    block_in, block_out = captured["block"]
+    branch = captured["bn2"][1]
+    assert metrics["activation_variance/net.layer1.0/var"] == pytest.approx(
+        float(block_out.var(unbiased=False)), rel=1e-5
+    )
+    assert metrics["activation_variance/net.layer1.0/branch_ratio"] == pytest.approx(
+        float(branch.var(unbiased=False) / block_in.var(unbiased=False)), rel=1e-5
+    )
+    assert metrics["activation_variance/net.layer1.0/mean"] == pytest.approx(
+        float(block_out.mean()), rel=1e-5
+    )
+    # block outputs are ReLU outputs: a dead channel would show here; at init none is dead
+    assert metrics["activation_variance/net.layer1.0/dead_fraction"] == 0.0
+
+
+def test_timm_and_user_blocks_follow_the_protocol():
+    timm = pytest.importorskip("timm")
+    x = torch.randn(2, 3, 32, 32)
+    # timm zero-initialises each branch's last BN scale: the monitor must see blocks that start as identity
+    metrics = ActivationVarianceMonitor().measure(timm.create_model("resnet18", num_classes=4), x)
+    ratios = [metrics[k] for k in metrics if k.endswith("/branch_ratio")]
+    assert len(ratios) == 8 and all(r == 0.0 for r in ratios)
+    assert metrics["layer1.1/shortcut_var"] == pytest.approx(metrics["layer1.0/shortcut_var"])
+    net = timm.create_model("resnet18", num_classes=4, zero_init_last=False)
+    metrics = ActivationVarianceMonitor().measure(net, x)
+    ratios = [metrics[k] for k in metrics if k.endswith("/branch_ratio")]
+    assert len(ratios) == 8 and all(math.isfinite(r) and r > 0 for r in ratios)
+
+    class UserBlock(nn.Module):
+        residual_branch = "conv"
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            return x + self.conv(x)
+
+    torch.manual_seed(0)
+    user = nn.Sequential(UserBlock(), UserBlock())
+    x = torch.randn(3, 2, 8, 8)
+    metrics = ActivationVarianceMonitor().measure(user, x)
+    branch = user[0].conv(x)
+    assert metrics["0/branch_ratio"] == pytest.approx(
+        float(branch.detach().var(unbiased=False) / x.var(unbiased=False)), rel=1e-5
+    )
+    assert metrics["1/growth"] == pytest.approx(metrics["1/var"] / metrics["0/var"])
+
+
+def test_bf16_mixed_with_gradient_accumulation(tmp_path):
+    net = _tiny()
+    outputs = []
+    net.layer3[0].register_forward_hook(
+        lambda m, a, out: outputs.append(out.detach().double()) if m.training else None
+    )
+    monitor = ActivationVarianceMonitor(log_every_n_steps=2)
+    trainer = _trainer(tmp_path, [monitor], max_steps=4, precision="bf16-mixed", accumulate_grad_batches=2)
+    trainer.fit(Wrapper(net), _data(n=32))
+    assert [e["step"] for e in monitor.history] == [2.0, 4.0]
+    assert outputs[0].dtype == torch.float64 and len(outputs) == 8
+    last = torch.cat(outputs[4:])  # 2 optimizer steps x 2 micro-batches of the second interval
+    index = [t.name for t in monitor.targets].index("net.layer3.0")
+    moments = monitor.last_stats[f"{index}/out"]
+    assert float(moments.count[0]) == last.numel() / last.shape[1]
+    assert monitor.history[-1]["activation_variance/net.layer3.0/var"] == pytest.approx(
+        float(last.var(unbiased=False)), rel=1e-5
+    )
+
+
+def _compiled_history(tmp_path, backend):
+    torch._dynamo.reset()
+    monitor = ActivationVarianceMonitor(log_every_n_steps=1)
+    model = torch.compile(Wrapper(_tiny()), backend=backend)
+    _trainer(tmp_path, [monitor], max_steps=2).fit(model, _data(n=8))
+    return monitor.history
+
+
+def _eager_history(tmp_path):
+    monitor = ActivationVarianceMonitor(log_every_n_steps=1)
+    _trainer(tmp_path, [monitor], max_steps=2).fit(Wrapper(_tiny()), _data(n=8))
+    return monitor.history
+
+
+def test_compiled_model_aot_eager_matches_eager(tmp_path):
+    from torch._dynamo.utils import counters
+
+    compiled = _compiled_history(tmp_path, "aot_eager")
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo did trace (hooks inside the graph)
+    eager = _eager_history(tmp_path)
+    assert len(compiled) == len(eager) == 2
+    for got, want in zip(compiled, eager):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-9), key
+
+
+@pytest.mark.slow
+def test_compiled_model_inductor_matches_eager(tmp_path):
+    compiled = _compiled_history(tmp_path, "inductor")
+    eager = _eager_history(tmp_path)
+    for got, want in zip(compiled, eager):
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-3, abs=1e-8), key
+
+
+def test_resume_from_checkpoint_restores_history(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2)
+    first = ActivationVarianceMonitor(log_every_n_steps=2)
+    _trainer(tmp_path, [first, checkpoint], max_steps=4, enable_checkpointing=True).fit(
+        Wrapper(_tiny()), _data(n=32)
+    )
+    assert [e["step"] for e in first.history] == [2.0, 4.0]
+    resumed = ActivationVarianceMonitor(log_every_n_steps=2)
+    trainer = _trainer(tmp_path, [resumed], max_steps=8)
+    trainer.fit(Wrapper(_tiny(seed=5)), _data(n=32), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert [e["step"] for e in resumed.history] == [2.0, 4.0, 6.0, 8.0]
+    assert resumed.history[:2] == first.history
+
+
+class BlowUp(nn.Module):
+    """Wraps a layer; from its ``start``-th training call on it returns inf."""
+
+    def __init__(self, inner: nn.Module, start: int):
+        super().__init__()
+        self.inner, self.start, self.calls = inner, start, 0
+
+    def forward(self, x):
+        out = self.inner(x)
+        if self.training:
+            self.calls += 1
+            if self.calls > self.start:
+                out = out * float("inf")
+        return out
+
+
+def test_first_nonfinite_module_is_named(tmp_path):
+    net = _tiny()
+    net.layer2[0].conv1 = BlowUp(net.layer2[0].conv1, start=2)  # third training forward = step 2
+    monitor = ActivationVarianceMonitor(log_every_n_steps=3)
+    with pytest.warns(UserWarning, match=r"net\.layer2\.0.*step 2"):
+        _trainer(tmp_path, [monitor], max_steps=6).fit(Wrapper(net), _data(n=32))
+    assert monitor.nonfinite == {"step": 2, "layer": "net.layer2.0"}
+    assert monitor.history[0]["activation_variance/nonfinite_step"] == 2.0
+    (error,) = [f for f in monitor.diagnose(None, None) if f.severity == "error"]
+    assert error.layers == ["net.layer2.0"] and "step 2" in error.message
+
+
+def test_observing_does_not_change_training(tmp_path):
+    def train(callbacks):
+        torch.manual_seed(0)
+        module = Wrapper(_tiny())
+        _trainer(tmp_path, callbacks, max_steps=3).fit(module, _data(n=16))
+        return module.state_dict()
+
+    without = train([])
+    with_monitor = train([ActivationVarianceMonitor(log_every_n_steps=1, types=("conv", "relu"))])
+    assert without.keys() == with_monitor.keys()
+    for key, value in without.items():
+        assert torch.equal(value, with_monitor[key]), key
+
+
+def test_bad_configuration_is_named():
+    with pytest.raises(ValueError, match="types entry 'convolution'"):
+        ActivationVarianceMonitor(types=("convolution",)).measure(nn.Conv2d(1, 1, 1), torch.zeros(1, 1, 2, 2))
+    with pytest.raises(ValueError, match="no module of Linear matches"):
+        ActivationVarianceMonitor().measure(nn.Linear(2, 2), torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="names is not a valid regex"):
+        ActivationVarianceMonitor(names="(")
+    with pytest.raises(ValueError, match="explode_growth"):
+        ActivationVarianceMonitor(explode_growth=0.9)
