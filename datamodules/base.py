@@ -100,6 +100,18 @@ class ConvDataModule(LightningDataModule):
             before training; turn off for very large datasets (errors then surface when loaded).
         seed: seed of the train/val/test splits.
         drop_last: drop the last incomplete training batch.
+        ignore_index: segmentation mask value meaning "no label".
+        min_visibility, min_area: detection box dropping rule (see ``transforms.build_pipeline``).
+        default_mean, default_std: the statistics used when ``mean``/``std`` are not given (set by
+            subclasses, e.g. CIFAR-10's or the shapes generator's).
+
+    Example:
+        >>> class TinyFolder(ConvDataModule):  # doctest: +SKIP
+        ...     def _resolve_class_names(self):
+        ...         return ["a", "b"]
+        ...     def _build_datasets(self, splits):
+        ...         for split in splits:
+        ...             setattr(self, f"{split}_dataset", make_dataset(split, self.pipeline(split == "train")))
     """
 
     task: Literal["classification", "segmentation", "detection"] = "classification"

@@ -227,6 +227,13 @@ def generate_shapes(
             (split_dir / "annotations.json").write_text(json.dumps(coco))
 
 
+def _manifest_matches(folder: Path, params: dict[str, Any]) -> bool:
+    try:
+        return json.loads((folder / "manifest.json").read_text()).get("params") == params
+    except (OSError, ValueError):
+        return False
+
+
 def ensure_shapes(root: Path, params: dict[str, Any]) -> Path:
     """Return the folder holding the shapes dataset for ``params``, generating it if needed.
 
@@ -236,13 +243,8 @@ def ensure_shapes(root: Path, params: dict[str, Any]) -> Path:
     """
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     target = root / f"{params['task']}-{key}"
-    manifest = target / "manifest.json"
-    if manifest.is_file():
-        try:
-            if json.loads(manifest.read_text()).get("params") == params:
-                return target
-        except (OSError, ValueError):
-            pass
+    if _manifest_matches(target, params):
+        return target
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
     try:
@@ -256,6 +258,8 @@ def ensure_shapes(root: Path, params: dict[str, Any]) -> Path:
             params["max_shapes"],
         )
         (tmp / "manifest.json").write_text(json.dumps({"params": params}, indent=2, sort_keys=True))
+        if _manifest_matches(target, params):
+            return target  # another process finished first: keep its copy, drop ours
         if target.exists():
             shutil.rmtree(target)  # stale or incomplete: replace it
         try:

@@ -268,3 +268,21 @@ def test_torchvision_wrappers_name_the_missing_root(tmp_path):
     voc.prepare_data()
     with pytest.raises(DataValidationError, match=r"voc: VOC2012 not found.*VOCdevkit"):
         voc.setup("fit")
+
+
+@pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning")
+def test_loader_settings_reach_the_dataloaders(tmp_path):
+    _class_tree(tmp_path, per_class=4)
+    dm = ImageFolderDataModule(
+        str(tmp_path), num_workers=2, pin_memory=True, persistent_workers=True, drop_last=True, **_kw()
+    )
+    dm.setup()
+    train, val = dm.train_dataloader(), dm.val_dataloader()
+    assert train.batch_size == 4 and train.num_workers == 2 and train.pin_memory and train.persistent_workers
+    assert train.drop_last and not val.drop_last  # evaluation never drops examples
+    images, labels = next(iter(train))  # worker processes load and augment
+    assert images.shape == (4, 3, 16, 16) and labels.dtype == torch.int64
+    # persistent_workers is meaningless (and refused by torch) without workers: quietly off.
+    single = ImageFolderDataModule(str(tmp_path), num_workers=0, persistent_workers=True, **_kw())
+    single.setup("fit")
+    assert not single.train_dataloader().persistent_workers

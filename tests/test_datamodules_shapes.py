@@ -137,7 +137,7 @@ def test_linear_classifier_does_not_solve_shapes(tmp_path):
     """Logistic regression on raw pixels stays near chance (4 classes), far below what a CNN gets (>90%)."""
     torch.manual_seed(0)
     dm = ShapesDataModule(
-        root=str(tmp_path), num_train=1500, num_val=400, num_test=1, train_transforms="none", batch_size=4
+        root=str(tmp_path), num_train=1000, num_val=300, num_test=1, train_transforms="none", batch_size=4
     )
     dm.setup("fit")
 
