@@ -147,7 +147,8 @@ def _observer_state(model: nn.Module, bn_mode: str, device: torch.device) -> Ite
 
     Every module goes to eval mode (dropout off). In ``"batch"`` mode the BatchNorm layers alone go back to
     train mode so that they normalise with the probe's statistics; their running buffers are snapshot and
-    restored, so the probe leaves them bit-identical.
+    restored, so the probe leaves them bit-identical. Every monitor's hooks are paused meanwhile: the
+    probe's forwards are not training forwards.
     """
     flags = {m: m.training for m in model.modules()}
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
@@ -158,7 +159,7 @@ def _observer_state(model: nn.Module, bn_mode: str, device: torch.device) -> Ite
         if device.type == "cuda"
         else []
     )
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), observers_paused():
         try:
             model.eval()
             if bn_mode == "batch":
@@ -365,9 +366,8 @@ def shattering_profile(
 
 DEFAULT_EVERY_N_STEPS = 200
 """Probe interval (optimizer steps) of :class:`GradientShatteringMonitor`. A probe of 256 points costs
-about 1.3 to 2.6 training steps of a ResNet-18 (batch 64, 32x32, CPU; the backward computes input
-gradients only): see the class docstring. One probe per 200 steps is ~1% of training time, under the 3%
-budget with room for slower probes (larger inputs than the batch's, a GPU where small batches are cheap)."""
+about 2 to 3 training steps of a ResNet-18 at batch 64 (measured, see the class docstring), so one probe
+per 200 steps is ~1.5% of training time: under the 3% budget with a margin for noisier hardware."""
 
 _INPUT_KEYS = ("image", "images", "input", "inputs", "x")
 
@@ -425,13 +425,13 @@ class GradientShatteringMonitor(MonitorCallback):
     Healthy: rho(1) well above the band (close to 1 for shallow or well-normalised residual nets).
     Unhealthy: rho(1) near 0, correlation length 1 (a deep plain network).
 
-    Cost: a probe is one forward and backward of ``num_points`` inputs (plus none in ``"batch"`` mode:
-    the K points are one batch), and its backward computes input gradients only. Measured on this
-    project's shared 2-core CPU at 32x32 with training batches of 64, in process CPU time, one probe of 256
-    points costs 2.2 (``"eval"``) / 1.7 (``"batch"``) training steps of a CIFAR-stem ResNet-18 of width 16
-    and 2.3 / 1.3 steps of a timm ResNet-18. Under 3% needs ``every_n_steps`` >= ~90; the default 200
-    keeps it near 1%. With larger inputs or a smaller training batch scale ``every_n_steps`` by
-    (256 / batch size) / 0.03 / 2 or so.
+    Cost: a probe is one forward and one backward of ``num_points`` inputs (in chunks of ``chunk_size`` in
+    ``"eval"`` mode, one batch in ``"batch"`` mode); the backward computes input gradients only. Measured
+    in process CPU time (one thread) at 32x32 against training steps of batch 64 (forward, backward, SGD),
+    one probe of 256 points costs 2.8 (``"eval"``) / 3.2 (``"batch"``) steps of a CIFAR-stem ResNet-18
+    of width 16 and 2.2 / 2.1 steps of a timm ResNet-18. Staying under 3% needs ``every_n_steps`` >= ~110;
+    the default 200 costs ~1.5%. Cost scales with ``num_points`` / training batch size: with a training
+    batch of 16, use ~4x the interval.
 
     Args:
         every_n_steps: optimizer steps between probes (the first probe runs at the first batch).
@@ -539,18 +539,16 @@ class GradientShatteringMonitor(MonitorCallback):
             raise RuntimeError(
                 "GradientShatteringMonitor.probe: no probe yet (it is taken from the first batch)"
             )
-        module = _submodule(pl_module, self.probe_module)
-        with observers_paused():
-            return shattering_profile(
-                module,
-                self.start,
-                self.end,
-                num_points=self.num_points,
-                bn_mode=self.bn_mode,
-                output_fn=self.output_fn,
-                chunk_size=self.chunk_size,
-                seed=self.seed,
-            )
+        return shattering_profile(
+            _submodule(pl_module, self.probe_module),
+            self.start,
+            self.end,
+            num_points=self.num_points,
+            bn_mode=self.bn_mode,
+            output_fn=self.output_fn,
+            chunk_size=self.chunk_size,
+            seed=self.seed,
+        )
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

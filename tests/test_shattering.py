@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning_convnets.callbacks.core import MonitorCallback
 from lightning_convnets.callbacks.shattering import (
     GradientShatteringMonitor,
     ShatteringProfile,
@@ -202,6 +203,27 @@ def test_probe_leaves_parameters_grads_buffers_rng_and_modes_untouched(bn_mode):
         assert torch.equal(before[k], after[k]), k
     assert [m.training for m in net.modules()] == modes
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_probe_is_invisible_to_other_monitors():
+    net, (a, b) = _conv_net(), _images()
+
+    class _Counting(MonitorCallback):
+        seen = 0
+
+        def count(self, module, args, output):
+            if self.is_recording(module):
+                self.seen += 1
+
+    other = _Counting()
+    other.add_hook(net[1], other.count)
+    other._recording = True  # mid-step, as during a training forward
+    net.train()
+    net(a[None].expand(2, -1, -1, -1))
+    assert other.seen == 1  # the hook does record training forwards...
+    shattering_profile(net, a, b, num_points=8, bn_mode="batch")  # ...but not the probe's (BN in train mode)
+    assert other.seen == 1
+    other.remove_hooks()
 
 
 def test_random_direction_is_seeded_and_has_the_data_scale():
@@ -491,3 +513,17 @@ def test_monitor_bad_arguments_are_named():
         GradientShatteringMonitor(probe=torch.zeros(3, 4))
     with pytest.raises(AttributeError, match="probe_module='nope'"):
         GradientShatteringMonitor(probe=torch.zeros(2, 3), probe_module="nope").probe(_TinyClassifier())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("bn_mode", ["eval", "batch"])
+def test_ddp_two_processes_do_not_deadlock(tmp_path, bn_mode):
+    # rank zero probes while rank one runs ahead into the next step's collectives: it must simply wait.
+    # (SyncBatchNorm needs GPU modules under DDP; its local run is checked by a unit test above.)
+    monitor = GradientShatteringMonitor(every_n_steps=1, num_points=16, bn_mode=bn_mode)
+    trainer = _trainer(tmp_path, [monitor], max_steps=3, strategy="ddp_spawn", devices=2)
+    trainer.fit(_TinyClassifier(), _loader())
+    with open(next((tmp_path / "logs").rglob("metrics.csv"))) as f:
+        logged = [r for r in csv.DictReader(f) if r.get("shattering/lag1")]
+    assert [int(r["step"]) for r in logged] == [1, 2, 3]  # once per step: from rank zero only
