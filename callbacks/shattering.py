@@ -369,6 +369,8 @@ DEFAULT_EVERY_N_STEPS = 200
 about 2 to 3 training steps of a ResNet-18 at batch 64 (measured, see the class docstring), so one probe
 per 200 steps is ~1.5% of training time: under the 3% budget with a margin for noisier hardware."""
 
+_RECENT_PROBES = 3  # the diagnosis judges the mean rho(1) of this many latest probes
+
 _INPUT_KEYS = ("image", "images", "input", "inputs", "x")
 
 
@@ -434,7 +436,7 @@ class GradientShatteringMonitor(MonitorCallback):
     batch of 16, use ~4x the interval.
 
     Args:
-        every_n_steps: optimizer steps between probes (the first probe runs at the first batch).
+        every_n_steps: optimizer steps between probes (the first probe runs before the first update).
         num_points: K, the points on the line.
         bn_mode: ``"eval"`` (running statistics: the function used at inference; points go in chunks) or
             ``"batch"`` (BN normalises over the K points, as in training and the paper).
@@ -550,26 +552,33 @@ class GradientShatteringMonitor(MonitorCallback):
             seed=self.seed,
         )
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        # no call to the base: this monitor has no hooks to gate and nothing to all-gather
+        # no call to the base: this monitor has no hooks to gate and nothing to all-gather.
+        # The first probe runs before the first update: the network at initialisation is the reference.
         if not self.enabled:
             return
         if self.start is None:
             self.capture_probe(batch)
+        if self._last_probe_step < 0:
+            self._probe_and_record(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         # with gradient accumulation several micro-batches share a global_step: probe once per step
-        due = self._last_probe_step < 0 or step % self.every_n_steps == 0
-        if step == self._last_probe_step or not due:
-            return
-        self._last_probe_step = step
-        if not trainer.is_global_zero:
+        if self.enabled and step != self._last_probe_step and step % self.every_n_steps == 0:
+            self._probe_and_record(trainer, pl_module)
+
+    def _probe_and_record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_probe_step = trainer.global_step
+        if not trainer.is_global_zero:  # rank zero alone probes; no collective, so nobody waits on it
             return
         begin = time.perf_counter()
         profile = self.probe(pl_module)
-        seconds = time.perf_counter() - begin
-        self.record(trainer, profile, seconds)
+        self.record(trainer, profile, time.perf_counter() - begin)
 
     def record(
         self, trainer: pl.Trainer, profile: ShatteringProfile, seconds: float = math.nan
@@ -599,14 +608,19 @@ class GradientShatteringMonitor(MonitorCallback):
         where = [self.probe_module or type(pl_module).__name__]
         lag1, band, step = p["lag1"], p["white_noise_band"], p["step"]
         k = int(p["s"].numel())
+        # one line of K points is a noisy sample: judge on the mean of the last few probes
+        key = f"{self.monitor_name}/lag1"
+        recent = [h[key] for h in self.history[-_RECENT_PROBES:] if math.isfinite(h.get(key, math.nan))]
+        verdict = sum(recent) / len(recent) if recent else lag1
         values = {
             key: float(p[key])
             for key in ("lag1", "correlation_length", "neighbour_cosine", "white_noise_band")
         }
+        values["lag1_recent_mean"] = float(verdict)
         numbers = (
-            f"rho(1) = {lag1:.2f} (white-noise band +-{band:.2f}, K = {k}, bn_mode={self.bn_mode}), "
-            f"correlation length {int(p['correlation_length'])} point(s), "
-            f"neighbour gradient cosine {p['neighbour_cosine']:.2f}, at step {step}"
+            f"rho(1) = {verdict:.2f} over the last {max(len(recent), 1)} probe(s) (latest {lag1:.2f} at step "
+            f"{step}; white-noise band +-{band:.2f}, K = {k}, bn_mode={self.bn_mode}), correlation length "
+            f"{int(p['correlation_length'])} point(s), neighbour gradient cosine {p['neighbour_cosine']:.2f}"
         )
         findings = []
         if not math.isfinite(lag1):
@@ -622,7 +636,7 @@ class GradientShatteringMonitor(MonitorCallback):
                     values=values,
                 )
             )
-        elif abs(lag1) <= band:
+        elif abs(verdict) <= band:
             findings.append(
                 Finding(
                     self.monitor_name,
@@ -635,7 +649,7 @@ class GradientShatteringMonitor(MonitorCallback):
                     values=values,
                 )
             )
-        elif lag1 < self.shattered_margin:
+        elif verdict < self.shattered_margin:
             findings.append(
                 Finding(
                     self.monitor_name,

@@ -390,13 +390,13 @@ def test_monitor_logs_plots_and_diagnoses_in_a_fit(tmp_path):
     monitor = GradientShatteringMonitor(every_n_steps=2, num_points=16, bn_mode="batch")
     trainer = _trainer(tmp_path, [monitor], max_steps=6)
     trainer.fit(_TinyClassifier(), _loader())
-    # first probe at the first batch (step 1 after its optimizer step), then every 2 steps
-    assert [h["step"] for h in monitor.history] == [1, 2, 4, 6]
+    # first probe before the first update (step 0), then every 2 optimizer steps
+    assert [h["step"] for h in monitor.history] == [0, 2, 4, 6]
     assert monitor.start is not None and monitor.start.shape == (3, 16, 16) and monitor.end is not None
     with open(trainer.logger.log_dir + "/metrics.csv") as f:
         rows = list(csv.DictReader(f))
     logged = [r for r in rows if r.get("shattering/lag1")]
-    assert [int(r["step"]) for r in logged] == [1, 2, 4, 6]
+    assert [int(r["step"]) for r in logged] == [0, 2, 4, 6]
     for key in [*KEYS, "shattering/probe_seconds"]:
         assert all(math.isfinite(float(r[key])) for r in logged), key
     assert float(logged[0]["shattering/white_noise_band"]) == pytest.approx(1.96 / 4)
@@ -426,15 +426,15 @@ def test_resume_restores_history_and_probe(tmp_path):
     _trainer(tmp_path, [first, ckpt], max_steps=4, enable_checkpointing=True).fit(
         _TinyClassifier(), _loader()
     )
-    assert [h["step"] for h in first.history] == [1, 2, 4]
+    assert [h["step"] for h in first.history] == [0, 2, 4]
 
     resumed = GradientShatteringMonitor(every_n_steps=2, num_points=8)
     trainer = _trainer(tmp_path, [resumed], max_steps=8)
     trainer.fit(_TinyClassifier(), _loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
-    assert [h["step"] for h in resumed.history] == [1, 2, 4, 6, 8]
+    assert [h["step"] for h in resumed.history] == [0, 2, 4, 6, 8]
     assert resumed.history[:3] == first.history
     assert torch.equal(resumed.start, first.start) and torch.equal(resumed.end, first.end)
-    assert resumed.first_profile["step"] == 1 and resumed.last_profile["step"] == 8
+    assert resumed.first_profile["step"] == 0 and resumed.last_profile["step"] == 8
 
 
 def test_history_is_bounded():
@@ -475,31 +475,41 @@ def test_compiled_module_is_probed(tmp_path):
     trainer = _trainer(tmp_path, [monitor], max_steps=2)
     trainer.fit(model, _loader())
     assert trainer.lightning_module._compiler_ctx is not None  # the fit really ran the compiled forward
-    assert [h["step"] for h in monitor.history] == [1, 2]
+    assert [h["step"] for h in monitor.history] == [0, 1, 2]
     assert all(math.isfinite(h["shattering/lag1"]) for h in monitor.history)
 
 
 def test_diagnosis_flags_shattered_gradients():
-    monitor = GradientShatteringMonitor(probe=(torch.tensor([-2.0]), torch.tensor([2.0])), bn_mode="batch")
+    line = (torch.tensor([-2.0]), torch.tensor([2.0]))
 
     class _Stub:
-        global_step = 3
+        global_step = 0
         loggers = ()
         is_global_zero = True
 
-    deep, shallow = _paper_net(24, False, seed=0), _paper_net(1, False, seed=0)
-    monitor.record(_Stub(), monitor.probe(shallow))
-    _Stub.global_step = 9
-    monitor.record(_Stub(), monitor.probe(deep))
-    findings = monitor.diagnose(_Stub(), deep)
+    def probe_at(monitor, step, net):
+        _Stub.global_step = step
+        monitor.record(_Stub(), monitor.probe(net))
+
+    shallow = _paper_net(1, False, seed=0)
+    monitor = GradientShatteringMonitor(probe=line, bn_mode="batch")
+    probe_at(monitor, 0, shallow)
+    probe_at(monitor, 3, _paper_net(24, False, seed=0))
+    # one white-noise probe after a smooth one is not yet a verdict (the mean of the recent probes is)
+    assert monitor.diagnose(_Stub(), shallow)[0].severity == "info"
+    for step, seed in ((6, 1), (9, 2)):
+        probe_at(monitor, step, _paper_net(24, False, seed=seed))
+    findings = monitor.diagnose(_Stub(), shallow)
     assert findings[0].severity == "warning" and "shattered" in findings[0].message
     assert "skip connections" in findings[0].suggestion and findings[0].step == 9
+    assert abs(findings[0].values["lag1_recent_mean"]) <= 1.96 / 16
     assert any("fell from" in f.message for f in findings[1:])
-    assert monitor.diagnose(_Stub(), shallow)  # still reports on the latest profile
-    healthy = GradientShatteringMonitor(probe=(torch.tensor([-2.0]), torch.tensor([2.0])), bn_mode="batch")
-    healthy.record(_Stub(), healthy.probe(shallow))
+
+    healthy = GradientShatteringMonitor(probe=line, bn_mode="batch")
+    probe_at(healthy, 0, shallow)
     (finding,) = healthy.diagnose(_Stub(), shallow)
     assert finding.severity == "info" and "smooth" in finding.message
+    assert GradientShatteringMonitor().diagnose(_Stub(), shallow) == []  # never probed: nothing to say
 
 
 def test_monitor_bad_arguments_are_named():
@@ -526,4 +536,4 @@ def test_ddp_two_processes_do_not_deadlock(tmp_path, bn_mode):
     trainer.fit(_TinyClassifier(), _loader())
     with open(next((tmp_path / "logs").rglob("metrics.csv"))) as f:
         logged = [r for r in csv.DictReader(f) if r.get("shattering/lag1")]
-    assert [int(r["step"]) for r in logged] == [1, 2, 3]  # once per step: from rank zero only
+    assert [int(r["step"]) for r in logged] == [0, 1, 2, 3]  # once per step: from rank zero only
