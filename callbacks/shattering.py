@@ -14,6 +14,8 @@ samples falls 95% of the time.
 
 :func:`shattering_profile` computes it once for any ``nn.Module``; it is an observer and leaves the model
 exactly as it found it (parameters, ``.grad``, BatchNorm buffers, train/eval flags, RNG state).
+:class:`GradientShatteringMonitor` runs it on a fixed probe line every few hundred training steps, logs
+the numbers, plots them and adds its verdict to the shared end-of-fit diagnosis.
 """
 
 from __future__ import annotations
@@ -623,7 +625,20 @@ class GradientShatteringMonitor(MonitorCallback):
             f"{int(p['correlation_length'])} point(s), neighbour gradient cosine {p['neighbour_cosine']:.2f}"
         )
         findings = []
-        if not math.isfinite(lag1):
+        if not bool(torch.isfinite(p["s"]).all()):
+            findings.append(
+                Finding(
+                    self.monitor_name,
+                    "error",
+                    where,
+                    f"the input gradient along the probe line is not finite (NaN/Inf) at step {step}",
+                    "the network itself overflows or produced NaN: lower the learning rate, check the first "
+                    "non-finite layer reported by ActivationVarianceMonitor",
+                    step=step,
+                    values=values,
+                )
+            )
+        elif not math.isfinite(lag1):
             findings.append(
                 Finding(
                     self.monitor_name,

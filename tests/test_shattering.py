@@ -511,6 +511,21 @@ def test_diagnosis_flags_shattered_gradients():
     assert finding.severity == "info" and "smooth" in finding.message
     assert GradientShatteringMonitor().diagnose(_Stub(), shallow) == []  # never probed: nothing to say
 
+    class _Broken(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sqrt(x - 10.0).sum(1)  # NaN everywhere on the line
+
+    broken = GradientShatteringMonitor(probe=line)
+    probe_at(broken, 0, _Broken())
+    (finding,) = broken.diagnose(_Stub(), shallow)
+    assert finding.severity == "error" and "not finite" in finding.message
+    dead_net = nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 1))
+    nn.init.constant_(dead_net[0].bias, -10.0)  # every ReLU is off on [-2, 2]: s(t) = 0
+    dead = GradientShatteringMonitor(probe=line)
+    probe_at(dead, 0, dead_net)
+    (finding,) = dead.diagnose(_Stub(), dead_net)
+    assert finding.severity == "warning" and "constant" in finding.message
+
 
 def test_monitor_bad_arguments_are_named():
     with pytest.raises(ValueError, match="every_n_steps"):
