@@ -738,6 +738,17 @@ class GradientShatteringMonitor(MonitorCallback):
         return {"profile": fig}
 
     # ----------------------------------------------------------------------------- checkpointing
+    @property
+    def state_key(self) -> str:
+        # two shattering monitors (e.g. one per bn_mode) can share a checkpoint
+        return self._generate_state_key(
+            monitor=self.monitor_name,
+            every=self.every_n_steps,
+            bn_mode=self.bn_mode,
+            num_points=self.num_points,
+            probe_module=self.probe_module,
+        )
+
     def extra_state(self) -> dict[str, Any]:
         return {
             "start": self.start,

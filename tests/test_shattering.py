@@ -421,18 +421,22 @@ def test_monitor_does_not_change_training(tmp_path):
 
 
 def test_resume_restores_history_and_probe(tmp_path):
+    # two monitors of this kind share the checkpoint under distinct state keys
     first = GradientShatteringMonitor(every_n_steps=2, num_points=8)
+    first_batch = GradientShatteringMonitor(every_n_steps=2, num_points=8, bn_mode="batch")
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    _trainer(tmp_path, [first, ckpt], max_steps=4, enable_checkpointing=True).fit(
-        _TinyClassifier(), _loader()
-    )
+    trainer = _trainer(tmp_path, [first, first_batch, ckpt], max_steps=4, enable_checkpointing=True)
+    trainer.fit(_TinyClassifier(), _loader())
     assert [h["step"] for h in first.history] == [0, 2, 4]
+    assert first.state_key != first_batch.state_key
 
     resumed = GradientShatteringMonitor(every_n_steps=2, num_points=8)
-    trainer = _trainer(tmp_path, [resumed], max_steps=8)
+    resumed_batch = GradientShatteringMonitor(every_n_steps=2, num_points=8, bn_mode="batch")
+    trainer = _trainer(tmp_path, [resumed, resumed_batch], max_steps=8)
     trainer.fit(_TinyClassifier(), _loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert [h["step"] for h in resumed.history] == [0, 2, 4, 6, 8]
-    assert resumed.history[:3] == first.history
+    assert resumed.history[:3] == first.history and resumed_batch.history[:3] == first_batch.history
+    assert resumed.history[:3] != resumed_batch.history[:3]
     assert torch.equal(resumed.start, first.start) and torch.equal(resumed.end, first.end)
     assert resumed.first_profile["step"] == 0 and resumed.last_profile["step"] == 8
 
