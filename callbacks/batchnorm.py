@@ -1,0 +1,935 @@
+"""BatchNorm running statistics: drift, train/test discrepancy, cross-rank disagreement, and the fixes.
+
+BatchNorm "behaves differently during training and testing: this is a very common source of bugs". A
+training forward normalises with the batch statistics ``(mu_B, var_B)``; an eval forward with the running
+statistics ``(mu_R, var_R)``, an exponential moving average (EMA) of past batches. When the two disagree
+the model evaluated is not the model trained. :class:`BatchNormDriftMonitor` measures the gap on every
+BatchNorm layer (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, anything derived from ``_BatchNorm`` that tracks
+running statistics) while training, and acts on it before evaluation.
+
+**Batch statistics for free.** A BN training forward updates ``R_new = (1 - m) R_old + m B`` with the
+batch mean and *unbiased* batch variance ``B`` (momentum ``m``). A forward pre-hook copies ``R_old``
+(O(channels), no pass over the input); after the training batch the monitor recovers
+``B = (R_new - (1 - m) R_old) / m`` for all layers at once with a few vectorised ops. With
+``momentum=None`` (cumulative average) ``m = 1 / num_batches_tracked`` after the update. Float32 storage
+of ``R_new`` limits the precision: the recovered values carry a relative error of about
+``1e-7 * |R| / m`` (1e-6 at ``m = 0.1``; for ``momentum=None`` it grows with the number of batches
+tracked, ~1e-3 after 10^4 batches). Layers with ``momentum=0`` never update and are skipped; so are layers
+in eval mode inside a training model (frozen BN: no update, so no batch statistics without a pass over
+the input; their running statistics cannot drift either). A layer called several times in one forward is
+measured on its last call.
+
+**Per layer and logging interval** (all under ``batchnorm/<layer>/``):
+
+* ``z_shift``: RMS over channels and training forwards of ``z = (mu_B - mu_R) / sqrt(var_R + eps)``, the
+  batch mean's offset from the running mean that eval would use, in running standard deviations (R is
+  the running state *before* the batch); ``z_shift_max``: the largest ``|z|`` of any channel and forward.
+* ``log_var_ratio``: mean of ``log((var_B + eps) / (var_R + eps))`` with the biased batch variance (the
+  one the training forward divides by); ``exp`` of it is the factor by which running variance lags.
+* ``kl``: mean over channels of ``KL(N(mu_B, var_B) || N(mu_R, var_R)) = (r - 1 - log r + z^2) / 2``
+  with ``r = (var_B + eps) / (var_R + eps)``.
+* ``mean_drift`` / ``var_drift``: change of the running statistics over the interval,
+  ``rms_c((mu_end - mu_start) / sqrt(var_start + eps))`` (relative to the channel's spread: a relative
+  change of a mean near zero means nothing) and ``rms_c(log((var_end + eps) / (var_start + eps)))`` (the
+  relative change of the variance, for small changes).
+* Under DDP (or ``cross_rank=True``): ``rank_spread``, the RMS over channels of the standard deviation
+  across ranks of the running means in running standard deviations; ``rank_noise_ratio``, the mean over
+  channels of that across-rank variance divided by the noise floor expected if each rank averaged its own
+  independent batches: ``var_R m / ((2 - m) n)`` for an EMA (``var_R / (n T)`` for a cumulative average over
+  ``T`` batches), ``n`` = batch elements per channel. Elements of one image are correlated, so a ratio of
+  a few is normal for i.i.d. sharded data; far above means the ranks see different data. ``rank_spread_pre``
+  is the same spread of the statistics each rank held when its last forward *started*.
+
+Summary keys: ``z_shift`` (mean over layers), ``z_shift_max``, ``kl``, ``rank_spread``,
+``rank_noise_ratio`` (their maxima over layers for the last two).
+
+**Where DDP's buffer broadcast helps and where it does not.** With ``broadcast_buffers=True`` (DDP's
+default, still its name in torch 2.14) DDP copies rank 0's buffers to every rank at the start of each
+gradient-enabled training forward, so ``rank_spread_pre`` is exactly zero. Each rank then updates with
+its own batch: after the step ranks differ by ``m`` times the spread of their batch means, and nothing
+broadcasts before validation (no-grad forwards skip it) or before a checkpoint is written. So validation
+on rank k uses rank k's statistics and the checkpoint holds rank 0's: ``rank_spread`` (after the step) is
+what they see. ``sync="broadcast"`` / ``"pooled"`` fixes both; ``SyncBatchNorm`` (GPU) removes the cause.
+
+**Acting.** ``sync`` is applied before every validation (``on_validation_start``) and before every
+checkpoint save (``on_save_checkpoint``, also writing the synced values into the checkpoint, whose state
+dict Lightning has already collected by then). Measured in Lightning 2.6.6: with one validation per
+epoch, a ``ModelCheckpoint(monitor=...)`` saves in its own ``on_train_epoch_end``, which Lightning runs after
+validation and after the other callbacks' ``on_train_epoch_end``; with ``val_check_interval < 1`` it saves
+in ``on_validation_end``. Either way ``on_validation_start`` precedes the save, but a callback's
+``on_train_epoch_end`` comes after validation: too late. Each sync is one ``all_gather`` of the running
+statistics and runs only if a training batch ran since the last one. ``recalibrate_batches=k`` runs :func:`recalibrate_batchnorm` (PreciseBN) on ``k``
+training batches before each validation during fit, pooled across ranks (so no sync is needed then).
+
+Costs: two O(channels) copies per BN training forward, ~30 vectorised ops per training batch, no host
+sync; one ``all_gather`` per logging interval (plus one per sync). Under ``torch.compile`` the pre-hooks
+are traced into the graph (registered in ``setup``); the per-batch arithmetic runs in the callback,
+outside it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning_convnets.callbacks.core import (
+    Finding,
+    Moments,
+    MonitorCallback,
+    PackedStats,
+    RunningMoments,
+    StatsPacker,
+    observers_paused,
+)
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+if TYPE_CHECKING:  # pragma: no cover
+    import lightning.pytorch as pl
+    from matplotlib.figure import Figure
+
+__all__ = ["BatchNormDriftMonitor", "batchnorm_layers", "pool_running_stats", "recalibrate_batchnorm"]
+
+SyncMode = Literal["broadcast", "pooled"]
+_QUANTITIES = ("abs_z", "z2", "log_var_ratio", "abs_log_var_ratio", "kl")
+
+
+def batchnorm_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
+    """The BN layers of ``model`` that keep running statistics, ``(qualified name, module)`` in order.
+
+    Lazy BNs not yet materialised and layers with ``track_running_stats=False`` are left out (they have
+    no running statistics to monitor, synchronise or recalibrate).
+    """
+    layers = []
+    for name, module in model.named_modules():
+        if not isinstance(module, _BatchNorm) or not module.track_running_stats:
+            continue
+        if module.running_mean is None or isinstance(module.running_mean, nn.parameter.UninitializedBuffer):
+            continue
+        layers.append((name, module))
+    return layers
+
+
+# --------------------------------------------------------------------------------------------------
+# Pooling across ranks
+# --------------------------------------------------------------------------------------------------
+
+
+def pool_running_stats(
+    means: Tensor, variances: Tensor, counts: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Pool per-rank running statistics into the statistics of the union of the ranks' data.
+
+    With ``n_k`` elements per channel on rank ``k`` and unbiased variances ``v_k`` (what BN keeps), the union
+    has mean ``mu = sum n_k mu_k / N`` and unbiased variance
+    ``(sum (n_k - 1) v_k + sum n_k (mu_k - mu)^2) / (N - 1)``, ``N = sum n_k``. For equal ``n`` this is
+    ``mean(v_k) + var(mu_k)`` up to the n-1 correction: ``[(n-1) K mean(v) + n K var_pop(mu)] / (Kn - 1)``,
+    which tends to ``mean(v_k) + var_pop(mu_k)`` (between-rank variance with ``1/K``) as ``n`` grows; that
+    limit is used when ``counts`` is ``None``. Exact when each rank's running statistics are the statistics
+    of one batch (momentum 1); for EMAs it is the natural approximation.
+
+    Args:
+        means: ``[K, C]`` per-rank means.
+        variances: ``[K, C]`` per-rank unbiased variances.
+        counts: ``[K]`` elements per channel behind each rank's statistics, or ``None``.
+
+    Returns:
+        ``(mean, variance)``, each ``[C]``.
+
+    Example:
+        >>> import torch
+        >>> a, b = torch.tensor([1.0, 3.0]), torch.tensor([5.0, 7.0, 9.0])
+        >>> means, variances = torch.stack([a.mean(), b.mean()])[:, None], torch.stack([a.var(), b.var()])[:, None]
+        >>> pool_running_stats(means, variances, torch.tensor([2.0, 3.0]))
+        (tensor([5.]), tensor([10.]))
+    """
+    if means.shape != variances.shape or means.dim() != 2:
+        raise ValueError(
+            f"pool_running_stats: means and variances must both be [ranks, channels], got "
+            f"{tuple(means.shape)} and {tuple(variances.shape)}"
+        )
+    means, variances = means.double(), variances.double()
+    if counts is None or bool((counts <= 1).any()):
+        mean = means.mean(0)
+        return mean, variances.mean(0) + ((means - mean) ** 2).mean(0)
+    n = counts.double().reshape(-1, 1)
+    total = n.sum()
+    mean = (n * means).sum(0) / total
+    variance = ((n - 1) * variances).sum(0) + (n * (means - mean) ** 2).sum(0)
+    return mean, variance / (total - 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# PreciseBN
+# --------------------------------------------------------------------------------------------------
+
+
+def _default_forward(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, Tensor):
+        return model(batch)
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
+        return model(batch[0])
+    if isinstance(batch, dict):
+        for key in ("image", "images", "input", "inputs", "x"):
+            if isinstance(batch.get(key), Tensor):
+                return model(batch[key])
+    raise TypeError(
+        f"recalibrate_batchnorm: cannot find the input in a batch of type {type(batch).__name__}; expected a "
+        "tensor, a (inputs, ...) tuple/list or a dict with 'image'/'images'/'input'; pass forward_fn="
+    )
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _default_all_gather() -> Callable[[Tensor], Tensor] | None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+
+    def gather(tensor: Tensor) -> Tensor:
+        out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, tensor)
+        return torch.stack(out)
+
+    return gather
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    num_batches: int | None = None,
+    *,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    all_gather: Callable[[Tensor], Tensor] | Literal["auto"] | None = "auto",
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """PreciseBN (Wu & Johnson 2021): replace every BN's running statistics with population statistics.
+
+    The EMA kept during training weights recent batches (computed with older weights) and is noisy; after
+    training (or before an evaluation) this pass computes, for every BN layer, the exact mean and unbiased
+    variance of its input over ``num_batches`` batches. The model runs with its BN layers in training mode
+    (each layer normalises with batch statistics, as in training; dropout and other layers in eval mode),
+    and a pre-hook merges each batch's per-channel (count, mean, M2) into float64 accumulators with Chan's
+    formula, so batches of different sizes weigh by their number of elements and the between-batch spread of
+    the means counts (averaging batch variances, as some implementations do, leaves it out). Across ranks
+    the per-rank moments are merged the same way (one ``all_gather`` of all layers together): the result is
+    the statistics of the union of every rank's batches, identical on every rank. Then
+    ``running_mean = mean`` and ``running_var = M2 / (N - 1)``.
+
+    Model modes, ``num_batches_tracked`` and the global RNG state are restored; no gradient is computed;
+    every monitor's hooks are paused.
+
+    Args:
+        model: the model (any mode). Layers with ``track_running_stats=False`` are left alone.
+        dataloader: an iterable of batches (each rank its own shard under DDP).
+        num_batches: batches to use (default: the whole loader). Every rank must run the same number.
+        forward_fn: ``forward_fn(model, batch)`` runs the model on a batch (default: ``model(batch)`` for a
+            tensor, ``model(batch[0])`` for a tuple/list, ``model(batch["image"])`` etc. for a dict).
+        all_gather: ``tensor -> [world, *tensor.shape]`` to pool across ranks; ``"auto"`` uses
+            ``torch.distributed`` when initialised with several ranks; ``None`` pools nothing.
+        device: where batches go (default: the device of the model's first parameter or buffer).
+
+    Returns:
+        ``model``, recalibrated in place.
+
+    Raises:
+        ValueError: for ``num_batches < 1`` or a loader that yields no batch.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        >>> loader = [torch.randn(8, 3, 16, 16) + 2 for _ in range(4)]
+        >>> _ = recalibrate_batchnorm(net, loader)
+        >>> exact = torch.cat([net[0](x) for x in loader]).transpose(0, 1).flatten(1)
+        >>> torch.allclose(net[1].running_var, exact.var(1), rtol=1e-4)
+        True
+    """
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"recalibrate_batchnorm: num_batches must be >= 1 or None, got {num_batches}")
+    layers = batchnorm_layers(model)
+    if not layers:
+        return model
+    forward_fn = forward_fn or _default_forward
+    gather = _default_all_gather() if all_gather == "auto" else all_gather
+    if device is None:
+        tensor = next(iter(model.parameters()), None)
+        tensor = tensor if tensor is not None else layers[0][1].running_mean
+        device = tensor.device
+    device = torch.device(device)
+
+    moments = {name: RunningMoments() for name, _ in layers}
+    modes = {module: module.training for module in model.modules()}
+    counters = {name: bn.num_batches_tracked.clone() for name, bn in layers}
+
+    def recorder(key: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            moments[key].update(args[0])
+
+        return hook
+
+    handles = [bn.register_forward_pre_hook(recorder(name)) for name, bn in layers]
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    batches = 0
+    try:
+        model.eval()
+        for _, bn in layers:
+            bn.train()
+        with torch.random.fork_rng(devices=rng_devices), observers_paused():
+            for batch in dataloader:
+                if num_batches is not None and batches >= num_batches:
+                    break
+                forward_fn(model, _to_device(batch, device))
+                batches += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes.items():
+            module.train(mode)
+        for name, bn in layers:
+            bn.num_batches_tracked.copy_(counters[name])
+    if batches == 0:
+        raise ValueError("recalibrate_batchnorm: the dataloader yielded no batch")
+
+    packer = StatsPacker()
+    for name, bn in layers:
+        if moments[name].state is None:  # a layer this model's forward never reached
+            moments[name].state = torch.zeros(3, bn.num_features, dtype=torch.float64, device=device)
+        packer.running(name, moments[name])
+    flat = packer.flat()
+    gathered = flat.unsqueeze(0) if gather is None else gather(flat)
+    stats = packer.unpack(gathered.reshape(gathered.shape[0], -1).to("cpu", torch.float64))
+    for name, bn in layers:
+        merged: Moments = stats[name]
+        count = merged.count
+        seen = count > 1
+        if not bool(seen.any()):
+            continue
+        mean = merged.mean.to(bn.running_mean)
+        var = (merged.m2 / (count - 1).clamp_min(1)).to(bn.running_var)
+        mask = seen.to(bn.running_mean.device)
+        bn.running_mean.copy_(torch.where(mask, mean.to(mask.device), bn.running_mean))
+        bn.running_var.copy_(torch.where(mask, var.to(mask.device), bn.running_var))
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# The monitor
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Layer:
+    name: str
+    module: _BatchNorm
+    offset: int
+    channels: int
+
+
+class BatchNormDriftMonitor(MonitorCallback):
+    """Drift of BN running statistics, their train/test discrepancy, cross-rank disagreement; optional
+    synchronisation and PreciseBN recalibration before evaluation.
+
+    See the module docstring for the method, the logged keys (under ``batchnorm/``) and what DDP's buffer
+    broadcast does. Findings (large z-shift or variance lag at the end, spikes, ranks disagreeing, drift
+    still running at the end) go into the shared end-of-fit diagnosis with advice.
+
+    Args:
+        log_every_n_steps: optimizer steps between reductions and logs (default: the trainer's).
+        sync: ``"broadcast"`` (rank 0's statistics), ``"pooled"`` (:func:`pool_running_stats` of every rank's)
+            or ``None``: applied before each validation and each checkpoint save during fit (DDP only).
+        recalibrate_batches: if set, run :func:`recalibrate_batchnorm` on that many training batches before
+            each validation during fit (a fresh iterator of the trainer's train dataloader; RNG restored).
+        cross_rank: pack per-channel running statistics for the cross-rank keys; ``None``: when the world
+            size is above 1.
+        z_threshold: RMS z-shift above which a layer is reported.
+        var_ratio_threshold: batch/running variance ratio (or its inverse) above which a layer is reported.
+        rank_threshold: ``rank_spread`` (in running standard deviations) above which ranks are reported to
+            disagree.
+        drift_threshold: ``mean_drift`` per interval at the end of training above which statistics are
+            reported as still drifting.
+        sample_every_n_steps: record one optimizer step in every ``k``.
+        max_history: history cap (entries).
+
+    Raises:
+        ValueError: for an unknown ``sync``, non-positive thresholds or ``recalibrate_batches``, or (in
+            ``setup``) a model without BN layers that track running statistics.
+
+    Example:
+        >>> import lightning.pytorch as pl  # doctest: +SKIP
+        >>> monitor = BatchNormDriftMonitor(log_every_n_steps=50, sync="pooled")  # doctest: +SKIP
+        >>> pl.Trainer(strategy="ddp", devices=2, callbacks=[monitor]).fit(model, datamodule)  # doctest: +SKIP
+        >>> # logs batchnorm/<layer>/z_shift ..., syncs BN before validation and checkpoints, adds findings
+    """
+
+    monitor_name = "batchnorm"
+
+    def __init__(
+        self,
+        log_every_n_steps: int | None = None,
+        sync: SyncMode | None = None,
+        recalibrate_batches: int | None = None,
+        cross_rank: bool | None = None,
+        z_threshold: float = 0.5,
+        var_ratio_threshold: float = 2.0,
+        rank_threshold: float = 0.1,
+        drift_threshold: float = 0.1,
+        sample_every_n_steps: int = 1,
+        max_history: int = 1000,
+    ) -> None:
+        super().__init__(
+            log_every_n_steps=log_every_n_steps,
+            max_history=max_history,
+            sample_every_n_steps=sample_every_n_steps,
+            train_only=True,  # an eval-mode BN does not update: nothing to recover
+        )
+        if sync not in (None, "broadcast", "pooled"):
+            raise ValueError(
+                f"BatchNormDriftMonitor: sync must be 'broadcast', 'pooled' or None, got {sync!r}"
+            )
+        if recalibrate_batches is not None and recalibrate_batches < 1:
+            raise ValueError(
+                f"BatchNormDriftMonitor: recalibrate_batches must be >= 1 or None, got {recalibrate_batches}"
+            )
+        for label, value in (
+            ("z_threshold", z_threshold),
+            ("rank_threshold", rank_threshold),
+            ("drift_threshold", drift_threshold),
+        ):
+            if not value > 0:
+                raise ValueError(f"BatchNormDriftMonitor: {label} must be > 0, got {value}")
+        if not var_ratio_threshold > 1:
+            raise ValueError(
+                f"BatchNormDriftMonitor: var_ratio_threshold must be > 1, got {var_ratio_threshold}"
+            )
+        self.sync = sync
+        self.recalibrate_batches = recalibrate_batches
+        self.cross_rank = cross_rank
+        self.z_threshold = z_threshold
+        self.var_ratio_threshold = var_ratio_threshold
+        self.rank_threshold = rank_threshold
+        self.drift_threshold = drift_threshold
+        self.layers: list[_Layer] = []
+        self.syncs: list[dict[str, float]] = []  # {"step", "rank_spread_before"} per sync, newest last
+        self._elements: list[int] = []  # batch elements per channel of each layer's last recorded call
+        self._dirty = False  # a training batch ran since the last sync
+        self._buffers_ready = False
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self, trainer: pl.Trainer | None, pl_module: nn.Module) -> None:
+        found = [(n, m) for n, m in batchnorm_layers(pl_module) if m.momentum is None or m.momentum > 0]
+        if not found:
+            raise ValueError(
+                f"BatchNormDriftMonitor: {type(pl_module).__name__} has no BatchNorm layer that tracks running "
+                "statistics with a non-zero momentum; remove the monitor or use BN layers"
+            )
+        self.layers, offset = [], 0
+        for name, module in found:
+            self.layers.append(_Layer(name, module, offset, module.num_features))
+            offset += module.num_features
+        self._elements = [0] * len(self.layers)
+        self._buffers_ready = False
+        for index, layer in enumerate(self.layers):
+            self.add_hook(layer.module, self._snapshot_hook(index), pre=True)
+
+    def _snapshot_hook(self, index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if not self.is_recording(module) or not self._buffers_ready:
+                return
+            self._old_mean_views[index].copy_(module.running_mean)
+            self._old_var_views[index].copy_(module.running_var)
+            x = args[0]
+            self._elements[index] = x.numel() // max(x.shape[1] if x.dim() > 1 else 1, 1)
+
+        return hook
+
+    def _allocate(self) -> None:
+        """On-device buffers, once the model sits on its device (``on_train_start``)."""
+        device = self.layers[0].module.running_mean.device
+        total = self.layers[-1].offset + self.layers[-1].channels
+        count = len(self.layers)
+        f64 = dict(dtype=torch.float64, device=device)
+        self._old_mean = torch.zeros(total, **f64)
+        self._old_var = torch.ones(total, **f64)
+        self._old_mean_views = [self._old_mean[lay.offset : lay.offset + lay.channels] for lay in self.layers]
+        self._old_var_views = [self._old_var[lay.offset : lay.offset + lay.channels] for lay in self.layers]
+        self._layer_index = torch.cat(
+            [torch.full((lay.channels,), i, dtype=torch.long) for i, lay in enumerate(self.layers)]
+        ).to(device)
+        self._channels = torch.tensor([float(lay.channels) for lay in self.layers], **f64)
+        momenta = [lay.module.momentum for lay in self.layers]
+        self._cumulative = torch.tensor([m is None for m in momenta], device=device)
+        self._momentum = torch.tensor([0.0 if m is None else float(m) for m in momenta], **f64)
+        self._eps = torch.tensor([float(lay.module.eps) for lay in self.layers], **f64)[self._layer_index]
+        self._nbt_start = torch.zeros(count, **f64)
+        self._sums = torch.zeros(count, len(_QUANTITIES), **f64)
+        self._zmax = torch.zeros(count, **f64)
+        self._forwards = torch.zeros(count, **f64)
+        self._start_mean, self._start_var = self._current()
+        self._elements_cache: dict[tuple[int, ...], Tensor] = {}
+        self._buffers_ready = True
+
+    @torch.no_grad()
+    def measure(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any],
+        forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    ) -> dict[str, float]:
+        """One logging interval outside Lightning: forwards of ``model`` on ``batches`` in the modes it is
+        in (call ``model.train()`` first; eval-mode BNs are skipped as in training), no gradient, no
+        optimizer. The forwards update the running statistics, as training would. Returns the metrics
+        without the ``batchnorm/`` prefix; :attr:`last_stats` keeps the packed statistics.
+
+        Example:
+            >>> import torch
+            >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
+            >>> metrics = BatchNormDriftMonitor().measure(net, [torch.randn(8, 3, 8, 8) + 3])
+            >>> metrics["1/z_shift"] > 0
+            True
+        """
+        self.remove_hooks()
+        self.attach(None, model)
+        self._allocate()
+        forward_fn = forward_fn or _default_forward
+        try:
+            for batch in batches:
+                self._recording = True
+                self._nbt_start.copy_(self._nbt())
+                forward_fn(model, batch)
+                self._accumulate()
+            self._recording = False
+            packer = StatsPacker()
+            self.pack(None, model, packer)
+            self.last_stats = packer.unpack(packer.flat().unsqueeze(0).to("cpu"))
+            return self.compute_metrics(None, model, self.last_stats)
+        finally:
+            self._recording = False
+            self.remove_hooks()
+
+    def _current(self) -> tuple[Tensor, Tensor]:
+        mean = torch.cat([lay.module.running_mean.detach().double() for lay in self.layers])
+        var = torch.cat([lay.module.running_var.detach().double() for lay in self.layers])
+        return mean, var
+
+    def _nbt(self) -> Tensor:
+        return torch.stack([lay.module.num_batches_tracked for lay in self.layers]).double()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.layers:
+            self._allocate()
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if self._recording and self._buffers_ready:
+            self._nbt_start.copy_(self._nbt())
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._dirty = True
+        if self._recording and self._buffers_ready:
+            self._accumulate()
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def _accumulate(self) -> None:
+        """Recover each layer's batch statistics from its update and add this batch's discrepancies."""
+        nbt = self._nbt()
+        called = (nbt - self._nbt_start) >= 1  # layers that ran a training forward in this batch
+        m_layer = torch.where(self._cumulative, 1.0 / nbt.clamp_min(1), self._momentum)
+        idx = self._layer_index
+        m = m_layer[idx]
+        new_mean, new_var = self._current()
+        old_mean, old_var = self._old_mean, self._old_var
+        batch_mean = (new_mean - (1 - m) * old_mean) / m
+        batch_var_unbiased = ((new_var - (1 - m) * old_var) / m).clamp_min(0)
+        elements = tuple(self._elements)
+        correction = self._elements_cache.get(elements)
+        if correction is None:  # (n - 1) / n per layer; shapes are static, so this is cached
+            factors = [(n - 1) / n if n > 1 else 1.0 for n in elements]
+            correction = self._elements_cache[elements] = torch.tensor(
+                factors, dtype=torch.float64, device=idx.device
+            )
+        batch_var = batch_var_unbiased * correction[idx]
+        scale = old_var + self._eps
+        z = (batch_mean - old_mean) / scale.sqrt()
+        ratio = (batch_var + self._eps) / scale
+        log_ratio = ratio.log()
+        kl = 0.5 * (ratio - 1 - log_ratio + z * z)
+        per_channel = torch.stack([z.abs(), z * z, log_ratio, log_ratio.abs(), kl], dim=1)
+        per_layer = torch.zeros_like(self._sums).index_add_(0, idx, per_channel) / self._channels[:, None]
+        zmax = torch.zeros_like(self._zmax).scatter_reduce_(0, idx, z.abs(), "amax", include_self=True)
+        mask = called.to(per_layer.dtype)
+        self._sums.add_(per_layer.nan_to_num(nan=0.0) * mask[:, None])
+        self._zmax.copy_(torch.maximum(self._zmax, zmax.nan_to_num(nan=0.0) * mask))
+        self._forwards.add_(mask)
+
+    # ------------------------------------------------------------------ reduction
+    def _use_cross_rank(self, trainer: pl.Trainer | None) -> bool:
+        if self.cross_rank is not None:
+            return self.cross_rank
+        return trainer is not None and trainer.world_size > 1
+
+    def pack(self, trainer: pl.Trainer | None, pl_module: nn.Module, packer: StatsPacker) -> None:
+        if not self._buffers_ready:
+            return
+        device = self._sums.device
+        new_mean, new_var = self._current()
+        scale = self._start_var + self._eps
+        idx = self._layer_index
+        drift_mean = ((new_mean - self._start_mean) ** 2 / scale).nan_to_num(nan=0.0)
+        drift_var = (((new_var + self._eps) / scale).log() ** 2).nan_to_num(nan=0.0)
+        drift = torch.zeros(len(self.layers), 2, dtype=torch.float64, device=device)
+        drift.index_add_(0, idx, torch.stack([drift_mean, drift_var], 1))
+        packer.sum("ranks", torch.ones(1, dtype=torch.float64, device=device))
+        packer.sum("forwards", self._forwards)
+        packer.sum("sums", self._sums)
+        packer.max("zmax", self._zmax)
+        packer.sum("drift", drift / self._channels[:, None])
+        packer.sum("elements", torch.tensor(self._elements, dtype=torch.float64, device=device))
+        packer.sum("nbt", self._nbt())
+        if self._use_cross_rank(trainer):
+            one = torch.ones((), dtype=torch.float64, device=device)
+            zeros = torch.zeros_like(new_mean)
+            packer.moments("post_mean", one, new_mean, zeros)
+            packer.moments("post_var", one, new_var, zeros)
+            packer.moments("pre_mean", one, self._old_mean, zeros)
+            packer.moments("pre_var", one, self._old_var, zeros)
+
+    def reset_interval(self) -> None:
+        if not self._buffers_ready:
+            return
+        self._sums.zero_()
+        self._zmax.zero_()
+        self._forwards.zero_()
+        mean, var = self._current()
+        self._start_mean.copy_(mean)
+        self._start_var.copy_(var)
+
+    def compute_metrics(
+        self, trainer: pl.Trainer | None, pl_module: nn.Module, stats: PackedStats
+    ) -> dict[str, float]:
+        if "sums" not in stats:
+            return {}
+        world = float(stats["ranks"][0])
+        forwards = stats["forwards"]
+        sums = stats["sums"].reshape(len(self.layers), len(_QUANTITIES))
+        drift = stats["drift"].reshape(len(self.layers), 2) / world
+        elements = stats["elements"] / world
+        nbt = stats["nbt"] / world
+        cross = self._cross_rank_metrics(stats, elements, nbt) if "post_mean" in stats else None
+        metrics: dict[str, float] = {}
+        z_all, kl_all, zmax_all = [], [], []
+        for i, layer in enumerate(self.layers):
+            name = layer.name
+            f = float(forwards[i])
+            if f > 0:
+                z_shift = math.sqrt(max(float(sums[i, 1]) / f, 0.0))
+                metrics[f"{name}/z_shift"] = z_shift
+                metrics[f"{name}/z_shift_max"] = float(stats["zmax"][i])
+                metrics[f"{name}/log_var_ratio"] = float(sums[i, 2]) / f
+                metrics[f"{name}/kl"] = float(sums[i, 4]) / f
+                z_all.append(z_shift)
+                kl_all.append(metrics[f"{name}/kl"])
+                zmax_all.append(metrics[f"{name}/z_shift_max"])
+            metrics[f"{name}/mean_drift"] = math.sqrt(max(float(drift[i, 0]), 0.0))
+            metrics[f"{name}/var_drift"] = math.sqrt(max(float(drift[i, 1]), 0.0))
+            if cross is not None:
+                for key, values in cross.items():
+                    metrics[f"{name}/{key}"] = float(values[i])
+        if z_all:
+            metrics["z_shift"] = sum(z_all) / len(z_all)
+            metrics["z_shift_max"] = max(zmax_all)
+            metrics["kl"] = sum(kl_all) / len(kl_all)
+        if cross is not None:
+            metrics["rank_spread"] = float(cross["rank_spread"].max())
+            metrics["rank_noise_ratio"] = float(cross["rank_noise_ratio"].max())
+        return metrics
+
+    def _cross_rank_metrics(self, stats: PackedStats, elements: Tensor, nbt: Tensor) -> dict[str, Tensor]:
+        idx = self._layer_index.cpu()
+        eps = self._eps.cpu()
+        channels = self._channels.cpu()
+        count = len(self.layers)
+
+        def spread(mean_key: str, var_key: str) -> tuple[Tensor, Tensor, Tensor]:
+            means: Moments = stats[mean_key]
+            ranks = means.count
+            across = means.m2 / (ranks - 1).clamp_min(1)  # unbiased variance of the rank means
+            var_r = stats[var_key].mean + eps
+            per_layer = torch.zeros(count, dtype=torch.float64).index_add_(0, idx, across / var_r)
+            return (per_layer / channels).sqrt(), across, var_r
+
+        post, across, var_r = spread("post_mean", "post_var")
+        pre, _, _ = spread("pre_mean", "pre_var")
+        momenta = torch.tensor(
+            [float(lay.module.momentum) if lay.module.momentum is not None else 0.0 for lay in self.layers],
+            dtype=torch.float64,
+        )
+        cumulative = torch.tensor([lay.module.momentum is None for lay in self.layers])
+        # variance of one rank's running mean from its own batch noise: EMA m/(2-m) var/n, cumulative var/(nT)
+        gain = torch.where(cumulative, 1.0 / nbt.clamp_min(1), momenta / (2 - momenta))
+        floor = var_r * (gain / elements.clamp_min(1))[idx]
+        ratio = torch.zeros(count, dtype=torch.float64).index_add_(0, idx, across / floor) / channels
+        return {"rank_spread": post, "rank_spread_pre": pre, "rank_noise_ratio": ratio}
+
+    # ------------------------------------------------------------------ acting
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        fitting = getattr(trainer.state, "fn", None) == "fit" and not trainer.sanity_checking
+        if fitting and self.recalibrate_batches is not None and self._dirty:
+            self.recalibrate(trainer, pl_module)
+            self._dirty = False  # pooled across ranks: identical everywhere
+        if self._dirty:
+            self.sync_running_stats(trainer, pl_module)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if not self._dirty or self.sync is None or trainer.world_size == 1:
+            return
+        self.sync_running_stats(trainer, pl_module)
+        # Lightning collected the model state dict before this hook: write the synced values into it
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict):
+            for layer in self.layers:
+                for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+                    key = f"{layer.name}.{buffer}"
+                    if key in state:
+                        state[key] = getattr(layer.module, buffer).detach().clone()
+
+    @torch.no_grad()
+    def sync_running_stats(self, trainer: pl.Trainer, pl_module: nn.Module | None = None) -> None:
+        """Make every rank's running statistics identical (``sync`` mode) with one ``all_gather``; records
+        the spread before the sync in :attr:`syncs` and logs it as ``batchnorm/rank_spread_before_sync``.
+        A no-op without ``sync`` or with a single process."""
+        if self.sync is None or trainer.world_size == 1 or not self.layers:
+            return
+        payload = self.sync_payload()
+        gathered = trainer.strategy.all_gather(payload).reshape(-1, payload.numel())
+        before = self.apply_sync(gathered, step=trainer.global_step)
+        self.log_metrics(trainer, {f"{self.monitor_name}/rank_spread_before_sync": before})
+
+    def sync_payload(self) -> Tensor:
+        """This rank's part of a sync: running means, variances, batches tracked and batch elements per
+        channel of every layer, as one float64 vector (what :meth:`sync_running_stats` gathers)."""
+        device = self.layers[0].module.running_mean.device
+        mean, var = self._current()
+        elements = torch.tensor(self._elements or [0] * len(self.layers), dtype=torch.float64, device=device)
+        return torch.cat([mean, var, self._nbt(), elements])
+
+    @torch.no_grad()
+    def apply_sync(self, gathered: Tensor, step: int = 0) -> float:
+        """Set the running statistics from every rank's :meth:`sync_payload` (``gathered``: ``[world, size]``)
+        per ``sync``: rank 0's (``"broadcast"``) or :func:`pool_running_stats` weighted by each rank's batch
+        elements per channel (``"pooled"``; equal weights and the large-n limit when unknown).
+        ``num_batches_tracked`` is rank 0's. Returns the largest spread before the sync (``rank_spread`` of
+        the worst channel, in running standard deviations)."""
+        gathered = gathered.to(torch.float64)
+        self._dirty = False
+        total, count = sum(lay.channels for lay in self.layers), len(self.layers)
+        means, variances = gathered[:, :total], gathered[:, total : 2 * total]
+        nbt = gathered[:, 2 * total : 2 * total + count]
+        elements = gathered[:, 2 * total + count :]
+        eps = torch.cat([torch.full((lay.channels,), float(lay.module.eps)) for lay in self.layers])
+        spread = means.var(0, correction=1) if len(means) > 1 else torch.zeros(total, dtype=torch.float64)
+        before = float((spread.cpu() / (variances.mean(0).cpu() + eps)).nan_to_num(nan=0.0).max().sqrt())
+        self.syncs.append({"step": float(step), "rank_spread_before": before})
+        self.syncs = self.syncs[-self.max_history :]
+        for i, layer in enumerate(self.layers):
+            part = slice(layer.offset, layer.offset + layer.channels)
+            if self.sync == "broadcast":
+                new_mean, new_var = means[0, part], variances[0, part]
+            else:
+                new_mean, new_var = pool_running_stats(means[:, part], variances[:, part], elements[:, i])
+            bn = layer.module
+            bn.running_mean.copy_(new_mean.to(bn.running_mean))
+            bn.running_var.copy_(new_var.to(bn.running_var))
+            bn.num_batches_tracked.copy_(nbt[0, i].to(bn.num_batches_tracked))
+        return before
+
+    def recalibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """PreciseBN on ``recalibrate_batches`` batches of the trainer's train dataloader, pooled across
+        ranks through the strategy's ``all_gather``."""
+        loader = trainer.train_dataloader
+        if loader is None:
+            rank_zero_warn("BatchNormDriftMonitor: no train dataloader to recalibrate BN with; skipped")
+            return
+
+        def forward(model: nn.Module, batch: Any) -> Any:
+            return _default_forward(model, trainer.strategy.batch_to_device(batch))
+
+        gather = trainer.strategy.all_gather if trainer.world_size > 1 else None
+        recalibrate_batchnorm(
+            pl_module, loader, self.recalibrate_batches, forward_fn=forward, all_gather=gather
+        )
+
+    # ------------------------------------------------------------------ report
+    def _series(self, layer: str, key: str) -> list[tuple[int, float]]:
+        full = f"{self.monitor_name}/{layer}/{key}"
+        return [(int(e["step"]), e[full]) for e in self.history if full in e]
+
+    def diagnose(self, trainer: pl.Trainer | None, pl_module: nn.Module | None) -> list[Finding]:
+        findings: list[Finding] = []
+        if not self.history:
+            return findings
+        last = self.history[-1]
+        step = int(last["step"])
+        prefix = self.monitor_name
+
+        def worst(
+            key: str, test: Callable[[float], bool], entry: dict[str, float]
+        ) -> list[tuple[str, float]]:
+            hits = [(lay.name, entry.get(f"{prefix}/{lay.name}/{key}")) for lay in self.layers]
+            hits = [(n, v) for n, v in hits if v is not None and math.isfinite(v) and test(v)]
+            return sorted(hits, key=lambda h: -abs(h[1]))
+
+        lag = math.log(self.var_ratio_threshold)
+        lagging = worst("log_var_ratio", lambda v: abs(v) > lag, last)
+        if lagging:
+            name, value = lagging[0]
+            factor = math.exp(abs(value))
+            direction = "lags" if value > 0 else "overshoots"
+            findings.append(
+                Finding(
+                    prefix,
+                    "warning",
+                    [n for n, _ in lagging[:5]],
+                    f"running variance {direction} the batch variance by {factor:.1f}x in {name} at the end "
+                    f"of training ({len(lagging)} layers beyond {self.var_ratio_threshold:g}x)",
+                    "recalibrate BN before evaluation (recalibrate_batchnorm, or recalibrate_batches= on this "
+                    "monitor); if it persists, lower BN momentum or the learning rate late in training",
+                    step=step,
+                    values={"variance_factor": factor},
+                )
+            )
+        shifted = worst("z_shift", lambda v: v > self.z_threshold, last)
+        if shifted:
+            name, value = shifted[0]
+            findings.append(
+                Finding(
+                    prefix,
+                    "warning",
+                    [n for n, _ in shifted[:5]],
+                    f"batch means sit {value:.2f} running std away from the running means in {name} at the end "
+                    f"of training: eval-mode outputs differ from training-mode ones",
+                    "recalibrate BN before evaluation (PreciseBN); check that train and eval inputs are "
+                    "preprocessed alike",
+                    step=step,
+                    values={"z_shift": value},
+                )
+            )
+        # spikes: the largest z-shift of the run, if it stands well above the run's typical level
+        peaks = []
+        for layer in self.layers:
+            series = self._series(layer.name, "z_shift")
+            if len(series) >= 3:
+                peak_at = max(range(len(series)), key=lambda j: series[j][1])
+                peak_step, peak = series[peak_at]
+                earlier = sorted(v for _, v in series[:peak_at])
+                if len(earlier) < 2:  # the start of training (running stats at their init) is no spike
+                    continue
+                typical = earlier[len(earlier) // 2]
+                if peak > self.z_threshold and peak > 3 * typical:
+                    peaks.append((layer.name, peak_step, peak, typical))
+        if peaks:
+            peaks.sort(key=lambda p: -p[2])
+            name, peak_step, peak, typical = peaks[0]
+            findings.append(
+                Finding(
+                    prefix,
+                    "info",
+                    [p[0] for p in peaks[:5]],
+                    f"z-shift spiked to {peak:.2f} (median before: {typical:.2f}) at step {peak_step} in {name}: the "
+                    "input distribution changed faster than the running statistics follow",
+                    "check the data pipeline at that step (a new source, augmentation or domain); recalibrate BN "
+                    "before evaluating on the new distribution",
+                    step=peak_step,
+                    values={"z_shift": peak, "median": typical},
+                )
+            )
+        disagree = worst("rank_spread", lambda v: v > self.rank_threshold, last)
+        if disagree:
+            name, value = disagree[0]
+            ratio = last.get(f"{prefix}/{name}/rank_noise_ratio", math.nan)
+            findings.append(
+                Finding(
+                    prefix,
+                    "warning",
+                    [n for n, _ in disagree[:5]],
+                    f"ranks disagree on BN running stats in {name}: spread {value:.3f} running std "
+                    f"({ratio:.1f}x the batch-noise floor) after the last step",
+                    "use sync_batchnorm=True (GPU), or sync='pooled' on this monitor so that validation and "
+                    "checkpoints see one set of statistics",
+                    step=step,
+                    values={"rank_spread": value, "rank_noise_ratio": ratio},
+                )
+            )
+        drifting = worst("mean_drift", lambda v: v > self.drift_threshold, last)
+        if drifting and len(self.history) > 1:
+            name, value = drifting[0]
+            findings.append(
+                Finding(
+                    prefix,
+                    "info",
+                    [n for n, _ in drifting[:5]],
+                    f"running means still move {value:.2f} running std per interval in {name} at the end",
+                    "train longer or decay the learning rate; recalibrate BN before evaluation",
+                    step=step,
+                    values={"mean_drift": value},
+                )
+            )
+        return findings
+
+    def figures(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Figure]:
+        if not self.history or not trainer.is_global_zero:
+            return {}
+        return {"discrepancy": self.plot()}
+
+    def plot(self) -> Figure:
+        """z-shift and batch/running variance ratio of every layer over training (one line per layer)."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+        cmap = plt.get_cmap("viridis")
+        for i, layer in enumerate(self.layers):
+            colour = cmap(i / max(len(self.layers) - 1, 1))
+            series = self._series(layer.name, "z_shift")
+            if series:
+                axes[0].plot(*zip(*series), color=colour, lw=1, label=layer.name)
+            ratio = self._series(layer.name, "log_var_ratio")
+            if ratio:
+                axes[1].plot([s for s, _ in ratio], [math.exp(v) for _, v in ratio], color=colour, lw=1)
+        axes[0].set_ylabel("z-shift (RMS)")
+        axes[0].set_title("BN train/test discrepancy per layer (dark: shallow, light: deep)")
+        axes[1].set_yscale("log")
+        axes[1].set_ylabel("batch var / running var")
+        axes[1].set_xlabel("step")
+        if len(self.layers) <= 8:
+            axes[0].legend(fontsize="small")
+        fig.tight_layout()
+        return fig
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"syncs": list(self.syncs)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.syncs = list(state.get("syncs", []))

@@ -1,0 +1,388 @@
+"""BatchNormDriftMonitor: batch statistics recovered from the running-stat update (momentum and cumulative,
+1d/2d/3d), the z-shift spike at a distribution shift, frozen layers, cross-rank disagreement and sync on
+simulated ranks, the Lightning hook order the sync relies on, logging, resume, and that observing changes
+nothing."""
+
+from __future__ import annotations
+
+import copy
+import math
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning_convnets.callbacks.batchnorm import BatchNormDriftMonitor, pool_running_stats
+from lightning_convnets.callbacks.core import StatsPacker
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def _exact_discrepancy(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> dict[str, float]:
+    """z-shift / log variance ratio / KL of one batch against the layer's current running statistics,
+    computed directly from the input (what the monitor must recover from the update alone)."""
+    x = x.detach().double().transpose(0, 1).reshape(x.shape[1], -1)
+    mean_b, var_b = x.mean(1), x.var(1, unbiased=False)
+    mean_r, var_r = bn.running_mean.double(), bn.running_var.double()
+    z = (mean_b - mean_r) / (var_r + bn.eps).sqrt()
+    r = (var_b + bn.eps) / (var_r + bn.eps)
+    return {
+        "z2": float((z * z).mean()),
+        "zmax": float(z.abs().max()),
+        "lvr": float(r.log().mean()),
+        "kl": float((0.5 * (r - 1 - r.log() + z * z)).mean()),
+    }
+
+
+@pytest.mark.parametrize(
+    ("bn", "shape"),
+    [
+        (nn.BatchNorm1d(3), (16, 3)),
+        (nn.BatchNorm1d(3, momentum=None), (8, 3, 5)),
+        (nn.BatchNorm2d(3), (4, 3, 6, 6)),
+        (nn.BatchNorm2d(3, momentum=None), (4, 3, 6, 6)),
+        (nn.BatchNorm3d(3, momentum=0.3), (2, 3, 3, 4, 4)),
+    ],
+    ids=["1d", "1d-cumulative-3d-input", "2d", "2d-cumulative", "3d"],
+)
+def test_batch_statistics_recovered_from_the_update_match_the_input(bn, shape):
+    gen = torch.Generator().manual_seed(0)
+    batches = [2.0 + 3.0 * torch.randn(*shape, generator=gen) + k for k in range(5)]
+    reference = copy.deepcopy(bn)
+    expected = []
+    for x in batches:  # the same forwards on a twin, measured directly
+        expected.append(_exact_discrepancy(reference, x))
+        reference.train()(x)
+    metrics = BatchNormDriftMonitor().measure(nn.Sequential(bn).train(), batches)
+    rms_z = math.sqrt(sum(e["z2"] for e in expected) / len(expected))
+    assert metrics["0/z_shift"] == pytest.approx(rms_z, rel=1e-4)
+    assert metrics["0/z_shift_max"] == pytest.approx(max(e["zmax"] for e in expected), rel=1e-4)
+    assert metrics["0/log_var_ratio"] == pytest.approx(
+        sum(e["lvr"] for e in expected) / 5, rel=1e-4, abs=1e-6
+    )
+    assert metrics["0/kl"] == pytest.approx(sum(e["kl"] for e in expected) / 5, rel=1e-4)
+    # the running stats the monitor saw are the twin's: nothing was perturbed
+    torch.testing.assert_close(bn.running_mean, reference.running_mean)
+
+
+def test_cumulative_average_stays_accurate_after_many_batches():
+    bn = nn.BatchNorm2d(2, momentum=None)
+    gen = torch.Generator().manual_seed(1)
+    warmup = [torch.randn(4, 2, 4, 4, generator=gen) for _ in range(200)]
+    with torch.no_grad():
+        for x in warmup:
+            bn(x)
+    x = 5.0 + torch.randn(4, 2, 4, 4, generator=gen)
+    expected = _exact_discrepancy(bn, x)
+    metrics = BatchNormDriftMonitor().measure(nn.Sequential(bn), [x])
+    # m = 1/201: float32 rounding of the running mean is amplified 201x, still far below what matters
+    assert metrics["0/z_shift"] == pytest.approx(math.sqrt(expected["z2"]), rel=1e-3)
+    assert metrics["0/log_var_ratio"] == pytest.approx(expected["lvr"], rel=1e-2)
+
+
+def test_frozen_layers_are_skipped_and_drift_is_measured():
+    net = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)).train()
+    net[3].eval()  # frozen BN inside a training model: no update, nothing to recover
+    before = net[1].running_mean.clone(), net[1].running_var.clone()
+    gen = torch.Generator().manual_seed(2)
+    metrics = BatchNormDriftMonitor().measure(net, [4 + torch.randn(8, 2, 5, 5, generator=gen)] * 3)
+    assert "1/z_shift" in metrics and "3/z_shift" not in metrics
+    assert metrics["3/mean_drift"] == 0.0 and metrics["3/var_drift"] == 0.0
+    mean, var = net[1].running_mean, net[1].running_var
+    drift = ((mean - before[0]) ** 2 / (before[1] + 1e-5)).mean().sqrt()
+    assert metrics["1/mean_drift"] == pytest.approx(float(drift), rel=1e-5)
+    lvr = (((var + 1e-5) / (before[1] + 1e-5)).log() ** 2).mean().sqrt()
+    assert metrics["1/var_drift"] == pytest.approx(float(lvr), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- ranks
+def _rank_model(data: torch.Tensor) -> nn.Sequential:
+    """A BN whose running statistics are exactly one shard's mean and unbiased variance (momentum 1)."""
+    bn = nn.BatchNorm2d(data.shape[1], momentum=1.0)
+    bn.train()(data)
+    return nn.Sequential(bn)
+
+
+def _shards(sizes=(6, 10), seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    return [float(k) + (1 + k) * torch.randn(n, 3, 4, 4, generator=gen) for k, n in enumerate(sizes)]
+
+
+def test_pooled_variance_equals_the_variance_of_the_union():
+    shards = _shards()
+    per_channel = [s.transpose(0, 1).reshape(3, -1).double() for s in shards]
+    means = torch.stack([p.mean(1) for p in per_channel])
+    variances = torch.stack([p.var(1) for p in per_channel])
+    counts = torch.tensor([float(p.shape[1]) for p in per_channel])
+    union = torch.cat(per_channel, 1)
+    mean, var = pool_running_stats(means, variances, counts)
+    torch.testing.assert_close(mean, union.mean(1))
+    torch.testing.assert_close(var, union.var(1))  # unbiased: the n-1 correction is exact
+    # without counts: mean(var_k) + var_pop(mean_k), the large-n limit
+    _, limit = pool_running_stats(means, variances)
+    torch.testing.assert_close(limit, variances.mean(0) + means.var(0, unbiased=False))
+    with pytest.raises(ValueError, match="ranks, channels"):
+        pool_running_stats(means[0], variances[0])
+
+
+class FakeStrategy:
+    def __init__(self, others: list[torch.Tensor]):
+        self.others = others
+        self.calls = 0
+
+    def all_gather(self, tensor):
+        self.calls += 1
+        return torch.stack([tensor, *self.others])
+
+
+def _fake_trainer(others, world=2):
+    return SimpleNamespace(
+        world_size=world, global_step=7, strategy=FakeStrategy(others), is_global_zero=False
+    )
+
+
+@pytest.mark.parametrize("mode", ["pooled", "broadcast"])
+def test_sync_on_simulated_ranks(mode):
+    shards = _shards()
+    models = [_rank_model(s) for s in shards]
+    monitors = [BatchNormDriftMonitor(sync=mode) for _ in models]
+    for monitor, model, shard in zip(monitors, models, shards):
+        monitor.attach(None, model)
+        monitor._allocate()
+        monitor._elements = [shard.numel() // 3]  # what the pre-hook records on a training forward
+    payloads = [m.sync_payload() for m in monitors]
+    spread_before = [m.apply_sync(torch.stack(payloads), step=7) for m in monitors]
+    stats = [(m[0].running_mean.clone(), m[0].running_var.clone()) for m in models]
+    torch.testing.assert_close(stats[0], stats[1], rtol=0, atol=0)  # identical on every rank
+    union = torch.cat([s.transpose(0, 1).reshape(3, -1) for s in shards], 1).double()
+    if mode == "pooled":
+        torch.testing.assert_close(stats[0][0].double(), union.mean(1), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(stats[0][1].double(), union.var(1), rtol=1e-6, atol=1e-6)
+    else:
+        first = shards[0].transpose(0, 1).reshape(3, -1)
+        torch.testing.assert_close(stats[0][0], first.mean(1))
+        torch.testing.assert_close(stats[0][1], first.var(1))
+    # the spread before the sync: shard means 0 and 1, so the worst channel is well above zero
+    assert spread_before[0] == spread_before[1] > 0.2
+    assert monitors[0].syncs == [{"step": 7.0, "rank_spread_before": spread_before[0]}]
+
+
+def test_sync_through_the_trainer_hooks_and_into_the_checkpoint():
+    shards = _shards()
+    models = [_rank_model(s) for s in shards]
+    other = BatchNormDriftMonitor(sync="pooled")
+    other.attach(None, models[1])
+    other._allocate()
+    monitor = BatchNormDriftMonitor(sync="pooled")
+    monitor.attach(None, models[0])
+    monitor._allocate()
+    trainer = _fake_trainer([other.sync_payload()])
+    checkpoint = {"state_dict": {k: v.clone() for k, v in models[0].state_dict().items()}}
+    monitor.on_save_checkpoint(trainer, None, checkpoint)
+    assert trainer.strategy.calls == 0  # nothing trained since the last sync: no collective
+    monitor._dirty = True
+    monitor.on_save_checkpoint(trainer, None, checkpoint)
+    assert trainer.strategy.calls == 1 and not monitor._dirty
+    # no batch elements recorded (no training forward): equal weights, the large-n limit
+    _, limit = pool_running_stats(
+        torch.stack([s.mean((0, 2, 3)) for s in shards]),
+        torch.stack([s.transpose(0, 1).reshape(3, -1).var(1) for s in shards]),
+    )
+    torch.testing.assert_close(models[0][0].running_var.double(), limit, rtol=1e-6, atol=1e-6)
+    # Lightning collected the state dict before on_save_checkpoint: the synced values must be written in
+    torch.testing.assert_close(checkpoint["state_dict"]["0.running_var"], models[0][0].running_var)
+    monitor._dirty = True
+    monitor.on_save_checkpoint(_fake_trainer([], world=1), None, checkpoint)
+    assert monitor._dirty  # single process: nothing to sync
+
+
+def test_cross_rank_disagreement_on_simulated_ranks():
+    gen = torch.Generator().manual_seed(4)
+    models, monitors = [], []
+    for rank in range(3):
+        bn = nn.BatchNorm2d(4)
+        with torch.no_grad():
+            bn.running_mean.copy_(torch.randn(4, generator=gen) * (rank + 1) * 0.1)
+            bn.running_var.uniform_(0.5, 2.0, generator=gen)
+        models.append(nn.Sequential(bn))
+        monitor = BatchNormDriftMonitor(cross_rank=True)
+        monitor.attach(None, models[-1])
+        monitor._allocate()
+        monitor._elements = [64]
+        monitors.append(monitor)
+    rows = []
+    for monitor, model in zip(monitors, models):
+        packer = StatsPacker()
+        monitor.pack(None, model, packer)
+        rows.append(packer.flat())
+    stats = packer.unpack(torch.stack(rows))
+    metrics = monitors[0].compute_metrics(None, models[0], stats)
+    means = torch.stack([m[0].running_mean for m in models]).double()
+    variances = torch.stack([m[0].running_var for m in models]).double()
+    var_r = variances.mean(0) + 1e-5
+    across = means.var(0)  # unbiased over the 3 ranks
+    assert metrics["0/rank_spread"] == pytest.approx(float((across / var_r).mean().sqrt()), rel=1e-6)
+    floor = var_r * (0.1 / 1.9) / 64  # EMA with m = 0.1 over batches of 64 elements per channel
+    assert metrics["0/rank_noise_ratio"] == pytest.approx(float((across / floor).mean()), rel=1e-6)
+    # the pre-forward snapshots were never written (no forward): identical on all ranks, zero spread
+    assert metrics["0/rank_spread_pre"] == 0.0
+    assert metrics["rank_spread"] == metrics["0/rank_spread"]
+    (finding,) = [f for f in _diagnose_once(monitors[0], metrics) if "ranks disagree" in f.message]
+    assert finding.layers == ["0"] and "sync='pooled'" in finding.suggestion
+
+
+def _diagnose_once(monitor, metrics):
+    monitor.history = [{"step": 1.0, **{f"batchnorm/{k}": v for k, v in metrics.items()}}]
+    return monitor.diagnose(None, None)
+
+
+# ------------------------------------------------------------------------------------------- Lightning
+class ShiftModule(pl.LightningModule):
+    """conv-BN-ReLU-conv-BN on 8x8 inputs with a validation loss (for a monitored checkpoint)."""
+
+    def __init__(self, lr: float = 0.05):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+        )
+        self.lr = lr
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch[0]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.net(batch[0]).pow(2).mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def _shift_loader(n=64, shift_at=32, batch_size=4):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(n, 3, 8, 8, generator=gen)
+    images[shift_at:] = 3.0 + 2.0 * images[shift_at:]
+    return DataLoader(TensorDataset(images, torch.zeros(n)), batch_size=batch_size)
+
+
+def _trainer(tmp_path, callbacks, **kw):
+    options = dict(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+    )
+    options.update(kw)
+    return pl.Trainer(**options)
+
+
+def test_z_shift_spikes_at_the_distribution_shift_and_logs_once_per_interval(tmp_path):
+    torch.manual_seed(0)
+    monitor = BatchNormDriftMonitor(log_every_n_steps=2)
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    _trainer(tmp_path, [monitor], logger=logger).fit(ShiftModule(lr=0.0), _shift_loader())
+    steps = [int(e["step"]) for e in monitor.history]
+    assert steps == list(range(2, 17, 2))
+    z = [e["batchnorm/net.1/z_shift"] for e in monitor.history]
+    # batches 0-7 are N(0, 1), batch 8 on are N(3, 4): the interval holding steps 9-10 spikes
+    spike = steps.index(10)
+    assert z[spike] > 5 * max(z[1:spike]), z
+    assert z[-1] < 0.5 * z[spike]  # the running stats catch up (momentum 0.1)
+    assert (
+        monitor.history[spike]["batchnorm/net.1/mean_drift"]
+        > 5 * monitor.history[1]["batchnorm/net.1/mean_drift"]
+    )
+    (spiked,) = [f for f in monitor.diagnose(None, None) if "spiked" in f.message]
+    assert spiked.step == 10 and spiked.layers[0] == "net.1"
+    lines = (tmp_path / "run" / "version_0" / "metrics.csv").read_text().splitlines()
+    column = lines[0].split(",").index("batchnorm/net.1/z_shift")
+    logged = [line.split(",") for line in lines[1:] if line.split(",")[column]]
+    assert len(logged) == len(steps)  # one row per interval
+    assert float(logged[spike][column]) == pytest.approx(z[spike])
+    assert list((tmp_path / "run" / "version_0" / "figures").glob("monitors__batchnorm__discrepancy*.png"))
+
+
+class HookOrder(Callback):
+    def __init__(self):
+        self.events: list[str] = []
+
+    def on_validation_start(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.events.append("validation_start")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.events.append("save_checkpoint")
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.events.append("train_epoch_end")
+
+
+@pytest.mark.parametrize(
+    ("interval", "expected"),
+    [
+        # one validation per epoch: ModelCheckpoint saves in its own on_train_epoch_end, which Lightning
+        # calls after the other callbacks' (monitoring callbacks last), so a plain callback's epoch end
+        # precedes the save but follows validation
+        (1.0, ["validation_start", "train_epoch_end", "save_checkpoint"]),
+        # validation inside the epoch: the save happens in on_validation_end
+        (
+            0.5,
+            ["validation_start", "save_checkpoint", "validation_start", "save_checkpoint", "train_epoch_end"],
+        ),
+    ],
+)
+def test_lightning_runs_validation_start_before_the_validation_checkpoint(tmp_path, interval, expected):
+    # the order the sync relies on (Lightning 2.6): validation start (sync) comes before the validation's
+    # checkpoint; on_save_checkpoint (sync again if needed) comes before any file is written
+    order = HookOrder()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss")
+    loader = _shift_loader(n=16)
+    _trainer(tmp_path, [order, checkpoint], enable_checkpointing=True, val_check_interval=interval).fit(
+        ShiftModule(), loader, loader
+    )
+    assert order.events == expected
+
+
+def test_resume_restores_history(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=4)
+    first = BatchNormDriftMonitor(log_every_n_steps=4)
+    _trainer(tmp_path, [first, checkpoint], max_steps=8, enable_checkpointing=True).fit(
+        ShiftModule(), _shift_loader()
+    )
+    assert [e["step"] for e in first.history] == [4.0, 8.0]
+    resumed = BatchNormDriftMonitor(log_every_n_steps=4)
+    _trainer(tmp_path, [resumed], max_steps=16).fit(
+        ShiftModule(), _shift_loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    assert [e["step"] for e in resumed.history] == [4.0, 8.0, 12.0, 16.0]
+    assert resumed.history[:2] == first.history
+
+
+def test_observing_does_not_change_training(tmp_path):
+    def train(callbacks):
+        torch.manual_seed(0)
+        module = ShiftModule()
+        _trainer(tmp_path, callbacks, max_steps=6).fit(module, _shift_loader(n=24))
+        return module.state_dict()
+
+    without = train([])
+    with_monitor = train([BatchNormDriftMonitor(log_every_n_steps=2, cross_rank=True)])
+    assert without.keys() == with_monitor.keys()
+    for key, value in without.items():
+        assert torch.equal(value, with_monitor[key]), key
+
+
+def test_bad_configuration_is_named():
+    with pytest.raises(ValueError, match="sync must be"):
+        BatchNormDriftMonitor(sync="mean")
+    with pytest.raises(ValueError, match="recalibrate_batches"):
+        BatchNormDriftMonitor(recalibrate_batches=0)
+    with pytest.raises(ValueError, match="var_ratio_threshold"):
+        BatchNormDriftMonitor(var_ratio_threshold=1.0)
+    with pytest.raises(ValueError, match="no BatchNorm layer"):
+        BatchNormDriftMonitor().measure(nn.Sequential(nn.Linear(2, 2)), [torch.zeros(1, 2)])
