@@ -1,0 +1,20 @@
+"""LightningModules: :class:`ImageClassifier`, :class:`SemanticSegmenter` and their shared base.
+
+Importing this package also imports the prediction writers, so the CLI knows them by their short names
+(``--trainer.callbacks+=MaskPNGWriter``).
+"""
+
+from lightning_convnets.tasks.base import ConvNetTask, WarmupCosineLR, resolve_backbone
+from lightning_convnets.tasks.classification import ImageClassifier
+from lightning_convnets.tasks.segmentation import SemanticSegmenter
+from lightning_convnets.writers import ClassProbabilitiesWriter, MaskPNGWriter
+
+__all__ = [
+    "ClassProbabilitiesWriter",
+    "ConvNetTask",
+    "ImageClassifier",
+    "MaskPNGWriter",
+    "SemanticSegmenter",
+    "WarmupCosineLR",
+    "resolve_backbone",
+]

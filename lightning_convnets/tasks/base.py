@@ -1,0 +1,589 @@
+"""The shared base of every task: backbone resolution, optimizer/scheduler injection, fine-tuning controls.
+
+A task is ``backbone -> head -> loss`` plus torchmetrics collections per stage. This module holds what
+classification and segmentation (and detection) share:
+
+* **Backbone resolution** (:func:`resolve_backbone`): a registry name (``"preact_resnet18"``,
+  ``"smp:Unet/resnet34"``), a ``{"class_path": ..., "init_args": ...}`` dict, or an ``nn.Module``.
+* **Optimizer and LR scheduler** are injected as LightningCLI ``OptimizerCallable`` /
+  ``LRSchedulerCallable`` (default: AdamW with :class:`WarmupCosineLR` stepped per batch). A scheduler
+  that takes a ``total_steps`` argument left unset (``WarmupCosineLR``, ``OneCycleLR``) gets
+  ``trainer.estimated_stepping_batches`` filled in.
+* **Fine-tuning**: ``freeze_backbone`` (``True`` always, or an epoch count), ``freeze_bn`` (backbone
+  BatchNorm layers keep their running statistics), ``backbone_lr_mult`` (the backbone gets its own
+  parameter group whose learning rate is the base one times this factor).
+* **Bookkeeping**: ``save_hyperparameters``; at fit start, the parameter count and its ratio to the
+  number of training examples (the overparameterization measure #params / #training points).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
+from torchmetrics import MeanMetric
+
+from lightning_convnets.backbones import check_contract, create_backbone
+
+BackboneSpec = str | dict[str, Any] | nn.Module
+
+
+class WarmupCosineLR(LambdaLR):
+    """Linear warmup to the base learning rate, then cosine decay to ``min_lr_ratio`` times it.
+
+    Meant to be stepped every optimizer step. Leave ``total_steps`` unset inside a task: the task fills
+    it with ``trainer.estimated_stepping_batches``.
+
+    Args:
+        optimizer: the wrapped optimizer.
+        total_steps: length of the schedule in optimizer steps.
+        warmup: warmup length, as a fraction of ``total_steps`` when < 1, else as a step count.
+        min_lr_ratio: final learning rate as a fraction of the base one.
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        >>> sched = WarmupCosineLR(opt, total_steps=10, warmup=0.2)
+        >>> [round(sched.lr_lambda(s), 2) for s in (0, 1, 2, 6, 10)]
+        [0.33, 0.67, 1.0, 0.5, 0.0]
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        total_steps: int | None = None,
+        warmup: float = 0.05,
+        min_lr_ratio: float = 0.0,
+        last_epoch: int = -1,
+    ) -> None:
+        if total_steps is None or total_steps < 1:
+            raise ValueError(
+                f"WarmupCosineLR needs total_steps >= 1 (got {total_steps}); inside a task it is filled from "
+                "trainer.estimated_stepping_batches, so set trainer.max_epochs or trainer.max_steps"
+            )
+        if warmup < 0 or not 0 <= min_lr_ratio <= 1:
+            raise ValueError(
+                f"WarmupCosineLR: warmup must be >= 0 and min_lr_ratio in [0, 1], got {warmup}, {min_lr_ratio}"
+            )
+        self.total_steps = int(total_steps)
+        self.warmup_steps = round(warmup * total_steps) if warmup < 1 else int(warmup)
+        self.min_lr_ratio = min_lr_ratio
+        super().__init__(optimizer, self.lr_lambda, last_epoch=last_epoch)
+
+    def lr_lambda(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def resolve_backbone(spec: BackboneSpec, **kwargs: Any) -> nn.Module:
+    """Turn a backbone specification into a module honouring the backbone contract.
+
+    Args:
+        spec: a registry name (see :func:`lightning_convnets.backbones.list_backbones`), a dict with
+            ``class_path`` (and optional ``init_args``) as written in YAML, a dict with ``name`` (and builder
+            keyword arguments) for the registry, or an ``nn.Module`` (used as is).
+        **kwargs: extra keyword arguments for the builder (ignored for a module instance).
+
+    Raises:
+        TypeError: for another type, or a module that lacks ``out_channels`` / ``reductions``.
+
+    Example:
+        >>> resolve_backbone("preact_resnet18", stem="cifar", width=8)  # doctest: +SKIP
+    """
+    if isinstance(spec, nn.Module):
+        backbone = spec
+    elif isinstance(spec, str):
+        backbone = create_backbone(spec, **kwargs)
+    elif isinstance(spec, Mapping) and "class_path" in spec:
+        class_path = spec["class_path"]
+        module_name, _, class_name = str(class_path).rpartition(".")
+        if not module_name:
+            raise TypeError(f"backbone class_path must be 'package.module.Class', got {class_path!r}")
+        cls = getattr(importlib.import_module(module_name), class_name, None)
+        if cls is None:
+            raise TypeError(f"backbone class_path {class_path!r}: {module_name} has no {class_name!r}")
+        backbone = cls(**{**dict(spec.get("init_args") or {}), **kwargs})
+    elif isinstance(spec, Mapping) and "name" in spec:
+        options = {k: v for k, v in spec.items() if k != "name"}
+        backbone = create_backbone(spec["name"], **{**options, **kwargs})
+    else:
+        raise TypeError(
+            "backbone must be a registry name (str), a {'class_path': ..., 'init_args': ...} dict, a "
+            f"{{'name': ...}} dict or an nn.Module; got {type(spec).__name__}: {spec!r}"
+        )
+    check_contract(backbone)
+    return backbone
+
+
+def _first_conv_in_channels(module: nn.Module) -> int | None:
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            return layer.in_channels
+    return None
+
+
+def _scheduler_accepts_total_steps(factory: Any) -> bool:
+    """True when ``factory`` (a class, or the ``functools.partial`` LightningCLI builds) has an unset
+    ``total_steps`` argument that the task should fill."""
+    if isinstance(factory, functools.partial):
+        keywords = factory.keywords
+        if "total_steps" in keywords:
+            # OneCycleLR may instead be configured by epochs * steps_per_epoch.
+            return keywords["total_steps"] is None and not (
+                keywords.get("epochs") and keywords.get("steps_per_epoch")
+            )
+        target = next((a for a in reversed(factory.args) if inspect.isclass(a)), factory.func)
+    else:
+        target = factory
+    try:
+        param = inspect.signature(target).parameters.get("total_steps")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.default is None
+
+
+def _batch_size(images: Tensor) -> int:
+    return int(images.shape[0])
+
+
+class ConvNetTask(LightningModule):
+    """Base LightningModule of the tasks: a backbone, a task head, metrics per stage, fine-tuning controls.
+
+    Subclasses build their head in :meth:`build_head`, compute ``(loss, predictions, targets)`` in
+    :meth:`shared_step` and plot samples in :meth:`plot_samples`.
+
+    Args:
+        backbone: a registry name (``"preact_resnet18"``, ``"unet"``, ``"timm:resnet18"``...), a
+            ``{"class_path": ..., "init_args": ...}`` dict, or an ``nn.Module`` honouring the backbone
+            contract. A module instance is not stored as a hyperparameter: pass an identical one again to
+            ``load_from_checkpoint(path, backbone=module)``.
+        backbone_kwargs: keyword arguments for the backbone builder (``{"stem": "cifar", "width": 16}``).
+        in_channels: image channels; forwarded to registry builders and checked against the datamodule.
+        optimizer: optimizer factory taking the parameter groups (LightningCLI ``OptimizerCallable``).
+        lr_scheduler: scheduler factory taking the optimizer, or ``None`` for a constant rate. A scheduler
+            with an unset ``total_steps`` (``WarmupCosineLR``, ``OneCycleLR``) is given
+            ``trainer.estimated_stepping_batches``.
+        lr_scheduler_interval: ``"step"`` or ``"epoch"``; ``"auto"`` steps per batch exactly when
+            ``total_steps`` was filled in.
+        monitor: metric a ``ReduceLROnPlateau`` scheduler watches.
+        freeze_backbone: ``True`` freezes the backbone for the whole run (it is left out of the
+            optimizer), an int ``N`` freezes it for the first ``N`` epochs. A frozen backbone runs in eval
+            mode (its BatchNorm statistics do not move). Under DDP, a temporary freeze needs
+            ``strategy="ddp_find_unused_parameters_true"``.
+        freeze_bn: keep every BatchNorm layer of the backbone in eval mode during training (running
+            statistics frozen; affine parameters still learn).
+        backbone_lr_mult: learning-rate factor of the backbone parameter group relative to the head's
+            (e.g. 0.1 when fine-tuning a pretrained backbone).
+        num_sample_figures: images per sample-prediction figure (0: no sample figures).
+        figure_every_n_epochs: log validation figures every N epochs (0: never; test figures always).
+        channels_last: convert the weights to the channels-last memory format at setup (convolutions then
+            run NHWC: faster on CPUs and on GPU tensor cores, same numbers).
+    """
+
+    #: metric that ModelCheckpoint / EarlyStopping watch by default (set by subclasses).
+    default_monitor = "val/loss"
+
+    def __init__(
+        self,
+        backbone: BackboneSpec = "resnet18",
+        backbone_kwargs: dict[str, Any] | None = None,
+        in_channels: int = 3,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
+        lr_scheduler_interval: Literal["auto", "step", "epoch"] = "auto",
+        monitor: str = "val/loss",
+        freeze_backbone: bool | int = False,
+        freeze_bn: bool = False,
+        backbone_lr_mult: float = 1.0,
+        num_sample_figures: int = 8,
+        figure_every_n_epochs: int = 1,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(freeze_backbone, bool):
+            pass
+        elif not isinstance(freeze_backbone, int) or freeze_backbone < 0:
+            raise ValueError(
+                f"freeze_backbone must be a bool or an epoch count >= 0, got {freeze_backbone!r}"
+            )
+        if backbone_lr_mult < 0:
+            raise ValueError(f"backbone_lr_mult must be >= 0, got {backbone_lr_mult}")
+        if lr_scheduler_interval not in ("auto", "step", "epoch"):
+            raise ValueError(
+                f"lr_scheduler_interval must be auto, step or epoch, got {lr_scheduler_interval!r}"
+            )
+        # A module instance cannot be a hyperparameter (load_from_checkpoint then needs backbone=...);
+        # names and the class_path dicts that YAML / LightningCLI give can.
+        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else None)
+        # Python callables (a lambda, a class) are neither YAML nor always picklable: keep only the config
+        # dicts LightningCLI records for optimizer and scheduler.
+        drop = [
+            k
+            for k in ("optimizer", "lr_scheduler")
+            if not isinstance(self.hparams.get(k), str | Mapping | None)
+        ]
+        if drop:
+            self.remove_ignored_hparams(drop)
+            for key in drop:
+                getattr(self, "_hparams_initial", {}).pop(key, None)
+        kwargs = dict(backbone_kwargs or {})
+        if not isinstance(backbone, nn.Module):
+            kwargs.setdefault("in_channels", in_channels)
+        self.backbone = resolve_backbone(backbone, **kwargs)
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self._backbone_frozen = False
+        self._samples: dict[str, tuple[Tensor, Tensor, Tensor | None]] = {}
+        # Keys carry a trailing underscore: ModuleDict refuses names of Module methods such as "train".
+        self.stage_loss = nn.ModuleDict({f"{s}_": MeanMetric() for s in ("train", "val", "test")})
+        self.metrics = nn.ModuleDict()
+        self.num_classes: int | None = None
+        if freeze_backbone is True:
+            self._set_backbone_frozen(True)
+
+    # ----------------------------------------------------------------------------- fine-tuning controls
+    def _freeze_wanted(self, epoch: int) -> bool:
+        freeze = self.hparams.freeze_backbone
+        if freeze is True:
+            return True
+        return bool(freeze) and epoch < int(freeze)
+
+    def _set_backbone_frozen(self, frozen: bool) -> None:
+        for param in self.backbone.parameters():
+            param.requires_grad_(not frozen)
+        self._backbone_frozen = frozen
+
+    def train(self, mode: bool = True) -> ConvNetTask:
+        """Switch modes, keeping a frozen backbone (or, with ``freeze_bn``, its BatchNorm layers) in eval."""
+        super().train(mode)
+        if mode and self._backbone_frozen:
+            self.backbone.eval()
+        elif mode and self.hparams.freeze_bn:
+            for layer in self.backbone.modules():
+                if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                    layer.eval()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        wanted = self._freeze_wanted(self.current_epoch)
+        if wanted != self._backbone_frozen:
+            self._set_backbone_frozen(wanted)
+            rank_zero_info(f"epoch {self.current_epoch}: backbone {'frozen' if wanted else 'unfrozen'}")
+        self.train(True)  # re-apply eval-mode rules after a freeze change
+
+    # ------------------------------------------------------------------------ optimizer and scheduler
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups ``head`` (everything outside the backbone) and ``backbone``.
+
+        The backbone group is left out when the backbone is frozen for the whole run; its ``lr_mult`` is
+        applied to the optimizer's learning rate once the optimizer exists.
+        """
+        backbone_ids = {id(p) for p in self.backbone.parameters()}
+        head = [p for p in self.parameters() if id(p) not in backbone_ids]
+        groups = [{"params": head, "name": "head", "lr_mult": 1.0}]
+        if self.hparams.freeze_backbone is not True:
+            groups.append(
+                {
+                    "params": list(self.backbone.parameters()),
+                    "name": "backbone",
+                    "lr_mult": self.hparams.backbone_lr_mult,
+                }
+            )
+        return [g for g in groups if g["params"]]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * group.get("lr_mult", 1.0)
+            if "initial_lr" in group:
+                group["initial_lr"] = group["lr"]
+        factory = self.lr_scheduler_factory
+        if factory is None:
+            return optimizer
+        filled = _scheduler_accepts_total_steps(factory)
+        if filled:
+            total = self.trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ValueError(
+                    "lr_scheduler needs the run length (total_steps) but the trainer has no max_epochs or "
+                    "max_steps; set one of them or pass total_steps to the scheduler"
+                )
+            scheduler = factory(optimizer, total_steps=int(total))
+        else:
+            scheduler = factory(optimizer)
+        interval = self.hparams.lr_scheduler_interval
+        if interval == "auto":
+            interval = "step" if filled else "epoch"
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": interval}
+        if isinstance(scheduler, ReduceLROnPlateau):
+            config["monitor"] = self.hparams.monitor
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    # ------------------------------------------------------------------------------ data and checks
+    @property
+    def datamodule(self) -> Any:
+        trainer = self._trainer
+        return getattr(trainer, "datamodule", None) if trainer is not None else None
+
+    def check_datamodule(self) -> None:
+        """Raise a ``ValueError`` before training when the datamodule's image channels disagree with the
+        backbone's first convolution. Subclasses add their class-count checks."""
+        dm = self.datamodule
+        data_channels = getattr(dm, "in_channels", None)
+        model_channels = _first_conv_in_channels(self.backbone)
+        if data_channels is not None and model_channels is not None and int(data_channels) != model_channels:
+            raise ValueError(
+                f"{type(dm).__name__}.in_channels is {data_channels} but the backbone's first convolution "
+                f"takes {model_channels} channels; set model in_channels (or the backbone's) to {data_channels}"
+            )
+
+    def build_task(self, num_classes: int) -> None:
+        """Build the head, loss and metric collections for ``num_classes`` (subclasses)."""
+        raise NotImplementedError
+
+    def _init_task(self, num_classes: int | None) -> None:
+        # Called by subclasses at the end of __init__: build now when the class count is known, else in
+        # setup() from the datamodule (checkpoints record the count, so they rebuild the head).
+        if num_classes is not None:
+            if int(num_classes) < 1:
+                raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+            self.num_classes = int(num_classes)
+            self.build_task(self.num_classes)
+
+    def setup(self, stage: str) -> None:
+        if self.num_classes is None:
+            count = getattr(self.datamodule, "num_classes", None)
+            if count is None:
+                raise ValueError(
+                    f"{type(self).__name__}: num_classes was not given and the datamodule "
+                    f"({type(self.datamodule).__name__}) has no num_classes attribute to take it from"
+                )
+            # Not written back into hparams: Lightning refuses to log module and datamodule hparams that
+            # share a key with different values (the datamodule may hold num_classes=None). The count
+            # travels in the checkpoint instead (on_save_checkpoint / on_load_checkpoint).
+            self.num_classes = int(count)
+            self.build_task(self.num_classes)
+        self.check_datamodule()
+        if self.hparams.get("channels_last"):
+            self.to(memory_format=torch.channels_last)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lightning_convnets"] = {"num_classes": self.num_classes}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs before the weights are loaded, so a head whose size came from the datamodule is rebuilt
+        # here by load_from_checkpoint (no datamodule needed).
+        saved = (checkpoint.get("lightning_convnets") or {}).get("num_classes")
+        if saved is None:
+            return
+        if self.num_classes is None:
+            self.num_classes = int(saved)
+            self.build_task(self.num_classes)
+        elif int(saved) != self.num_classes:
+            raise ValueError(
+                f"the checkpoint was trained for {saved} classes but this {type(self).__name__} has "
+                f"{self.num_classes}; leave num_classes unset or set it to {saved}"
+            )
+
+    def on_fit_start(self) -> None:
+        n_params = sum(p.numel() for p in self.parameters())
+        n_trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        n_train = self._num_train_examples()
+        stats = {"model/params": float(n_params), "model/trainable_params": float(n_trainable)}
+        message = f"{type(self).__name__}: {n_params:,} parameters ({n_trainable:,} trainable)"
+        if n_train:
+            stats["model/params_per_train_example"] = n_params / n_train
+            message += f", {n_params / n_train:.1f} per training example ({n_train:,} examples)"
+        self.model_stats = stats
+        rank_zero_info(message)
+        if self.trainer.is_global_zero:
+            for logger in self.trainer.loggers:
+                logger.log_metrics(stats, step=0)
+
+    def _num_train_examples(self) -> int | None:
+        dm = self.datamodule
+        count = getattr(dm, "num_train_examples", None)
+        if count:
+            return int(count)
+        try:
+            return len(self.trainer.train_dataloader.dataset)
+        except (AttributeError, TypeError):
+            return None
+
+    # --------------------------------------------------------------------------------------- steps
+    @staticmethod
+    def unpack_batch(batch: Any) -> tuple[Tensor, Any]:
+        """``(images, targets)`` from a tensor, a ``(images, targets, ...)`` sequence or a dict with
+        ``image``/``images`` and ``label``/``labels``/``mask``/``masks``/``target``; targets may be None."""
+        if isinstance(batch, Tensor):
+            return batch, None
+        if isinstance(batch, Mapping):
+            images = next((batch[k] for k in ("image", "images") if k in batch), None)
+            if images is None:
+                raise KeyError(f"batch dict needs an 'image' or 'images' key, got keys {sorted(batch)}")
+            target = next(
+                (batch[k] for k in ("label", "labels", "mask", "masks", "target") if k in batch), None
+            )
+            return images, target
+        if isinstance(batch, list | tuple) and batch:
+            return batch[0], (batch[1] if len(batch) > 1 else None)
+        raise TypeError(f"cannot read images from a batch of type {type(batch).__name__}")
+
+    def shared_step(self, batch: Any, stage: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Return ``(loss, predictions_for_metrics, targets_for_metrics, images)``; implemented by tasks."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss, preds, target, images = self.shared_step(batch, "train")
+        self.log(
+            "train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=_batch_size(images)
+        )
+        self.stage_loss["train_"].update(loss.detach(), _batch_size(images))
+        self.metrics["train_"].update(preds, target)
+        return loss
+
+    def _eval_step(self, batch: Any, batch_idx: int, stage: str) -> None:
+        loss, preds, target, images = self.shared_step(batch, stage)
+        self.stage_loss[f"{stage}_"].update(loss.detach(), _batch_size(images))
+        self.metrics[f"{stage}_"].update(preds, target)
+        self.remember_samples(stage, batch_idx, images, preds, target)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    # ----------------------------------------------------------------------------- epoch-end logging
+    def _log_stage(self, stage: str) -> None:
+        # One compute per epoch: torchmetrics syncs its states across ranks there, so every rank logs the
+        # same values and no per-key sync_dist reduction is needed.
+        values = {f"{stage}/loss": self.stage_loss[f"{stage}_"].compute()}
+        values.update(self.compute_metrics(stage))
+        self.stage_loss[f"{stage}_"].reset()
+        self.metrics[f"{stage}_"].reset()
+        prog_bar = {k: v for k, v in values.items() if k in self.progress_bar_metrics_for(stage)}
+        rest = {k: v for k, v in values.items() if k not in prog_bar}
+        if prog_bar:
+            self.log_dict(prog_bar, prog_bar=True, sync_dist=False)
+        if rest:
+            self.log_dict(rest, prog_bar=False, sync_dist=False)
+
+    def compute_metrics(self, stage: str) -> dict[str, Tensor]:
+        """Scalar metrics of ``stage`` as ``{"<stage>/<name>": value}`` (per-class entries flattened)."""
+        out = {}
+        for name, value in self.metrics[f"{stage}_"].compute().items():
+            out[f"{stage}/{name}"] = value
+        return out
+
+    def progress_bar_metrics_for(self, stage: str) -> set[str]:
+        return {f"{stage}/loss"}
+
+    def on_train_epoch_end(self) -> None:
+        self._log_stage("train")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self.stage_loss["val_"].reset()
+            self.metrics["val_"].reset()
+            self._samples.pop("val", None)
+            return
+        self.log_figures("val")
+        self._log_stage("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_figures("test")
+        self._log_stage("test")
+
+    # ------------------------------------------------------------------------------------- figures
+    def _figures_due(self, stage: str) -> bool:
+        trainer = self._trainer
+        if trainer is None or not trainer.loggers:
+            return False
+        if stage == "test":
+            return True
+        every = self.hparams.figure_every_n_epochs
+        return bool(every) and (self.current_epoch + 1) % every == 0
+
+    def remember_samples(
+        self, stage: str, batch_idx: int, images: Tensor, preds: Tensor, target: Any
+    ) -> None:
+        """Keep the first batch's first images, predictions and targets (on the CPU) for the figure."""
+        k = self.hparams.num_sample_figures
+        if batch_idx != 0 or not k or stage in self._samples or not self._figures_due(stage):
+            return
+        if self._trainer is not None and self.trainer.sanity_checking:
+            return
+        self._samples[stage] = (
+            images[:k].detach().float().cpu(),
+            preds[:k].detach().cpu(),
+            None if target is None else target[:k].detach().cpu(),
+        )
+
+    def log_figures(self, stage: str) -> None:
+        """Send this stage's figures through :func:`lightning_convnets.figures.log_figure`."""
+        samples = self._samples.pop(stage, None)
+        if samples is None or not self._figures_due(stage):
+            return
+        from lightning_convnets.figures import log_figure
+
+        figure = self.plot_samples(*samples)
+        if figure is not None:
+            log_figure(self.trainer, f"{stage}/samples", figure, step=self.global_step)
+
+    def plot_samples(self, images: Tensor, preds: Tensor, target: Tensor | None) -> Any:
+        """Return a matplotlib figure of sample predictions (subclasses)."""
+        return None
+
+    def display_images(self, images: Tensor) -> Tensor:
+        """Undo the datamodule's normalisation (``mean``/``std`` attributes) for display; ``(N, H, W, C)``
+        in [0, 1] (grayscale kept single-channel, extra channels dropped)."""
+        dm = self.datamodule
+        mean, std = getattr(dm, "mean", None), getattr(dm, "std", None)
+        x = images.float()
+        if mean is not None and std is not None:
+            mean_t = torch.as_tensor(mean, dtype=x.dtype).reshape(1, -1, 1, 1)
+            std_t = torch.as_tensor(std, dtype=x.dtype).reshape(1, -1, 1, 1)
+            if mean_t.shape[1] in (1, x.shape[1]):
+                x = x * std_t + mean_t
+        else:
+            # Unknown normalisation: stretch each image to [0, 1] so it is at least visible.
+            lo = x.amin(dim=(1, 2, 3), keepdim=True)
+            hi = x.amax(dim=(1, 2, 3), keepdim=True)
+            x = (x - lo) / (hi - lo).clamp_min(1e-6)
+        x = x[:, :3] if x.shape[1] >= 3 else x[:, :1]
+        return x.clamp(0, 1).permute(0, 2, 3, 1)
+
+    def class_names(self, num_classes: int) -> list[str]:
+        names = getattr(self.datamodule, "class_names", None)
+        if names is not None and len(names) == num_classes:
+            return [str(n) for n in names]
+        return [str(i) for i in range(num_classes)]
+
+    # ------------------------------------------------------------------------------------ prediction
+    def default_prediction_writer(self) -> Callback | None:
+        """The writer attached automatically in ``predict`` when none is configured (subclasses)."""
+        return None
+
+    def configure_callbacks(self) -> list[Callback]:
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != "predict":
+            return []
+        if any(isinstance(cb, BasePredictionWriter) for cb in trainer.callbacks):
+            return []
+        writer = self.default_prediction_writer()
+        return [writer] if writer is not None else []
