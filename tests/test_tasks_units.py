@@ -391,7 +391,9 @@ def test_mask_pngs_read_back_as_the_predicted_indices(tmp_path):
 
 
 def test_import_is_light_and_exports_are_lazy():
-    code = "import sys, lightning_convnets; assert 'lightning' not in sys.modules and 'torch' not in sys.modules"
+    code = (
+        "import sys, lightning_convnets; assert 'lightning' not in sys.modules and 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
     import lightning_convnets
 
