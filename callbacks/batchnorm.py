@@ -58,8 +58,9 @@ epoch, a ``ModelCheckpoint(monitor=...)`` saves in its own ``on_train_epoch_end`
 validation and after the other callbacks' ``on_train_epoch_end``; with ``val_check_interval < 1`` it saves
 in ``on_validation_end``. Either way ``on_validation_start`` precedes the save, but a callback's
 ``on_train_epoch_end`` comes after validation: too late. Each sync is one ``all_gather`` of the running
-statistics and runs only if a training batch ran since the last one. ``recalibrate_batches=k`` runs :func:`recalibrate_batchnorm` (PreciseBN) on ``k``
-training batches before each validation during fit, pooled across ranks (so no sync is needed then).
+statistics and runs only if a training batch ran since the last one. ``recalibrate_batches=k`` runs
+:func:`recalibrate_batchnorm` (PreciseBN) on ``k`` training batches before each validation during fit,
+pooled across ranks (so no sync is needed then).
 
 Costs: two O(channels) copies per BN training forward, ~30 vectorised ops per training batch, no host
 sync; one ``all_gather`` per logging interval (plus one per sync). Under ``torch.compile`` the pre-hooks
@@ -138,14 +139,15 @@ def pool_running_stats(
         counts: ``[K]`` elements per channel behind each rank's statistics, or ``None``.
 
     Returns:
-        ``(mean, variance)``, each ``[C]``.
+        ``(mean, variance)``, each ``[C]`` in float64.
 
     Example:
         >>> import torch
         >>> a, b = torch.tensor([1.0, 3.0]), torch.tensor([5.0, 7.0, 9.0])
-        >>> means, variances = torch.stack([a.mean(), b.mean()])[:, None], torch.stack([a.var(), b.var()])[:, None]
+        >>> means = torch.stack([a.mean(), b.mean()])[:, None]
+        >>> variances = torch.stack([a.var(), b.var()])[:, None]
         >>> pool_running_stats(means, variances, torch.tensor([2.0, 3.0]))
-        (tensor([5.]), tensor([10.]))
+        (tensor([5.], dtype=torch.float64), tensor([10.], dtype=torch.float64))
     """
     if means.shape != variances.shape or means.dim() != 2:
         raise ValueError(
@@ -354,6 +356,9 @@ class BatchNormDriftMonitor(MonitorCallback):
             or ``None``: applied before each validation and each checkpoint save during fit (DDP only).
         recalibrate_batches: if set, run :func:`recalibrate_batchnorm` on that many training batches before
             each validation during fit (a fresh iterator of the trainer's train dataloader; RNG restored).
+        recalibrate_forward: ``fn(pl_module, batch)`` running the model on a batch (already on the device)
+            for the recalibration; default: ``pl_module(inputs)`` with the inputs found as in
+            :func:`recalibrate_batchnorm` (a tensor, ``batch[0]`` or ``batch["image"]``...).
         cross_rank: pack per-channel running statistics for the cross-rank keys; ``None``: when the world
             size is above 1.
         z_threshold: RMS z-shift above which a layer is reported.
@@ -372,7 +377,8 @@ class BatchNormDriftMonitor(MonitorCallback):
     Example:
         >>> import lightning.pytorch as pl  # doctest: +SKIP
         >>> monitor = BatchNormDriftMonitor(log_every_n_steps=50, sync="pooled")  # doctest: +SKIP
-        >>> pl.Trainer(strategy="ddp", devices=2, callbacks=[monitor]).fit(model, datamodule)  # doctest: +SKIP
+        >>> trainer = pl.Trainer(strategy="ddp", devices=2, callbacks=[monitor])  # doctest: +SKIP
+        >>> trainer.fit(model, datamodule)  # doctest: +SKIP
         >>> # logs batchnorm/<layer>/z_shift ..., syncs BN before validation and checkpoints, adds findings
     """
 
@@ -383,6 +389,7 @@ class BatchNormDriftMonitor(MonitorCallback):
         log_every_n_steps: int | None = None,
         sync: SyncMode | None = None,
         recalibrate_batches: int | None = None,
+        recalibrate_forward: Callable[[nn.Module, Any], Any] | None = None,
         cross_rank: bool | None = None,
         z_threshold: float = 0.5,
         var_ratio_threshold: float = 2.0,
@@ -418,6 +425,7 @@ class BatchNormDriftMonitor(MonitorCallback):
             )
         self.sync = sync
         self.recalibrate_batches = recalibrate_batches
+        self.recalibrate_forward = recalibrate_forward
         self.cross_rank = cross_rank
         self.z_threshold = z_threshold
         self.var_ratio_threshold = var_ratio_threshold
@@ -434,8 +442,8 @@ class BatchNormDriftMonitor(MonitorCallback):
         found = [(n, m) for n, m in batchnorm_layers(pl_module) if m.momentum is None or m.momentum > 0]
         if not found:
             raise ValueError(
-                f"BatchNormDriftMonitor: {type(pl_module).__name__} has no BatchNorm layer that tracks running "
-                "statistics with a non-zero momentum; remove the monitor or use BN layers"
+                f"BatchNormDriftMonitor: {type(pl_module).__name__} has no BatchNorm layer that tracks "
+                "running statistics with a non-zero momentum; remove the monitor or use BN layers"
             )
         self.layers, offset = [], 0
         for name, module in found:
@@ -771,8 +779,10 @@ class BatchNormDriftMonitor(MonitorCallback):
             rank_zero_warn("BatchNormDriftMonitor: no train dataloader to recalibrate BN with; skipped")
             return
 
+        run = self.recalibrate_forward or _default_forward
+
         def forward(model: nn.Module, batch: Any) -> Any:
-            return _default_forward(model, trainer.strategy.batch_to_device(batch))
+            return run(model, trainer.strategy.batch_to_device(batch))
 
         gather = trainer.strategy.all_gather if trainer.world_size > 1 else None
         recalibrate_batchnorm(
@@ -812,8 +822,8 @@ class BatchNormDriftMonitor(MonitorCallback):
                     [n for n, _ in lagging[:5]],
                     f"running variance {direction} the batch variance by {factor:.1f}x in {name} at the end "
                     f"of training ({len(lagging)} layers beyond {self.var_ratio_threshold:g}x)",
-                    "recalibrate BN before evaluation (recalibrate_batchnorm, or recalibrate_batches= on this "
-                    "monitor); if it persists, lower BN momentum or the learning rate late in training",
+                    "recalibrate BN before evaluation (recalibrate_batchnorm, or recalibrate_batches= on "
+                    "this monitor); if it persists, lower BN momentum or the learning rate late in training",
                     step=step,
                     values={"variance_factor": factor},
                 )
@@ -826,8 +836,8 @@ class BatchNormDriftMonitor(MonitorCallback):
                     prefix,
                     "warning",
                     [n for n, _ in shifted[:5]],
-                    f"batch means sit {value:.2f} running std away from the running means in {name} at the end "
-                    f"of training: eval-mode outputs differ from training-mode ones",
+                    f"batch means sit {value:.2f} running std away from the running means in {name} at the "
+                    "end of training: eval-mode outputs differ from training-mode ones",
                     "recalibrate BN before evaluation (PreciseBN); check that train and eval inputs are "
                     "preprocessed alike",
                     step=step,
@@ -855,10 +865,10 @@ class BatchNormDriftMonitor(MonitorCallback):
                     prefix,
                     "info",
                     [p[0] for p in peaks[:5]],
-                    f"z-shift spiked to {peak:.2f} (median before: {typical:.2f}) at step {peak_step} in {name}: the "
-                    "input distribution changed faster than the running statistics follow",
-                    "check the data pipeline at that step (a new source, augmentation or domain); recalibrate BN "
-                    "before evaluating on the new distribution",
+                    f"z-shift spiked to {peak:.2f} (median before: {typical:.2f}) at step {peak_step} in "
+                    f"{name}: the input distribution changed faster than the running statistics follow",
+                    "check the data pipeline at that step (a new source, augmentation or domain); "
+                    "recalibrate BN before evaluating on the new distribution",
                     step=peak_step,
                     values={"z_shift": peak, "median": typical},
                 )
