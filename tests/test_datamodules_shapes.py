@@ -79,7 +79,9 @@ def test_detection_boxes_tight_around_shapes(tmp_path):
     from lightning_convnets.datamodules.shapes import render_scene
 
     rng = np.random.default_rng(3)
-    _, mask, instances = render_scene(rng, 64, 4, 3, (0.09, 0.2), ["circle", "square", "triangle", "cross"])
+    _, mask, instances = render_scene(
+        rng, 64, 4, 3, (0.09, 0.2), ["circle", "square", "triangle", "cross"], 180.0
+    )
     assert instances
     for cls, (x0, y0, x1, y1), area in instances:
         inside = mask[y0:y1, x0:x1] == cls + 1
@@ -137,7 +139,7 @@ def test_linear_classifier_does_not_solve_shapes(tmp_path):
     """Logistic regression on raw pixels stays near chance (4 classes), far below what a CNN gets (>90%)."""
     torch.manual_seed(0)
     dm = ShapesDataModule(
-        root=str(tmp_path), num_train=1000, num_val=300, num_test=1, train_transforms="none", batch_size=4
+        root=str(tmp_path), num_train=800, num_val=200, num_test=1, train_transforms="none", batch_size=4
     )
     dm.setup("fit")
 
