@@ -286,3 +286,22 @@ def test_loader_settings_reach_the_dataloaders(tmp_path):
     single = ImageFolderDataModule(str(tmp_path), num_workers=0, persistent_workers=True, **_kw())
     single.setup("fit")
     assert not single.train_dataloader().persistent_workers
+
+
+def test_voc_wrapper_batches_on_a_tiny_fake_devkit(tmp_path):
+    voc = tmp_path / "voc" / "VOCdevkit" / "VOC2012"
+    (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
+    for split, stems in (("train", ["a", "b", "c"]), ("val", ["d", "e"])):
+        (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(stems) + "\n")
+        for stem in stems:
+            _save(voc / "JPEGImages" / f"{stem}.jpg", size=(30, 20))
+            _seg_pair(voc / "tmp", stem, _mask(15, size=(20, 30)))
+            (voc / "SegmentationClass").mkdir(exist_ok=True)
+            (voc / "tmp" / "masks" / f"{stem}.png").rename(voc / "SegmentationClass" / f"{stem}.png")
+    dm = VOCSegmentationDataModule(str(tmp_path / "voc"), image_size=16, batch_size=2)
+    dm.setup()
+    assert len(dm.train_dataset) == 3 and len(dm.val_dataset) == 2 and len(dm.test_dataset) == 2
+    images, masks = next(iter(dm.train_dataloader()))
+    assert images.shape == (2, 3, 16, 16) and images.dtype == torch.float32
+    assert masks.shape == (2, 16, 16) and masks.dtype == torch.int64
+    assert set(masks.unique().tolist()) <= {0, 15, 255}  # palette indices; 255 = ignore border
