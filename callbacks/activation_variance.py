@@ -59,7 +59,7 @@ from lightning_convnets.callbacks.core import (
     Moments,
     MonitorCallback,
     PackedStats,
-    RunningMoments,
+    ShiftedMoments,
     StatsPacker,
 )
 from torch import Tensor, nn
@@ -271,7 +271,8 @@ class ActivationVarianceMonitor(MonitorCallback):
         self.dead_threshold = dead_threshold
         self.num_curves = num_curves
         self.targets: list[_Target] = []
-        self._moments: dict[str, RunningMoments] = {}
+        self._moments: dict[str, ShiftedMoments] = {}
+        self._aliases: dict[str, str] = {}  # identity shortcut key -> the previous target's output key
         self._nf_code: Tensor | None = None  # on device: step * 2^20 + target index, or _NO_NONFINITE
         self._nf_layout: tuple[tuple[str, int], ...] = ()
         self._nf_segments: Tensor | None = None
@@ -287,24 +288,36 @@ class ActivationVarianceMonitor(MonitorCallback):
                 "block, stem, or types/names target); pass types=('conv',) or names=r'...' to choose layers"
             )
         self._moments = {}
+        self._aliases = _identity_aliases(pl_module, self.targets)
+        out: Callable[..., Any] = lambda a, o: o  # noqa: E731
         for index, target in enumerate(self.targets):
-            self._hook(target.module, f"{index}/out", lambda a, out: out)
+            self._hook(target.module, [(f"{index}/out", out)])
+            shortcut_key = f"{index}/shortcut"
+            measure_shortcut = shortcut_key not in self._aliases
             if target.add is not None:
-                self._hook(target.add, f"{index}/shortcut", lambda a, out: a[0])
-                self._hook(target.add, f"{index}/branch", lambda a, out: a[1])
+                selects = [(f"{index}/branch", lambda a, o: a[1])]
+                if measure_shortcut:
+                    selects.append((shortcut_key, lambda a, o: a[0]))
                 if not target.sum_is_output:
-                    self._hook(target.add, f"{index}/sum", lambda a, out: out)
+                    selects.append((f"{index}/sum", out))
+                self._hook(target.add, selects)
             elif target.branch is not None:
-                self._hook(target.branch, f"{index}/branch", lambda a, out: out)
+                self._hook(target.branch, [(f"{index}/branch", out)])
                 if target.shortcut is not None:
-                    self._hook(target.shortcut, f"{index}/shortcut", lambda a, out: out)
-                else:
-                    self._hook(target.module, f"{index}/shortcut", lambda a: a[0], pre=True)
+                    self._hook(target.shortcut, [(shortcut_key, out)])
+                elif measure_shortcut:
+                    self._hook(target.module, [(shortcut_key, lambda a: a[0])], pre=True)
 
-    def _hook(self, module: nn.Module, key: str, select: Callable[..., Any], pre: bool = False) -> None:
-        moments = self._moments[key] = RunningMoments()
+    def _hook(
+        self, module: nn.Module, selects: list[tuple[str, Callable[..., Any]]], pre: bool = False
+    ) -> None:
+        """One hook on ``module`` feeding one :class:`ShiftedMoments` per ``(key, select)``."""
+        slots = []
+        for key, select in selects:
+            self._moments[key] = ShiftedMoments()
+            slots.append((self._moments[key], select))
 
-        def record(x: Any) -> None:
+        def record(moments: ShiftedMoments, x: Any) -> None:
             if not isinstance(x, Tensor) or not x.is_floating_point():
                 return
             state = moments.state
@@ -318,14 +331,16 @@ class ActivationVarianceMonitor(MonitorCallback):
 
             def pre_hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
                 if self.is_recording(mod) and args:
-                    record(select(args))
+                    for moments, select in slots:
+                        record(moments, select(args))
 
             self.add_hook(module, pre_hook, pre=True)
         else:
 
             def hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
                 if self.is_recording(mod):
-                    record(select(args, output))
+                    for moments, select in slots:
+                        record(moments, select(args, output))
 
             self.add_hook(module, hook)
 
@@ -405,7 +420,8 @@ class ActivationVarianceMonitor(MonitorCallback):
                 block_vars.append((name, var))
             finite = math.isfinite(var) and math.isfinite(mean)
             if target.residual:
-                shortcut, branch = stats.get(f"{index}/shortcut"), stats.get(f"{index}/branch")
+                shortcut_key = self._aliases.get(f"{index}/shortcut", f"{index}/shortcut")
+                shortcut, branch = stats.get(shortcut_key), stats.get(f"{index}/branch")
                 total = stats.get(f"{index}/sum", out)
                 if isinstance(shortcut, Moments) and isinstance(branch, Moments):
                     x_var, f_var = shortcut.pooled()[2], branch.pooled()[2]
@@ -636,6 +652,29 @@ class ActivationVarianceMonitor(MonitorCallback):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.nonfinite = state.get("nonfinite")
+
+
+def _identity_aliases(model: nn.Module, targets: list[_Target]) -> dict[str, str]:
+    """Identity shortcuts whose input is, by construction, the previous target's output: the block follows
+    that target directly in an ``nn.Sequential``. Their Var(x) is that output's: measured once."""
+    index_of = {id(t.module): i for i, t in enumerate(targets)}
+    aliases = {}
+    for index, target in enumerate(targets):
+        identity = (target.add is not None and getattr(target.module, "downsample", False) is None) or (
+            target.branch is not None and target.shortcut is None
+        )
+        if not identity:
+            continue
+        parent_name, _, child = target.name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if not isinstance(parent, nn.Sequential):
+            continue
+        children = list(parent._modules.values())
+        position = list(parent._modules).index(child)
+        previous = index_of.get(id(children[position - 1])) if position > 0 else None
+        if previous is not None:
+            aliases[f"{index}/shortcut"] = f"{previous}/out"
+    return aliases
 
 
 def _ratio(a: float, b: float) -> float:

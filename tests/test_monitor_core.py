@@ -14,6 +14,7 @@ from lightning_convnets.callbacks.core import (
     Finding,
     MonitorCallback,
     RunningMoments,
+    ShiftedMoments,
     StatsPacker,
     diagnosis_for,
     observers_paused,
@@ -22,27 +23,32 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
-def test_chan_merge_matches_float64_when_mean_dwarfs_spread():
+@pytest.mark.parametrize("kind", [RunningMoments, ShiftedMoments])
+def test_streaming_moments_match_float64_when_mean_dwarfs_spread(kind):
     gen = torch.Generator().manual_seed(0)
-    batches = [1e3 + 1e-2 * torch.randn(n, 3, 5, 5, generator=gen) for n in (7, 1, 16, 3)]
-    moments = RunningMoments()
+    # mean / std = 1e6, batches of uneven sizes, and a drift of the mean between batches
+    batches = [
+        1e4 + s + 1e-2 * torch.randn(n, 3, 5, 5, generator=gen)
+        for s, n in zip((0, 0.1, -0.05, 0.02), (7, 1, 16, 3))
+    ]
+    moments = kind()
     for batch in batches:
         moments.update(batch)
     union = torch.cat(batches).double()
     exact = union.var(dim=(0, 2, 3), unbiased=False)
     assert torch.equal(moments.count, torch.full((3,), float(union.numel() // 3), dtype=torch.float64))
-    # batch means are float32-rounded (1e-7 relative); with mean/std = 1e5 the variance is still within 1e-3
-    torch.testing.assert_close(moments.mean, union.mean(dim=(0, 2, 3)), rtol=1e-7, atol=0)
-    torch.testing.assert_close(moments.var, exact, rtol=1e-3, atol=0)
+    torch.testing.assert_close(moments.mean, union.mean(dim=(0, 2, 3)), rtol=1e-12, atol=0)
+    torch.testing.assert_close(moments.var, exact, rtol=1e-6, atol=0)
     # the naive float32 E[x^2] - E[x]^2 the core must not use is off by orders of magnitude here
     flat = torch.cat(batches).transpose(0, 1).reshape(3, -1)
     naive = (flat**2).mean(1) - flat.mean(1) ** 2
     assert ((naive.double() - exact).abs() / exact).max() > 10
 
 
-def test_running_moments_reset_and_bf16_inputs():
-    moments = RunningMoments()
-    moments.update(torch.ones(4, 2, dtype=torch.bfloat16))
+@pytest.mark.parametrize("kind", [RunningMoments, ShiftedMoments])
+def test_moments_reset_and_bf16_inputs(kind):
+    moments = kind()
+    moments.update(torch.ones(4, 2, dtype=torch.bfloat16) * 100)
     moments.reset()
     assert moments.count is not None and float(moments.count.sum()) == 0
     moments.update(torch.tensor([[1.0, 2.0], [3.0, 6.0]], dtype=torch.bfloat16))
