@@ -386,3 +386,85 @@ def test_bad_configuration_is_named():
         BatchNormDriftMonitor(var_ratio_threshold=1.0)
     with pytest.raises(ValueError, match="no BatchNorm layer"):
         BatchNormDriftMonitor().measure(nn.Sequential(nn.Linear(2, 2)), [torch.zeros(1, 2)])
+
+
+class Tiny(pl.LightningModule):
+    """conv-BN-ReLU-conv-BN with a forward (for torch.compile) and a fixed learning rate."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 4, 3),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3),
+            nn.BatchNorm2d(4, momentum=None),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return self(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_bf16_mixed_with_gradient_accumulation(tmp_path):
+    module = Tiny()
+    inputs = []
+    module.net[1].register_forward_pre_hook(
+        lambda m, a: inputs.append((a[0].detach().double(), m.running_mean.clone(), m.running_var.clone()))
+    )
+    monitor = BatchNormDriftMonitor(log_every_n_steps=2)
+    trainer = _trainer(tmp_path, [monitor], max_steps=4, precision="bf16-mixed", accumulate_grad_batches=2)
+    trainer.fit(module, _shift_loader(n=32))
+    assert [e["step"] for e in monitor.history] == [2.0, 4.0]
+    assert float(monitor.last_stats["forwards"][0]) == 4  # 2 optimizer steps x 2 micro-batches
+    z2 = []
+    for x, mean_r, var_r in inputs[4:]:  # BN runs in fp32 under autocast; its input is what the update saw
+        mean_b = x.transpose(0, 1).reshape(4, -1).mean(1)
+        z2.append(float((((mean_b - mean_r.double()) / (var_r.double() + 1e-5).sqrt()) ** 2).mean()))
+    assert monitor.history[-1]["batchnorm/net.1/z_shift"] == pytest.approx(math.sqrt(sum(z2) / 4), rel=1e-4)
+
+
+def test_compiled_model_aot_eager_matches_eager(tmp_path):
+    def history(compile_backend):
+        torch._dynamo.reset()
+        module = Tiny()
+        model = torch.compile(module, backend=compile_backend) if compile_backend else module
+        monitor = BatchNormDriftMonitor(log_every_n_steps=1)
+        _trainer(tmp_path, [monitor], max_steps=3).fit(model, _shift_loader(n=12))
+        return monitor.history
+
+    from torch._dynamo.utils import counters
+
+    compiled = history("aot_eager")
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo traced the forward, pre-hooks included
+    eager = history(None)
+    assert len(compiled) == len(eager) == 3
+    for got, want in zip(compiled, eager):
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+
+
+@pytest.mark.parametrize(("shift", "low", "high"), [(0.0, 0.7, 1.4), (0.5, 100.0, math.inf)])
+def test_noise_floor_matches_independent_ranks_and_flags_different_data(shift, low, high):
+    # ranks averaging i.i.d. batches of 32 elements per channel disagree exactly as much as the floor
+    # var_R m / ((2 - m) n) predicts (ratio ~1 once the EMA is stationary); ranks fed shifted data do not
+    gen = torch.Generator().manual_seed(5)
+    rows, monitors = [], []
+    for rank in range(4):
+        model = nn.Sequential(nn.BatchNorm1d(64)).train()
+        batches = [rank * shift + torch.randn(32, 64, generator=gen) for _ in range(150)]
+        monitor = BatchNormDriftMonitor(cross_rank=True)
+        monitor.measure(model, batches)
+        packer = StatsPacker()
+        monitor.pack(None, model, packer)
+        rows.append(packer.flat())
+        monitors.append(monitor)
+    metrics = monitors[0].compute_metrics(None, None, packer.unpack(torch.stack(rows)))
+    assert low < metrics["0/rank_noise_ratio"] < high
