@@ -4,20 +4,25 @@
   branch ratios, dead ReLUs, explosion/vanishing, the first non-finite module.
 * :class:`GradientShatteringMonitor` and :func:`shattering_profile`: how shattered the input gradient is
   (autocorrelation of d/dt f(x(t)) along a line of inputs; Balduzzi et al. 2017).
+* :class:`BatchNormDriftMonitor` and :func:`recalibrate_batchnorm`: BatchNorm running-stat drift,
+  train/test discrepancy, cross-rank disagreement and PreciseBN recalibration.
 * :mod:`lightning_convnets.callbacks.core`: the shared monitor core (one collective per logging interval,
   any-logger output, bounded checkpointed history, the end-of-fit diagnosis) to build more monitors on.
 """
 
 from lightning_convnets.callbacks.activation_variance import ActivationVarianceMonitor
+from lightning_convnets.callbacks.batchnorm import BatchNormDriftMonitor, recalibrate_batchnorm
 from lightning_convnets.callbacks.core import Diagnosis, Finding, MonitorCallback, observers_paused
 from lightning_convnets.callbacks.shattering import GradientShatteringMonitor, shattering_profile
 
 __all__ = [
     "ActivationVarianceMonitor",
+    "BatchNormDriftMonitor",
     "Diagnosis",
     "Finding",
     "GradientShatteringMonitor",
     "MonitorCallback",
     "observers_paused",
+    "recalibrate_batchnorm",
     "shattering_profile",
 ]
