@@ -122,7 +122,7 @@ class CocoResultsWriter(BasePredictionWriter):
         self._results = []
         ids = self.category_ids
         if ids is None:
-            ids = (getattr(pl_module, "hparams", {}) or {}).get("category_ids")
+            ids = (getattr(pl_module, "hparams", {}) or {}).get("label_category_ids")
         if ids is None:
             ids = getattr(getattr(trainer, "datamodule", None), "category_ids", None)
         if ids is None:

@@ -141,8 +141,8 @@ def test_centernet_predict_step_clips_to_each_image_and_passes_ids_through():
 def test_bad_arguments_are_refused_with_clear_errors():
     with pytest.raises(ValueError, match="family must be one of"):
         ObjectDetector("resnet18", family="yolo", num_classes=2)
-    with pytest.raises(ValueError, match="category_ids has 3 entries but num_classes is 2"):
-        ObjectDetector("resnet18", num_classes=2, category_ids=[1, 2, 3], backbone_kwargs=TINY_RESNET)
+    with pytest.raises(ValueError, match="label_category_ids has 3 entries but num_classes is 2"):
+        ObjectDetector("resnet18", num_classes=2, label_category_ids=[1, 2, 3], backbone_kwargs=TINY_RESNET)
     with pytest.raises(ValueError, match="multiple of 32"):
         build_torchvision_detector("fcos", create_backbone("resnet18", **TINY_RESNET), 2, fpn_channels=16)
     with pytest.raises(ValueError, match="dense network: use family='centernet'"):

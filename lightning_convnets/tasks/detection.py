@@ -7,7 +7,7 @@ Conventions (every family):
   input pixels) and ``labels`` (int64 ``[K]``); ``K`` may be 0 (an image without objects);
 * labels are **0-based class indices with no background id**; Faster R-CNN's background class is added
   and removed inside the task. The dataset's own category ids (COCO ids need not be contiguous) are kept
-  in the hyperparameters (``category_ids``, ``class_names``), so a checkpoint knows its label mapping and
+  in the hyperparameters (``label_category_ids``, ``class_names``), so a checkpoint knows its label mapping and
   :class:`~lightning_convnets.detection_writers.CocoResultsWriter` can write the original ids back.
 """
 
@@ -79,8 +79,10 @@ class ObjectDetector(ConvNetTask):
         family: ``"centernet"``, ``"fasterrcnn"``, ``"retinanet"`` or ``"fcos"``.
         num_classes: object classes (no background); ``None`` takes the datamodule's at setup.
         class_names: names of the classes; ``None`` takes the datamodule's at setup.
-        category_ids: the dataset's category id of each 0-based label (COCO ids); ``None`` takes the
-            datamodule's at setup. Stored in the checkpoint.
+        label_category_ids: the dataset's category id of each 0-based label (COCO ids); ``None`` takes
+            the datamodule's ``category_ids`` at setup. Stored in the checkpoint's hyperparameters (under a
+            name of its own: a datamodule's ``category_ids`` argument may differ, e.g. ``None``, and
+            Lightning refuses module and datamodule hyperparameters that share a key with other values).
         head_channels: hidden channels of each CenterNet head branch.
         neck_channels: channels of CenterNet's upsampling neck (pyramid backbones).
         size_weight: CenterNet's size-loss weight (0.1 in the paper).
@@ -125,7 +127,7 @@ class ObjectDetector(ConvNetTask):
         family: Literal["centernet", "fasterrcnn", "retinanet", "fcos"] = "centernet",
         num_classes: int | None = None,
         class_names: list[str] | None = None,
-        category_ids: list[int] | None = None,
+        label_category_ids: list[int] | None = None,
         head_channels: int = 64,
         neck_channels: int = 64,
         size_weight: float = 0.1,
@@ -187,7 +189,7 @@ class ObjectDetector(ConvNetTask):
     # ----------------------------------------------------------------------------------- building
     def build_task(self, num_classes: int) -> None:
         hp = self.hparams
-        for key in ("class_names", "category_ids"):
+        for key in ("class_names", "label_category_ids"):
             if hp.get(key) is not None and len(hp[key]) != num_classes:
                 raise ValueError(
                     f"ObjectDetector: {key} has {len(hp[key])} entries but num_classes is {num_classes}"
@@ -232,8 +234,8 @@ class ObjectDetector(ConvNetTask):
         super().setup(stage)
         # The label mapping goes into the hyperparameters, hence into every checkpoint.
         dm = self.datamodule
-        for key in ("class_names", "category_ids"):
-            value = getattr(dm, key, None)
+        for key, attribute in (("class_names", "class_names"), ("label_category_ids", "category_ids")):
+            value = getattr(dm, attribute, None)
             if self.hparams.get(key) is None and value is not None:
                 value = [str(v) for v in value] if key == "class_names" else [int(v) for v in value]
                 if len(value) == self.num_classes:
@@ -249,7 +251,7 @@ class ObjectDetector(ConvNetTask):
                 f"classes; set model num_classes to {count} (or leave it unset to take it from the data)"
             )
         ids = getattr(dm, "category_ids", None)
-        known = self.hparams.get("category_ids")
+        known = self.hparams.get("label_category_ids")
         if ids is not None and known is not None and [int(i) for i in ids] != list(known):
             raise ValueError(
                 f"{type(dm).__name__}.category_ids {list(ids)[:10]} differ from the checkpoint's label mapping "
@@ -259,7 +261,7 @@ class ObjectDetector(ConvNetTask):
     @property
     def category_ids(self) -> list[int]:
         """Dataset category id of each label (identity when no mapping is known)."""
-        ids = self.hparams.get("category_ids")
+        ids = self.hparams.get("label_category_ids")
         return list(ids) if ids is not None else list(range(self.num_classes or 0))
 
     def class_names(self, num_classes: int) -> list[str]:
