@@ -1,0 +1,473 @@
+"""Overhead of the diagnostic monitors: step time (wall and process CPU) and peak memory, on CPU.
+
+Configurations, each in a fresh forked process (so peak memory is its own): no monitor, each monitor at
+its defaults, all monitors together, and (only if ``fastai`` is importable; it is never installed by us)
+fastai's ``ActivationStats`` in a fastai ``Learner`` on the same timm model and data. Models: a CIFAR-stem
+ResNet-18 of width 16 (ours) and a timm ResNet-18, 32x32 inputs, batch 64, SGD.
+
+A step's time is the interval between consecutive ``on_train_batch_start`` calls, so it includes every
+callback, the monitors' logging steps and the optimizer; we report the median (robust to the other
+processes sharing the CPU) and the mean (which includes the rare logging / probing steps). The
+no-monitor baseline runs first and last; overheads are against the mean of its two medians.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_monitors.py                 # full run (a few minutes)
+    .venv/bin/python benchmarks/bench_monitors.py --steps 30 --models ours   # quick look
+
+Writes ``benchmarks/results/monitors.json`` and ``benchmarks/results/monitors.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+RESULTS = Path(__file__).resolve().parent / "results"
+_THREADS: int | None = None
+BATCH, SIZE, CLASSES = 64, 32, 10
+
+
+# ------------------------------------------------------------------------------------------ models
+def build_model(name: str) -> nn.Module:
+    """An image classifier: ``ours`` (CIFAR-stem ResNet-18, width 16) or ``timm`` (timm resnet18)."""
+    if name == "ours":
+        from lightning_convnets.backbones import create_backbone
+
+        backbone = create_backbone("resnet18", stem="cifar", width=16)
+        return nn.Sequential(
+            _LastMap(backbone),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(backbone.out_channels[-1], CLASSES),
+        )
+    if name == "timm":
+        import timm
+
+        return timm.create_model("resnet18", pretrained=False, num_classes=CLASSES)
+    raise ValueError(f"bench_monitors: unknown model {name!r}; use 'ours' or 'timm'")
+
+
+class _LastMap(nn.Module):
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)[-1]
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        return nn.functional.cross_entropy(self(images), labels)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+def make_data(steps: int) -> DataLoader:
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(BATCH * 4, 3, SIZE, SIZE, generator=gen)
+    labels = torch.randint(0, CLASSES, (BATCH * 4,), generator=gen)
+    return DataLoader(TensorDataset(images, labels), batch_size=BATCH, shuffle=False)
+
+
+# ------------------------------------------------------------------------------------------ monitors
+def available_monitors() -> dict[str, Callable[[], pl.Callback]]:
+    """Each monitor of lightning_convnets.callbacks at its defaults (those that exist in this checkout)."""
+    import lightning_convnets.callbacks as callbacks
+
+    found: dict[str, Callable[[], pl.Callback]] = {}
+    for key, cls_name in (
+        ("activation_variance", "ActivationVarianceMonitor"),
+        ("gradient_shattering", "GradientShatteringMonitor"),
+        ("batchnorm_drift", "BatchNormDriftMonitor"),
+    ):
+        cls = getattr(callbacks, cls_name, None)
+        if cls is not None:
+            found[key] = cls
+    return found
+
+
+class StepTimer(pl.Callback):
+    """Wall and process-CPU timestamps at every training batch start (the step includes all callbacks)."""
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int
+    ) -> None:
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+
+
+class Alternate(pl.Callback):
+    """Switches a monitor on for even optimizer steps and off for odd ones, and times each step: a
+    paired comparison inside one run, immune to the load drifting between runs."""
+
+    def __init__(self, monitor: Any) -> None:
+        self.monitor = monitor
+        self.times: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+        self._start: tuple[float, float, bool] | None = None
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int
+    ) -> None:
+        now = (time.perf_counter(), time.process_time())
+        if self._start is not None:
+            wall, cpu, was_on = self._start
+            self.times[was_on].append((now[0] - wall, now[1] - cpu))
+        on = trainer.global_step % 2 == 0
+        self.monitor.enabled = on
+        self._start = (now[0], now[1], on)
+
+
+def run_paired(model_name: str, key: str, steps: int, warmup: int, root: str) -> dict[str, Any]:
+    torch.manual_seed(0)
+    monitor = available_monitors()[key]()
+    # the switch must run before the monitor's own on_train_batch_start reads `enabled`
+    switch = Alternate(monitor)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps + warmup,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=[switch, monitor],
+    )
+    trainer.fit(Classifier(build_model(model_name)), make_data(steps))
+    skip = warmup // 2
+    on, off = switch.times[True][skip:], switch.times[False][skip:]
+    result = {"steps_on": len(on), "steps_off": len(off)}
+    for index, name in ((0, "wall"), (1, "cpu")):
+        a = statistics.median(t[index] for t in on)
+        b = statistics.median(t[index] for t in off)
+        result[f"{name}_median_on_s"], result[f"{name}_median_off_s"], result[f"{name}_overhead"] = (
+            a,
+            b,
+            a / b - 1,
+        )
+    return result
+
+
+def run_probe_cost(model_name: str, repeats: int = 3) -> dict[str, Any]:
+    """Time of one default shattering probe on the model (CPU), to amortise over its every_n_steps."""
+    from lightning_convnets.callbacks.shattering import DEFAULT_EVERY_N_STEPS, shattering_profile
+
+    torch.manual_seed(0)
+    model = build_model(model_name)
+    images = make_data(1).dataset.tensors[0][:2]
+    walls, cpus = [], []
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), time.process_time()
+        shattering_profile(model, images[0], images[1])
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return {
+        "probe_wall_median_s": statistics.median(walls),
+        "probe_cpu_median_s": statistics.median(cpus),
+        "every_n_steps": DEFAULT_EVERY_N_STEPS,
+    }
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def run_lightning(
+    model_name: str, monitor_keys: list[str], steps: int, warmup: int, root: str
+) -> dict[str, Any]:
+    torch.manual_seed(0)
+    monitors = available_monitors()
+    timer = StepTimer()
+    callbacks = [timer] + [monitors[key]() for key in monitor_keys]
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps + warmup,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=callbacks,
+    )
+    start_rss = _rss_kib()
+    trainer.fit(Classifier(build_model(model_name)), make_data(steps))
+    return _summarise(timer.wall, timer.cpu, warmup, start_rss)
+
+
+def run_fastai(model_name: str, steps: int, warmup: int) -> dict[str, Any]:
+    """fastai's ActivationStats in a fastai Learner (benchmark-only reference)."""
+    from fastai.callback.hook import ActivationStats
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+    from fastai.optimizer import SGD
+
+    torch.manual_seed(0)
+    model = build_model(model_name)
+    loader = make_data(steps)
+    from fastai.callback.core import Callback as FastaiCallback
+
+    wall: list[float] = []
+    cpu: list[float] = []
+
+    class FastaiTimer(FastaiCallback):
+        order = -100
+
+        def before_batch(self) -> None:
+            wall.append(time.perf_counter())
+            cpu.append(time.process_time())
+
+    dls = DataLoaders(loader, loader)
+    learner = Learner(
+        dls,
+        model,
+        loss_func=nn.CrossEntropyLoss(),
+        opt_func=SGD,
+        cbs=[ActivationStats(every=None), FastaiTimer()],
+    )
+    start_rss = _rss_kib()
+    epochs = max(1, (steps + warmup + len(loader) - 1) // len(loader))
+    with learner.no_bar(), learner.no_logging():
+        learner.fit(epochs, lr=0.01)
+    return _summarise(wall[: steps + warmup + 1], cpu[: steps + warmup + 1], warmup, start_rss)
+
+
+def _summarise(wall: list[float], cpu: list[float], warmup: int, start_rss: int) -> dict[str, Any]:
+    wall_steps = [b - a for a, b in itertools.pairwise(wall)][warmup:]
+    cpu_steps = [b - a for a, b in itertools.pairwise(cpu)][warmup:]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {
+        "steps": len(wall_steps),
+        "wall_median_s": statistics.median(wall_steps),
+        "wall_mean_s": statistics.fmean(wall_steps),
+        "cpu_median_s": statistics.median(cpu_steps),
+        "cpu_mean_s": statistics.fmean(cpu_steps),
+        "peak_rss_mib": peak / 1024,
+        "rss_at_start_mib": start_rss / 1024,
+    }
+
+
+def _child(
+    queue: Any, kind: str, model_name: str, keys: list[str], steps: int, warmup: int, root: str
+) -> None:
+    if _THREADS:
+        torch.set_num_threads(_THREADS)
+    try:
+        if kind == "fastai":
+            result = run_fastai(model_name, steps, warmup)
+        elif kind == "paired":
+            result = run_paired(model_name, keys[0], steps, warmup, root)
+        elif kind == "probe":
+            result = run_probe_cost(model_name)
+        else:
+            result = run_lightning(model_name, keys, steps, warmup, root)
+        queue.put(("ok", result))
+    except Exception as err:  # report, don't hang the parent
+        queue.put(("error", f"{type(err).__name__}: {err}"))
+
+
+def run_isolated(
+    kind: str, model_name: str, keys: list[str], steps: int, warmup: int, root: str
+) -> dict[str, Any]:
+    """One configuration in a forked child: its own peak RSS, nothing cached from other configurations."""
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    process = ctx.Process(target=_child, args=(queue, kind, model_name, keys, steps, warmup, root))
+    process.start()
+    status, payload = queue.get()
+    process.join()
+    if status != "ok":
+        raise RuntimeError(f"bench_monitors: {model_name}/{kind}/{keys} failed: {payload}")
+    return payload
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=100, help="timed optimizer steps per configuration")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first")
+    parser.add_argument("--models", nargs="+", default=["ours", "timm"], choices=["ours", "timm"])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--root", default="/tmp/bench_monitors_logs", help="trainer default_root_dir")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args(argv)
+    global _THREADS
+    _THREADS = args.threads  # applied in each forked child (setting it here could start OpenMP pre-fork)
+
+    monitors = list(available_monitors())
+    configs: list[tuple[str, str, list[str]]] = [("none", "lightning", [])]
+    configs += [(key, "lightning", [key]) for key in monitors]
+    if len(monitors) > 1:
+        configs.append(("all", "lightning", monitors))
+    try:
+        import fastai  # noqa: F401
+
+        configs.append(("fastai ActivationStats", "fastai", []))
+        fastai_note = "fastai importable: reference included"
+    except ImportError:
+        fastai_note = (
+            "fastai not importable: its ActivationStats reference was skipped (never installed here)"
+        )
+    configs.append(("none (again)", "lightning", []))
+
+    results: dict[str, Any] = {
+        "setup": {
+            "batch": BATCH,
+            "image_size": SIZE,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "torch": torch.__version__,
+            "lightning": pl.__version__,
+            "threads": _THREADS or torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(),
+            "load_average_at_start": os.getloadavg(),
+            "note": fastai_note,
+        },
+        "models": {},
+    }
+    for model_name in args.models:
+        rows: dict[str, Any] = {}
+        for label, kind, keys in configs:
+            rows[label] = run_isolated(kind, model_name, keys, args.steps, args.warmup, args.root)
+            print(f"{model_name:5s} {label:24s} " + _fmt(rows[label]), flush=True)
+        base = {
+            metric: statistics.fmean([rows["none"][metric], rows["none (again)"][metric]])
+            for metric in ("wall_median_s", "cpu_median_s", "wall_mean_s", "cpu_mean_s", "peak_rss_mib")
+        }
+        for row in rows.values():
+            for metric, value in base.items():
+                row[f"{metric}_vs_none"] = row[metric] / value - 1
+        rows["baseline"] = base
+        results["models"][model_name] = rows
+        paired = {}
+        for key in monitors:
+            if key == "gradient_shattering":
+                continue  # no per-step work: its cost is the probe, amortised below
+            paired[key] = run_isolated("paired", model_name, [key], 2 * args.steps, args.warmup, args.root)
+            print(
+                f"{model_name:5s} paired {key}: cpu {paired[key]['cpu_overhead']:+.1%} wall {paired[key]['wall_overhead']:+.1%}"
+            )
+        if "gradient_shattering" in monitors:
+            probe = run_isolated("probe", model_name, [], args.steps, args.warmup, args.root)
+            for name in ("wall", "cpu"):
+                probe[f"{name}_amortised_overhead"] = probe[f"probe_{name}_median_s"] / (
+                    probe["every_n_steps"] * base[f"{name}_median_s"]
+                )
+            paired["gradient_shattering (probe amortised)"] = probe
+            print(
+                f"{model_name:5s} shattering probe {probe['probe_cpu_median_s']:.2f} s cpu, amortised {probe['cpu_amortised_overhead']:+.2%}"
+            )
+        results["paired"] = results.get("paired", {})
+        results["paired"][model_name] = paired
+    results["setup"]["load_average_at_end"] = os.getloadavg()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "monitors.json").write_text(json.dumps(results, indent=2))
+    (args.out / "monitors.md").write_text(to_markdown(results))
+    print(to_markdown(results))
+    return results
+
+
+def _fmt(row: dict[str, Any]) -> str:
+    return (
+        f"wall median {row['wall_median_s'] * 1e3:7.1f} ms  cpu median {row['cpu_median_s'] * 1e3:7.1f} ms  "
+        f"wall mean {row['wall_mean_s'] * 1e3:7.1f} ms  peak {row['peak_rss_mib']:7.1f} MiB"
+    )
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+    setup = results["setup"]
+    lines = [
+        "# Monitor overhead (CPU)",
+        "",
+        f"batch {setup['batch']}, {setup['image_size']}x{setup['image_size']}, {setup['steps']} timed steps after "
+        f"{setup['warmup']} warm-up, torch {setup['torch']}, lightning {setup['lightning']}, "
+        f"{setup['threads']} threads on {setup['cpus']} CPUs; load average {setup['load_average_at_start'][0]:.1f} "
+        f"at start, {setup.get('load_average_at_end', [0])[0]:.1f} at end (other processes share this CPU: "
+        "wall time is noisy). " + setup["note"] + ".",
+        "",
+        "| model | configuration | wall median (ms) | vs none | CPU median (ms) | vs none | wall mean (ms) "
+        "| vs none | peak RSS (MiB) | vs none |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model_name, rows in results["models"].items():
+        for label, row in rows.items():
+            if label == "baseline":
+                continue
+            lines.append(
+                f"| {model_name} | {label} | {row['wall_median_s'] * 1e3:.1f} | {row['wall_median_s_vs_none']:+.1%} "
+                f"| {row['cpu_median_s'] * 1e3:.1f} | {row['cpu_median_s_vs_none']:+.1%} "
+                f"| {row['wall_mean_s'] * 1e3:.1f} | {row['wall_mean_s_vs_none']:+.1%} "
+                f"| {row['peak_rss_mib']:.0f} | {row['peak_rss_mib_vs_none']:+.1%} |"
+            )
+    if results.get("paired"):
+        lines += [
+            "",
+            "Paired, inside one run (the monitor switched on for even steps, off for odd ones: immune to load "
+            "drifting between runs; for the shattering monitor, one default probe's time over its every_n_steps "
+            "and the no-monitor median step):",
+            "",
+            "| model | monitor | CPU overhead | wall overhead | detail |",
+            "|---|---|---|---|---|",
+        ]
+        for model_name, rows in results["paired"].items():
+            for key, row in rows.items():
+                if "cpu_overhead" in row:
+                    detail = (
+                        f"median CPU {row['cpu_median_on_s'] * 1e3:.1f} ms on / {row['cpu_median_off_s'] * 1e3:.1f} "
+                        f"ms off over {row['steps_on']}/{row['steps_off']} steps"
+                    )
+                    lines.append(
+                        f"| {model_name} | {key} | {row['cpu_overhead']:+.1%} | {row['wall_overhead']:+.1%} | {detail} |"
+                    )
+                else:
+                    detail = f"probe {row['probe_cpu_median_s']:.2f} s CPU every {row['every_n_steps']} steps"
+                    lines.append(
+                        f"| {model_name} | {key} | {row['cpu_amortised_overhead']:+.2%} "
+                        f"| {row['wall_amortised_overhead']:+.2%} | {detail} |"
+                    )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
