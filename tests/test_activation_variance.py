@@ -219,6 +219,7 @@ def test_bf16_mixed_with_gradient_accumulation(tmp_path):
     trainer = _trainer(tmp_path, [monitor], max_steps=4, precision="bf16-mixed", accumulate_grad_batches=2)
     trainer.fit(Wrapper(net), _data(n=32))
     assert [e["step"] for e in monitor.history] == [2.0, 4.0]
+    assert monitor.collectives == 2  # one per logging interval, none on the 6 other micro-batches
     assert outputs[0].dtype == torch.float64 and len(outputs) == 8
     last = torch.cat(outputs[4:])  # 2 optimizer steps x 2 micro-batches of the second interval
     index = [t.name for t in monitor.targets].index("net.layer3.0")
@@ -230,7 +231,10 @@ def test_bf16_mixed_with_gradient_accumulation(tmp_path):
 
 
 def _compiled_history(tmp_path, backend):
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     monitor = ActivationVarianceMonitor(log_every_n_steps=1)
     model = torch.compile(Wrapper(_tiny()), backend=backend)
     _trainer(tmp_path, [monitor], max_steps=2).fit(model, _data(n=8))
@@ -319,6 +323,35 @@ def test_observing_does_not_change_training(tmp_path):
     assert without.keys() == with_monitor.keys()
     for key, value in without.items():
         assert torch.equal(value, with_monitor[key]), key
+
+
+def test_diagnosis_reports_vanishing_and_dead_channels():
+    torch.manual_seed(0)
+    plain = ResNet(PreActBasicBlock, [2, 2, 2, 2], stem="cifar", width=8, norm="none", skip=False)
+    dead = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
+    with torch.no_grad():
+        for module in plain.modules():  # half the He scale: each conv quarters the variance
+            if isinstance(module, nn.Conv2d):
+                module.weight.mul_(0.5)
+        dead[0].bias[:3] = -100.0  # three of four channels never fire
+
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.plain, self.head = plain, dead
+
+        def forward(self, x):
+            return self.plain(x), self.head(x)
+
+    monitor = ActivationVarianceMonitor(types=("relu",))
+    metrics = monitor.measure(Both(), torch.randn(4, 3, 16, 16))
+    assert metrics["head.1/dead_fraction"] == 0.75
+    assert metrics["growth_per_block"] < 0.2
+    monitor.append_history({"step": 0.0, **{f"activation_variance/{k}": v for k, v in metrics.items()}})
+    vanishing = next(f for f in monitor.diagnose(None, None) if "shrinks" in f.message)
+    assert vanishing.severity == "warning" and vanishing.layers == ["plain.layer1.0", "plain.layer4.1"]
+    dead_finding = next(f for f in monitor.diagnose(None, None) if "dead" in f.message)
+    assert dead_finding.layers == ["head.1"] and "75%" in dead_finding.message
 
 
 def test_bad_configuration_is_named():
