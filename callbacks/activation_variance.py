@@ -206,7 +206,8 @@ class ActivationVarianceMonitor(MonitorCallback):
         vanish_growth: per-block growth below which it is reported as vanishing.
         dead_threshold: fraction of dead channels in a layer that makes a finding.
         sample_every_n_steps: record one optimizer step in every ``k`` (cuts the overhead by ``k``).
-        max_history: history cap (entries); see :class:`~lightning_convnets.callbacks.core.MonitorCallback`.
+        max_history: history cap (entries; an entry holds ~10 numbers per target, ~100 for a ResNet-18,
+            and goes into every checkpoint); see :class:`~lightning_convnets.callbacks.core.MonitorCallback`.
         num_curves: curves (history entries, evenly spaced) in the variance-vs-depth plot.
         train_only: record training-mode forwards only.
 
@@ -235,7 +236,7 @@ class ActivationVarianceMonitor(MonitorCallback):
         vanish_growth: float = 0.67,
         dead_threshold: float = 0.25,
         sample_every_n_steps: int = 1,
-        max_history: int = 1000,
+        max_history: int = 256,
         num_curves: int = 6,
         train_only: bool = True,
     ) -> None:
