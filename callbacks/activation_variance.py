@@ -25,11 +25,14 @@ Which modules are measured (the *targets*), in module-definition order (the dept
      (``bn3``), with timm's ``se`` / ``drop_path`` taken as the branch end when present.
 
   A module with an ``add`` attribute set to ``None`` (our skip-free "plain" twins) counts as a block
-  measured by its output only.
+  measured by its output only. An identity shortcut (``downsample is None``, or no shortcut module) of a
+  block that directly follows another target in an ``nn.Sequential`` *is* that target's output: its
+  Var(x) is taken from there instead of being measured twice.
 * optionally, modules by type (``types=("conv", "bn", "linear", "relu")`` or classes) or by name
   (``names=r"regex"``, matched with ``re.search`` against the module's qualified name).
 
-Per target and logging interval (reduced from per-channel count/mean/M2, merged with Chan's formula):
+Per target and logging interval (each rank accumulates per-channel float64 sums of shifted data,
+:class:`~lightning_convnets.callbacks.core.ShiftedMoments`; ranks are merged with Chan's formula):
 ``mean``, ``var`` (variance of all elements: mean per-channel variance + variance of the channel
 means), ``var_ch_min`` / ``var_ch_max`` (the channel spread), ``growth`` = Var(out_l)/Var(out_{l-1}) along
 the targets, ``dead_fraction`` (channels exactly zero for the whole interval: dead ReLU units where the
@@ -622,6 +625,7 @@ class ActivationVarianceMonitor(MonitorCallback):
             1,
             figsize=(max(6, 0.35 * len(names)), 6 if has_ratio else 4),
             squeeze=False,
+            sharex=True,
         )
         cmap = plt.get_cmap("viridis")
         for rank, pick in enumerate(picks):
