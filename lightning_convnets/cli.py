@@ -41,9 +41,13 @@ class ConvNetsCLI(LightningCLI):
         super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
 
 
-def main(args: list[str] | None = None) -> ConvNetsCLI:
-    """Console-script entry point; ``args=None`` reads ``sys.argv``."""
-    return ConvNetsCLI(args=args)
+def main(args: list[str] | None = None) -> None:
+    """Console-script entry point; ``args=None`` reads ``sys.argv``.
+
+    Returns nothing: the console script passes the return value to ``sys.exit``, which would turn any
+    object into exit status 1. Use :class:`ConvNetsCLI` directly to get the trainer and model.
+    """
+    ConvNetsCLI(args=args)
 
 
 if __name__ == "__main__":  # pragma: no cover

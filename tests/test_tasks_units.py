@@ -46,6 +46,16 @@ class TinyNet(nn.Module):
 register_backbone("_test_tinynet")(TinyNet)
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    # Test runs share a couple of cores: OpenMP threads spin-waiting on each other under load make tiny
+    # models 10x slower, so these tests use one thread and restore the setting afterwards.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class ValidShift(nn.Module):
     """A dense valid-padding stand-in: two unpadded 3x3 identity convolutions, so output pixel (i, j) is
     input pixel (i + 2, j + 2) (channel 0), exactly what a centred valid network does."""
