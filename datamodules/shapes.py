@@ -33,6 +33,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .base import ConvDataModule
+from .coco import load_coco_records
+from .datasets import ClassificationDataset, DetectionDataset, SegmentationDataset
+from .folders import scan_class_folders, scan_segmentation_folder, verify_pairs
+from .io import verify_image
 from .transforms import TransformSpec
 
 SHAPE_NAMES = ("circle", "square", "triangle", "cross", "star")
@@ -422,10 +426,6 @@ class ShapesDataModule(ConvDataModule):
 
     def _dataset(self, folder: Path, train: bool) -> Any:
         # The same scanners/datasets as the real-data modules: shapes exercise the real code path.
-        from .datasets import ClassificationDataset, DetectionDataset, SegmentationDataset
-        from .folders import scan_class_folders, scan_segmentation_folder, verify_pairs
-        from .io import verify_image
-
         pipeline = self.pipeline(train)
         if self.task == "classification":
             samples = scan_class_folders(folder, self.class_names, require_every_class=False)
@@ -438,7 +438,5 @@ class ShapesDataModule(ConvDataModule):
             if self.verify_images:
                 verify_pairs(pairs, self.num_classes, self.ignore_index)
             return SegmentationDataset(pairs, self.num_classes, pipeline, self.in_channels, self.ignore_index)
-        from .coco import load_coco_records
-
         records, _, _ = load_coco_records(folder / "annotations.json", folder / "images", self.verify_images)
         return DetectionDataset(records, pipeline, self.in_channels)
