@@ -24,6 +24,8 @@ Which modules are measured (the *targets*), in module-definition order (the dept
   3. built in, as in 2: torchvision's and timm's ResNet ``BasicBlock`` (branch ``bn2``) and ``Bottleneck``
      (``bn3``), with timm's ``se`` / ``drop_path`` taken as the branch end when present.
 
+  With the defaults, a model with neither blocks nor a stem (a U-Net, a plain CNN) is measured at its
+  conv layers' outputs instead.
   A module with an ``add`` attribute set to ``None`` (our skip-free "plain" twins) counts as a block
   measured by its output only. An identity shortcut (``downsample is None``, or no shortcut module) of a
   block that directly follows another target in an ``nn.Sequential`` *is* that target's output: its
@@ -56,7 +58,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_convnets.callbacks.core import (
     Finding,
     Moments,
@@ -286,6 +288,14 @@ class ActivationVarianceMonitor(MonitorCallback):
     # ------------------------------------------------------------------ hooks
     def attach(self, trainer: pl.Trainer | None, pl_module: nn.Module) -> None:
         self.targets = find_targets(pl_module, self.blocks, self.stem, self.types, self.names)
+        if not self.targets and not self.types and not self.names:
+            # no residual block and no stem (a U-Net, a plain CNN): the conv outputs are the depth axis
+            self.targets = find_targets(pl_module, blocks=False, stem=False, types=("conv",))
+            if self.targets:
+                rank_zero_info(
+                    f"ActivationVarianceMonitor: no residual block or stem in {type(pl_module).__name__}; "
+                    f"measuring its {len(self.targets)} conv layers instead"
+                )
         if not self.targets:
             raise ValueError(
                 f"ActivationVarianceMonitor: no module of {type(pl_module).__name__} matches (no residual "

@@ -357,6 +357,12 @@ def test_diagnosis_reports_vanishing_and_dead_channels():
 def test_bad_configuration_is_named():
     with pytest.raises(ValueError, match="types entry 'convolution'"):
         ActivationVarianceMonitor(types=("convolution",)).measure(nn.Conv2d(1, 1, 1), torch.zeros(1, 1, 2, 2))
+    # no block and no stem: the conv layers are the depth axis
+    conv_net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3))
+    assert sorted(ActivationVarianceMonitor().measure(conv_net, torch.randn(2, 1, 8, 8))) == [
+        "0/dead_fraction", "0/mean", "0/var", "0/var_ch_max", "0/var_ch_min",
+        "2/dead_fraction", "2/growth", "2/mean", "2/var", "2/var_ch_max", "2/var_ch_min", "nonfinite_step",
+    ]  # fmt: skip
     with pytest.raises(ValueError, match="no module of Linear matches"):
         ActivationVarianceMonitor().measure(nn.Linear(2, 2), torch.zeros(1, 2))
     with pytest.raises(ValueError, match="names is not a valid regex"):
