@@ -166,7 +166,7 @@ def test_linear_classifier_does_not_solve_shapes(tmp_path):
 
 @pytest.mark.slow
 def test_small_cnn_learns_shapes(tmp_path):
-    """The other side of the difficulty band: a tiny CNN gets >= 85% in 4 epochs of 2000 images (~30 s CPU)."""
+    """The other side of the difficulty band: a tiny CNN gets >= 90% (measured 0.99) in 4 epochs of 2000 images (~30 s CPU)."""
     torch.manual_seed(0)
     dm = ShapesDataModule(
         root=str(tmp_path), num_train=2000, num_val=500, num_test=1, train_transforms="none"
@@ -204,4 +204,4 @@ def test_small_cnn_learns_shapes(tmp_path):
     net.eval()
     with torch.no_grad():
         val_acc = (net(x_val).argmax(1) == y_val).float().mean().item()
-    assert val_acc >= 0.85, f"val accuracy {val_acc:.3f}"
+    assert val_acc >= 0.9, f"val accuracy {val_acc:.3f}"
