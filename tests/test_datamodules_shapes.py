@@ -166,7 +166,7 @@ def test_linear_classifier_does_not_solve_shapes(tmp_path):
 
 @pytest.mark.slow
 def test_small_cnn_learns_shapes(tmp_path):
-    """The other side of the difficulty band: a tiny CNN gets >= 90% (measured 0.99) in 4 epochs of 2000 images (~30 s CPU)."""
+    """The easy side of the band: a tiny CNN gets >= 90% val (measured 0.99) in 4 epochs of 2000 images."""
     torch.manual_seed(0)
     dm = ShapesDataModule(
         root=str(tmp_path), num_train=2000, num_val=500, num_test=1, train_transforms="none"
