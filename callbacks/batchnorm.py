@@ -481,7 +481,11 @@ class BatchNormDriftMonitor(MonitorCallback):
         self._channels = torch.tensor([float(lay.channels) for lay in self.layers], **f64)
         momenta = [lay.module.momentum for lay in self.layers]
         self._cumulative = torch.tensor([m is None for m in momenta], device=device)
+        self._any_cumulative = any(m is None for m in momenta)
         self._momentum = torch.tensor([0.0 if m is None else float(m) for m in momenta], **f64)
+        # per-channel constants, so the per-batch arithmetic needs no gather (index ops are slow on CPU)
+        self._momentum_channel = self._momentum[self._layer_index]
+        self._cumulative_channel = self._cumulative[self._layer_index]
         self._eps = torch.tensor([float(lay.module.eps) for lay in self.layers], **f64)[self._layer_index]
         self._nbt_start = torch.zeros(count, **f64)
         self._sums = torch.zeros(count, len(_QUANTITIES), **f64)
@@ -530,8 +534,9 @@ class BatchNormDriftMonitor(MonitorCallback):
             self.remove_hooks()
 
     def _current(self) -> tuple[Tensor, Tensor]:
-        mean = torch.cat([lay.module.running_mean.detach().double() for lay in self.layers])
-        var = torch.cat([lay.module.running_var.detach().double() for lay in self.layers])
+        # buffers need no detach (no autograd); one cat then one cast (cat promotes mixed dtypes)
+        mean = torch.cat([lay.module.running_mean for lay in self.layers]).double()
+        var = torch.cat([lay.module.running_var for lay in self.layers]).double()
         return mean, var
 
     def _nbt(self) -> Tensor:
@@ -560,21 +565,22 @@ class BatchNormDriftMonitor(MonitorCallback):
         """Recover each layer's batch statistics from its update and add this batch's discrepancies."""
         nbt = self._nbt()
         called = (nbt - self._nbt_start) >= 1  # layers that ran a training forward in this batch
-        m_layer = torch.where(self._cumulative, 1.0 / nbt.clamp_min(1), self._momentum)
         idx = self._layer_index
-        m = m_layer[idx]
+        m = self._momentum_channel
+        if self._any_cumulative:  # momentum=None: m = 1 / num_batches_tracked after the update
+            m = torch.where(self._cumulative_channel, (1.0 / nbt.clamp_min(1))[idx], m)
         new_mean, new_var = self._current()
         old_mean, old_var = self._old_mean, self._old_var
         batch_mean = (new_mean - (1 - m) * old_mean) / m
         batch_var_unbiased = ((new_var - (1 - m) * old_var) / m).clamp_min(0)
         elements = tuple(self._elements)
         correction = self._elements_cache.get(elements)
-        if correction is None:  # (n - 1) / n per layer; shapes are static, so this is cached
+        if correction is None:  # (n - 1) / n per channel; shapes are static, so this is cached
             factors = [(n - 1) / n if n > 1 else 1.0 for n in elements]
             correction = self._elements_cache[elements] = torch.tensor(
                 factors, dtype=torch.float64, device=idx.device
-            )
-        batch_var = batch_var_unbiased * correction[idx]
+            )[idx]
+        batch_var = batch_var_unbiased * correction
         scale = old_var + self._eps
         z = (batch_mean - old_mean) / scale.sqrt()
         ratio = (batch_var + self._eps) / scale
