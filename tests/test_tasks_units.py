@@ -411,3 +411,36 @@ def test_import_is_light_and_exports_are_lazy():
     assert lightning_convnets.SemanticSegmenter is SemanticSegmenter
     with pytest.raises(AttributeError, match="no attribute"):
         lightning_convnets.NoSuchThing  # noqa: B018
+
+
+# ------------------------------------------------------------------------------------------- modes
+def test_multilabel_mode_uses_sigmoid_bce_and_multilabel_metrics(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(16, 3, 8, 8, generator=g)
+    targets = (torch.rand(16, 3, generator=g) > 0.5).long()
+    model = ImageClassifier(TinyNet(), num_classes=3, multilabel=True, class_weights=[1.0, 2.0, 1.0])
+    loss, logits, _, _ = model.shared_step((images, targets), "val")
+    expected = F.binary_cross_entropy_with_logits(
+        logits, targets.float(), pos_weight=torch.tensor([1.0, 2.0, 1.0])
+    )
+    assert torch.allclose(loss, expected)
+    probs = model.predict_step(images, 0)
+    assert probs.shape == (16, 3) and not torch.allclose(probs.sum(1), torch.ones(16))  # independent labels
+    trainer = _trainer(tmp_path, max_epochs=1)
+    trainer.fit(model, TensorDataModule(images, targets, num_classes=3))
+    assert {"val/acc", "val/f1", "train/acc"} <= set(trainer.callback_metrics)
+    with pytest.raises(ValueError, match="multilabel targets"):
+        model.shared_step((images, targets[:, :2]), "val")
+
+
+def test_binary_segmentation_has_one_channel_and_two_class_metrics(tmp_path):
+    images = torch.randn(8, 3, 8, 8)
+    masks = (images[:, 0] > 0).long()
+    masks[:, 0, 0] = 255
+    model = SemanticSegmenter(TinyNet(), binary=True, num_classes=2)
+    assert model(images)[-1].shape == (8, 1, 8, 8)
+    trainer = _trainer(tmp_path, max_epochs=2)
+    trainer.fit(model, TensorDataModule(images, masks, num_classes=2, class_names=["bg", "fg"]))
+    metrics = trainer.callback_metrics
+    assert {"val/miou", "val/iou/bg", "val/iou/fg", "val/dice", "val/pixel_acc"} <= set(metrics)
+    assert set(model.predict_step(images, 0).unique().tolist()) <= {0, 1}
