@@ -356,6 +356,9 @@ class BatchNormDriftMonitor(MonitorCallback):
             or ``None``: applied before each validation and each checkpoint save during fit (DDP only).
         recalibrate_batches: if set, run :func:`recalibrate_batchnorm` on that many training batches before
             each validation during fit (a fresh iterator of the trainer's train dataloader; RNG restored).
+            A DataLoader with ``persistent_workers=True`` resets its one iterator when iterated again, which
+            would cut short an epoch validated mid-way (``val_check_interval < 1``): there, call
+            :func:`recalibrate_batchnorm` with a separate loader from your own callback instead.
         recalibrate_forward: ``fn(pl_module, batch)`` running the model on a batch (already on the device)
             for the recalibration; default: ``pl_module(inputs)`` with the inputs found as in
             :func:`recalibrate_batchnorm` (a tensor, ``batch[0]`` or ``batch["image"]``...).

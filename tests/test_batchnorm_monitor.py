@@ -44,8 +44,9 @@ def _exact_discrepancy(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> 
         (nn.BatchNorm2d(3), (4, 3, 6, 6)),
         (nn.BatchNorm2d(3, momentum=None), (4, 3, 6, 6)),
         (nn.BatchNorm3d(3, momentum=0.3), (2, 3, 3, 4, 4)),
+        (nn.SyncBatchNorm(3), (4, 3, 6, 6)),  # single process: updates like BatchNorm2d
     ],
-    ids=["1d", "1d-cumulative-3d-input", "2d", "2d-cumulative", "3d"],
+    ids=["1d", "1d-cumulative-3d-input", "2d", "2d-cumulative", "3d", "sync"],
 )
 def test_batch_statistics_recovered_from_the_update_match_the_input(bn, shape):
     gen = torch.Generator().manual_seed(0)

@@ -142,8 +142,9 @@ def test_refuses_a_model_in_training_mode():
         fuse_conv_bn(net)
 
 
-def test_inplace_fuses_the_model_itself():
-    net = _trained_like(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+@pytest.mark.parametrize("norm", [nn.BatchNorm2d, nn.SyncBatchNorm])
+def test_inplace_fuses_the_model_itself(norm):
+    net = _trained_like(nn.Sequential(nn.Conv2d(3, 4, 3), norm(4), nn.ReLU()))
     x = torch.randn(1, 3, 8, 8)
     expected = net(x)
     assert fuse_conv_bn(net, inplace=True) is net and isinstance(net[1], nn.Identity)
