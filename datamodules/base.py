@@ -111,7 +111,8 @@ class ConvDataModule(LightningDataModule):
         ...         return ["a", "b"]
         ...     def _build_datasets(self, splits):
         ...         for split in splits:
-        ...             setattr(self, f"{split}_dataset", make_dataset(split, self.pipeline(split == "train")))
+        ...             dataset = make_dataset(split, self.pipeline(split == "train"))
+        ...             setattr(self, f"{split}_dataset", dataset)
     """
 
     task: Literal["classification", "segmentation", "detection"] = "classification"

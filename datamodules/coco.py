@@ -185,10 +185,12 @@ class CocoDetectionDataModule(ConvDataModule):
         **see** :class:`ConvDataModule` for the loader, transform and normalisation arguments.
 
     Example:
-        >>> dm = CocoDetectionDataModule(images="coco/train2017",
-        ...                              annotations="coco/annotations/instances_train2017.json",
-        ...                              val_images="coco/val2017",
-        ...                              val_annotations="coco/annotations/instances_val2017.json")  # doctest: +SKIP
+        >>> dm = CocoDetectionDataModule(  # doctest: +SKIP
+        ...     images="coco/train2017",
+        ...     annotations="coco/annotations/instances_train2017.json",
+        ...     val_images="coco/val2017",
+        ...     val_annotations="coco/annotations/instances_val2017.json",
+        ... )
         >>> dm.num_classes, dm.category_ids[:3]  # doctest: +SKIP
         (80, [1, 2, 3])
     """

@@ -409,7 +409,9 @@ class ShapesDataModule(ConvDataModule):
 
     @property
     def num_train_examples(self) -> int:
-        return self.num_train if self.train_dataset is None else len(self.train_dataset)  # type: ignore[arg-type]
+        if self.train_dataset is None:
+            return self.num_train
+        return len(self.train_dataset)  # type: ignore[arg-type]
 
     def prepare_data(self) -> None:
         """Generate the dataset into the cache if it is not there yet."""

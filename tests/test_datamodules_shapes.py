@@ -186,7 +186,8 @@ def test_small_cnn_learns_shapes(tmp_path):
         )
 
     net = torch.nn.Sequential(
-        block(3, 16), block(16, 16), torch.nn.MaxPool2d(2), block(16, 32), block(32, 32), torch.nn.MaxPool2d(2),
+        block(3, 16), block(16, 16), torch.nn.MaxPool2d(2),
+        block(16, 32), block(32, 32), torch.nn.MaxPool2d(2),
         block(32, 64), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, dm.num_classes),
     )  # fmt: skip
     optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.01)

@@ -1,4 +1,4 @@
-"""Transform specs from YAML: presets, albumentations dicts and files, class_path lists; mask fill; seeding."""
+"""Transform specs from YAML (presets, albumentations dicts/files, class_path lists), mask fill, seeding."""
 
 from __future__ import annotations
 
