@@ -163,14 +163,20 @@ def _batch_size(images: Tensor) -> int:
 class ConvNetTask(LightningModule):
     """Base LightningModule of the tasks: a backbone, a task head, metrics per stage, fine-tuning controls.
 
-    Subclasses build their head in :meth:`build_head`, compute ``(loss, predictions, targets)`` in
-    :meth:`shared_step` and plot samples in :meth:`plot_samples`.
+    Subclasses build head, loss and metrics in :meth:`build_task` (called with the class count, from
+    ``__init__`` or, when ``num_classes`` is left unset, from ``setup`` with the datamodule's count, which
+    checkpoints then record), compute ``(loss, predictions, targets, images)`` in :meth:`shared_step` and
+    draw samples in :meth:`plot_samples`.
+
+    Checkpoints: ``load_from_checkpoint(path)`` rebuilds the model from the saved hyperparameters when the
+    backbone was given as a name or a ``class_path`` dict. A backbone given as a module instance is not a
+    hyperparameter, so pass an identically built module again:
+    ``ImageClassifier.load_from_checkpoint(path, backbone=MyNet())`` (the weights then come from the file).
 
     Args:
         backbone: a registry name (``"preact_resnet18"``, ``"unet"``, ``"timm:resnet18"``...), a
             ``{"class_path": ..., "init_args": ...}`` dict, or an ``nn.Module`` honouring the backbone
-            contract. A module instance is not stored as a hyperparameter: pass an identical one again to
-            ``load_from_checkpoint(path, backbone=module)``.
+            contract (see "Checkpoints" above for module instances).
         backbone_kwargs: keyword arguments for the backbone builder (``{"stem": "cifar", "width": 16}``).
         in_channels: image channels; forwarded to registry builders and checked against the datamodule.
         optimizer: optimizer factory taking the parameter groups (LightningCLI ``OptimizerCallable``).
@@ -192,10 +198,14 @@ class ConvNetTask(LightningModule):
         figure_every_n_epochs: log validation figures every N epochs (0: never; test figures always).
         channels_last: convert the weights to the channels-last memory format at setup (convolutions then
             run NHWC: faster on CPUs and on GPU tensor cores, same numbers).
-    """
 
-    #: metric that ModelCheckpoint / EarlyStopping watch by default (set by subclasses).
-    default_monitor = "val/loss"
+    Example:
+        >>> from lightning_convnets import ImageClassifier  # a ConvNetTask
+        >>> model = ImageClassifier("resnet18", num_classes=10, freeze_backbone=2, backbone_lr_mult=0.1,
+        ...                         optimizer=lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9))
+        >>> [g["name"] for g in model.parameter_groups()]
+        ['head', 'backbone']
+    """
 
     def __init__(
         self,
@@ -241,7 +251,8 @@ class ConvNetTask(LightningModule):
             for key in drop:
                 getattr(self, "_hparams_initial", {}).pop(key, None)
         kwargs = dict(backbone_kwargs or {})
-        if not isinstance(backbone, nn.Module):
+        if isinstance(backbone, str) or (isinstance(backbone, Mapping) and "class_path" not in backbone):
+            # Registry builders all take in_channels; an arbitrary class_path class may not.
             kwargs.setdefault("in_channels", in_channels)
         self.backbone = resolve_backbone(backbone, **kwargs)
         self.optimizer_factory = optimizer
