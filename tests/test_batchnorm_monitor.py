@@ -470,3 +470,15 @@ def test_noise_floor_matches_independent_ranks_and_flags_different_data(shift, l
         monitors.append(monitor)
     metrics = monitors[0].compute_metrics(None, None, packer.unpack(torch.stack(rows)))
     assert low < metrics["0/rank_noise_ratio"] < high
+
+
+def test_variance_lag_is_reported_with_advice():
+    # running variance still near its init 1 while batches have variance 9: eval would under-normalise 3x
+    gen = torch.Generator().manual_seed(6)
+    model = nn.Sequential(nn.BatchNorm2d(4, momentum=0.01)).train()
+    monitor = BatchNormDriftMonitor()
+    metrics = monitor.measure(model, [3 * torch.randn(16, 4, 4, 4, generator=gen) for _ in range(2)])
+    assert math.exp(metrics["0/log_var_ratio"]) == pytest.approx(9.0, rel=0.15)
+    (lag,) = [f for f in _diagnose_once(monitor, metrics) if "lags" in f.message]
+    assert lag.layers == ["0"] and lag.values["variance_factor"] == pytest.approx(9.0, rel=0.15)
+    assert "recalibrate" in lag.suggestion
