@@ -15,11 +15,13 @@ Pieces:
   worker and records every call with the step, whether it ran inside a training batch, and which monitor
   (if any) issued it.
 * :class:`TinyResNet`: a LightningModule with a stem, two residual blocks (summed through
-  :class:`~lightning_convnets.nn.ResidualAdd`) and BatchNorm, plus :func:`tiny_loader`.
+  :class:`~lightning_convnets.nn.ResidualAdd`) and BatchNorm, plus :class:`ShardedTinyData`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import os
 import socket
 import sys
@@ -35,7 +37,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_convnets.nn import ResidualAdd
 
@@ -95,13 +97,14 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-@pytest.fixture
-def ddp_env() -> Iterator[None]:
-    """Run a test that launches ranks: restore the environment, fail on leaked processes or ports.
+@contextlib.contextmanager
+def ddp_hygiene() -> Iterator[None]:
+    """Around code that launches ranks: restore the environment, then fail on leaked processes or ports.
 
-    Lightning's launcher writes ``MASTER_PORT`` into the parent's environment (so a later run would reuse
-    the port) and ``seed_everything`` writes ``PL_GLOBAL_SEED``; the workers set the rest in their own
-    copies. Everything is put back as it was, then the leaks are checked.
+    Lightning's launcher writes ``MASTER_PORT`` into the parent's environment (a later run would reuse the
+    port) and ``seed_everything`` writes ``PL_GLOBAL_SEED``; the workers set ``MASTER_ADDR``, ``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``... in their own copies. Everything is put back as it was, then: no child
+    process may outlive the block, the parent must hold no process group, and the run's port must be free.
     """
     saved = dict(os.environ)
     children_before = child_pids()
@@ -123,6 +126,13 @@ def ddp_env() -> Iterator[None]:
         assert port_is_free(int(port)), f"port {port} (MASTER_PORT of the run) is still bound"
 
 
+@pytest.fixture
+def ddp_env() -> Iterator[None]:
+    """:func:`ddp_hygiene` around one test."""
+    with ddp_hygiene():
+        yield
+
+
 # --------------------------------------------------------------------------------------------------
 # Per-rank records
 # --------------------------------------------------------------------------------------------------
@@ -137,6 +147,14 @@ def dump(folder: str | Path, name: str, obj: Any) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(obj, folder / f"{name}-rank{rank()}.pt")
+
+
+def logged(folder: str | Path, key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of every row of the run's ``metrics.csv`` (a CSVLogger under ``folder``) that has
+    ``key``, in file order: what rank zero logged."""
+    (path,) = Path(folder).rglob("metrics.csv")
+    with open(path) as f:
+        return [(int(r["step"]), float(r[key])) for r in csv.DictReader(f) if r.get(key)]
 
 
 def load_ranks(folder: str | Path, name: str, world: int = WORLD) -> list[Any]:
@@ -282,8 +300,35 @@ def tiny_dataset(num: int = 32, size: int = 8, num_classes: int = 3, odd_shift: 
     return TensorDataset(images, labels)
 
 
-def tiny_loader(batch_size: int = 4, shuffle: bool = False, **kwargs: Any) -> DataLoader:
-    return DataLoader(tiny_dataset(**kwargs), batch_size=batch_size, shuffle=shuffle)
+class ShardedTinyData(pl.LightningDataModule):
+    """:func:`tiny_dataset` dealt to the ranks in order: rank ``r`` of ``W`` gets images ``r, r + W, ...``.
+
+    Lightning replaces a training loader's sampler by a *shuffling* DistributedSampler whatever the loader
+    said; a loader that already holds a DistributedSampler is kept, so this module builds one with
+    ``shuffle=False`` (in the worker, once the process group exists). With ``odd_shift`` rank 1 of 2 then
+    sees only shifted images: shards with different distributions.
+
+    Args:
+        batch_size: images per batch and rank.
+        **kwargs: :func:`tiny_dataset` arguments.
+    """
+
+    def __init__(self, batch_size: int = 4, **kwargs: Any) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.dataset = tiny_dataset(**kwargs)
+
+    def _loader(self) -> DataLoader:
+        sampler = None
+        if dist.is_available() and dist.is_initialized():
+            sampler = DistributedSampler(self.dataset, shuffle=False)
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader()
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader()
 
 
 class EvalSampleRecorder(Callback):
