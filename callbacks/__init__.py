@@ -11,7 +11,11 @@
 """
 
 from lightning_convnets.callbacks.activation_variance import ActivationVarianceMonitor
-from lightning_convnets.callbacks.batchnorm import BatchNormDriftMonitor, recalibrate_batchnorm
+from lightning_convnets.callbacks.batchnorm import (
+    BatchNormDriftMonitor,
+    pool_running_stats,
+    recalibrate_batchnorm,
+)
 from lightning_convnets.callbacks.core import Diagnosis, Finding, MonitorCallback, observers_paused
 from lightning_convnets.callbacks.shattering import GradientShatteringMonitor, shattering_profile
 
@@ -23,6 +27,7 @@ __all__ = [
     "GradientShatteringMonitor",
     "MonitorCallback",
     "observers_paused",
+    "pool_running_stats",
     "recalibrate_batchnorm",
     "shattering_profile",
 ]
