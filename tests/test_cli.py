@@ -95,6 +95,14 @@ def test_demo_fits_tests_and_reports_paths(tmp_path, capsys):
     assert any("confusion_matrix" in f.name for f in figures) and any("samples" in f.name for f in figures)
 
 
+def test_demo_uses_one_thread_only_on_a_busy_machine():
+    from lightning_convnets.demo import busy_machine_threads
+
+    assert busy_machine_threads(load=6.0, cores=2, env={}) == 1
+    assert busy_machine_threads(load=0.3, cores=2, env={}) is None
+    assert busy_machine_threads(load=6.0, cores=2, env={"OMP_NUM_THREADS": "2"}) is None
+
+
 def test_shapes_classification_config(tmp_path):
     _fit_then_test(
         CONFIGS / "classification" / "shapes.yaml",
