@@ -177,3 +177,34 @@ def test_multinode_torchrun_command_with_two_single_process_nodes(tmp_path):
     saved = _only_checkpoint(tmp_path)
     assert saved["global_step"] == 2
     _no_process_left(marker)
+
+
+GPU_CHECK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+
+
+def test_gpu_check_fails_clearly_without_cuda(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
+    env.pop("GPU_CHECK_ALLOW_CPU", None)
+    result = subprocess.run(
+        [str(GPU_CHECK)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "gpu_check: FAILED: no CUDA device visible" in result.stderr
+    assert "needs an NVIDIA GPU" in result.stderr
+
+
+@pytest.mark.slow  # six tiny CPU trainings in a fresh interpreter: ~1 minute here
+@pytest.mark.timeout(900)
+def test_gpu_check_script_itself_runs_on_cpu_when_allowed(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable, "GPU_CHECK_ALLOW_CPU": "1"}
+    # 5 steps: the quickstart's OneCycleLR (pct_start 0.25) divides by zero at exactly 4 total steps
+    command = [str(GPU_CHECK), "--steps", "5", "--warmup", "1", "--tiny"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=840, env=env, cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "ms/step" not in line]
+    assert [row.split(" | ")[:2] for row in rows] == [
+        [f"| {task}", monitors]
+        for task in ("classification", "segmentation", "detection")
+        for monitors in ("none", "all three")
+    ]
+    assert "wrote" not in result.stdout  # CPU numbers never land in benchmarks/results
