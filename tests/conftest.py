@@ -1,7 +1,13 @@
-"""Shared test setup: CPU only, no network, quiet matplotlib."""
+"""Shared test setup: CPU only, no network, quiet matplotlib, one intra-op thread."""
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # timm / smp must never reach the hub in tests
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import torch
+
+# The tests use tiny models: on a 2-core CI machine two OpenMP threads spend more time waiting on each
+# other than computing (measured up to 7x slower), so the whole suite runs single-threaded.
+torch.set_num_threads(1)
