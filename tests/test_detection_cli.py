@@ -171,8 +171,9 @@ def test_coco_recipe_loads_user_paths_and_predict_writes_coco_results(in_tmp):
 
 @pytest.mark.slow
 def test_detection_quickstart_reaches_map50_of_half(in_tmp):
-    """The detection quickstart as shipped (tiny hourglass): at most 3 minutes of training on a CPU,
-    mAP@50 >= 0.5 on the shapes test split."""
+    """The detection quickstart as shipped (tiny hourglass) reaches mAP@50 >= 0.5 on the shapes test split
+    within 3 minutes of a 2-core CPU. The budget is checked on process CPU time (all threads), which a
+    machine shared with other jobs does not inflate the way it inflates wall time."""
     config = str(CONFIGS / "centernet_hourglass_shapes.yaml")
     common = [
         "--config",
@@ -184,12 +185,16 @@ def test_detection_quickstart_reaches_map50_of_half(in_tmp):
         "--trainer.enable_progress_bar",
         "false",
     ]
-    start = time.perf_counter()
+    from lightning_convnets.datamodules import ShapesDataModule
+
+    ShapesDataModule(task="detection").prepare_data()  # generate the images before the clock starts
+    wall, cpu = time.perf_counter(), time.process_time()
     fit = _run(["fit", *common])
-    seconds = time.perf_counter() - start
-    result = fit.trainer.test(fit.model, datamodule=fit.datamodule, ckpt_path="last" if False else None)[0]
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    result = fit.trainer.test(fit.model, datamodule=fit.datamodule)[0]
     print(
-        f"quickstart: fit {seconds:.0f} s, test mAP@50 {result['test/map_50']:.3f}, mAP {result['test/map']:.3f}"
+        f"quickstart: fit {wall:.0f} s wall, {cpu:.0f} s CPU; test mAP@50 {result['test/map_50']:.3f}, "
+        f"mAP {result['test/map']:.3f}"
     )
-    assert seconds <= 180 * 1.5, "the quickstart is meant to train in about 3 minutes"
+    assert cpu <= 2 * 180, f"training used {cpu:.0f} CPU-seconds, more than 3 minutes of 2 cores"
     assert result["test/map_50"] >= 0.5

@@ -6,9 +6,9 @@ Conventions (every family):
   one ``[N, C, H, W]`` tensor, and ``targets`` a list of dicts with ``boxes`` (float ``[K, 4]``, ``xyxy``
   input pixels) and ``labels`` (int64 ``[K]``); ``K`` may be 0 (an image without objects);
 * labels are **0-based class indices with no background id**; Faster R-CNN's background class is added
-  and removed inside the task. The dataset's own category ids (COCO ids need not be contiguous) are kept
-  in the hyperparameters (``label_category_ids``, ``class_names``), so a checkpoint knows its label mapping and
-  :class:`~lightning_convnets.detection_writers.CocoResultsWriter` can write the original ids back.
+  and removed inside the task. The dataset's own category ids (COCO ids need not be contiguous) are
+  kept in the hyperparameters (``label_category_ids``, ``class_names``), so a checkpoint knows its label
+  mapping and :class:`~lightning_convnets.detection_writers.CocoResultsWriter` writes the original ids.
 """
 
 from __future__ import annotations
