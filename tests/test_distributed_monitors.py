@@ -13,6 +13,7 @@ distribution than rank 0 (non-i.i.d. shards): per-rank statistics then differ vi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -100,6 +101,12 @@ def _trainer(root: Path, callbacks: list, **kwargs) -> pl.Trainer:
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Run:
+    root: Path  # records and logs
+    sample_every: int  # the activation monitor records one optimizer step in this many (its default)
+
+
 @pytest.fixture(scope="module")
 def together(tmp_path_factory):
     root = tmp_path_factory.mktemp("together")
@@ -117,10 +124,10 @@ def together(tmp_path_factory):
     with ddp_hygiene():
         pl.seed_everything(0, verbose=False)
         _trainer(root, callbacks).fit(TinyResNet(), ShardedTinyData(num=32, batch_size=4, odd_shift=SHIFT))
-    return root
+    return Run(root, monitors["av"].sample_every_n_steps)
 
 
-def _union_outputs(steps_per_rank: list[list[dict]], steps: range) -> dict[str, torch.Tensor]:
+def _union_outputs(steps_per_rank: list[list[dict]], steps: list[int]) -> dict[str, torch.Tensor]:
     """Recompute, in this process, the outputs the monitor hooks saw on both ranks for ``steps``: each rank's
     batch through the weights it ran with (BN in training mode uses that batch's statistics, as the rank's
     forward did), concatenated along the batch."""
@@ -148,11 +155,14 @@ def _union_outputs(steps_per_rank: list[list[dict]], steps: range) -> dict[str, 
 
 
 def test_activation_variance_is_that_of_the_union_of_the_ranks_batches(together):
-    steps = load_ranks(together / "records", "steps")
+    steps = load_ranks(together.root / "records", "steps")
     assert [len(s) for s in steps] == [STEPS, STEPS]
     prefix = "activation_variance"
     for end in range(INTERVAL, STEPS + 1, INTERVAL):
-        union = _union_outputs(steps, range(end - INTERVAL, end))
+        # the optimizer steps of the interval that the monitor recorded (one in `sample_every_n_steps`)
+        recorded = [s for s in range(end - INTERVAL, end) if s % together.sample_every == 0]
+        assert recorded
+        union = _union_outputs(steps, recorded)
         expected = {
             "stem/var": union["stem/out"].var(unbiased=False),
             "stem/mean": union["stem/out"].mean(),
@@ -164,17 +174,17 @@ def test_activation_variance_is_that_of_the_union_of_the_ranks_batches(together)
             expected[f"{block}/branch_var"] = union[f"{block}.add/branch"].var(unbiased=False)
             expected[f"{block}/sum_var"] = union[f"{block}.add/out"].var(unbiased=False)
         for key, value in expected.items():
-            rows = [v for s, v in logged(together, f"{prefix}/{key}") if s == end]
+            rows = [v for s, v in logged(together.root, f"{prefix}/{key}") if s == end]
             assert len(rows) == 1, f"{key} logged {len(rows)} times at step {end}"
             assert math.isclose(rows[0], float(value), rel_tol=1e-5, abs_tol=1e-9), (end, key, rows[0], value)
         # the check can tell the union from one rank's share: rank 0's batches alone give another variance
-        alone = _union_outputs(steps[:1], range(end - INTERVAL, end))["stem/out"].var(unbiased=False)
+        alone = _union_outputs(steps[:1], recorded)["stem/out"].var(unbiased=False)
         assert abs(float(alone) / float(expected["stem/var"]) - 1) > 1e-3
 
 
 def test_one_collective_per_monitor_and_interval_and_none_in_between(together):
     logging_steps = list(range(INTERVAL, STEPS + 1, INTERVAL))
-    for calls in load_ranks(together / "records", "collectives"):
+    for calls in load_ranks(together.root / "records", "collectives"):
         by_owner = {}
         for call in calls:
             by_owner.setdefault(call["owner"], []).append(call)
@@ -189,10 +199,10 @@ def test_one_collective_per_monitor_and_interval_and_none_in_between(together):
 
 
 def test_shattering_probes_on_rank_zero_only_and_logs_once(together):
-    rows = logged(together, "shattering/lag1")
+    rows = logged(together.root, "shattering/lag1")
     assert [s for s, _ in rows] == [0, *range(INTERVAL, STEPS + 1, INTERVAL)]  # the init probe, then each
     assert all(math.isfinite(v) for _, v in rows)
-    zero, one = load_ranks(together / "records", "state")
+    zero, one = load_ranks(together.root / "records", "state")
     assert zero["step"] == one["step"] == STEPS  # both ranks finished: no deadlock
     assert len(zero["history"]["shattering"]) == len(rows) and one["history"]["shattering"] == []
 
@@ -201,11 +211,11 @@ def test_batchnorm_monitor_sees_ddp_broadcast_buffers(together):
     # DDP (broadcast_buffers=True) copies rank 0's buffers at the start of each training forward, so the
     # statistics every rank started its last forward from agree exactly; after the step's own update
     # they differ, and that is what validation on each rank and the checkpoint would see.
-    states = load_ranks(together / "records", "state")
+    states = load_ranks(together.root / "records", "state")
     for step in range(INTERVAL, STEPS + 1, INTERVAL):
         for layer in ("stem.1", "layer1.0.bn1", "layer1.1.bn2"):
-            (pre,) = [v for s, v in logged(together, f"batchnorm/{layer}/rank_spread_pre") if s == step]
-            (post,) = [v for s, v in logged(together, f"batchnorm/{layer}/rank_spread") if s == step]
+            (pre,) = [v for s, v in logged(together.root, f"batchnorm/{layer}/rank_spread_pre") if s == step]
+            (post,) = [v for s, v in logged(together.root, f"batchnorm/{layer}/rank_spread") if s == step]
             assert pre == 0.0
             assert math.isclose(post, _rank_spread(states, step, layer), rel_tol=1e-6)
             assert post > 0.0
