@@ -189,7 +189,12 @@ def _default_objective(output: Any) -> tuple[Callable[[Tensor], Tensor], int | N
     Keeping the class fixed makes f one smooth function of x; re-taking the argmax at each point would add
     jumps where the decision changes that have nothing to do with the gradient's structure. Dense outputs
     (N, C, *positions) use the class map predicted at x_a and average the chosen logits over positions.
+    A list or tuple of tensors (one output per map or stack, as for intermediate supervision) is probed on
+    its last element, the final prediction.
     """
+    if isinstance(output, (list, tuple)) and output and all(isinstance(o, Tensor) for o in output):
+        inner, cls = _default_objective(output[-1])
+        return (lambda out: inner(out[-1])), cls
     if not isinstance(output, Tensor):
         raise TypeError(
             f"shattering_profile: the model returned {type(output).__name__}, not a Tensor; pass "

@@ -305,6 +305,26 @@ def test_dense_output_and_loss_objective():
     assert q.target_class is None and torch.isfinite(q.s).all()
 
 
+class _TwoStacks(nn.Module):
+    """Returns one output per stack, as a task with intermediate supervision does."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.zeros_like(self.net(x)), self.net(x)]
+
+
+def test_list_output_is_probed_on_its_last_element():
+    net, (a, b) = _conv_net(num_classes=5), _images()
+    net.eval()
+    single = shattering_profile(net, a, b, num_points=16)
+    stacked = shattering_profile(_TwoStacks(net), a, b, num_points=16)
+    assert stacked.target_class == single.target_class
+    torch.testing.assert_close(stacked.s, single.s)
+
+
 def test_bad_arguments_are_named():
     net, (a, b) = _conv_net(), _images()
     with pytest.raises(ValueError, match="bn_mode"):
