@@ -186,9 +186,10 @@ class ListBatchShattering(GradientShatteringMonitor):
         super().capture_probe(batch)
 
 
-# The shattering probe differentiates one number per input point. The classifier's logits give it by
-# default; the segmenter returns a list of logit maps and the detector decoded boxes, so they name it:
-# the mean over pixels of the top class logit (of the last map / of the detector's last heatmap).
+# The shattering probe differentiates one number per input point. The classifier's predicted-class logit
+# is the default; for the segmenter we take the mean over pixels of the top class logit of its last map,
+# and the detector's forward returns decoded boxes (not differentiable), so its CenterNet module is probed
+# on the same quantity of its last heatmap.
 SHATTERING = {
     "classification": {},
     "segmentation": {"output_fn": lambda out: out[-1].float().amax(1).mean((1, 2))},
