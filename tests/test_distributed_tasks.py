@@ -139,3 +139,17 @@ def test_quickstart_config_on_two_ranks_matches_one_process(task, tmp_path, monk
     assert headline in want and got.keys() == want.keys(), (sorted(got), sorted(want))
     for key, value in want.items():
         assert math.isclose(got[key], value, rel_tol=1e-6, abs_tol=1e-7), (key, got[key], value)
+
+
+def test_an_eval_set_that_does_not_divide_by_the_world_size_counts_padded_duplicates(tmp_path, monkeypatch):
+    # what the README's "Scaling out" warns about: 7 test images on 2 ranks are evaluated as 8, the
+    # first image twice (DistributedSampler pads by repeating the first samples)
+    monkeypatch.chdir(tmp_path)
+    common = [*_common(tmp_path, "classification"), "--data.init_args.num_test=7", *TEST_BATCH]
+    ConvNetsCLI(
+        args=["test", *common, "--trainer.devices=2", "--trainer.strategy=ddp_fork", _recorder(tmp_path)]
+    )
+    ranks = load_ranks(tmp_path, "test")
+    seen = ranks[0]["fingerprints"] + ranks[1]["fingerprints"]
+    assert [len(r["fingerprints"]) for r in ranks] == [4, 4] and len(set(seen)) == 7
+    assert ranks[1]["fingerprints"][-1] == ranks[0]["fingerprints"][0]  # rank 1's last is image 0 again
