@@ -382,11 +382,24 @@ _INPUT_KEYS = ("image", "images", "input", "inputs", "x")
 
 
 def _inputs_from_batch(batch: Any) -> Tensor:
-    """The input tensor of a training batch: the batch itself, its first element, or a usual dict key."""
+    """The input tensor of a training batch: the batch itself, its first element, or a usual dict key.
+
+    A first element that is a list of image tensors (detection batches: images of varying size) gives
+    its first images of the first image's shape, stacked.
+    """
     if isinstance(batch, Tensor):
         return batch
     if isinstance(batch, list | tuple) and batch and isinstance(batch[0], Tensor):
         return batch[0]
+    if (
+        isinstance(batch, list | tuple)
+        and batch
+        and isinstance(batch[0], list | tuple)
+        and batch[0]
+        and all(isinstance(x, Tensor) for x in batch[0])
+    ):
+        images = [x for x in batch[0] if x.shape == batch[0][0].shape][:2]
+        return torch.stack(images)
     if isinstance(batch, dict):
         for key in _INPUT_KEYS:
             if isinstance(batch.get(key), Tensor):

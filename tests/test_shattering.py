@@ -336,14 +336,14 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="one value per input point"):
         shattering_profile(net, a, b, num_points=8, output_fn=lambda out: out.sum())
     with pytest.raises(TypeError, match="output_fn"):
-        shattering_profile(_ListNet(), a, b, num_points=8)
+        shattering_profile(_DictNet(), a, b, num_points=8)
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
         shattering_profile(net, a, b, num_points=8)
 
 
-class _ListNet(nn.Module):
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [x.mean(dim=(1, 2, 3))]
+class _DictNet(nn.Module):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"score": x.mean(dim=(1, 2, 3))}
 
 
 def test_profile_dataclass_is_public():
@@ -549,6 +549,15 @@ def test_diagnosis_flags_shattered_gradients():
     probe_at(dead, 0, dead_net)
     (finding,) = dead.diagnose(_Stub(), dead_net)
     assert finding.severity == "warning" and "constant" in finding.message
+
+
+def test_probe_is_taken_from_a_detection_style_batch():
+    """(list of images, list of targets): the probe line joins the first two images of one shape."""
+    monitor = GradientShatteringMonitor()
+    images = [torch.full((3, 8, 8), 1.0), torch.full((3, 6, 6), 5.0), torch.full((3, 8, 8), 2.0)]
+    monitor.capture_probe((images, [{}, {}, {}]))
+    torch.testing.assert_close(monitor.start, images[0])
+    torch.testing.assert_close(monitor.end, images[2])
 
 
 def test_monitor_bad_arguments_are_named():
