@@ -306,6 +306,21 @@ def test_one_cycle_from_the_cli_gets_total_steps(tmp_path):
     assert config.interval == "step" and config.scheduler.total_steps == 6
 
 
+def test_one_cycle_too_short_for_its_warmup_is_a_clear_error(tmp_path):
+    from functools import partial
+
+    # 3 steps with pct_start=1/3: the warm-up phase would end at step 0 (torch divides by zero).
+    model = ImageClassifier(
+        TinyNet(),
+        num_classes=3,
+        lr_scheduler=partial(
+            torch.optim.lr_scheduler.OneCycleLR, max_lr=0.1, pct_start=1 / 3, total_steps=None
+        ),
+    )
+    with pytest.raises(ValueError, match="pct_start"):
+        _fit(model, tmp_path, epochs=1)
+
+
 def test_warmup_cosine_shape():
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     sched = WarmupCosineLR(opt, total_steps=100, warmup=10, min_lr_ratio=0.1)

@@ -333,7 +333,15 @@ class ConvNetTask(LightningModule):
                     "lr_scheduler needs the run length (total_steps) but the trainer has no max_epochs or "
                     "max_steps; set one of them or pass total_steps to the scheduler"
                 )
-            scheduler = factory(optimizer, total_steps=int(total))
+            try:
+                scheduler = factory(optimizer, total_steps=int(total))
+            except ZeroDivisionError as err:
+                # OneCycleLR divides by each phase's length: a run too short for pct_start makes one zero.
+                raise ValueError(
+                    f"lr_scheduler: total_steps={int(total)} is too short for the schedule (a phase such as "
+                    "OneCycleLR's pct_start warm-up would last zero steps); train longer (max_epochs / "
+                    "max_steps) or change pct_start"
+                ) from err
         else:
             scheduler = factory(optimizer)
         interval = self.hparams.lr_scheduler_interval
