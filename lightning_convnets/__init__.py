@@ -10,10 +10,11 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "ImageClassifier": "lightning_convnets.tasks.classification",
+    "ObjectDetector": "lightning_convnets.tasks.detection",
     "SemanticSegmenter": "lightning_convnets.tasks.segmentation",
 }
 
-__all__ = ["ImageClassifier", "SemanticSegmenter", "__version__"]
+__all__ = ["ImageClassifier", "ObjectDetector", "SemanticSegmenter", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
