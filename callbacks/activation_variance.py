@@ -63,6 +63,7 @@ from lightning_convnets.callbacks.core import (
     Finding,
     Moments,
     MonitorCallback,
+    MonitorConfigError,
     PackedStats,
     ShiftedMoments,
     StatsPacker,
@@ -133,7 +134,7 @@ def find_targets(
     for entry in types:
         if isinstance(entry, str):
             if entry not in _TYPE_ALIASES:
-                raise ValueError(
+                raise MonitorConfigError(
                     f"ActivationVarianceMonitor: types entry {entry!r} is unknown; use one of "
                     f"{sorted(_TYPE_ALIASES)} or an nn.Module subclass"
                 )
@@ -172,7 +173,7 @@ def find_targets(
                     (getattr(module, n) for n in spec[0] if getattr(module, n, None) is not None), None
                 )
                 if branch is None:
-                    raise ValueError(
+                    raise MonitorConfigError(
                         f"ActivationVarianceMonitor: block {name!r} ({type(module).__name__}) names its branch "
                         f"end {spec[0]} but has no such submodule"
                     )
@@ -221,6 +222,8 @@ class ActivationVarianceMonitor(MonitorCallback):
             and goes into every checkpoint); see :class:`~lightning_convnets.callbacks.core.MonitorCallback`.
         num_curves: curves (history entries, evenly spaced) in the variance-vs-depth plot.
         train_only: record training-mode forwards only.
+        strict: re-raise unexpected exceptions instead of switching off (see
+            :class:`~lightning_convnets.callbacks.core.MonitorCallback`).
 
     Raises:
         ValueError: for an unknown ``types`` alias, a bad regex, non-positive thresholds, or (in ``setup``)
@@ -250,28 +253,30 @@ class ActivationVarianceMonitor(MonitorCallback):
         max_history: int = 256,
         num_curves: int = 6,
         train_only: bool = True,
+        strict: bool | None = None,
     ) -> None:
         super().__init__(
             log_every_n_steps=log_every_n_steps,
             max_history=max_history,
             sample_every_n_steps=sample_every_n_steps,
             train_only=train_only,
+            strict=strict,
         )
         if not explode_growth > 1:
-            raise ValueError(f"ActivationVarianceMonitor: explode_growth must be > 1, got {explode_growth}")
+            raise MonitorConfigError(f"ActivationVarianceMonitor: explode_growth must be > 1, got {explode_growth}")
         if not 0 < vanish_growth < 1:
-            raise ValueError(
+            raise MonitorConfigError(
                 f"ActivationVarianceMonitor: vanish_growth must be in (0, 1), got {vanish_growth}"
             )
         if not 0 < dead_threshold <= 1:
-            raise ValueError(
+            raise MonitorConfigError(
                 f"ActivationVarianceMonitor: dead_threshold must be in (0, 1], got {dead_threshold}"
             )
         if names is not None:
             try:
                 re.compile(names)
             except re.error as err:
-                raise ValueError(
+                raise MonitorConfigError(
                     f"ActivationVarianceMonitor: names is not a valid regex ({names!r}): {err}"
                 ) from err
         self.blocks = blocks
@@ -294,19 +299,29 @@ class ActivationVarianceMonitor(MonitorCallback):
     # ------------------------------------------------------------------ hooks
     def attach(self, trainer: pl.Trainer | None, pl_module: nn.Module) -> None:
         self.targets = find_targets(pl_module, self.blocks, self.stem, self.types, self.names)
-        if not self.targets and not self.types and not self.names:
-            # no residual block and no stem (a U-Net, a plain CNN): the conv outputs are the depth axis
-            self.targets = find_targets(pl_module, blocks=False, stem=False, types=("conv",))
-            if self.targets:
-                rank_zero_info(
-                    f"ActivationVarianceMonitor: no residual block or stem in {type(pl_module).__name__}; "
-                    f"measuring its {len(self.targets)} conv layers instead"
-                )
-        if not self.targets:
-            raise ValueError(
-                f"ActivationVarianceMonitor: no module of {type(pl_module).__name__} matches (no residual "
-                "block, stem, or types/names target); pass types=('conv',) or names=r'...' to choose layers"
+        if not self.targets and (self.types or self.names):
+            raise MonitorConfigError(
+                f"ActivationVarianceMonitor: no module of {type(pl_module).__name__} matches types="
+                f"{list(self.types)} / names={self.names!r}; check the names against "
+                "[n for n, _ in model.named_modules()]"
             )
+        if not self.targets:
+            # no residual block and no stem (a U-Net, a plain CNN, a transformer): per-layer statistics
+            for fallback in ("conv", "linear"):
+                self.targets = find_targets(pl_module, blocks=False, stem=False, types=(fallback,))
+                if self.targets:
+                    rank_zero_info(
+                        f"ActivationVarianceMonitor: no residual block or stem in {type(pl_module).__name__}; "
+                        f"measuring its {len(self.targets)} {fallback} layers instead"
+                    )
+                    break
+        if not self.targets:
+            self.step_aside(
+                f"nothing to measure in {type(pl_module).__name__}: no residual block, stem, conv or linear "
+                "layer",
+                "choose layers with types=(...) or names=r'...'",
+            )
+            return
         self._moments = {}
         self._aliases = _identity_aliases(pl_module, self.targets)
         out: Callable[..., Any] = lambda a, o: o  # noqa: E731
@@ -490,6 +505,9 @@ class ActivationVarianceMonitor(MonitorCallback):
         """
         was_training = model.training
         self.attach(None, model)
+        if not self.active:
+            self.active = True  # standalone: report it, and stay usable for another model
+            raise MonitorConfigError(f"ActivationVarianceMonitor.measure: {self.notes.pop().message}")
         self._recording = True
         try:
             model.train()

@@ -76,11 +76,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning_convnets.callbacks.core import (
     Finding,
     Moments,
     MonitorCallback,
+    MonitorConfigError,
     PackedStats,
     RunningMoments,
     StatsPacker,
@@ -88,6 +90,8 @@ from lightning_convnets.callbacks.core import (
 )
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_convnets.batch import batch_inputs
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl
@@ -171,28 +175,11 @@ def pool_running_stats(
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Tensor):
-        return model(batch)
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
-        return model(batch[0])
-    if isinstance(batch, dict):
-        for key in ("image", "images", "input", "inputs", "x"):
-            if isinstance(batch.get(key), Tensor):
-                return model(batch[key])
-    raise TypeError(
-        f"recalibrate_batchnorm: cannot find the input in a batch of type {type(batch).__name__}; expected a "
-        "tensor, a (inputs, ...) tuple/list or a dict with 'image'/'images'/'input'; pass forward_fn="
-    )
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
+    try:
+        inputs = batch_inputs(batch)
+    except TypeError as err:
+        raise TypeError(f"recalibrate_batchnorm: {err}; pass forward_fn=") from err
+    return model(inputs)
 
 
 def _default_all_gather() -> Callable[[Tensor], Tensor] | None:
@@ -295,7 +282,7 @@ def recalibrate_batchnorm(
             for batch in dataloader:
                 if num_batches is not None and batches >= num_batches:
                     break
-                forward_fn(model, _to_device(batch, device))
+                forward_fn(model, move_data_to_device(batch, device))
                 batches += 1
     finally:
         for handle in handles:
@@ -372,10 +359,14 @@ class BatchNormDriftMonitor(MonitorCallback):
             reported as still drifting.
         sample_every_n_steps: record one optimizer step in every ``k``.
         max_history: history cap (entries).
+        strict: re-raise unexpected exceptions instead of switching off (see
+            :class:`~lightning_convnets.callbacks.core.MonitorCallback`).
+
+    A model without a BatchNorm layer that tracks running statistics gets one ``info`` line and no work
+    per step.
 
     Raises:
-        ValueError: for an unknown ``sync``, non-positive thresholds or ``recalibrate_batches``, or (in
-            ``setup``) a model without BN layers that track running statistics.
+        ValueError: for an unknown ``sync``, non-positive thresholds or ``recalibrate_batches``.
 
     Example:
         >>> import lightning.pytorch as pl  # doctest: +SKIP
@@ -400,19 +391,21 @@ class BatchNormDriftMonitor(MonitorCallback):
         drift_threshold: float = 0.1,
         sample_every_n_steps: int = 1,
         max_history: int = 1000,
+        strict: bool | None = None,
     ) -> None:
         super().__init__(
             log_every_n_steps=log_every_n_steps,
             max_history=max_history,
             sample_every_n_steps=sample_every_n_steps,
             train_only=True,  # an eval-mode BN does not update: nothing to recover
+            strict=strict,
         )
         if sync not in (None, "broadcast", "pooled"):
-            raise ValueError(
+            raise MonitorConfigError(
                 f"BatchNormDriftMonitor: sync must be 'broadcast', 'pooled' or None, got {sync!r}"
             )
         if recalibrate_batches is not None and recalibrate_batches < 1:
-            raise ValueError(
+            raise MonitorConfigError(
                 f"BatchNormDriftMonitor: recalibrate_batches must be >= 1 or None, got {recalibrate_batches}"
             )
         for label, value in (
@@ -421,9 +414,9 @@ class BatchNormDriftMonitor(MonitorCallback):
             ("drift_threshold", drift_threshold),
         ):
             if not value > 0:
-                raise ValueError(f"BatchNormDriftMonitor: {label} must be > 0, got {value}")
+                raise MonitorConfigError(f"BatchNormDriftMonitor: {label} must be > 0, got {value}")
         if not var_ratio_threshold > 1:
-            raise ValueError(
+            raise MonitorConfigError(
                 f"BatchNormDriftMonitor: var_ratio_threshold must be > 1, got {var_ratio_threshold}"
             )
         self.sync = sync
@@ -444,10 +437,13 @@ class BatchNormDriftMonitor(MonitorCallback):
     def attach(self, trainer: pl.Trainer | None, pl_module: nn.Module) -> None:
         found = [(n, m) for n, m in batchnorm_layers(pl_module) if m.momentum is None or m.momentum > 0]
         if not found:
-            raise ValueError(
-                f"BatchNormDriftMonitor: {type(pl_module).__name__} has no BatchNorm layer that tracks "
-                "running statistics with a non-zero momentum; remove the monitor or use BN layers"
+            self.layers = []
+            self.step_aside(
+                f"{type(pl_module).__name__} has no BatchNorm layer that tracks running statistics with a "
+                "non-zero momentum: nothing to monitor (no work per step)",
+                "nothing to do: GroupNorm/LayerNorm/FrozenBatchNorm have no running statistics to drift",
             )
+            return
         self.layers, offset = [], 0
         for name, module in found:
             self.layers.append(_Layer(name, module, offset, module.num_features))
@@ -456,6 +452,11 @@ class BatchNormDriftMonitor(MonitorCallback):
         self._buffers_ready = False
         for index, layer in enumerate(self.layers):
             self.add_hook(layer.module, self._snapshot_hook(index), pre=True)
+
+    def failure_hint(self, hook: str, error: BaseException) -> str:
+        if "recalibrat" in str(error) or hook == "on_validation_start":
+            return "pass recalibrate_forward=fn(pl_module, batch) that runs your network on a batch"
+        return "restrict the monitor to plain BatchNorm layers, or leave it out for this model"
 
     def _snapshot_hook(self, index: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -519,6 +520,11 @@ class BatchNormDriftMonitor(MonitorCallback):
         """
         self.remove_hooks()
         self.attach(None, model)
+        if not self.layers:
+            raise MonitorConfigError(
+                f"BatchNormDriftMonitor.measure: {type(model).__name__} has no BatchNorm layer that tracks "
+                "running statistics with a non-zero momentum"
+            )
         self._allocate()
         forward_fn = forward_fn or _default_forward
         try:

@@ -63,6 +63,7 @@ values x 2,000 channels = 384 kB); no activation tensor is kept past its hook.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import weakref
@@ -73,7 +74,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -86,6 +87,7 @@ __all__ = [
     "Finding",
     "Moments",
     "MonitorCallback",
+    "MonitorConfigError",
     "PackedStats",
     "RunningMoments",
     "ShiftedMoments",
@@ -434,6 +436,7 @@ class Finding:
         suggestion: a concrete thing to try.
         step: the optimizer step it refers to, if any.
         values: the key numbers, for machine reading (``diagnosis.json``).
+        kind: what was found, for machine reading (e.g. ``"variance_exponential"``, ``"monitor_error"``).
 
     Example:
         >>> Finding("activation_variance", "warning", ["net.layer3"], "variance grows 1.9x per block",
@@ -448,6 +451,7 @@ class Finding:
     suggestion: str = ""
     step: int | None = None
     values: dict[str, float] = field(default_factory=dict)
+    kind: str = ""
 
     def __post_init__(self) -> None:
         if self.severity not in _SEVERITY_ORDER:
@@ -549,6 +553,71 @@ def log_dir(trainer: pl.Trainer) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
+STRICT_ENV = "LIGHTNING_CONVNETS_STRICT_MONITORS"
+"""Environment variable: ``1`` makes every monitor built with ``strict=None`` strict (CI, tests)."""
+
+
+def strict_default() -> bool:
+    """Whether monitors built with ``strict=None`` re-raise (``LIGHTNING_CONVNETS_STRICT_MONITORS=1``)."""
+    import os
+
+    return os.environ.get(STRICT_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+class MonitorConfigError(ValueError):
+    """A mistake in a monitor's configuration that is visible before training (a bad argument, an option
+    naming a module the model does not have). The guard always lets it through: it is raised in
+    ``setup``, before any training step, so nothing of the run is lost."""
+
+
+# Lightning hooks (and checkpoint hooks) whose body runs under the guard in every monitor class
+_GUARDED_HOOKS = frozenset(
+    {name for name in vars(Callback) if name.startswith("on_")} | {"setup", "teardown", "load_state_dict"}
+)
+# hooks that still run once the monitor is off: hook removal, and the end-of-fit report (which then
+# carries the monitor's ``error`` row)
+_ALWAYS_RUN = frozenset({"teardown", "on_fit_end"})
+
+
+def _trainer_of(args: tuple[Any, ...]) -> Any:
+    return args[0] if args and hasattr(args[0], "global_step") else None
+
+
+def _guard(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn`` (a monitor's Lightning hook) so that an unexpected exception switches the monitor off
+    instead of ending the run (see :meth:`MonitorCallback.fail`). Nested calls (``super().hook(...)``)
+    run bare: the outermost guard handles the exception."""
+    if getattr(fn, "_monitor_guarded", False):
+        return fn
+
+    @functools.wraps(fn)
+    def guarded(self: MonitorCallback, *args: Any, **kwargs: Any) -> Any:
+        if not self.active and name not in _ALWAYS_RUN:
+            if name == "on_train_batch_end":
+                self._failed_rank_flush(args[0])
+            elif name == "on_train_end":
+                self._failed_rank_flush(args[0], at_end=True)
+            return None
+        if self._guard_depth:
+            return fn(self, *args, **kwargs)
+        self._guard_depth += 1
+        try:
+            return fn(self, *args, **kwargs)
+        except MonitorConfigError:
+            raise
+        except Exception as err:
+            if self.strict:
+                raise
+            self.fail(name, err, _trainer_of(args))
+            return None
+        finally:
+            self._guard_depth -= 1
+
+    guarded._monitor_guarded = True  # type: ignore[attr-defined]
+    return guarded
+
+
+
 class MonitorCallback(Callback):
     """Base class of the diagnostic monitors (see the module docstring for the subclass API).
 
@@ -561,6 +630,19 @@ class MonitorCallback(Callback):
             micro-batches); 1 records every step. Larger values cut the overhead proportionally.
         train_only: only training-mode forwards are recorded (validation does not pollute statistics).
             Hooks check ``module.training`` in any case; with ``False`` they record eval forwards too.
+
+        strict: re-raise an unexpected exception from the monitor instead of switching the monitor off
+            (use it in tests and while developing a monitor; see "The guard" below). ``None``: ``True``
+            when the environment variable ``LIGHTNING_CONVNETS_STRICT_MONITORS`` is ``1`` (this project's
+            test suite sets it), else ``False``.
+
+    The guard: every Lightning hook of a monitor, and every forward hook it registers, runs under one
+    guard. An unexpected exception is reported once as a warning (the monitor, the hook, the exception
+    and the option that would fix it), the monitor switches itself off for the rest of the run (its
+    forward hooks are removed) and the end-of-fit diagnosis gets an ``error`` row; training goes on,
+    bit-identical to a run without the monitor. :class:`MonitorConfigError` (a configuration mistake
+    seen in ``setup``) is always raised. Under DDP a rank that switched off keeps taking part in the
+    interval's collective (a failure flag travels with it) until every rank has switched off with it.
 
     Raises:
         ValueError: for non-positive intervals or history caps.
@@ -584,29 +666,41 @@ class MonitorCallback(Callback):
 
     monitor_name: ClassVar[str] = "monitor"
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _GUARDED_HOOKS & set(vars(cls)):
+            setattr(cls, name, _guard(name, vars(cls)[name]))
+
     def __init__(
         self,
         log_every_n_steps: int | None = None,
         max_history: int = DEFAULT_MAX_HISTORY,
         sample_every_n_steps: int = 1,
         train_only: bool = True,
+        strict: bool | None = None,
     ) -> None:
         super().__init__()
         if log_every_n_steps is not None and log_every_n_steps < 1:
-            raise ValueError(
+            raise MonitorConfigError(
                 f"{type(self).__name__}: log_every_n_steps must be >= 1, got {log_every_n_steps}"
             )
         if max_history < 2:
-            raise ValueError(f"{type(self).__name__}: max_history must be >= 2, got {max_history}")
+            raise MonitorConfigError(f"{type(self).__name__}: max_history must be >= 2, got {max_history}")
         if sample_every_n_steps < 1:
-            raise ValueError(
+            raise MonitorConfigError(
                 f"{type(self).__name__}: sample_every_n_steps must be >= 1, got {sample_every_n_steps}"
             )
         self.log_every_n_steps = log_every_n_steps
         self.max_history = max_history
         self.sample_every_n_steps = sample_every_n_steps
         self.train_only = train_only
+        self.strict = strict_default() if strict is None else bool(strict)
         self.enabled = True
+        self.active = True  # False once the monitor stepped aside (failure, or nothing to measure)
+        self.failure: Finding | None = None  # the error row of a switched-off monitor
+        self.notes: list[Finding] = []  # info rows about what the monitor could not measure
+        self._guard_depth = 0
+        self._packed_size: int | None = None  # length of the last packed vector (for a failed rank)
         self.history: list[dict[str, float]] = []
         self.collectives = 0
         self.last_stats: PackedStats | None = None
@@ -661,12 +755,66 @@ class MonitorCallback(Callback):
         pre: bool = False,
         with_kwargs: bool = False,
     ) -> None:
-        """Register a forward (or forward-pre) hook on ``module``; removed at teardown."""
+        """Register a forward (or forward-pre) hook on ``module``, under the guard; removed at teardown.
+
+        An exception inside the hook switches the monitor off (or is raised with ``strict=True``); the
+        forward it observed goes on untouched."""
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return hook(*args, **kwargs)
+            except Exception as err:
+                if self.strict:
+                    raise
+                self.fail(f"forward {'pre-' if pre else ''}hook on {type(module).__name__}", err, None)
+                return None
+
         if pre:
-            handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
+            handle = module.register_forward_pre_hook(guarded, with_kwargs=with_kwargs)
         else:
-            handle = module.register_forward_hook(hook, with_kwargs=with_kwargs)
+            handle = module.register_forward_hook(guarded, with_kwargs=with_kwargs)
         self._handles.append(handle)
+
+    # ----------------------------------------------------------------------------- the guard
+    def failure_hint(self, hook: str, error: BaseException) -> str:
+        """The option that would avoid ``error`` (monitors override it); ends the guard's warning."""
+        return "report it with the model's structure if it looks like a bug of the monitor"
+
+    def fail(self, hook: str, error: BaseException, trainer: pl.Trainer | None = None) -> None:
+        """Switch the monitor off after ``error`` in ``hook``: hooks removed, one warning, an ``error``
+        row for the diagnosis. Training is not touched."""
+        first = self.failure is None
+        self.active = False
+        self._recording = False
+        self.remove_hooks()
+        if not first:
+            return
+        step = int(trainer.global_step) if trainer is not None else None
+        where = f" at step {step}" if step is not None else ""
+        message = (
+            f"{type(self).__name__} switched itself off{where}: {hook} raised {type(error).__name__}: "
+            f"{error}"
+        )
+        hint = self.failure_hint(hook, error)
+        self.failure = Finding(
+            self.monitor_name,
+            "error",
+            [],
+            message,
+            f"{hint}; training went on without this monitor (strict=True raises instead)",
+            step=step,
+            kind="monitor_error",
+        )
+        rank_zero_warn(f"{message}. Training goes on without it. Fix: {hint} (or pass strict=True to raise).")
+
+    def step_aside(self, reason: str, suggestion: str = "") -> None:
+        """Switch the monitor off because the model gives it nothing to measure (not an error): one info
+        line now and one ``info`` row in the diagnosis; no work per step from then on."""
+        self.active = False
+        self._recording = False
+        self.remove_hooks()
+        self.notes.append(Finding(self.monitor_name, "info", [], reason, suggestion, kind="not_applicable"))
+        rank_zero_info(f"{type(self).__name__}: {reason}")
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
@@ -713,7 +861,20 @@ class MonitorCallback(Callback):
         packer = StatsPacker()
         self.pack(trainer, pl_module, packer)
         if len(packer):
-            stats = packer.unpack(self.collective(trainer, packer.flat()))
+            flat = packer.flat()
+            if getattr(trainer, "world_size", 1) > 1:
+                # a failure flag (summed over ranks) rides along: a rank that switched off keeps sending
+                # this layout, so nobody waits for it alone, and every rank stops at the same step
+                flag = torch.zeros(1, dtype=flat.dtype, device=flat.device)
+                gathered = self.collective(trainer, torch.cat([flag, flat]))
+                self._packed_size = int(flat.numel())
+                if float(gathered[:, 0].sum()) > 0:
+                    self._packed_size = None  # every rank is off after this collective
+                    self.fail("flush", RuntimeError("another rank switched this monitor off"), trainer)
+                    return {}
+                stats = packer.unpack(gathered[:, 1:])
+            else:
+                stats = packer.unpack(self.collective(trainer, flat))
         else:
             stats = PackedStats()
         self.last_stats = stats
@@ -750,11 +911,29 @@ class MonitorCallback(Callback):
     ) -> None:
         self._recording = False
         self._batches_since_flush += 1
+        if self._flush_due(trainer):
+            self.flush(trainer, pl_module)
+
+    def _flush_due(self, trainer: pl.Trainer) -> bool:
         step = trainer.global_step
         # global_step only moves on optimizer steps: with accumulation the later micro-batches of a
         # logged step see the same value and must not flush again
-        if step > 0 and step != self._last_flush_step and step % self.interval(trainer) == 0:
-            self.flush(trainer, pl_module)
+        return step > 0 and step != self._last_flush_step and step % self.interval(trainer) == 0
+
+    def _failed_rank_flush(self, trainer: pl.Trainer, at_end: bool = False) -> None:
+        """On a rank where the monitor failed (DDP): send the flag and a NaN payload of the usual length
+        at the usual steps, so the other ranks' collective completes and they switch off too."""
+        if self.failure is None or self._packed_size is None or getattr(trainer, "world_size", 1) <= 1:
+            return
+        due = trainer.global_step != self._last_flush_step if at_end else self._flush_due(trainer)
+        if not due:
+            return
+        self._last_flush_step = trainer.global_step
+        device = trainer.strategy.root_device
+        payload = torch.full((self._packed_size + 1,), math.nan, dtype=torch.float64, device=device)
+        payload[0] = 1.0
+        self.collective(trainer, payload)
+        self._packed_size = None  # every rank is off after this collective: no more of them
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the tail of a run shorter than an interval still counts; every rank saw the same batches
@@ -764,19 +943,35 @@ class MonitorCallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_convnets.figures import log_figure
 
-        try:
-            for key, fig in self.figures(trainer, pl_module).items():
-                log_figure(trainer, f"monitors/{self.monitor_name}/{key}", fig)
-        except Exception as err:  # a plotting problem must not hide the diagnosis
-            rank_zero_warn(f"{type(self).__name__}: could not draw its figures: {err}")
         report = diagnosis_for(trainer)
-        report.add(self.diagnose(trainer, pl_module))
+        if self.failure is None:
+            try:
+                for key, fig in self.figures(trainer, pl_module).items():
+                    log_figure(trainer, f"monitors/{self.monitor_name}/{key}", fig)
+            except Exception as err:  # a plotting problem must not hide the diagnosis
+                if self.strict:
+                    raise
+                rank_zero_warn(f"{type(self).__name__}: could not draw its figures: {err}")
+            try:
+                report.add(self.diagnose(trainer, pl_module))
+            except Exception as err:
+                if self.strict:
+                    raise
+                self.fail("diagnose", err, trainer)
+        report.add(self.notes)
+        if self.failure is not None:
+            report.add([self.failure])
         report._contributors.add(id(self))
         monitors = [cb for cb in trainer.callbacks if isinstance(cb, MonitorCallback)]
         if all(id(cb) in report._contributors for cb in monitors):
             if trainer.is_global_zero:
-                report.print()
-                report.write(log_dir(trainer))
+                try:
+                    report.print()
+                    report.write(log_dir(trainer))
+                except Exception as err:  # the report is the last thing: never end a fit on it
+                    if self.strict:
+                        raise
+                    rank_zero_warn(f"lightning-convnets: could not print or write the diagnosis: {err}")
             _DIAGNOSES.pop(trainer, None)
 
     @property
@@ -798,3 +993,8 @@ class MonitorCallback(Callback):
             )
         self.history = list(state_dict["history"])[-self.max_history :]
         self.load_extra_state(state_dict.get("extra", {}))
+
+
+for _name in _GUARDED_HOOKS & set(vars(MonitorCallback)):
+    setattr(MonitorCallback, _name, _guard(_name, vars(MonitorCallback)[_name]))
+del _name

@@ -28,9 +28,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-from lightning_convnets.callbacks.core import DEFAULT_MAX_HISTORY, Finding, MonitorCallback, observers_paused
+from lightning.pytorch.utilities import rank_zero_info
+from lightning_convnets.callbacks.core import (
+    DEFAULT_MAX_HISTORY,
+    Finding,
+    MonitorCallback,
+    MonitorConfigError,
+    observers_paused,
+)
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_convnets.batch import batch_inputs, describe_batch
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl
@@ -183,22 +192,83 @@ def _observer_state(model: nn.Module, bn_mode: str, device: torch.device) -> Ite
                 m.training = flag
 
 
+OUTPUT_KEYS = ("logits", "out", "output", "outputs", "pred", "preds", "prediction", "y_hat", "heatmap")
+"""Keys (dict keys or attributes) tried in order for the prediction in a model's structured output."""
+
+_SCORE_KEYS = ("scores", "logits")  # per-sample dicts of a detector (torchvision: boxes/scores/labels)
+
+
+def _select_output(output: Any, key: str | int | None = None) -> Callable[[Any], Any]:
+    """A function that picks the prediction out of ``output``'s structure (applied to every chunk).
+
+    ``key`` names it (a dict key, an attribute such as ``"logits"``, or a sequence index). By default: a
+    tensor is itself; a list of tensors gives its last element (one output per stack or refinement, the
+    final one last); a tuple gives its first (``(logits, aux, ...)``, HF's ``return_dict=False``); a
+    dict or an object gives the first of :data:`OUTPUT_KEYS` it has, else a dict's first floating tensor
+    with a batch dimension; a list of per-sample dicts (detections) stays as it is.
+    """
+    if key is not None:
+        if isinstance(output, dict):
+            if key not in output:
+                raise KeyError(f"output_key={key!r} is not in the model's output (keys: {list(output)})")
+            return lambda out: out[key]
+        if isinstance(output, list | tuple) and isinstance(key, int):
+            return lambda out: out[key]
+        if isinstance(key, str) and hasattr(output, key):
+            return lambda out: getattr(out, key)
+        raise KeyError(f"output_key={key!r} does not select anything in a {type(output).__name__} output")
+    if isinstance(output, Tensor):
+        return lambda out: out
+    if isinstance(output, list) and output and all(isinstance(o, dict) for o in output):
+        return lambda out: out  # detections, one dict per sample
+    if isinstance(output, list | tuple) and output:
+        index = 0 if isinstance(output, tuple) else len(output) - 1
+        inner = _select_output(output[index])
+        return lambda out: inner(out[index])
+    if isinstance(output, dict):
+        for name in OUTPUT_KEYS:
+            if name in output:
+                inner = _select_output(output[name])
+                return lambda out: inner(out[name])
+        for name, value in output.items():
+            if isinstance(value, Tensor) and value.is_floating_point() and value.dim() >= 1:
+                return lambda out: out[name]
+    else:
+        for name in OUTPUT_KEYS:
+            if isinstance(getattr(output, name, None), Tensor):
+                return lambda out: getattr(out, name)
+    raise TypeError(
+        f"shattering_profile: cannot find the prediction in the model's {type(output).__name__} output; "
+        "pass output_key=... (a dict key, attribute or index) or output_fn=... mapping the output to one value "
+        "per input point, e.g. a logit or a per-sample loss"
+    )
+
+
 def _default_objective(output: Any) -> tuple[Callable[[Tensor], Tensor], int | None]:
     """f = the logit of the class predicted at x_a (the first row of ``output``), kept fixed along the line.
 
     Keeping the class fixed makes f one smooth function of x; re-taking the argmax at each point would add
     jumps where the decision changes that have nothing to do with the gradient's structure. Dense outputs
     (N, C, *positions) use the class map predicted at x_a and average the chosen logits over positions.
-    A list or tuple of tensors (one output per map or stack, as for intermediate supervision) is probed on
-    its last element, the final prediction.
+    Detections (a list of per-sample dicts) give each sample's highest score (0 without a detection).
+    ``output`` is the prediction already selected by :func:`_select_output`.
     """
-    if isinstance(output, (list, tuple)) and output and all(isinstance(o, Tensor) for o in output):
-        inner, cls = _default_objective(output[-1])
-        return (lambda out: inner(out[-1])), cls
+    if isinstance(output, list) and output and all(isinstance(o, dict) for o in output):
+        key = next((k for k in _SCORE_KEYS if isinstance(output[0].get(k), Tensor)), None)
+        if key is None:
+            raise TypeError(
+                "shattering_profile: the model returned per-sample dicts without 'scores'; pass output_fn="
+            )
+
+        def top_score(out: list[dict[str, Tensor]]) -> Tensor:
+            tops = [d[key].amax() if d[key].numel() else d[key].sum() for d in out]
+            return torch.stack(tops).float()
+
+        return top_score, None
     if not isinstance(output, Tensor):
         raise TypeError(
-            f"shattering_profile: the model returned {type(output).__name__}, not a Tensor; pass "
-            "output_fn=... mapping the output to one value per input point, e.g. a logit or a per-sample loss"
+            f"shattering_profile: the prediction is a {type(output).__name__}, not a Tensor; pass output_key= "
+            "or output_fn=... mapping the output to one value per input point, e.g. a logit or a per-sample loss"
         )
     if output.dim() == 1 or (output.dim() == 2 and output.shape[1] == 1):
         return (lambda out: out.reshape(out.shape[0])), None
@@ -232,6 +302,7 @@ def shattering_profile(
     bn_mode: BNMode = "eval",
     output_fn: Callable[[Any], Tensor] | None = None,
     *,
+    output_key: str | int | None = None,
     chunk_size: int = 64,
     seed: int = 0,
 ) -> ShatteringProfile:
@@ -261,8 +332,10 @@ def shattering_profile(
             whose elements have the root-mean-square of ``start`` (the data's scale).
         num_points: K, at least 3.
         bn_mode: ``"eval"`` or ``"batch"`` (see above).
-        output_fn: maps the model's output for a batch of B points to B values; required when the model
-            does not return a tensor.
+        output_fn: maps the model's output for a batch of B points to B values (overrides the default f).
+        output_key: where the prediction sits in a structured output (dict key, attribute such as
+            ``"logits"``, or index); default: see :func:`_select_output` (tensors, lists, tuples, dicts
+            with ``logits``/``out``..., objects with ``.logits``, per-sample detection dicts).
         chunk_size: points per forward/backward in eval mode (bounds memory).
         seed: seed of the random direction when ``end`` is ``None`` (a private generator: the global RNG
             is untouched either way).
@@ -330,6 +403,7 @@ def shattering_profile(
         stateless_bn = any(bn.running_mean is None for bn in bns)
         step = k if bn_mode == "batch" or stateless_bn else min(chunk_size, k)
         objective: Callable[[Tensor], Tensor] | None = None
+        select: Callable[[Any], Any] = lambda out: out  # noqa: E731
         prev_grad: Tensor | None = None
         for lo in range(0, k, step):
             tt = t[lo : lo + step]
@@ -339,9 +413,12 @@ def shattering_profile(
                 f = _per_point(output_fn(out), x.shape[0])
             else:
                 if objective is None:
-                    objective, target_class = _default_objective(out)
-                f = objective(out)
-            (grad,) = torch.autograd.grad(f.sum(), x)
+                    select = _select_output(out, output_key)
+                    objective, target_class = _default_objective(select(out))
+                f = _per_point(objective(select(out)), x.shape[0])
+            (grad,) = torch.autograd.grad(f.sum(), x, allow_unused=True)
+            if grad is None:  # f does not depend on x at all (e.g. no detection anywhere)
+                grad = torch.zeros_like(x)
             g = grad.detach().flatten(1).to(torch.float64)
             s_parts.append(g @ d.flatten().to(torch.float64))
             rows = g if prev_grad is None else torch.cat([prev_grad, g])
@@ -378,50 +455,40 @@ per 200 steps is ~1.5% of training time: under the 3% budget with a margin for n
 
 _RECENT_PROBES = 3  # the diagnosis judges the mean rho(1) of this many latest probes
 
-_INPUT_KEYS = ("image", "images", "input", "inputs", "x")
-
-
-def _inputs_from_batch(batch: Any) -> Tensor:
-    """The input tensor of a training batch: the batch itself, its first element, or a usual dict key.
-
-    A first element that is a list of image tensors (detection batches: images of varying size) gives
-    its first images of the first image's shape, stacked.
-    """
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, list | tuple) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    if (
-        isinstance(batch, list | tuple)
-        and batch
-        and isinstance(batch[0], list | tuple)
-        and batch[0]
-        and all(isinstance(x, Tensor) for x in batch[0])
-    ):
-        images = [x for x in batch[0] if x.shape == batch[0][0].shape][:2]
-        return torch.stack(images)
-    if isinstance(batch, dict):
-        for key in _INPUT_KEYS:
-            if isinstance(batch.get(key), Tensor):
-                return batch[key]
-    raise TypeError(
-        "GradientShatteringMonitor: cannot find the inputs in a training batch of type "
-        f"{type(batch).__name__} (looked for a tensor, (inputs, ...) or a dict key in {list(_INPUT_KEYS)}); "
-        "pass probe=(start, end) explicitly"
-    )
-
-
-def _submodule(pl_module: nn.Module, path: str | None) -> nn.Module:
+def _submodule(pl_module: nn.Module, path: str | None, option: str = "module") -> nn.Module:
     if not path:
         return pl_module
     try:
         return pl_module.get_submodule(path)
     except AttributeError as err:
         names = [n for n, _ in pl_module.named_children()]
-        raise AttributeError(
-            f"GradientShatteringMonitor: probe_module={path!r} is not a submodule of "
-            f"{type(pl_module).__name__} (children: {names})"
+        raise MonitorConfigError(
+            f"GradientShatteringMonitor: {option}={path!r} is not a submodule of {type(pl_module).__name__} "
+            f"(children: {names})"
         ) from err
+
+
+def _overrides_forward(module: nn.Module) -> bool:
+    """Whether ``module`` (or what it wraps) has a forward of its own, not nn.Module's/Lightning's stub."""
+    module, _ = _eager_module(module)
+    for cls in type(module).__mro__:
+        if "forward" in vars(cls):
+            stub = cls is nn.Module or cls.__module__.split(".")[0] in ("lightning", "pytorch_lightning")
+            return not stub
+    return False
+
+
+def _network_candidates(pl_module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The children of ``pl_module`` that hold parameters (metrics and loss modules without parameters
+    are no networks), largest first."""
+    found = []
+    for name, child in pl_module.named_children():
+        if type(child).__module__.startswith("torchmetrics"):
+            continue
+        count = sum(p.numel() for p in child.parameters())
+        if count:
+            found.append((name, child, count))
+    return [(n, c) for n, c, _ in sorted(found, key=lambda t: -t[2])]
 
 
 class GradientShatteringMonitor(MonitorCallback):
@@ -465,16 +532,33 @@ class GradientShatteringMonitor(MonitorCallback):
         line: with ``probe=None``: ``"pair"`` (first two inputs of the batch) or ``"random"`` (the first
             input plus a random direction of the data's scale).
         output_fn: maps the module's output for B points to B values (default: the logit of the class
-            predicted at x_a); needed when the module does not return a tensor.
-        probe_module: dotted name of the submodule to probe (e.g. ``"model"``); default the
-            LightningModule itself, whose ``forward`` must take a batch of inputs.
+            predicted at x_a).
+        module: dotted name of the network to probe (e.g. ``"net"``, ``"model.backbone"``). Default: the
+            LightningModule itself when it defines ``forward`` and that forward takes the batch's inputs;
+            otherwise its one child holding parameters (metrics and losses aside); among several, the
+            one whose forward takes the inputs. Two or more that do are ambiguous: one warning naming them
+            and this option, and the monitor steps aside.
+        input_key: where the inputs sit in a batch (dict key or tuple index). Default: the batch if it
+            is a tensor, a dict's ``image``/``pixel_values``/``input``... key, else the first floating
+            tensor with a batch dimension; a list of images (detection) is stacked.
+        output_key: where the prediction sits in the output (dict key, attribute such as ``"logits"``,
+            or index). Default: a tensor; a list's last element; a tuple's first; a dict's or object's
+            ``logits``/``out``/``pred``...; detections' highest score per sample.
+        probe_module: older name of ``module``.
         chunk_size: points per forward/backward in ``"eval"`` mode (bounds the probe's memory).
         shattered_margin: rho(1) below this (but above the band) is reported as partly shattered.
         max_history: history entries kept (and checkpointed).
         seed: seed of the random direction.
+        strict: re-raise unexpected exceptions instead of switching off (see
+            :class:`~lightning_convnets.callbacks.core.MonitorCallback`).
+
+    The probe touches neither the optimizers' state nor any parameter's ``.grad`` (input gradients only),
+    so manual optimization, several optimizers, gradient accumulation, mixed precision (the probe runs in
+    the parameters' dtype with autocast off) and ``torch.compile`` (the eager forward is probed) are safe.
 
     Raises:
-        ValueError: for a bad ``every_n_steps``, ``bn_mode``, ``line`` or ``probe``.
+        ValueError: for a bad ``every_n_steps``, ``bn_mode``, ``line`` or ``probe``; in ``setup``, a
+            ``module`` the model does not have.
 
     Example:
         >>> from lightning.pytorch import Trainer  # doctest: +SKIP
@@ -494,31 +578,43 @@ class GradientShatteringMonitor(MonitorCallback):
         probe: Tensor | tuple[Tensor, Tensor | None] | None = None,
         line: Literal["pair", "random"] = "pair",
         output_fn: Callable[[Any], Tensor] | None = None,
+        module: str | None = None,
+        input_key: str | int | None = None,
+        output_key: str | int | None = None,
         probe_module: str | None = None,
         chunk_size: int = 64,
         shattered_margin: float = 0.5,
         max_history: int = DEFAULT_MAX_HISTORY,
         seed: int = 0,
+        strict: bool | None = None,
     ) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(
+            raise MonitorConfigError(
                 f"GradientShatteringMonitor: every_n_steps must be an int >= 1, got {every_n_steps!r}"
             )
         if bn_mode not in _BN_MODES:
-            raise ValueError(
+            raise MonitorConfigError(
                 f"GradientShatteringMonitor: bn_mode must be one of {_BN_MODES}, got {bn_mode!r}"
             )
         if line not in ("pair", "random"):
-            raise ValueError(f"GradientShatteringMonitor: line must be 'pair' or 'random', got {line!r}")
+            raise MonitorConfigError(f"GradientShatteringMonitor: line must be 'pair' or 'random', got {line!r}")
         if not isinstance(num_points, int) or num_points < 3:
-            raise ValueError(f"GradientShatteringMonitor: num_points must be an int >= 3, got {num_points!r}")
-        super().__init__(log_every_n_steps=every_n_steps, max_history=max_history)
+            raise MonitorConfigError(f"GradientShatteringMonitor: num_points must be an int >= 3, got {num_points!r}")
+        if module is not None and probe_module is not None and module != probe_module:
+            raise MonitorConfigError(
+                f"GradientShatteringMonitor: module={module!r} and probe_module={probe_module!r} disagree; "
+                "pass module= only"
+            )
+        super().__init__(log_every_n_steps=every_n_steps, max_history=max_history, strict=strict)
         self.every_n_steps = every_n_steps
         self.num_points = num_points
         self.bn_mode = bn_mode
         self.line = line
         self.output_fn = output_fn
-        self.probe_module = probe_module
+        self.probe_module = module if module is not None else probe_module
+        self.input_key = input_key
+        self.output_key = output_key
+        self.network_name: str | None = None  # the probed network ("" = the LightningModule), once found
         self.chunk_size = chunk_size
         self.shattered_margin = shattered_margin
         self.seed = seed
@@ -537,23 +633,87 @@ class GradientShatteringMonitor(MonitorCallback):
         if isinstance(probe, list | tuple) and len(probe) == 2 and isinstance(probe[0], Tensor):
             start, end = probe
             if end is not None and (not isinstance(end, Tensor) or end.shape != start.shape):
-                raise ValueError(
+                raise MonitorConfigError(
                     "GradientShatteringMonitor: probe=(start, end) needs end shaped like start or None"
                 )
             return start.detach().cpu().clone(), None if end is None else end.detach().cpu().clone()
         got = tuple(probe.shape) if isinstance(probe, Tensor) else type(probe).__name__
-        raise ValueError(
+        raise MonitorConfigError(
             f"GradientShatteringMonitor: probe must be a tensor of two inputs (2, *input_shape) or a pair "
             f"(start, end | None), got {got}"
         )
 
     # ----------------------------------------------------------------------------- probing
+    def attach(self, trainer: pl.Trainer | None, pl_module: nn.Module) -> None:
+        # no hooks: only check, before training, that a named network exists
+        _submodule(pl_module, self.probe_module)
+
+    def failure_hint(self, hook: str, error: BaseException) -> str:
+        return (
+            "tell the probe where things are: module='net' (the network), input_key='image' (the inputs in a "
+            "batch), output_key='logits' or output_fn=... (one value per input from the output)"
+        )
+
     def capture_probe(self, batch: Any) -> None:
         """Keep the line's end points from a training batch (copies on the CPU)."""
-        inputs = _inputs_from_batch(batch).detach()
+        inputs = batch_inputs(batch, self.input_key, max_images=2).detach()
         self.start = inputs[0].cpu().clone()
         pair = self.line == "pair" and inputs.shape[0] >= 2
         self.end = inputs[1].cpu().clone() if pair else None
+
+    def find_network(self, pl_module: nn.Module) -> str | None:
+        """The dotted name of the network to probe (``""``: the LightningModule itself), or ``None`` when
+        the choice is ambiguous (then the monitor warns once and steps aside). See ``module`` in the class
+        docstring for the rule."""
+        if self.probe_module is not None:
+            return self.probe_module
+        if self.start is None:
+            raise RuntimeError("GradientShatteringMonitor.find_network: no probe inputs yet")
+        candidates: list[tuple[str, nn.Module]] = []
+        if _overrides_forward(pl_module):
+            candidates.append(("", pl_module))
+        children = _network_candidates(pl_module)
+        if not candidates and len(children) == 1:
+            return children[0][0]
+        candidates += children
+        working = [name for name, net in candidates if self._takes_inputs(net)]
+        if working and working[0] == "":
+            return ""  # the module's own forward takes the inputs
+        if len(working) == 1:
+            return working[0]
+        names = [n or type(pl_module).__name__ for n, _ in candidates]
+        if not working:
+            raise RuntimeError(
+                f"no network of {type(pl_module).__name__} takes the batch's inputs "
+                f"({describe_batch(self.start.unsqueeze(0))}); tried {names}"
+            )
+        message = (
+            f"GradientShatteringMonitor: {len(working)} networks of {type(pl_module).__name__} take the "
+            f"batch's inputs ({working}); name the one to probe with module='{working[0]}'"
+        )
+        if self.strict:
+            raise MonitorConfigError(message)
+        self.fail("probe", MonitorConfigError(message))
+        return None
+
+    def _takes_inputs(self, net: nn.Module) -> bool:
+        """A trial forward of two probe points through ``net``'s eager forward, in probe state (eval mode,
+        no gradient, RNG and BN buffers untouched, other monitors paused): does it give a prediction?"""
+        module, forward = _eager_module(net)
+        ref = next(iter(module.parameters()), None)
+        device = ref.device if ref is not None else self.start.device
+        dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+        x = torch.stack([self.start, self.start if self.end is None else self.end]).to(device, dtype)
+        try:
+            with _observer_state(module, "eval", device), torch.no_grad():
+                out = forward(x)
+                if self.output_fn is not None:
+                    _per_point(self.output_fn(out), 2)
+                else:
+                    _default_objective(_select_output(out, self.output_key)(out))
+        except Exception:
+            return False
+        return True
 
     def probe(self, pl_module: nn.Module) -> ShatteringProfile:
         """Run :func:`shattering_profile` on the kept line now (any rank; no collective)."""
@@ -561,13 +721,23 @@ class GradientShatteringMonitor(MonitorCallback):
             raise RuntimeError(
                 "GradientShatteringMonitor.probe: no probe yet (it is taken from the first batch)"
             )
+        if self.network_name is None:
+            self.network_name = self.find_network(pl_module)
+            if self.network_name is None:
+                raise RuntimeError("GradientShatteringMonitor.probe: no unambiguous network to probe")
+            if self.probe_module is None and self.network_name:
+                rank_zero_info(
+                    f"GradientShatteringMonitor: probing {type(pl_module).__name__}.{self.network_name} "
+                    f"(module={self.network_name!r})"
+                )
         return shattering_profile(
-            _submodule(pl_module, self.probe_module),
+            _submodule(pl_module, self.network_name),
             self.start,
             self.end,
             num_points=self.num_points,
             bn_mode=self.bn_mode,
             output_fn=self.output_fn,
+            output_key=self.output_key,
             chunk_size=self.chunk_size,
             seed=self.seed,
         )
@@ -592,13 +762,17 @@ class GradientShatteringMonitor(MonitorCallback):
         if self.enabled and step != self._last_probe_step and step % self.every_n_steps == 0:
             self._probe_and_record(trainer, pl_module)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Nothing to flush: every probe is logged when it runs."""
+
     def _probe_and_record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_probe_step = trainer.global_step
         if not trainer.is_global_zero:  # rank zero alone probes; no collective, so nobody waits on it
             return
         begin = time.perf_counter()
         profile = self.probe(pl_module)
-        self.record(trainer, profile, time.perf_counter() - begin)
+        if self.active:
+            self.record(trainer, profile, time.perf_counter() - begin)
 
     def record(
         self, trainer: pl.Trainer, profile: ShatteringProfile, seconds: float = math.nan

@@ -5,6 +5,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # timm / smp must never reach the hub in tests
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# every monitor in this suite is strict (re-raises instead of switching itself off) unless a test says
+# otherwise: nothing hides behind the guard here
+os.environ.setdefault("LIGHTNING_CONVNETS_STRICT_MONITORS", "1")
 
 import torch
 

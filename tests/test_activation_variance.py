@@ -368,8 +368,10 @@ def test_bad_configuration_is_named():
         "0/dead_fraction", "0/mean", "0/var", "0/var_ch_max", "0/var_ch_min",
         "2/dead_fraction", "2/growth", "2/mean", "2/var", "2/var_ch_max", "2/var_ch_min", "nonfinite_step",
     ]  # fmt: skip
-    with pytest.raises(ValueError, match="no module of Linear matches"):
+    with pytest.raises(ValueError, match="nothing to measure in Linear"):
         ActivationVarianceMonitor().measure(nn.Linear(2, 2), torch.zeros(1, 2))
+    with pytest.raises(ValueError, match=r"no module of Sequential matches types=\['bn'\]"):
+        ActivationVarianceMonitor(types=("bn",)).measure(conv_net, torch.zeros(1, 1, 8, 8))
     with pytest.raises(ValueError, match="names is not a valid regex"):
         ActivationVarianceMonitor(names="(")
     with pytest.raises(ValueError, match="explode_growth"):

@@ -385,7 +385,7 @@ def test_bad_configuration_is_named():
         BatchNormDriftMonitor(recalibrate_batches=0)
     with pytest.raises(ValueError, match="var_ratio_threshold"):
         BatchNormDriftMonitor(var_ratio_threshold=1.0)
-    with pytest.raises(ValueError, match="no BatchNorm layer"):
+    with pytest.raises(ValueError, match="no BatchNorm layer"):  # standalone: nothing to return
         BatchNormDriftMonitor().measure(nn.Sequential(nn.Linear(2, 2)), [torch.zeros(1, 2)])
 
 
