@@ -61,6 +61,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_convnets.callbacks.core import (
     Finding,
+    MomentBank,
     Moments,
     MonitorCallback,
     MonitorConfigError,
@@ -323,6 +324,9 @@ class ActivationVarianceMonitor(MonitorCallback):
             )
             return
         self._moments = {}
+        self._bank = MomentBank()
+        self._bank_allowed = not _is_compiled(pl_module)  # compiled graphs keep the tensors they traced
+        self._slot_target = []
         self._aliases = _identity_aliases(pl_module, self.targets)
         out: Callable[..., Any] = lambda a, o: o  # noqa: E731
         for index, target in enumerate(self.targets):
@@ -348,11 +352,13 @@ class ActivationVarianceMonitor(MonitorCallback):
     ) -> None:
         """One hook on ``module`` feeding one :class:`ShiftedMoments` per ``(key, select)``."""
         slots = []
+        bank = self._bank
         for key, select in selects:
-            self._moments[key] = ShiftedMoments()
-            slots.append((self._moments[key], select))
+            self._moments[key] = bank.add(key)
+            self._slot_target.append(int(key.split("/", 1)[0]))
+            slots.append((len(bank.keys) - 1, self._moments[key], select))
 
-        def record(moments: ShiftedMoments, x: Any) -> None:
+        def record(slot: int, moments: ShiftedMoments, x: Any) -> None:
             if not isinstance(x, Tensor) or not x.is_floating_point():
                 return
             state = moments.state
@@ -360,22 +366,23 @@ class ActivationVarianceMonitor(MonitorCallback):
             # keep the first width only; shapes are static, so this is no host sync
             if state is not None and (x.dim() >= 2 and x.shape[1] != state.shape[1]):
                 return
-            moments.update(x)
+            if not bank.take(slot, x):  # the bank's four ops, else the moment's own update
+                moments.update(x)
 
         if pre:
 
             def pre_hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
                 if self.is_recording(mod) and args:
-                    for moments, select in slots:
-                        record(moments, select(args))
+                    for slot, moments, select in slots:
+                        record(slot, moments, select(args))
 
             self.add_hook(module, pre_hook, pre=True)
         else:
 
             def hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
                 if self.is_recording(mod):
-                    for moments, select in slots:
-                        record(moments, select(args, output))
+                    for slot, moments, select in slots:
+                        record(slot, moments, select(args, output))
 
             self.add_hook(module, hook)
 
@@ -389,6 +396,9 @@ class ActivationVarianceMonitor(MonitorCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self._recording:  # the step this batch ran in: global_step moved on if the optimizer stepped
+            self._bank.fold()
+            if not self._bank.ready and self._bank_allowed:
+                self._bank.build()  # every state has its width now: from the next batch on, the fast path
             self._track_nonfinite(self._batch_step)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
@@ -396,6 +406,17 @@ class ActivationVarianceMonitor(MonitorCallback):
         # Every state was finite after the previous step (or this code would have fired then), so the
         # first non-finite entry, in target order, of all states concatenated is the first module that
         # produced NaN/Inf in this step. A handful of tensor ops per step, no host sync.
+        if self._bank.ready:  # one flat buffer: no concatenation per batch
+            found = self._bank.first_nonfinite_slot()
+            if self._nf_code is None:
+                self._nf_code = torch.full((), _NO_NONFINITE, dtype=torch.float64, device=found.device)
+            if self._nf_segments is None or self._nf_layout != ("bank",):
+                self._nf_segments = torch.tensor(self._slot_target, dtype=torch.float64, device=found.device)
+                self._nf_layout = ("bank",)
+            fresh = found[0].bool() & (self._nf_code >= _NO_NONFINITE)
+            target = self._nf_segments[found[1]]
+            self._nf_code = torch.where(fresh, step * _STEP_SCALE + target, self._nf_code)
+            return
         states = [(key, m.state) for key, m in self._moments.items() if m.state is not None]
         if not states:
             return
@@ -425,8 +446,7 @@ class ActivationVarianceMonitor(MonitorCallback):
             packer.min("nonfinite", code)
 
     def reset_interval(self) -> None:
-        for moments in self._moments.values():
-            moments.reset()
+        self._bank.reset()
 
     def compute_metrics(
         self, trainer: pl.Trainer | None, pl_module: nn.Module, stats: PackedStats
@@ -714,6 +734,13 @@ def _identity_aliases(model: nn.Module, targets: list[_Target]) -> dict[str, str
         if previous is not None:
             aliases[f"{index}/shortcut"] = f"{previous}/out"
     return aliases
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` runs compiled graphs (Lightning's ``from_compiled`` or a compiled submodule)."""
+    if getattr(model, "_compiler_ctx", None):
+        return True
+    return any(type(m).__name__ == "OptimizedModule" for m in model.modules())
 
 
 def _ratio(a: float, b: float) -> float:

@@ -85,6 +85,7 @@ __all__ = [
     "DEFAULT_MAX_HISTORY",
     "Diagnosis",
     "Finding",
+    "MomentBank",
     "Moments",
     "MonitorCallback",
     "MonitorConfigError",
@@ -311,6 +312,156 @@ class ShiftedMoments:
         if self.state is None:
             return None
         return self.m2 / self.state[0].clamp_min(1)
+
+
+class MomentBank:
+    """Many :class:`ShiftedMoments` in three flat buffers, for monitors with dozens or hundreds of hooks.
+
+    A :class:`ShiftedMoments` update costs eight small ops (three of them float64 adds with a cast); on a
+    deep network with small activations those per-tensor ops cost more than the statistics' arithmetic.
+    Once every moment has seen one batch (its width is then known), :meth:`build` moves all states into
+    one float64 ``[3, total]`` buffer (each moment's ``state`` becomes a view of it) and the shifts into one
+    float32 vector. From then on :meth:`take` reduces a tensor with four ops into a float32 scratch row
+    (``sum(x - K)`` and ``sum((x - K)^2)``, written in place with ``out=``) and :meth:`fold` adds the whole
+    scratch and the counts to the float64 state once per batch. The float32 sums and the float64 additions
+    are the same values in the same order as :meth:`ShiftedMoments.update`'s, so the results are
+    bit-identical. A tensor the bank cannot take (float64 data, a second call of the same module before
+    the fold, a non-batched tensor, tracing under ``torch.compile``) goes through the moment's own
+    ``update`` instead, after its pending scratch is folded.
+
+    Example:
+        >>> import torch
+        >>> bank = MomentBank()
+        >>> a, b = bank.add("a"), bank.add("b")
+        >>> a.update(torch.tensor([[1.0], [3.0]])); b.update(torch.ones(2, 2, 4))  # first batch: own path
+        >>> bank.build()
+        True
+        >>> bank.take(0, torch.tensor([[5.0]])), bank.take(1, torch.zeros(1, 2, 4))
+        (True, True)
+        >>> bank.fold()
+        >>> a.mean, a.var
+        (tensor([3.], dtype=torch.float64), tensor([2.6667], dtype=torch.float64))
+    """
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.moments: list[ShiftedMoments] = []
+        self.ready = False
+        self.state: Tensor | None = None  # [3, total] float64: count, S1, S2
+        self.shift: Tensor | None = None  # [total] float32
+        self.scratch: Tensor | None = None  # [2, total] float32: this batch's S1, S2
+        self.offsets: list[int] = []
+        self.widths: list[int] = []
+        self._s1: list[Tensor] = []
+        self._s2: list[Tensor] = []
+        self._shifts: list[Tensor] = []
+        self._pending: list[float] = []  # elements per channel taken into the scratch this batch (0: none)
+        self._counts: dict[tuple[float, ...], Tensor] = {}
+        self._column_slot: Tensor | None = None
+
+    def add(self, key: str) -> ShiftedMoments:
+        """A new moment (before :meth:`build`); its index is its slot."""
+        if self.ready:
+            raise RuntimeError("MomentBank.add: the bank is already built")
+        moments = ShiftedMoments()
+        self.keys.append(key)
+        self.moments.append(moments)
+        return moments
+
+    def build(self) -> bool:
+        """Move every moment into the flat buffers; ``False`` (nothing done) while some moment has not seen
+        data yet, or when their devices or dtypes differ."""
+        if self.ready:
+            return True
+        states = [m.state for m in self.moments]
+        if not states or any(s is None for s in states):
+            return False
+        shifts = [m.shift for m in self.moments]
+        if len({s.device for s in states}) != 1 or any(s.dtype != torch.float32 for s in shifts):
+            return False
+        self.widths = [s.shape[1] for s in states]
+        self.offsets = [0]
+        for width in self.widths[:-1]:
+            self.offsets.append(self.offsets[-1] + width)
+        self.state = torch.cat(states, dim=1)
+        self.shift = torch.cat([s.reshape(-1) for s in shifts])
+        self.scratch = torch.zeros(2, self.state.shape[1], dtype=torch.float32, device=self.state.device)
+        for i, m in enumerate(self.moments):
+            part = slice(self.offsets[i], self.offsets[i] + self.widths[i])
+            m.state = self.state[:, part]
+            m._rows = (m.state[0], m.state[1], m.state[2])
+            m.shift = self.shift[part].view(m.shift.shape)
+            self._shifts.append(m.shift)
+            self._s1.append(self.scratch[0, part])
+            self._s2.append(self.scratch[1, part])
+        self._pending = [0.0] * len(self.moments)
+        self._column_slot = torch.repeat_interleave(
+            torch.arange(len(self.moments)), torch.tensor(self.widths)
+        ).to(self.state.device)
+        self.ready = True
+        return True
+
+    def take(self, slot: int, x: Tensor) -> bool:
+        """Reduce ``x`` into ``slot``'s scratch (four ops); ``False`` when the moment must update itself."""
+        if not self.ready or x.dim() < 2 or x.dtype == torch.float64 or torch.compiler.is_compiling():
+            self.flush_slot(slot)
+            return False
+        if self._pending[slot]:  # a second call of the module before the fold: keep the order of adds
+            self.flush_slot(slot)
+            return False
+        x = x.detach()
+        dims = (0, *range(2, x.dim()))
+        d = x - self._shifts[slot]
+        torch.sum(d, dim=dims, out=self._s1[slot])
+        torch.sum(d.square_(), dim=dims, out=self._s2[slot])
+        self._pending[slot] = float(x.numel() // x.shape[1])
+        return True
+
+    def flush_slot(self, slot: int) -> None:
+        """Fold one slot's pending scratch into its state now."""
+        if not self.ready or not self._pending[slot]:
+            return
+        m = self.moments[slot]
+        m._rows[0].add_(self._pending[slot])
+        m._rows[1].add_(self._s1[slot])
+        m._rows[2].add_(self._s2[slot])
+        self._s1[slot].zero_()
+        self._s2[slot].zero_()
+        self._pending[slot] = 0.0
+
+    def fold(self) -> None:
+        """Add this batch's scratch and counts to the float64 state (once per batch, a few ops)."""
+        if not self.ready or not any(self._pending):
+            return
+        key = tuple(self._pending)
+        counts = self._counts.get(key)
+        if counts is None:
+            per_slot = torch.tensor(key, dtype=torch.float64, device=self.state.device)
+            counts = self._counts[key] = per_slot[self._column_slot]
+        self.state[0].add_(counts)
+        self.state[1:].add_(self.scratch)
+        self.scratch.zero_()
+        self._pending = [0.0] * len(self.moments)
+
+    def reset(self) -> None:
+        """:meth:`ShiftedMoments.reset` of every moment at once (the same arithmetic, vectorised)."""
+        if not self.ready:
+            for m in self.moments:
+                m.reset()
+            return
+        count = self.state[0]
+        mean = self.shift.double() + self.state[1] / count.clamp_min(1)
+        usable = torch.isfinite(mean) & (count > 0)
+        self.shift.copy_(torch.where(usable, mean, self.shift.double()).to(self.shift.dtype))
+        self.state.zero_()
+
+    def first_nonfinite_slot(self) -> Tensor | None:
+        """On the device, without a sync: the first slot (in order) with a non-finite S1 or S2, as a
+        ``(found, slot)`` pair of 0-d tensors stacked; ``None`` before :meth:`build`."""
+        if not self.ready:
+            return None
+        bad = ~torch.isfinite(self.state[1:]).all(0)
+        return torch.stack([bad.any().to(torch.long), self._column_slot[torch.argmax(bad.to(torch.uint8))]])
 
 
 @dataclass
