@@ -1,28 +1,19 @@
-"""The shared base of every task: backbone resolution, optimizer/scheduler injection, fine-tuning controls.
+"""The shared base of every task (:class:`ConvNetTask`) and the default LR schedule (:class:`WarmupCosineLR`).
 
-A task is ``backbone -> head -> loss`` plus torchmetrics collections per stage. This module holds what
-classification and segmentation (and detection) share:
-
-* **Backbone resolution** (:func:`resolve_backbone`): a registry name (``"preact_resnet18"``,
-  ``"smp:Unet/resnet34"``), a ``{"class_path": ..., "init_args": ...}`` dict, or an ``nn.Module``.
-* **Optimizer and LR scheduler** are injected as LightningCLI ``OptimizerCallable`` /
-  ``LRSchedulerCallable`` (default: AdamW with :class:`WarmupCosineLR` stepped per batch). A scheduler
-  that takes a ``total_steps`` argument left unset (``WarmupCosineLR``, ``OneCycleLR``) gets
-  ``trainer.estimated_stepping_batches`` filled in.
-* **Fine-tuning**: ``freeze_backbone`` (``True`` always, or an epoch count), ``freeze_bn`` (backbone
-  BatchNorm layers keep their running statistics), ``backbone_lr_mult`` (the backbone gets its own
-  parameter group whose learning rate is the base one times this factor).
-* **Bookkeeping**: ``save_hyperparameters``; at fit start, the parameter count and its ratio to the
-  number of training examples (the overparameterization measure #params / #training points).
+Start with :class:`ConvNetTask`: its ``__init__`` declares every argument the tasks share (the tasks
+forward them with ``**kwargs``), resolves the backbone (:func:`resolve_backbone`) and calls the
+subclass's :meth:`ConvNetTask.build_task`. The hooks a task implements or overrides are listed in
+its docstring and in ``docs/architecture.md``.
 """
 
 from __future__ import annotations
 
+import abc
 import functools
 import importlib
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -156,17 +147,24 @@ def _scheduler_accepts_total_steps(factory: Any) -> bool:
     return param is not None and param.default is None
 
 
-def _batch_size(images: Tensor) -> int:
-    return int(images.shape[0])
+def _batch_size(images: Tensor | Sequence[Tensor]) -> int:
+    # A tensor batch (N, C, H, W), or a list of images (detection).
+    return int(images.shape[0]) if isinstance(images, Tensor) else len(images)
 
 
-class ConvNetTask(LightningModule):
+class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
     """Base LightningModule of the tasks: a backbone, a task head, metrics per stage, fine-tuning controls.
 
-    Subclasses build head, loss and metrics in :meth:`build_task` (called with the class count, from
-    ``__init__`` or, when ``num_classes`` is left unset, from ``setup`` with the datamodule's count, which
-    checkpoints then record), compute ``(loss, predictions, targets, images)`` in :meth:`shared_step` and
-    draw samples in :meth:`plot_samples`.
+    Every argument below is declared here once; the tasks take their own arguments and forward the rest
+    with ``**kwargs`` (LightningCLI still lists them all, with types and defaults).
+
+    Hooks a task implements: :meth:`build_task` (head, loss and metrics for the class count; the base
+    calls it once, from ``__init__`` when ``num_classes`` is given, else from ``setup`` with the
+    datamodule's count, or from ``load_from_checkpoint``), :meth:`shared_step` (``(loss, predictions,
+    targets, images)`` of a batch) and :meth:`plot_samples`. Hooks it may override:
+    :meth:`evaluate_batch` (what a validation/test batch updates), :meth:`epoch_metrics` (what is logged at
+    an epoch's end), :meth:`compute_metrics`, :meth:`progress_bar_metrics_for`, :meth:`default_monitor`,
+    :meth:`accepts_data_num_classes`, :meth:`check_datamodule` and :meth:`default_prediction_writer`.
 
     Checkpoints: ``load_from_checkpoint(path)`` rebuilds the model from the saved hyperparameters when the
     backbone was given as a name or a ``class_path`` dict. A backbone given as a module instance is not a
@@ -178,6 +176,10 @@ class ConvNetTask(LightningModule):
             ``{"class_path": ..., "init_args": ...}`` dict, or an ``nn.Module`` honouring the backbone
             contract (see "Checkpoints" above for module instances).
         backbone_kwargs: keyword arguments for the backbone builder (``{"stem": "cifar", "width": 16}``).
+        num_classes: number of classes the head predicts (its meaning per task: see the task); ``None``
+            takes the datamodule's ``num_classes`` at setup. A count taken from the datamodule is not
+            written into the hyperparameters (which keep ``None``): the checkpoint stores it separately,
+            so ``load_from_checkpoint`` rebuilds the head without the datamodule.
         in_channels: image channels; forwarded to registry builders and checked against the datamodule.
         optimizer: optimizer factory taking the parameter groups (LightningCLI ``OptimizerCallable``).
         lr_scheduler: scheduler factory taking the optimizer, or ``None`` for a constant rate. A scheduler
@@ -185,7 +187,8 @@ class ConvNetTask(LightningModule):
             ``trainer.estimated_stepping_batches``.
         lr_scheduler_interval: ``"step"`` or ``"epoch"``; ``"auto"`` steps per batch exactly when
             ``total_steps`` was filled in.
-        monitor: metric a ``ReduceLROnPlateau`` scheduler watches.
+        monitor: metric a ``ReduceLROnPlateau`` scheduler watches; ``None``: the task's
+            :meth:`default_monitor`, a metric it logs (``val/loss``; ``val/map`` for torchvision detectors).
         freeze_backbone: ``True`` freezes the backbone for the whole run (it is left out of the
             optimizer), an int ``N`` freezes it for the first ``N`` epochs. A frozen backbone runs in eval
             mode (its BatchNorm statistics do not move). Under DDP, a temporary freeze needs
@@ -210,12 +213,13 @@ class ConvNetTask(LightningModule):
     def __init__(
         self,
         backbone: BackboneSpec = "resnet18",
+        num_classes: int | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
         in_channels: int = 3,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
         lr_scheduler_interval: Literal["auto", "step", "epoch"] = "auto",
-        monitor: str = "val/loss",
+        monitor: str | None = None,
         freeze_backbone: bool | int = False,
         freeze_bn: bool = False,
         backbone_lr_mult: float = 1.0,
@@ -232,6 +236,8 @@ class ConvNetTask(LightningModule):
             )
         if backbone_lr_mult < 0:
             raise ValueError(f"backbone_lr_mult must be >= 0, got {backbone_lr_mult}")
+        if num_classes is not None and int(num_classes) < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if lr_scheduler_interval not in ("auto", "step", "epoch"):
             raise ValueError(
                 f"lr_scheduler_interval must be auto, step or epoch, got {lr_scheduler_interval!r}"
@@ -265,6 +271,9 @@ class ConvNetTask(LightningModule):
         self.num_classes: int | None = None
         if freeze_backbone is True:
             self._set_backbone_frozen(True)
+        # Subclass arguments are in self.hparams already (save_hyperparameters reads every __init__ frame).
+        if num_classes is not None:
+            self._build(int(num_classes))
 
     # ----------------------------------------------------------------------------- fine-tuning controls
     def _freeze_wanted(self, epoch: int) -> bool:
@@ -349,7 +358,7 @@ class ConvNetTask(LightningModule):
             interval = "step" if filled else "epoch"
         config: dict[str, Any] = {"scheduler": scheduler, "interval": interval}
         if isinstance(scheduler, ReduceLROnPlateau):
-            config["monitor"] = self.hparams.monitor
+            config["monitor"] = self.monitored_metric
         return {"optimizer": optimizer, "lr_scheduler": config}
 
     # ------------------------------------------------------------------------------ data and checks
@@ -359,8 +368,9 @@ class ConvNetTask(LightningModule):
         return getattr(trainer, "datamodule", None) if trainer is not None else None
 
     def check_datamodule(self) -> None:
-        """Raise a ``ValueError`` before training when the datamodule's image channels disagree with the
-        backbone's first convolution. Subclasses add their class-count checks."""
+        """Raise a ``ValueError`` before training when the datamodule disagrees with the model: image
+        channels vs the backbone's first convolution, class count (:meth:`accepts_data_num_classes`).
+        Subclasses extend it with checks of their own arguments."""
         dm = self.datamodule
         data_channels = getattr(dm, "in_channels", None)
         model_channels = _first_conv_in_channels(self.backbone)
@@ -369,19 +379,37 @@ class ConvNetTask(LightningModule):
                 f"{type(dm).__name__}.in_channels is {data_channels} but the backbone's first convolution "
                 f"takes {model_channels} channels; set model in_channels (or the backbone's) to {data_channels}"
             )
+        count = getattr(dm, "num_classes", None)
+        if count is not None and not self.accepts_data_num_classes(int(count)):
+            names = getattr(dm, "class_names", None)
+            listed = f" ({', '.join(str(n) for n in list(names)[:20])})" if names else ""
+            raise ValueError(
+                f"{type(dm).__name__}.num_classes is {count} but the model was built for {self.num_classes} "
+                f"classes: the model predicts {self.num_classes} classes and the data has {count}{listed}; "
+                f"set model num_classes to {count} (or leave it unset to take it from the data)"
+            )
 
+    @abc.abstractmethod
     def build_task(self, num_classes: int) -> None:
-        """Build the head, loss and metric collections for ``num_classes`` (subclasses)."""
-        raise NotImplementedError
+        """Build the head, loss and metric collections for ``num_classes`` (the base calls it once)."""
 
-    def _init_task(self, num_classes: int | None) -> None:
-        # Called by subclasses at the end of __init__: build now when the class count is known, else in
-        # setup() from the datamodule (checkpoints record the count, so they rebuild the head).
-        if num_classes is not None:
-            if int(num_classes) < 1:
-                raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-            self.num_classes = int(num_classes)
-            self.build_task(self.num_classes)
+    def _build(self, num_classes: int) -> None:
+        self.num_classes = int(num_classes)
+        self.build_task(self.num_classes)
+
+    def accepts_data_num_classes(self, count: int) -> bool:
+        """Whether a datamodule with ``count`` classes fits this model (default: the same count)."""
+        return count == self.num_classes
+
+    @property
+    def default_monitor(self) -> str:
+        """The metric a ``ReduceLROnPlateau`` scheduler watches when ``monitor`` is unset."""
+        return "val/loss"
+
+    @property
+    def monitored_metric(self) -> str:
+        """``monitor`` if given, else :attr:`default_monitor`."""
+        return self.hparams.get("monitor") or self.default_monitor
 
     def setup(self, stage: str) -> None:
         if self.num_classes is None:
@@ -394,8 +422,7 @@ class ConvNetTask(LightningModule):
             # Not written back into hparams: Lightning refuses to log module and datamodule hparams that
             # share a key with different values (the datamodule may hold num_classes=None). The count
             # travels in the checkpoint instead (on_save_checkpoint / on_load_checkpoint).
-            self.num_classes = int(count)
-            self.build_task(self.num_classes)
+            self._build(int(count))
         self.check_datamodule()
         if self.hparams.get("channels_last"):
             self.to(memory_format=torch.channels_last)
@@ -410,8 +437,7 @@ class ConvNetTask(LightningModule):
         if saved is None:
             return
         if self.num_classes is None:
-            self.num_classes = int(saved)
-            self.build_task(self.num_classes)
+            self._build(int(saved))
         elif int(saved) != self.num_classes:
             raise ValueError(
                 f"the checkpoint was trained for {saved} classes but this {type(self).__name__} has "
@@ -462,37 +488,54 @@ class ConvNetTask(LightningModule):
             return batch[0], (batch[1] if len(batch) > 1 else None)
         raise TypeError(f"cannot read images from a batch of type {type(batch).__name__}")
 
-    def shared_step(self, batch: Any, stage: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Return ``(loss, predictions_for_metrics, targets_for_metrics, images)``; implemented by tasks."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def shared_step(self, batch: Any, stage: str) -> tuple[Tensor | None, Any, Any, Any]:
+        """Return ``(loss, predictions_for_metrics, targets_for_metrics, images)`` of a batch.
+
+        ``loss`` may be ``None`` outside training (a model that computes no loss in eval mode) and
+        ``predictions`` ``None`` in training (no training metrics)."""
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Log ``train/loss`` per step and update the epoch's training loss and metrics."""
         loss, preds, target, images = self.shared_step(batch, "train")
-        self.log(
-            "train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=_batch_size(images)
-        )
-        self.stage_loss["train_"].update(loss.detach(), _batch_size(images))
-        self.metrics["train_"].update(preds, target)
+        if loss is None:
+            raise RuntimeError(f"{type(self).__name__}.shared_step returned no loss for a training batch")
+        n = _batch_size(images)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
+        self.stage_loss["train_"].update(loss.detach(), n)
+        if preds is not None:
+            self.metrics["train_"].update(preds, target)
         return loss
 
-    def _eval_step(self, batch: Any, batch_idx: int, stage: str) -> None:
+    def evaluate_batch(self, batch: Any, batch_idx: int, stage: str) -> None:
+        """Hook: what a validation or test batch updates (loss, metrics, the samples of the figure)."""
         loss, preds, target, images = self.shared_step(batch, stage)
-        self.stage_loss[f"{stage}_"].update(loss.detach(), _batch_size(images))
+        if loss is not None:
+            self.stage_loss[f"{stage}_"].update(loss.detach(), _batch_size(images))
         self.metrics[f"{stage}_"].update(preds, target)
         self.remember_samples(stage, batch_idx, images, preds, target)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "val")
+        """Evaluate a validation batch (:meth:`evaluate_batch`)."""
+        self.evaluate_batch(batch, batch_idx, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "test")
+        """Evaluate a test batch (:meth:`evaluate_batch`)."""
+        self.evaluate_batch(batch, batch_idx, "test")
 
     # ----------------------------------------------------------------------------- epoch-end logging
-    def _log_stage(self, stage: str) -> None:
-        # One compute per epoch: torchmetrics syncs its states across ranks there, so every rank logs the
-        # same values and no per-key sync_dist reduction is needed.
+    def epoch_metrics(self, stage: str) -> dict[str, Tensor]:
+        """Hook: the values logged at the end of a ``stage`` epoch (``<stage>/loss`` and
+        :meth:`compute_metrics`); called once per epoch, before the stage's metrics are reset."""
         values = {f"{stage}/loss": self.stage_loss[f"{stage}_"].compute()}
         values.update(self.compute_metrics(stage))
+        return values
+
+    def log_epoch_metrics(self, stage: str) -> None:
+        """Log :meth:`epoch_metrics` (progress-bar ones on the bar) and reset the stage's metrics."""
+        # One compute per epoch: torchmetrics syncs its states across ranks there, so every rank logs the
+        # same values and no per-key sync_dist reduction is needed.
+        values = self.epoch_metrics(stage)
         self.stage_loss[f"{stage}_"].reset()
         self.metrics[f"{stage}_"].reset()
         prog_bar = {k: v for k, v in values.items() if k in self.progress_bar_metrics_for(stage)}
@@ -510,23 +553,27 @@ class ConvNetTask(LightningModule):
         return out
 
     def progress_bar_metrics_for(self, stage: str) -> set[str]:
+        """Names of the epoch metrics shown on the progress bar."""
         return {f"{stage}/loss"}
 
     def on_train_epoch_end(self) -> None:
-        self._log_stage("train")
+        """Log the training epoch's metrics."""
+        self.log_epoch_metrics("train")
 
     def on_validation_epoch_end(self) -> None:
+        """Log the validation figures and metrics (nothing during the sanity check)."""
         if self.trainer.sanity_checking:
             self.stage_loss["val_"].reset()
             self.metrics["val_"].reset()
             self._samples.pop("val", None)
             return
         self.log_figures("val")
-        self._log_stage("val")
+        self.log_epoch_metrics("val")
 
     def on_test_epoch_end(self) -> None:
+        """Log the test figures and metrics."""
         self.log_figures("test")
-        self._log_stage("test")
+        self.log_epoch_metrics("test")
 
     # ------------------------------------------------------------------------------------- figures
     def _figures_due(self, stage: str) -> bool:
