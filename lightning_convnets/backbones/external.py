@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from lightning_convnets.backbones.base import Backbone
 from lightning_convnets.backbones.registry import register_prefix
+from lightning_convnets.backbones.weights import torchvision_weights
 from lightning_convnets.nn.stem import adapt_stem_weight
 
 __all__ = [
@@ -477,27 +478,6 @@ def _adapt_first_conv(conv: nn.Conv2d, in_channels: int, keep_weights: bool) -> 
     return new
 
 
-def _torchvision_weights(name: str, pretrained: bool, weights: Any, where: str) -> Any:
-    """The torchvision ``WeightsEnum`` member to load, or None unless the caller asked."""
-    from torchvision import models
-
-    if weights is None and not pretrained:
-        return None
-    enum = models.get_model_weights(name)
-    if weights is None:
-        return enum.DEFAULT
-    if isinstance(weights, enum):
-        return weights
-    if isinstance(weights, str):
-        member = weights.split(".", 1)[1] if weights.startswith(enum.__name__ + ".") else weights
-        if member in enum.__members__:
-            return enum[member]
-    raise KeyError(
-        f"{where}: unknown weights {weights!r}; available: {list(enum.__members__)} "
-        f"(or a {enum.__name__} member)"
-    )
-
-
 @register_prefix("torchvision")
 class TorchvisionResNet(Backbone):
     """A torchvision ResNet / ResNeXt / Wide ResNet as a pyramid backbone (``layer1..layer4``).
@@ -555,7 +535,10 @@ class TorchvisionResNet(Backbone):
         indices = sorted(set(out_indices))
         if not indices or indices[0] < 0 or indices[-1] > 4:
             raise ValueError(f"{where}: out_indices must be a non-empty subset of 0..4, got {out_indices!r}")
-        weight_enum = _torchvision_weights(model_name, pretrained, weights, where)
+        if weights is None and not pretrained:
+            weight_enum = None
+        else:
+            weight_enum = torchvision_weights(model_name, weights or "DEFAULT", where)
         model = models.get_model(model_name, weights=weight_enum, **kwargs)
 
         conv1 = model.conv1

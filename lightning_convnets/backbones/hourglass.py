@@ -26,10 +26,8 @@ from torch import Tensor, nn
 
 from lightning_convnets.backbones.base import Backbone
 from lightning_convnets.backbones.registry import register_backbone
-from lightning_convnets.backbones.unet import norm_layer
 from lightning_convnets.nn import ResidualAdd
-
-_NORMS = ("batch", "group", "none")
+from lightning_convnets.nn.norm import check_norm, make_norm
 
 
 class ResidualModule(nn.Module):
@@ -54,13 +52,13 @@ class ResidualModule(nn.Module):
         super().__init__()
         mid = max(out_channels // 2, 1)
         self.branch = nn.Sequential(
-            norm_layer(norm, in_channels),
+            make_norm(norm, in_channels),
             nn.ReLU(),  # not in place: with norm="none" it would overwrite x, the shortcut term
             nn.Conv2d(in_channels, mid, 1),
-            norm_layer(norm, mid),
+            make_norm(norm, mid),
             nn.ReLU(inplace=True),
             nn.Conv2d(mid, mid, 3, padding=1),
-            norm_layer(norm, mid),
+            make_norm(norm, mid),
             nn.ReLU(inplace=True),
             nn.Conv2d(mid, out_channels, 1),
         )
@@ -165,8 +163,7 @@ class StackedHourglass(Backbone):
         ]:
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"StackedHourglass: {name} must be an int >= {low}, got {value!r}")
-        if norm not in _NORMS:
-            raise ValueError(f"StackedHourglass: norm must be one of {_NORMS}, got {norm!r}")
+        check_norm(norm, "StackedHourglass")
         self.in_channels = in_channels
         self.num_stacks = num_stacks
         self.order = order
@@ -176,7 +173,7 @@ class StackedHourglass(Backbone):
         quarter, half = width // 4, width // 2
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, quarter, 7, stride=2, padding=3),
-            norm_layer(norm, quarter),
+            make_norm(norm, quarter),
             nn.ReLU(inplace=True),
             ResidualModule(quarter, half, norm),
             nn.MaxPool2d(2),
@@ -186,7 +183,7 @@ class StackedHourglass(Backbone):
         self.hourglasses = nn.ModuleList(Hourglass(order, width, num_blocks, norm) for _ in range(num_stacks))
         self.post = nn.ModuleList(_residuals(width, num_blocks, norm) for _ in range(num_stacks))
         self.features = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(width, width, 1), norm_layer(norm, width), nn.ReLU(inplace=True))
+            nn.Sequential(nn.Conv2d(width, width, 1), make_norm(norm, width), nn.ReLU(inplace=True))
             for _ in range(num_stacks)
         )
         # Merges exist between stacks only: the last stack's map goes straight to the task.
