@@ -184,7 +184,7 @@ class CocoDetectionDataModule(ConvDataModule):
         **kwargs: the loader, transform and normalisation arguments of :class:`ConvDataModule`, and
             ``min_visibility``, ``min_area`` (the box dropping rule above).
 
-    Example:
+    Example (not run by the doctests: it needs COCO on disk):
         >>> dm = CocoDetectionDataModule(  # doctest: +SKIP
         ...     images="coco/train2017",
         ...     annotations="coco/annotations/instances_train2017.json",

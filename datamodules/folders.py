@@ -119,7 +119,7 @@ class ImageFolderDataModule(ConvDataModule):
         **kwargs: the loader, transform and normalisation arguments of :class:`ConvDataModule`
             (default mean/std: ImageNet).
 
-    Example:
+    Example (not run by the doctests: it needs an image folder):
         >>> dm = ImageFolderDataModule("data/pets", image_size=64, batch_size=16)  # doctest: +SKIP
         >>> dm.setup("fit"); images, labels = next(iter(dm.train_dataloader()))  # doctest: +SKIP
     """
@@ -194,7 +194,7 @@ class SegmentationFolderDataModule(ConvDataModule):
         batch_size: pairs per batch.
         **kwargs: the loader, transform and normalisation arguments of :class:`ConvDataModule`.
 
-    Example:
+    Example (not run by the doctests: it needs an image/mask folder):
         >>> dm = SegmentationFolderDataModule("data/roads", class_names=["bg", "road"])  # doctest: +SKIP
     """
 

@@ -312,7 +312,7 @@ class ShapesDataModule(ConvDataModule):
         **kwargs: the loader, transform and normalisation arguments of :class:`ConvDataModule`
             (``num_workers``, ``train_transforms`` ...; mean/std default to the generator's statistics).
 
-    Example:
+    Example (not run by the doctests: it generates 5000 images, several seconds):
         >>> dm = ShapesDataModule(task="classification", batch_size=64)  # doctest: +SKIP
         >>> dm.prepare_data(); dm.setup("fit")  # doctest: +SKIP
         >>> images, labels = next(iter(dm.train_dataloader()))  # doctest: +SKIP

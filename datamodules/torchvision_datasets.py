@@ -81,7 +81,7 @@ class CIFAR10DataModule(ConvDataModule):
         **kwargs: the loader, transform and normalisation arguments of :class:`ConvDataModule`
             (default mean/std: CIFAR-10's).
 
-    Example:
+    Example (not run by the doctests: it downloads CIFAR-10):
         >>> dm = CIFAR10DataModule("data/cifar10", download=True, batch_size=128)  # doctest: +SKIP
     """
 
@@ -142,7 +142,7 @@ class VOCSegmentationDataModule(ConvDataModule):
         **kwargs: the loader, transform and normalisation arguments of :class:`ConvDataModule`
             (default mean/std: ImageNet's; ``ignore_index`` must stay 255, VOC's border value).
 
-    Example:
+    Example (not run by the doctests: it downloads Pascal VOC, about 2 GB):
         >>> dm = VOCSegmentationDataModule("data/voc", download=True, image_size=256)  # doctest: +SKIP
     """
 

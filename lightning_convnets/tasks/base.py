@@ -93,7 +93,9 @@ def resolve_backbone(spec: BackboneSpec, **kwargs: Any) -> nn.Module:
         TypeError: for another type, or a module that lacks ``out_channels`` / ``reductions``.
 
     Example:
-        >>> resolve_backbone("preact_resnet18", stem="cifar", width=8)  # doctest: +SKIP
+        >>> net = resolve_backbone("preact_resnet18", stem="cifar", width=8)
+        >>> net.out_channels, net.reductions
+        ([8, 16, 32, 64], [1, 2, 4, 8])
     """
     if isinstance(spec, nn.Module):
         backbone = spec

@@ -48,8 +48,8 @@ class ImageClassifier(ConvNetTask):
 
     Example:
         >>> model = ImageClassifier("preact_resnet18", num_classes=10,
-        ...                         backbone_kwargs={"stem": "cifar", "width": 16})  # doctest: +SKIP
-        >>> model(torch.zeros(2, 3, 32, 32)).shape  # doctest: +SKIP
+        ...                         backbone_kwargs={"stem": "cifar", "width": 16})
+        >>> model(torch.zeros(2, 3, 32, 32)).shape
         torch.Size([2, 10])
     """
 

@@ -106,8 +106,8 @@ class ObjectDetector(ConvNetTask):
 
     Example:
         >>> model = ObjectDetector("hourglass", num_classes=3,
-        ...                        backbone_kwargs={"num_stacks": 2, "order": 2, "width": 16})  # doctest: +SKIP
-        >>> model.eval()([torch.zeros(3, 64, 64)])[0].keys()  # doctest: +SKIP
+        ...                        backbone_kwargs={"num_stacks": 2, "order": 2, "width": 16})
+        >>> model.eval()([torch.zeros(3, 64, 64)])[0].keys()
         dict_keys(['boxes', 'scores', 'labels'])
     """
 

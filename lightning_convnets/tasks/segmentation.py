@@ -54,8 +54,8 @@ class SemanticSegmenter(ConvNetTask):
 
     Example:
         >>> model = SemanticSegmenter("unet", num_classes=4,
-        ...                           backbone_kwargs={"width": 8, "depth": 2})  # doctest: +SKIP
-        >>> model(torch.zeros(1, 3, 64, 64))[-1].shape  # doctest: +SKIP
+        ...                           backbone_kwargs={"width": 8, "depth": 2})
+        >>> model(torch.zeros(1, 3, 64, 64))[-1].shape
         torch.Size([1, 4, 64, 64])
     """
 
