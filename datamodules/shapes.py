@@ -1,20 +1,9 @@
 """Coloured shapes on noisy textured backgrounds: the embedded dataset that needs no download.
 
-The generator draws, deterministically from a seed, circles, squares, triangles, crosses (and stars) of
-random colour, size, position and rotation (within ``max_rotation``) on a random-colour background with
-a colour gradient and pixel noise. It
-writes the data in the real on-disk formats and :class:`ShapesDataModule` reads it back with the same
-loaders as the real-data modules:
-
-- classification (one shape per image): ``<split>/<class>/<index>.png`` (an image-folder tree);
-- segmentation (1-3 shapes): ``<split>/images/<index>.png`` + ``<split>/masks/<index>.png`` (palette
-  PNGs, value 0 = background, ``k + 1`` = shape class ``k``);
-- detection (1-4 shapes): ``<split>/images/<index>.png`` + ``<split>/annotations.json`` (COCO, category
-  ids ``1..K``, boxes tight around the pixels of each shape, no overlaps).
-
-Each image has its own random stream ``(seed, split, index)``, so changing ``num_train`` leaves the val and
-test images unchanged. Shapes never overlap, and are anti-aliased (the mask/boxes take pixels that are at
-least half covered).
+Start with :class:`ShapesDataModule`. :func:`generate_shapes` writes the images in the real on-disk formats
+(an image-folder tree, image/mask pairs, a COCO json), deterministically from a seed, and the module
+reads them back with the same loaders as the real-data modules. The generator's rules (shapes, masks,
+boxes, per-image random streams) are in ``docs/data.md``.
 """
 
 from __future__ import annotations

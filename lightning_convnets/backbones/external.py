@@ -1,22 +1,10 @@
 """Adapters that turn timm, segmentation-models-pytorch and torchvision models into backbones.
 
-Four prefixes, each honouring the :class:`~lightning_convnets.backbones.base.Backbone` contract:
-
-* ``timm:<model>``: any timm model with ``features_only=True`` (e.g. ``timm:efficientnet_b0``);
-* ``smp:<encoder>``: an smp encoder as a pyramid (e.g. ``smp:resnet34``, ``smp:tu-convnext_atto``);
-* ``smp:<Architecture>/<encoder>``: an smp encoder-decoder without its segmentation head, returning one
-  dense map at the input resolution (e.g. ``smp:Unet/resnet34``, ``smp:FPN/resnet18``);
-* ``torchvision:<name>``: a torchvision ResNet / ResNeXt / Wide ResNet as a pyramid of ``layer1..layer4``.
-
-Weights: nothing is ever downloaded unless the caller asks, with ``pretrained=True`` (the library's
-default weights) or ``weights=<name>`` (a specific set). Both are accepted by every adapter. When
-weights are loaded, ``mean`` and ``std`` hold the normalisation constants they were trained with
-(``None`` otherwise), for the data presets.
-
-The libraries' own blocks (timm/torchvision ``BasicBlock``/``Bottleneck``, smp decoder blocks) are kept
-as they are, never re-traced or re-wrapped, so module hooks (the monitors) still fire on them.
-
-The three libraries are imported lazily, inside the builders: importing this package stays cheap.
+Four prefixes honour the :class:`~lightning_convnets.backbones.base.Backbone` contract: ``timm:<model>``,
+``smp:<encoder>``, ``smp:<Architecture>/<encoder>`` (one dense map) and ``torchvision:<name>`` (ResNets).
+Nothing is downloaded unless asked (``pretrained=True`` or ``weights=...``); the libraries are imported
+lazily, inside the builders. Details (weights, normalisation constants, hookable blocks):
+``docs/backbones.md``.
 """
 
 from __future__ import annotations

@@ -1,21 +1,8 @@
-"""Stacked hourglass networks (Newell, Yang and Deng 2016).
+"""Stacked hourglass networks (Newell, Yang and Deng 2016): :class:`StackedHourglass`, registered as ``hourglass``.
 
-An hourglass pools down to a very coarse grid and comes back up by nearest-neighbour upsampling; at every
-resolution a branch of residual modules carries the finer features across and is added back on the way up.
-Stacking hourglasses end to end, each one refining the estimate of the previous one, and supervising the
-output of every stack ("intermediate supervision") gives the network several chances to reason about the
-whole image.
-
-Layout here (after the authors' Torch code): a stem brings the image to 1/4 resolution (7x7 stride-2 conv,
-a residual module, 2x2 max-pool, two residual modules); then ``num_stacks`` times: hourglass of ``order``
-poolings, residual module(s), a 1x1 conv-norm-ReLU giving the stack's feature map (returned), and, between
-stacks, a merge that adds remapped features back to the stack's input.
-
-The merge without heads: the paper adds ``1x1(features) + 1x1(predictions)`` to the next stack's input,
-where the predictions come from the task's head. A backbone does not own heads, so the prediction path is
-replaced by an internal pair of 1x1 convs (``features -> merge_channels -> width``; with ``merge_channels``
-= the number of keypoints this has the shape of the paper's ``heatmaps -> features`` path). The task's own
-heads read each stack's map and are not fed back.
+A dense backbone that returns one map per stack at 1/4 resolution (every stack is supervised by the
+task). The layout, and how the merge between stacks works without the task's heads, are in
+``docs/backbones.md``.
 """
 
 from __future__ import annotations

@@ -1,20 +1,9 @@
 """ResNet family: post-activation (v1), pre-activation (v2) and their skip-free "plain" twins.
 
-* v1, He et al. 2015, "Deep Residual Learning for Image Recognition": ``conv -> BN -> ReLU`` inside the
-  branch, ReLU after the sum, bottleneck stride on the 3x3 conv (the "ResNet v1.5" layout torchvision
-  uses). Parameter names are torchvision's (``conv1, bn1, layer1..layer4``, blocks ``conv1/bn1/conv2/bn2
-  [/conv3/bn3]/downsample.0/.1``), so a torchvision ImageNet state dict (minus ``fc``) loads with
-  ``strict=True``.
-* v2, He et al. 2016, "Identity Mappings in Deep Residual Networks": ``BN -> ReLU -> conv`` inside the
-  branch and nothing after the sum, so each block can add negative as well as positive quantities; a
-  linear stem conv before the first block (otherwise the input to the first block is all non-negative)
-  and a final ``BN -> ReLU`` after the last stage. A projection shortcut reads the pre-activated input.
-* ``skip=False`` builds the plain twin: the same branch layers without any shortcut (identity or
-  projection), the "regular network" ``h_{l+1} = f_l(h_l)`` of the lecture.
-
-Every residual sum goes through :class:`lightning_convnets.nn.ResidualAdd` (``block.add``), so a forward
-hook receives ``(shortcut, branch)``. ReLUs are not in-place: hooks that keep or differentiate through a
-block's intermediate tensors (variance and gradient monitors) must see them unmodified.
+Start with :class:`ResNet` and the registered builders (``resnet18``... ``preact_resnet200``). Parameter
+names are torchvision's, so its ImageNet weights load (``weights=``); every residual sum goes through
+:class:`lightning_convnets.nn.ResidualAdd` so hooks see ``(shortcut, branch)``. The block layouts and
+why ReLUs are not in-place: ``docs/backbones.md``.
 
 Example:
     >>> import torch
