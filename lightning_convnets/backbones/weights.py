@@ -32,7 +32,9 @@ def torchvision_weights(model_name: str, weights: Any, where: str) -> Any:
     try:
         enum = get_model_weights(model_name)
     except ValueError as err:
-        raise UnknownWeightsError(f"{where}: torchvision has no pretrained weights for {model_name!r}") from err
+        raise UnknownWeightsError(
+            f"{where}: torchvision has no pretrained weights for {model_name!r}"
+        ) from err
     if isinstance(weights, enum):
         return weights
     if isinstance(weights, str):

@@ -73,6 +73,7 @@ class WarmupCosineLR(LambdaLR):
         super().__init__(optimizer, self.lr_lambda, last_epoch=last_epoch)
 
     def lr_lambda(self, step: int) -> float:
+        """Learning-rate factor at optimizer step ``step``."""
         if step < self.warmup_steps:
             return (step + 1) / (self.warmup_steps + 1)
         span = max(1, self.total_steps - self.warmup_steps)
@@ -301,6 +302,7 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
         return self
 
     def on_train_epoch_start(self) -> None:
+        """Freeze or unfreeze the backbone as ``freeze_backbone`` says for this epoch."""
         wanted = self._freeze_wanted(self.current_epoch)
         if wanted != self._backbone_frozen:
             self._set_backbone_frozen(wanted)
@@ -328,6 +330,7 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
         return [g for g in groups if g["params"]]
 
     def configure_optimizers(self) -> Any:
+        """The optimizer over :meth:`parameter_groups` and the scheduler (``total_steps`` filled in)."""
         optimizer = self.optimizer_factory(self.parameter_groups())
         for group in optimizer.param_groups:
             group["lr"] = group["lr"] * group.get("lr_mult", 1.0)
@@ -366,6 +369,7 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
     # ------------------------------------------------------------------------------ data and checks
     @property
     def datamodule(self) -> Any:
+        """The trainer's datamodule, or ``None``."""
         trainer = self._trainer
         return getattr(trainer, "datamodule", None) if trainer is not None else None
 
@@ -414,6 +418,7 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
         return self.hparams.get("monitor") or self.default_monitor
 
     def setup(self, stage: str) -> None:
+        """Build the task from the datamodule's class count if needed, check the data, apply ``channels_last``."""
         if self.num_classes is None:
             count = getattr(self.datamodule, "num_classes", None)
             if count is None:
@@ -430,9 +435,11 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
             self.to(memory_format=torch.channels_last)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the class count (it may come from the datamodule, not the hyperparameters)."""
         checkpoint["lightning_convnets"] = {"num_classes": self.num_classes}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Build the head for the checkpoint's class count before its weights load."""
         # Runs before the weights are loaded, so a head whose size came from the datamodule is rebuilt
         # here by load_from_checkpoint (no datamodule needed).
         saved = (checkpoint.get("lightning_convnets") or {}).get("num_classes")
@@ -447,6 +454,7 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
             )
 
     def on_fit_start(self) -> None:
+        """Log the parameter count and its ratio to the number of training examples."""
         n_params = sum(p.numel() for p in self.parameters())
         n_trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         n_train = self._num_train_examples()
@@ -637,6 +645,7 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
         return x.clamp(0, 1).permute(0, 2, 3, 1)
 
     def class_names(self, num_classes: int) -> list[str]:
+        """The datamodule's class names when it has ``num_classes`` of them, else the label numbers."""
         names = getattr(self.datamodule, "class_names", None)
         if names is not None and len(names) == num_classes:
             return [str(n) for n in names]
@@ -648,6 +657,7 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
         return None
 
     def configure_callbacks(self) -> list[Callback]:
+        """In ``predict``, the task's default prediction writer unless a writer is configured."""
         trainer = self._trainer
         if trainer is None or trainer.state.fn != "predict":
             return []

@@ -335,7 +335,9 @@ class ObjectDetector(ConvNetTask):
         return torch.stack(list(parts.values())).sum(), parts
 
     # -------------------------------------------------------------------------------------- steps
-    def shared_step(self, batch: Any, stage: str) -> tuple[Tensor | None, Detections | None, Detections, list]:
+    def shared_step(
+        self, batch: Any, stage: str
+    ) -> tuple[Tensor | None, Detections | None, Detections, list]:
         """Loss (``None`` for torchvision detectors outside training), detections (``None`` in training:
         no training metrics), cleaned targets and images; training also logs the loss parts."""
         images, targets = self._split_batch(batch)
