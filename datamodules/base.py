@@ -1,8 +1,12 @@
-"""The shared LightningDataModule base: loader settings, transforms, dataset metadata, seeded splits."""
+"""The shared LightningDataModule base: loader settings, transforms, dataset metadata, seeded splits.
+
+Start with :class:`ConvDataModule`: it declares every argument the data modules share (they forward them
+with ``**kwargs``), builds the loaders in one place and calls the subclass's ``_build_datasets``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -10,10 +14,16 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from .datasets import detection_collate
+from .io import DataValidationError
 from .transforms import TransformSpec, build_pipeline
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_UNUSED_BY_TASK = {
+    "classification": ("ignore_index", "min_visibility", "min_area"),
+    "segmentation": ("min_visibility", "min_area"),
+    "detection": ("ignore_index",),
+}
 
 
 def _fit_stats(
@@ -33,6 +43,11 @@ def seeded_split(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarr
 
     ``fractions`` are the shares of all parts but the first, which takes the rest (so rounding never
     loses an example). Returns sorted index arrays, first part first.
+
+    Example:
+        >>> parts = seeded_split(10, [0.2, 0.1], seed=0)
+        >>> [len(part) for part in parts], sorted(i for part in parts for i in part.tolist()) == list(range(10))
+        ([7, 2, 1], True)
     """
     order = np.random.default_rng(seed).permutation(n)
     sizes = [round(f * n) for f in fractions]
@@ -79,12 +94,45 @@ def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: in
     return [np.sort(p).astype(np.int64) for p in [rest, *parts]]
 
 
+def carve_splits(
+    samples: dict[str, list],
+    fractions: Mapping[str, float],
+    seed: int,
+    label: Callable[[Any], int] | None = None,
+) -> dict[str, list]:
+    """Fill the splits missing from ``samples`` by carving ``fractions`` out of ``samples["train"]``.
+
+    A split already in ``samples`` (it had its own folder or file) or with a fraction of 0 is left
+    alone. With ``label`` (a sample's class), the carving keeps the class balance
+    (:func:`stratified_split`), else it is a plain :func:`seeded_split`. Returns ``samples``, updated.
+
+    Example:
+        >>> out = carve_splits({"train": list("abcdefghij")}, {"val": 0.2, "test": 0.0}, seed=0)
+        >>> {split: len(items) for split, items in out.items()}
+        {'train': 8, 'val': 2}
+    """
+    carve = [(split, f) for split, f in fractions.items() if split not in samples and f > 0]
+    if carve:
+        pool = samples["train"]
+        shares = [f for _, f in carve]
+        if label is None:
+            parts = seeded_split(len(pool), shares, seed)
+        else:
+            parts = stratified_split([label(item) for item in pool], shares, seed)
+        samples["train"] = [pool[i] for i in parts[0]]
+        for (split, _), idx in zip(carve, parts[1:]):
+            samples[split] = [pool[i] for i in idx]
+    return samples
+
+
 class ConvDataModule(LightningDataModule):
     """Base of every data module here: loaders, transforms, and the metadata tasks read.
 
-    Subclasses set ``task`` and implement ``_build_datasets(stage)`` and ``_resolve_class_names()``.
-    After ``setup`` (and before it wherever the constructor arguments tell), the module exposes
-    ``num_classes``, ``class_names``, ``in_channels``, ``mean``, ``std``, ``num_train_examples``.
+    Subclasses set ``task`` and implement ``_build_datasets(splits)`` (usually with
+    :meth:`assign_datasets`) and ``_resolve_class_names()``; they take their own arguments and forward
+    the ones below with ``**kwargs``. After ``setup`` (and before it wherever the constructor arguments
+    tell), the module exposes ``num_classes``, ``class_names``, ``in_channels``, ``mean``, ``std``,
+    ``num_train_examples``.
 
     Args:
         batch_size: examples per batch (all splits).
@@ -102,10 +150,11 @@ class ConvDataModule(LightningDataModule):
         drop_last: drop the last incomplete training batch.
         ignore_index: segmentation mask value meaning "no label".
         min_visibility, min_area: detection box dropping rule (see ``transforms.build_pipeline``).
-        default_mean, default_std: the statistics used when ``mean``/``std`` are not given (set by
-            subclasses, e.g. CIFAR-10's or the shapes generator's).
+        default_mean, default_std: the statistics used when ``mean``/``std`` are not given; ``None``:
+            the class's ``default_mean``/``default_std`` attributes (ImageNet's; CIFAR-10's or the shapes
+            generator's in those modules).
 
-    Example:
+    Example (a sketch, not run by the doctests: ``make_dataset`` stands for your own dataset class):
         >>> class TinyFolder(ConvDataModule):  # doctest: +SKIP
         ...     def _resolve_class_names(self):
         ...         return ["a", "b"]
@@ -116,6 +165,8 @@ class ConvDataModule(LightningDataModule):
     """
 
     task: Literal["classification", "segmentation", "detection"] = "classification"
+    default_mean: tuple[float, ...] = IMAGENET_MEAN
+    default_std: tuple[float, ...] = IMAGENET_STD
 
     def __init__(
         self,
@@ -136,10 +187,14 @@ class ConvDataModule(LightningDataModule):
         ignore_index: int = 255,
         min_visibility: float = 0.3,
         min_area: float = 1.0,
-        default_mean: Sequence[float] = IMAGENET_MEAN,
-        default_std: Sequence[float] = IMAGENET_STD,
+        default_mean: Sequence[float] | None = None,
+        default_std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
+        # Every __init__ frame up the subclass chain is read: the subclass's own arguments are saved too.
+        # Arguments this kind of data does not use stay out (Lightning refuses module and datamodule
+        # hyperparameters that share a key with different values, e.g. a segmenter's ignore_index).
+        self.save_hyperparameters(ignore=["default_mean", "default_std", *_UNUSED_BY_TASK[self.task]])
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
@@ -154,8 +209,8 @@ class ConvDataModule(LightningDataModule):
         self.persistent_workers = persistent_workers
         self.image_size = image_size
         self._in_channels = in_channels
-        self._mean = _fit_stats(mean, in_channels, default_mean, "mean")
-        self._std = _fit_stats(std, in_channels, default_std, "std")
+        self._mean = _fit_stats(mean, in_channels, default_mean or self.default_mean, "mean")
+        self._std = _fit_stats(std, in_channels, default_std or self.default_std, "std")
         self.train_transforms = train_transforms
         self.eval_transforms = eval_transforms
         self.resize = resize
@@ -185,14 +240,17 @@ class ConvDataModule(LightningDataModule):
 
     @property
     def in_channels(self) -> int:
+        """Image channels of the batches (1 or 3)."""
         return self._in_channels
 
     @property
     def mean(self) -> tuple[float, ...]:
+        """Per-channel normalisation mean (0..1 scale)."""
         return self._mean
 
     @property
     def std(self) -> tuple[float, ...]:
+        """Per-channel normalisation standard deviation (0..1 scale)."""
         return self._std
 
     @property
@@ -205,7 +263,8 @@ class ConvDataModule(LightningDataModule):
     def check_num_classes(self, model_num_classes: int) -> None:
         """Raise a ``ValueError`` when a model's class count disagrees with the data.
 
-        Tasks call this in their ``setup`` so the mismatch shows before the first step.
+        For a model outside the tasks; the tasks check the count themselves in ``setup``
+        (``ConvNetTask.check_datamodule``), so the mismatch shows before the first step.
         """
         if int(model_num_classes) != self.num_classes:
             names = ", ".join(self.class_names[:20])
@@ -249,6 +308,22 @@ class ConvDataModule(LightningDataModule):
     def _build_datasets(self, splits: Sequence[str]) -> None:
         raise NotImplementedError
 
+    def assign_datasets(
+        self,
+        splits: Sequence[str],
+        samples: Mapping[str, Sequence[Any]],
+        make_dataset: Callable[[str, Sequence[Any]], Dataset],
+        where: Any,
+    ) -> None:
+        """Set ``<split>_dataset`` to ``make_dataset(split, samples[split])`` for each requested split
+        that ``samples`` has; an empty split raises a :class:`DataValidationError` naming ``where``."""
+        for split in splits:
+            if split not in samples:
+                continue
+            if not samples[split]:
+                raise DataValidationError(f"{where}: the {split} split is empty")
+            setattr(self, f"{split}_dataset", make_dataset(split, samples[split]))
+
     def _loader(self, dataset: Dataset | None, split: str, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__} has no {split} split; call setup() first")
@@ -264,13 +339,17 @@ class ConvDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled loader of the training split."""
         return self._loader(self.train_dataset, "train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
+        """Loader of the validation split."""
         return self._loader(self.val_dataset, "val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
+        """Loader of the test split."""
         return self._loader(self.test_dataset, "test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
+        """Loader of the test split (prediction runs over it)."""
         return self._loader(self.test_dataset, "test", shuffle=False)

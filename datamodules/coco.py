@@ -17,14 +17,13 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from .base import ConvDataModule, seeded_split
+from .base import ConvDataModule, carve_splits
 from .datasets import DetectionDataset, DetectionRecord
 from .io import DataValidationError, verify_image
-from .transforms import TransformSpec
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -181,10 +180,11 @@ class CocoDetectionDataModule(ConvDataModule):
         val_fraction, test_fraction: shares carved from training images for splits without a json.
         category_ids: fix the label order (label i = category_ids[i]); default: sorted json ids.
         image_size: output side (``resize="letterbox"`` keeps the aspect ratio); ``None`` keeps sizes.
-        min_visibility, min_area: the box dropping rule above.
-        **see** :class:`ConvDataModule` for the loader, transform and normalisation arguments.
+        batch_size: images per batch.
+        **kwargs: the loader, transform and normalisation arguments of :class:`ConvDataModule`, and
+            ``min_visibility``, ``min_area`` (the box dropping rule above).
 
-    Example:
+    Example (not run by the doctests: it needs COCO on disk):
         >>> dm = CocoDetectionDataModule(  # doctest: +SKIP
         ...     images="coco/train2017",
         ...     annotations="coco/annotations/instances_train2017.json",
@@ -209,41 +209,10 @@ class CocoDetectionDataModule(ConvDataModule):
         test_fraction: float = 0.0,
         category_ids: list[int] | None = None,
         image_size: int | None = 512,
-        in_channels: int = 3,
         batch_size: int = 8,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        mean: list[float] | None = None,
-        std: list[float] | None = None,
-        train_transforms: TransformSpec = "default",
-        eval_transforms: TransformSpec = "default",
-        resize: Literal["resize", "letterbox"] = "resize",
-        min_visibility: float = 0.3,
-        min_area: float = 1.0,
-        verify_images: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            image_size=image_size,
-            in_channels=in_channels,
-            mean=mean,
-            std=std,
-            train_transforms=train_transforms,
-            eval_transforms=eval_transforms,
-            resize=resize,
-            verify_images=verify_images,
-            seed=seed,
-            drop_last=drop_last,
-            min_visibility=min_visibility,
-            min_area=min_area,
-        )
-        self.save_hyperparameters()
+        super().__init__(image_size=image_size, batch_size=batch_size, **kwargs)
         self.sources = {
             "train": (Path(images), Path(annotations)),
             "val": (Path(val_images or images), Path(val_annotations)) if val_annotations else None,
@@ -269,26 +238,16 @@ class CocoDetectionDataModule(ConvDataModule):
 
     def _build_datasets(self, splits: Sequence[str]) -> None:
         images, annotations = self.sources["train"]
-        train_records, _, _ = load_coco_records(annotations, images, self.verify_images, self.category_ids)
-        records: dict[str, list[DetectionRecord]] = {"train": train_records}
-        carve = []
+        records = {"train": load_coco_records(annotations, images, self.verify_images, self.category_ids)[0]}
         for split in ("val", "test"):
             source = self.sources[split]
             if source is not None:
                 records[split] = load_coco_records(
                     source[1], source[0], self.verify_images, self.category_ids
                 )[0]
-            elif self.fractions[split] > 0:
-                carve.append(split)
-        if carve:
-            parts = seeded_split(len(train_records), [self.fractions[s] for s in carve], self.seed)
-            records["train"] = [train_records[i] for i in parts[0]]
-            for split, idx in zip(carve, parts[1:]):
-                records[split] = [train_records[i] for i in idx]
-        for split in splits:
-            if split not in records:
-                continue
-            if not records[split]:
-                raise DataValidationError(f"{annotations}: the {split} split has no images")
-            dataset = DetectionDataset(records[split], self.pipeline(split == "train"), self.in_channels)
-            setattr(self, f"{split}_dataset", dataset)
+        carve_splits(records, self.fractions, self.seed)
+
+        def make(split: str, split_records: Sequence[DetectionRecord]) -> DetectionDataset:
+            return DetectionDataset(split_records, self.pipeline(split == "train"), self.in_channels)
+
+        self.assign_datasets(splits, records, make, annotations)

@@ -63,6 +63,7 @@ class ClassificationDataset(_SeededTransformMixin, Dataset):
 
     @property
     def targets(self) -> list[int]:
+        """Label of every sample, in order."""
         return [label for _, label in self.samples]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:

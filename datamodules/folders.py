@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import numpy as np
 
-from .base import ConvDataModule, seeded_split, stratified_split
+from .base import ConvDataModule, carve_splits
 from .datasets import ClassificationDataset, SegmentationDataset
-from .io import IMAGE_EXTENSIONS, DataValidationError, check_mask_values, list_images, load_mask, verify_image
-from .transforms import TransformSpec
+from .io import (
+    IMAGE_EXTENSIONS,
+    DataValidationError,
+    check_mask_values,
+    list_images,
+    load_mask,
+    verify_image,
+)
 
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 
@@ -110,10 +116,10 @@ class ImageFolderDataModule(ConvDataModule):
         val_fraction: share of training images held out for validation when there is no val folder.
         test_fraction: same for the test split (0 means no test split).
         image_size: output side in pixels (mixed sizes are resized).
-        **see** :class:`ConvDataModule` for the loader, transform and normalisation arguments
-        (default mean/std: ImageNet).
+        **kwargs: the loader, transform and normalisation arguments of :class:`ConvDataModule`
+            (default mean/std: ImageNet).
 
-    Example:
+    Example (not run by the doctests: it needs an image folder):
         >>> dm = ImageFolderDataModule("data/pets", image_size=64, batch_size=16)  # doctest: +SKIP
         >>> dm.setup("fit"); images, labels = next(iter(dm.train_dataloader()))  # doctest: +SKIP
     """
@@ -127,37 +133,9 @@ class ImageFolderDataModule(ConvDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         image_size: int | None = 224,
-        in_channels: int = 3,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        mean: list[float] | None = None,
-        std: list[float] | None = None,
-        train_transforms: TransformSpec = "default",
-        eval_transforms: TransformSpec = "default",
-        resize: Literal["resize", "letterbox"] = "resize",
-        verify_images: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            image_size=image_size,
-            in_channels=in_channels,
-            mean=mean,
-            std=std,
-            train_transforms=train_transforms,
-            eval_transforms=eval_transforms,
-            resize=resize,
-            verify_images=verify_images,
-            seed=seed,
-            drop_last=drop_last,
-        )
-        self.save_hyperparameters()
+        super().__init__(image_size=image_size, **kwargs)
         self.root = Path(root).expanduser()
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
@@ -178,33 +156,21 @@ class ImageFolderDataModule(ConvDataModule):
         train_dir = self._train_dir()
         names = self.class_names
         samples = {"train": scan_class_folders(train_dir, names, require_every_class=not self._fixed_classes)}
-        carve = []
-        for split, fraction in (("val", self.val_fraction), ("test", self.test_fraction)):
+        for split in ("val", "test"):
             folder = _find_split_dir(self.root, split) if train_dir != self.root else None
             if folder is not None:
                 samples[split] = scan_class_folders(folder, names, require_every_class=False)
-            elif fraction > 0:
-                carve.append((split, fraction))
-        if carve:
-            pool = samples["train"]
-            parts = stratified_split([label for _, label in pool], [f for _, f in carve], self.seed)
-            samples["train"] = [pool[i] for i in parts[0]]
-            for (split, _), idx in zip(carve, parts[1:]):
-                samples[split] = [pool[i] for i in idx]
-        return samples
+        fractions = {"val": self.val_fraction, "test": self.test_fraction}
+        return carve_splits(samples, fractions, self.seed, label=lambda sample: sample[1])
 
     def _build_datasets(self, splits: Sequence[str]) -> None:
-        samples = self._split_samples()
-        for split in splits:
-            if split not in samples:
-                continue
-            if not samples[split]:
-                raise DataValidationError(f"{self.root}: the {split} split is empty")
+        def make(split: str, samples: Sequence[tuple[Path, int]]) -> ClassificationDataset:
             if self.verify_images:
-                for path, _ in samples[split]:
+                for path, _ in samples:
                     verify_image(path)
-            dataset = ClassificationDataset(samples[split], self.pipeline(split == "train"), self.in_channels)
-            setattr(self, f"{split}_dataset", dataset)
+            return ClassificationDataset(samples, self.pipeline(split == "train"), self.in_channels)
+
+        self.assign_datasets(splits, self._split_samples(), make, self.root)
 
 
 class SegmentationFolderDataModule(ConvDataModule):
@@ -224,9 +190,11 @@ class SegmentationFolderDataModule(ConvDataModule):
         ignore_index: mask value meaning "no label" (also the fill of padded mask areas).
         images_dir, masks_dir: the subfolder names.
         val_fraction, test_fraction: shares carved from training pairs for splits without a folder.
-        **see** :class:`ConvDataModule` for the loader, transform and normalisation arguments.
+        image_size: output side in pixels.
+        batch_size: pairs per batch.
+        **kwargs: the loader, transform and normalisation arguments of :class:`ConvDataModule`.
 
-    Example:
+    Example (not run by the doctests: it needs an image/mask folder):
         >>> dm = SegmentationFolderDataModule("data/roads", class_names=["bg", "road"])  # doctest: +SKIP
     """
 
@@ -243,38 +211,10 @@ class SegmentationFolderDataModule(ConvDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         image_size: int | None = 256,
-        in_channels: int = 3,
         batch_size: int = 8,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        mean: list[float] | None = None,
-        std: list[float] | None = None,
-        train_transforms: TransformSpec = "default",
-        eval_transforms: TransformSpec = "default",
-        resize: Literal["resize", "letterbox"] = "resize",
-        verify_images: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            image_size=image_size,
-            in_channels=in_channels,
-            mean=mean,
-            std=std,
-            train_transforms=train_transforms,
-            eval_transforms=eval_transforms,
-            resize=resize,
-            verify_images=verify_images,
-            seed=seed,
-            drop_last=drop_last,
-            ignore_index=ignore_index,
-        )
-        self.save_hyperparameters()
+        super().__init__(image_size=image_size, batch_size=batch_size, ignore_index=ignore_index, **kwargs)
         self.root = Path(root).expanduser()
         self.images_dir, self.masks_dir = images_dir, masks_dir
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
@@ -289,20 +229,11 @@ class SegmentationFolderDataModule(ConvDataModule):
         _require_dir(self.root, "dataset root")
         train_dir = _find_split_dir(self.root, "train")
         pairs = {"train": scan_segmentation_folder(train_dir or self.root, self.images_dir, self.masks_dir)}
-        carve = []
-        for split, fraction in (("val", self.val_fraction), ("test", self.test_fraction)):
+        for split in ("val", "test"):
             folder = _find_split_dir(self.root, split) if train_dir is not None else None
             if folder is not None:
                 pairs[split] = scan_segmentation_folder(folder, self.images_dir, self.masks_dir)
-            elif fraction > 0:
-                carve.append((split, fraction))
-        if carve:
-            pool = pairs["train"]
-            parts = seeded_split(len(pool), [f for _, f in carve], self.seed)
-            pairs["train"] = [pool[i] for i in parts[0]]
-            for (split, _), idx in zip(carve, parts[1:]):
-                pairs[split] = [pool[i] for i in idx]
-        return pairs
+        return carve_splits(pairs, {"val": self.val_fraction, "test": self.test_fraction}, self.seed)
 
     def _resolve_class_names(self) -> Sequence[str]:
         # Without names, the classes are what the masks hold: read every training mask once.
@@ -315,23 +246,15 @@ class SegmentationFolderDataModule(ConvDataModule):
         return [f"class_{i}" for i in range(max(top + 1, 1))]
 
     def _build_datasets(self, splits: Sequence[str]) -> None:
-        pairs = self._split_pairs()
         num_classes = self.num_classes
-        for split in splits:
-            if split not in pairs:
-                continue
-            if not pairs[split]:
-                raise DataValidationError(f"{self.root}: the {split} split is empty")
+
+        def make(split: str, pairs: Sequence[tuple[Path, Path]]) -> SegmentationDataset:
             if self.verify_images:
-                verify_pairs(pairs[split], num_classes, self.ignore_index)
-            dataset = SegmentationDataset(
-                pairs[split],
-                num_classes,
-                self.pipeline(split == "train"),
-                self.in_channels,
-                self.ignore_index,
-            )
-            setattr(self, f"{split}_dataset", dataset)
+                verify_pairs(pairs, num_classes, self.ignore_index)
+            pipeline = self.pipeline(split == "train")
+            return SegmentationDataset(pairs, num_classes, pipeline, self.in_channels, self.ignore_index)
+
+        self.assign_datasets(splits, self._split_pairs(), make, self.root)
 
 
 def verify_pairs(pairs: Sequence[tuple[Path, Path]], num_classes: int, ignore_index: int | None) -> None:

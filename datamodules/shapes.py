@@ -1,20 +1,9 @@
 """Coloured shapes on noisy textured backgrounds: the embedded dataset that needs no download.
 
-The generator draws, deterministically from a seed, circles, squares, triangles, crosses (and stars) of
-random colour, size, position and rotation (within ``max_rotation``) on a random-colour background with
-a colour gradient and pixel noise. It
-writes the data in the real on-disk formats and :class:`ShapesDataModule` reads it back with the same
-loaders as the real-data modules:
-
-- classification (one shape per image): ``<split>/<class>/<index>.png`` (an image-folder tree);
-- segmentation (1-3 shapes): ``<split>/images/<index>.png`` + ``<split>/masks/<index>.png`` (palette
-  PNGs, value 0 = background, ``k + 1`` = shape class ``k``);
-- detection (1-4 shapes): ``<split>/images/<index>.png`` + ``<split>/annotations.json`` (COCO, category
-  ids ``1..K``, boxes tight around the pixels of each shape, no overlaps).
-
-Each image has its own random stream ``(seed, split, index)``, so changing ``num_train`` leaves the val and
-test images unchanged. Shapes never overlap, and are anti-aliased (the mask/boxes take pixels that are at
-least half covered).
+Start with :class:`ShapesDataModule`. :func:`generate_shapes` writes the images in the real on-disk formats
+(an image-folder tree, image/mask pairs, a COCO json), deterministically from a seed, and the module
+reads them back with the same loaders as the real-data modules. The generator's rules (shapes, masks,
+boxes, per-image random streams) are in ``docs/data.md``.
 """
 
 from __future__ import annotations
@@ -37,7 +26,6 @@ from .coco import load_coco_records
 from .datasets import ClassificationDataset, DetectionDataset, SegmentationDataset
 from .folders import scan_class_folders, scan_segmentation_folder, verify_pairs
 from .io import verify_image
-from .transforms import TransformSpec
 
 SHAPE_NAMES = ("circle", "square", "triangle", "cross", "star")
 GENERATOR_VERSION = 2
@@ -308,16 +296,21 @@ class ShapesDataModule(ConvDataModule):
         max_rotation: shapes are rotated uniformly in ``[-max_rotation, max_rotation]`` degrees; the
             default 20 keeps the quickstart learnable in a minute, 180 gives every orientation.
         seed: generation seed (same seed, same bytes).
-        **see** :class:`ConvDataModule` for the loader and transform arguments (``batch_size``,
-        ``num_workers``, ``train_transforms`` ...; mean/std default to the generator's statistics).
+        batch_size: examples per batch.
+        verify_images: check every generated file in ``setup`` (off: the generator wrote them).
+        **kwargs: the loader, transform and normalisation arguments of :class:`ConvDataModule`
+            (``num_workers``, ``train_transforms`` ...; mean/std default to the generator's statistics).
 
-    Example:
+    Example (not run by the doctests: it generates 5000 images, several seconds):
         >>> dm = ShapesDataModule(task="classification", batch_size=64)  # doctest: +SKIP
         >>> dm.prepare_data(); dm.setup("fit")  # doctest: +SKIP
         >>> images, labels = next(iter(dm.train_dataloader()))  # doctest: +SKIP
         >>> images.shape, labels.dtype  # doctest: +SKIP
         (torch.Size([64, 3, 32, 32]), torch.int64)
     """
+
+    default_mean = SHAPES_MEAN
+    default_std = SHAPES_STD
 
     def __init__(
         self,
@@ -332,40 +325,20 @@ class ShapesDataModule(ConvDataModule):
         max_rotation: float = 20.0,
         seed: int = 0,
         batch_size: int = 64,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        train_transforms: TransformSpec = "default",
-        eval_transforms: TransformSpec = "default",
-        mean: list[float] | None = None,
-        std: list[float] | None = None,
         verify_images: bool = False,
-        min_visibility: float = 0.3,
-        drop_last: bool = False,
+        **kwargs: Any,
     ) -> None:
         if task not in _DEFAULTS:
             raise ValueError(f"task must be one of {list(_DEFAULTS)}, got {task!r}")
         defaults = _DEFAULTS[task]
+        self.task = task  # before the base's __init__, which saves the arguments this task uses
         super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
             image_size=image_size or defaults["image_size"],
-            in_channels=3,
-            mean=mean,
-            std=std,
-            train_transforms=train_transforms,
-            eval_transforms=eval_transforms,
-            verify_images=verify_images,
             seed=seed,
-            drop_last=drop_last,
-            min_visibility=min_visibility,
-            default_mean=SHAPES_MEAN,
-            default_std=SHAPES_STD,
+            batch_size=batch_size,
+            verify_images=verify_images,
+            **kwargs,
         )
-        self.save_hyperparameters()
-        self.task = task
         shapes = list(shapes) if shapes is not None else list(SHAPE_NAMES[:4])
         unknown = [s for s in shapes if s not in SHAPE_NAMES]
         if unknown or len(set(shapes)) != len(shapes) or len(shapes) < 2:
@@ -409,6 +382,7 @@ class ShapesDataModule(ConvDataModule):
 
     @property
     def num_train_examples(self) -> int:
+        """Training images (known before ``setup``: ``num_train``)."""
         if self.train_dataset is None:
             return self.num_train
         return len(self.train_dataset)  # type: ignore[arg-type]

@@ -17,7 +17,6 @@ from torch.utils.data import Dataset, Subset
 from .base import ConvDataModule, stratified_split
 from .datasets import _SeededTransformMixin
 from .io import DataValidationError, check_mask_values, convert_channels
-from .transforms import TransformSpec
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -78,13 +77,17 @@ class CIFAR10DataModule(ConvDataModule):
         download: fetch the data in ``prepare_data`` when missing (needs network access).
         val_fraction: share of the 50 000 training images held out for validation (per class, seeded).
         image_size: output side (32 keeps the native size).
-        **see** :class:`ConvDataModule` for the loader and transform arguments (CIFAR-10 mean/std).
+        batch_size: images per batch.
+        **kwargs: the loader, transform and normalisation arguments of :class:`ConvDataModule`
+            (default mean/std: CIFAR-10's).
 
-    Example:
+    Example (not run by the doctests: it downloads CIFAR-10):
         >>> dm = CIFAR10DataModule("data/cifar10", download=True, batch_size=128)  # doctest: +SKIP
     """
 
     task = "classification"
+    default_mean = CIFAR10_MEAN
+    default_std = CIFAR10_STD
 
     def __init__(
         self,
@@ -92,41 +95,17 @@ class CIFAR10DataModule(ConvDataModule):
         download: bool = False,
         val_fraction: float = 0.1,
         image_size: int | None = 32,
-        in_channels: int = 3,
         batch_size: int = 128,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        mean: list[float] | None = None,
-        std: list[float] | None = None,
-        train_transforms: TransformSpec = "default",
-        eval_transforms: TransformSpec = "default",
-        seed: int = 0,
-        drop_last: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            image_size=image_size,
-            in_channels=in_channels,
-            mean=mean,
-            std=std,
-            train_transforms=train_transforms,
-            eval_transforms=eval_transforms,
-            seed=seed,
-            drop_last=drop_last,
-            default_mean=CIFAR10_MEAN,
-            default_std=CIFAR10_STD,
-        )
-        self.save_hyperparameters()
+        super().__init__(image_size=image_size, batch_size=batch_size, **kwargs)
         self.root = Path(root).expanduser()
         self.download = download
         self.val_fraction = val_fraction
         self._class_names = list(CIFAR10_CLASSES)
 
     def prepare_data(self) -> None:
+        """Download CIFAR-10 when ``download=True``."""
         if self.download:
             from torchvision.datasets import CIFAR10
 
@@ -159,9 +138,11 @@ class VOCSegmentationDataModule(ConvDataModule):
         year: VOC release (``"2012"`` by default).
         download: fetch the data in ``prepare_data`` when missing (about 2 GB).
         image_size: output side.
-        **see** :class:`ConvDataModule` for the loader and transform arguments (ImageNet mean/std).
+        batch_size: images per batch.
+        **kwargs: the loader, transform and normalisation arguments of :class:`ConvDataModule`
+            (default mean/std: ImageNet's; ``ignore_index`` must stay 255, VOC's border value).
 
-    Example:
+    Example (not run by the doctests: it downloads Pascal VOC, about 2 GB):
         >>> dm = VOCSegmentationDataModule("data/voc", download=True, image_size=256)  # doctest: +SKIP
     """
 
@@ -174,40 +155,21 @@ class VOCSegmentationDataModule(ConvDataModule):
         download: bool = False,
         image_size: int | None = 256,
         batch_size: int = 8,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        mean: list[float] | None = None,
-        std: list[float] | None = None,
-        train_transforms: TransformSpec = "default",
-        eval_transforms: TransformSpec = "default",
-        resize: Literal["resize", "letterbox"] = "resize",
-        seed: int = 0,
-        drop_last: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            image_size=image_size,
-            in_channels=3,
-            mean=mean,
-            std=std,
-            train_transforms=train_transforms,
-            eval_transforms=eval_transforms,
-            resize=resize,
-            seed=seed,
-            drop_last=drop_last,
-            ignore_index=255,
-        )
-        self.save_hyperparameters()
+        if kwargs.get("ignore_index", 255) != 255:
+            raise ValueError(
+                f"VOCSegmentationDataModule: ignore_index must be 255 (VOC masks mark object borders with "
+                f"255), got {kwargs['ignore_index']}"
+            )
+        super().__init__(image_size=image_size, batch_size=batch_size, **kwargs)
         self.root = Path(root).expanduser()
         self.year = year
         self.download = download
         self._class_names = list(VOC_CLASSES)
 
     def prepare_data(self) -> None:
+        """Download the VOC release when ``download=True``."""
         if self.download:
             from torchvision.datasets import VOCSegmentation
 

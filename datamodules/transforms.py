@@ -1,28 +1,8 @@
-"""albumentations pipelines built from a YAML-friendly spec.
+"""albumentations pipelines built from a YAML-friendly spec: :func:`build_pipeline`.
 
-A pipeline has three stages, always in this order:
-
-1. **augmentation**: what the user configures (``train_transforms`` / ``eval_transforms``);
-2. **size fix**: ``Resize(image_size, image_size)`` (or a letterbox: longest side to ``image_size`` then
-   pad), so images of mixed sizes batch together; skipped when ``image_size`` is ``None``;
-3. **tensor stage**: ``Normalize(mean, std)`` on 0..255 pixels, then ``ToTensorV2``.
-
-Stages 2 and 3 are appended by the data module, so a config only says how to augment. The spec of stage 1
-is one of:
-
-- a preset name: ``"none"``, ``"light"`` (horizontal flip), ``"default"`` (train: pad by 1/8 of the size
-  and random-crop back, CIFAR style, plus horizontal flip; eval: nothing), ``"strong"`` (default plus a
-  random affine and colour jitter);
-- a path to an albumentations YAML/JSON file written by ``A.save``;
-- an albumentations dict as written by ``A.to_dict`` (``{"__version__": ..., "transform": {...}}``);
-- a list whose items are ``{"class_path": "HorizontalFlip", "init_args": {"p": 0.5}}`` dicts (short names
-  resolve inside ``albumentations``; dotted paths import any module), serialized transform dicts, or
-  transform instances. ``init_args`` may nest such dicts (e.g. ``OneOf(transforms=[...])``);
-- ``None`` (same as ``"none"``).
-
-Mask-aware: albumentations moves masks with the image (nearest-neighbour); the presets pad masks with the
-ignore value. Box-aware (detection): boxes go through ``A.BboxParams(format="pascal_voc", clip=True)``,
-see :func:`build_pipeline` for the clipping/dropping rule.
+A pipeline is augmentation (what ``train_transforms`` / ``eval_transforms`` say: a preset name, an
+albumentations file or dict, or a list of ``class_path`` specs), then a size fix, then normalisation and
+``ToTensorV2``. The spec forms, the presets and the mask/box rules are in ``docs/data.md``.
 
 Example:
     >>> pipe = build_pipeline([{"class_path": "HorizontalFlip", "init_args": {"p": 1.0}}],

@@ -28,7 +28,7 @@ def _import_plugins() -> None:
 class ConvNetsCLI(LightningCLI):
     """LightningCLI for lightning-convnets (subclass mode for model and data).
 
-    Example:
+    Example (not run by the doctests: it trains a model for a minute):
         >>> ConvNetsCLI(args=["fit", "--config", "configs/quickstart.yaml"])  # doctest: +SKIP
     """
 

@@ -51,7 +51,7 @@ def log_figure(
     Returns:
         The path of the PNG copy on rank zero, else ``None``.
 
-    Example:
+    Example (not run by the doctests: it needs the ``trainer`` of a run):
         >>> import matplotlib.pyplot as plt  # doctest: +SKIP
         >>> fig, ax = plt.subplots(); ax.plot([1, 2, 3])  # doctest: +SKIP
         >>> log_figure(trainer, "debug/line", fig)  # doctest: +SKIP

@@ -1,22 +1,10 @@
 """Adapters that turn timm, segmentation-models-pytorch and torchvision models into backbones.
 
-Four prefixes, each honouring the :class:`~lightning_convnets.backbones.base.Backbone` contract:
-
-* ``timm:<model>``: any timm model with ``features_only=True`` (e.g. ``timm:efficientnet_b0``);
-* ``smp:<encoder>``: an smp encoder as a pyramid (e.g. ``smp:resnet34``, ``smp:tu-convnext_atto``);
-* ``smp:<Architecture>/<encoder>``: an smp encoder-decoder without its segmentation head, returning one
-  dense map at the input resolution (e.g. ``smp:Unet/resnet34``, ``smp:FPN/resnet18``);
-* ``torchvision:<name>``: a torchvision ResNet / ResNeXt / Wide ResNet as a pyramid of ``layer1..layer4``.
-
-Weights: nothing is ever downloaded unless the caller asks, with ``pretrained=True`` (the library's
-default weights) or ``weights=<name>`` (a specific set). Both are accepted by every adapter. When
-weights are loaded, ``mean`` and ``std`` hold the normalisation constants they were trained with
-(``None`` otherwise), for the data presets.
-
-The libraries' own blocks (timm/torchvision ``BasicBlock``/``Bottleneck``, smp decoder blocks) are kept
-as they are, never re-traced or re-wrapped, so module hooks (the monitors) still fire on them.
-
-The three libraries are imported lazily, inside the builders: importing this package stays cheap.
+Four prefixes honour the :class:`~lightning_convnets.backbones.base.Backbone` contract: ``timm:<model>``,
+``smp:<encoder>``, ``smp:<Architecture>/<encoder>`` (one dense map) and ``torchvision:<name>`` (ResNets).
+Nothing is downloaded unless asked (``pretrained=True`` or ``weights=...``); the libraries are imported
+lazily, inside the builders. Details (weights, normalisation constants, hookable blocks):
+``docs/backbones.md``.
 """
 
 from __future__ import annotations
@@ -32,6 +20,7 @@ from torch import Tensor, nn
 
 from lightning_convnets.backbones.base import Backbone
 from lightning_convnets.backbones.registry import register_prefix
+from lightning_convnets.backbones.weights import torchvision_weights
 from lightning_convnets.nn.stem import adapt_stem_weight
 
 __all__ = [
@@ -477,27 +466,6 @@ def _adapt_first_conv(conv: nn.Conv2d, in_channels: int, keep_weights: bool) -> 
     return new
 
 
-def _torchvision_weights(name: str, pretrained: bool, weights: Any, where: str) -> Any:
-    """The torchvision ``WeightsEnum`` member to load, or None unless the caller asked."""
-    from torchvision import models
-
-    if weights is None and not pretrained:
-        return None
-    enum = models.get_model_weights(name)
-    if weights is None:
-        return enum.DEFAULT
-    if isinstance(weights, enum):
-        return weights
-    if isinstance(weights, str):
-        member = weights.split(".", 1)[1] if weights.startswith(enum.__name__ + ".") else weights
-        if member in enum.__members__:
-            return enum[member]
-    raise KeyError(
-        f"{where}: unknown weights {weights!r}; available: {list(enum.__members__)} "
-        f"(or a {enum.__name__} member)"
-    )
-
-
 @register_prefix("torchvision")
 class TorchvisionResNet(Backbone):
     """A torchvision ResNet / ResNeXt / Wide ResNet as a pyramid backbone (``layer1..layer4``).
@@ -555,7 +523,10 @@ class TorchvisionResNet(Backbone):
         indices = sorted(set(out_indices))
         if not indices or indices[0] < 0 or indices[-1] > 4:
             raise ValueError(f"{where}: out_indices must be a non-empty subset of 0..4, got {out_indices!r}")
-        weight_enum = _torchvision_weights(model_name, pretrained, weights, where)
+        if weights is None and not pretrained:
+            weight_enum = None
+        else:
+            weight_enum = torchvision_weights(model_name, weights or "DEFAULT", where)
         model = models.get_model(model_name, weights=weight_enum, **kwargs)
 
         conv1 = model.conv1

@@ -1,21 +1,8 @@
-"""Stacked hourglass networks (Newell, Yang and Deng 2016).
+"""Stacked hourglass networks (Newell, Yang and Deng 2016): :class:`StackedHourglass`, registered as ``hourglass``.
 
-An hourglass pools down to a very coarse grid and comes back up by nearest-neighbour upsampling; at every
-resolution a branch of residual modules carries the finer features across and is added back on the way up.
-Stacking hourglasses end to end, each one refining the estimate of the previous one, and supervising the
-output of every stack ("intermediate supervision") gives the network several chances to reason about the
-whole image.
-
-Layout here (after the authors' Torch code): a stem brings the image to 1/4 resolution (7x7 stride-2 conv,
-a residual module, 2x2 max-pool, two residual modules); then ``num_stacks`` times: hourglass of ``order``
-poolings, residual module(s), a 1x1 conv-norm-ReLU giving the stack's feature map (returned), and, between
-stacks, a merge that adds remapped features back to the stack's input.
-
-The merge without heads: the paper adds ``1x1(features) + 1x1(predictions)`` to the next stack's input,
-where the predictions come from the task's head. A backbone does not own heads, so the prediction path is
-replaced by an internal pair of 1x1 convs (``features -> merge_channels -> width``; with ``merge_channels``
-= the number of keypoints this has the shape of the paper's ``heatmaps -> features`` path). The task's own
-heads read each stack's map and are not fed back.
+A dense backbone that returns one map per stack at 1/4 resolution (every stack is supervised by the
+task). The layout, and how the merge between stacks works without the task's heads, are in
+``docs/backbones.md``.
 """
 
 from __future__ import annotations
@@ -26,10 +13,8 @@ from torch import Tensor, nn
 
 from lightning_convnets.backbones.base import Backbone
 from lightning_convnets.backbones.registry import register_backbone
-from lightning_convnets.backbones.unet import norm_layer
 from lightning_convnets.nn import ResidualAdd
-
-_NORMS = ("batch", "group", "none")
+from lightning_convnets.nn.norm import check_norm, make_norm
 
 
 class ResidualModule(nn.Module):
@@ -54,13 +39,13 @@ class ResidualModule(nn.Module):
         super().__init__()
         mid = max(out_channels // 2, 1)
         self.branch = nn.Sequential(
-            norm_layer(norm, in_channels),
+            make_norm(norm, in_channels),
             nn.ReLU(),  # not in place: with norm="none" it would overwrite x, the shortcut term
             nn.Conv2d(in_channels, mid, 1),
-            norm_layer(norm, mid),
+            make_norm(norm, mid),
             nn.ReLU(inplace=True),
             nn.Conv2d(mid, mid, 3, padding=1),
-            norm_layer(norm, mid),
+            make_norm(norm, mid),
             nn.ReLU(inplace=True),
             nn.Conv2d(mid, out_channels, 1),
         )
@@ -165,8 +150,7 @@ class StackedHourglass(Backbone):
         ]:
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"StackedHourglass: {name} must be an int >= {low}, got {value!r}")
-        if norm not in _NORMS:
-            raise ValueError(f"StackedHourglass: norm must be one of {_NORMS}, got {norm!r}")
+        check_norm(norm, "StackedHourglass")
         self.in_channels = in_channels
         self.num_stacks = num_stacks
         self.order = order
@@ -176,7 +160,7 @@ class StackedHourglass(Backbone):
         quarter, half = width // 4, width // 2
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, quarter, 7, stride=2, padding=3),
-            norm_layer(norm, quarter),
+            make_norm(norm, quarter),
             nn.ReLU(inplace=True),
             ResidualModule(quarter, half, norm),
             nn.MaxPool2d(2),
@@ -186,7 +170,7 @@ class StackedHourglass(Backbone):
         self.hourglasses = nn.ModuleList(Hourglass(order, width, num_blocks, norm) for _ in range(num_stacks))
         self.post = nn.ModuleList(_residuals(width, num_blocks, norm) for _ in range(num_stacks))
         self.features = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(width, width, 1), norm_layer(norm, width), nn.ReLU(inplace=True))
+            nn.Sequential(nn.Conv2d(width, width, 1), make_norm(norm, width), nn.ReLU(inplace=True))
             for _ in range(num_stacks)
         )
         # Merges exist between stacks only: the last stack's map goes straight to the task.

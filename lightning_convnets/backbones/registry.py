@@ -24,7 +24,7 @@ F = TypeVar("F", bound=Callable[..., nn.Module])
 def register_backbone(name: str | None = None) -> Callable[[F], F]:
     """Decorator registering a backbone builder under ``name`` (default: the function's name).
 
-    Example:
+    Example (not run by the doctests: it would register ``tiny_net`` for the whole test process):
         >>> @register_backbone("tiny_net")  # doctest: +SKIP
         ... def tiny_net(in_channels: int = 3) -> nn.Module: ...
     """

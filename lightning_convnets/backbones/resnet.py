@@ -1,20 +1,9 @@
 """ResNet family: post-activation (v1), pre-activation (v2) and their skip-free "plain" twins.
 
-* v1, He et al. 2015, "Deep Residual Learning for Image Recognition": ``conv -> BN -> ReLU`` inside the
-  branch, ReLU after the sum, bottleneck stride on the 3x3 conv (the "ResNet v1.5" layout torchvision
-  uses). Parameter names are torchvision's (``conv1, bn1, layer1..layer4``, blocks ``conv1/bn1/conv2/bn2
-  [/conv3/bn3]/downsample.0/.1``), so a torchvision ImageNet state dict (minus ``fc``) loads with
-  ``strict=True``.
-* v2, He et al. 2016, "Identity Mappings in Deep Residual Networks": ``BN -> ReLU -> conv`` inside the
-  branch and nothing after the sum, so each block can add negative as well as positive quantities; a
-  linear stem conv before the first block (otherwise the input to the first block is all non-negative)
-  and a final ``BN -> ReLU`` after the last stage. A projection shortcut reads the pre-activated input.
-* ``skip=False`` builds the plain twin: the same branch layers without any shortcut (identity or
-  projection), the "regular network" ``h_{l+1} = f_l(h_l)`` of the lecture.
-
-Every residual sum goes through :class:`lightning_convnets.nn.ResidualAdd` (``block.add``), so a forward
-hook receives ``(shortcut, branch)``. ReLUs are not in-place: hooks that keep or differentiate through a
-block's intermediate tensors (variance and gradient monitors) must see them unmodified.
+Start with :class:`ResNet` and the registered builders (``resnet18``... ``preact_resnet200``). Parameter
+names are torchvision's, so its ImageNet weights load (``weights=``); every residual sum goes through
+:class:`lightning_convnets.nn.ResidualAdd` so hooks see ``(shortcut, branch)``. The block layouts and
+why ReLUs are not in-place: ``docs/backbones.md``.
 
 Example:
     >>> import torch
@@ -26,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,6 +23,8 @@ from torch import Tensor, nn
 
 from lightning_convnets.backbones.base import Backbone
 from lightning_convnets.backbones.registry import register_backbone
+from lightning_convnets.backbones.weights import torchvision_weights
+from lightning_convnets.nn.norm import check_norm, make_norm
 from lightning_convnets.nn.residual import ResidualAdd
 from lightning_convnets.nn.stem import adapt_stem_weight
 
@@ -66,7 +56,6 @@ __all__ = [
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-NORMS = ("batch", "group", "none")
 STEMS = ("imagenet", "cifar")
 # Stage depths per network depth; 200 is the pre-activation paper's ImageNet model (no torchvision twin).
 DEPTHS: dict[int, tuple[int, int, int, int]] = {
@@ -77,25 +66,6 @@ DEPTHS: dict[int, tuple[int, int, int, int]] = {
     152: (3, 8, 36, 3),
     200: (3, 24, 36, 3),
 }
-
-
-def _group_count(channels: int) -> int:
-    # 32 groups as in Wu & He 2018, fewer when a tiny width has fewer channels than that.
-    return math.gcd(channels, 32)
-
-
-def make_norm(norm: str, channels: int) -> nn.Module:
-    """The normalisation layer named by ``norm`` (``"batch"``, ``"group"`` or ``"none"``) for ``channels``.
-
-    ``"group"`` uses 32 groups, or ``gcd(channels, 32)`` when the channel count does not allow 32.
-    """
-    if norm == "batch":
-        return nn.BatchNorm2d(channels)
-    if norm == "group":
-        return nn.GroupNorm(_group_count(channels), channels)
-    if norm == "none":
-        return nn.Identity()
-    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
@@ -408,8 +378,7 @@ class ResNet(Backbone):
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"ResNet: stem must be one of {STEMS}, got {stem!r}")
-        if norm not in NORMS:
-            raise ValueError(f"ResNet: norm must be one of {NORMS}, got {norm!r}")
+        check_norm(norm, "ResNet")
         if not isinstance(width, int) or width < 1:
             raise ValueError(f"ResNet: width must be a positive int, got {width!r}")
         if not isinstance(in_channels, int) or in_channels < 1:
@@ -533,26 +502,11 @@ def weights_normalization(
         >>> weights_normalization("resnet18", "DEFAULT", in_channels=1)["std"]
         (0.226,)
     """
-    transforms = _torchvision_weights(arch, weights).transforms()
+    transforms = torchvision_weights(arch, weights, f"{arch}: weights").transforms()
     return {
         "mean": tuple(round(v, 6) for v in _adapt_stats(transforms.mean, in_channels)),
         "std": tuple(round(v, 6) for v in _adapt_stats(transforms.std, in_channels)),
     }
-
-
-def _torchvision_weights(arch: str, weights: str) -> Any:
-    from torchvision.models import get_model_weights
-
-    try:
-        enum = get_model_weights(arch)
-    except ValueError as err:
-        raise ValueError(f"weights={weights!r}: torchvision has no ImageNet weights for {arch!r}") from err
-    try:
-        return enum.verify(weights)
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(
-            f"weights={weights!r} is not a weights name for {arch}; choose one of {list(enum.__members__)}"
-        ) from err
 
 
 def _check_torchvision_compatible(model: ResNet) -> None:
@@ -612,7 +566,7 @@ def _build(arch: str, block: Block, depth: int, weights: str | None, kwargs: dic
                 f"{arch}: weights={weights!r} but torchvision publishes ImageNet weights only for "
                 "resnet18/34/50/101/152"
             )
-        enum_member = _torchvision_weights(arch, weights)
+        enum_member = torchvision_weights(arch, weights, f"{arch}: weights")
         # Checked before the download so a wrong option fails at once.
         if kwargs.get("width", 64) != 64:
             raise ValueError(f"{arch}: weights={weights!r} needs width=64, got {kwargs['width']}")

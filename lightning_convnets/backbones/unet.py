@@ -23,25 +23,7 @@ from torch import Tensor, nn
 from lightning_convnets.backbones.base import Backbone, check_contract
 from lightning_convnets.backbones.registry import create_backbone, register_backbone
 from lightning_convnets.nn import center_crop
-
-NormKind = Literal["none", "batch", "group"]
-_NORMS = ("none", "batch", "group")
-
-
-def norm_layer(kind: str, channels: int) -> nn.Module:
-    """A normalisation layer for ``channels`` maps: ``"batch"``, ``"group"`` or ``"none"`` (identity).
-
-    Group norm uses the largest group count in (32, 16, 8, 4, 2, 1) that divides ``channels``, so tiny test
-    widths still work.
-    """
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "group":
-        groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
-        return nn.GroupNorm(groups, channels)
-    if kind == "none":
-        return nn.Identity()
-    raise ValueError(f"norm must be one of {_NORMS}, got {kind!r}")
+from lightning_convnets.nn.norm import NormKind, check_norm, make_norm
 
 
 class DoubleConv(nn.Sequential):
@@ -72,7 +54,7 @@ class DoubleConv(nn.Sequential):
         for c_in in (in_channels, out_channels):
             layers += [
                 nn.Conv2d(c_in, out_channels, 3, padding=pad, bias=bias),
-                norm_layer(norm, out_channels),
+                make_norm(norm, out_channels),
                 nn.ReLU(inplace=True),
             ]
         super().__init__(*layers)
@@ -161,8 +143,7 @@ class UNet(Backbone):
             raise ValueError(f"UNet: padding must be 'same' or 'valid', got {padding!r}")
         if upsample not in ("transpose", "bilinear"):
             raise ValueError(f"UNet: upsample must be 'transpose' or 'bilinear', got {upsample!r}")
-        if norm not in _NORMS:
-            raise ValueError(f"UNet: norm must be one of {_NORMS}, got {norm!r}")
+        check_norm(norm, "UNet")
         if not isinstance(width, int) or width < 1:
             raise ValueError(f"UNet: width must be a positive int, got {width!r}")
         if not 0.0 <= dropout < 1.0:

@@ -1,15 +1,7 @@
-"""CenterNet pieces ("Objects as Points", Zhou, Wang and Krähenbühl, 2019).
+"""CenterNet pieces ("Objects as Points", Zhou, Wang and Krähenbühl, 2019): targets, loss, decoding.
 
-An object is the peak of a per-class heatmap at its box centre, plus the box size and the sub-pixel
-offset regressed at that peak. Everything here works on an output grid of stride ``stride`` (4 in the
-paper) and is batched over images and boxes; no Python loop runs over pixels.
-
-Conventions:
-
-* boxes are ``xyxy`` in input pixels, labels are 0-based class indices (no background class);
-* sizes are regressed in output-grid units (pixels / stride), as in the paper, so the default size
-  weight 0.1 keeps its meaning at every stride;
-* the heatmap head outputs logits; :func:`decode_detections` applies the sigmoid.
+Start with :func:`encode_targets`, :func:`centernet_loss` and :func:`decode_detections`. The target
+rules (Gaussian splats, sizes in grid units, conventions) are in ``docs/centernet.md``.
 
 Example:
     >>> import torch

@@ -1,28 +1,8 @@
-"""Fold each BatchNorm into the convolution before it: at inference BN is a per-channel affine map.
+"""Fold each BatchNorm into the convolution before it (at inference BN is a per-channel affine map).
 
-In eval mode ``BN(y) = gamma (y - mu_R) / sqrt(var_R + eps) + beta`` uses fixed running statistics, so
-for ``y = W * x + b`` the pair is one convolution with ``W' = W gamma / sqrt(var_R + eps)`` (per output
-channel) and ``b' = (b - mu_R) gamma / sqrt(var_R + eps) + beta``. The fold itself is
-:func:`torch.nn.utils.fusion.fuse_conv_bn_eval`; this module finds the pairs.
-
-Which pairs fuse (the structural rule): a BN module whose input is the output of a convolution module,
-found in the :func:`torch.fx.symbolic_trace` graph of the model, where
-
-* the convolution's output has no other user (a conv output that also feeds a shortcut or a concat
-  cannot be replaced by the normalised value),
-* each of the two modules is called exactly once in the graph (shared modules would fold twice),
-* the BN tracks running statistics (without them eval mode normalises with batch statistics: not linear)
-  and has as many channels as the convolution has outputs.
-
-The fused model keeps its class and attributes: the convolution is replaced by the folded one and the BN
-by :class:`torch.nn.Identity`, so ``forward`` runs unchanged. Models torch.fx cannot trace (data-dependent
-control flow) take explicit ``pairs`` of module names instead; each named pair is checked the same way
-except for the graph conditions, which the caller then vouches for.
-
-Coverage: post-activation ResNets (ours, torchvision, timm: ``conv -> BN`` everywhere, including the
-``downsample.0/.1`` projections) fuse completely. Pre-activation ResNets fuse only partially: the BN that
-opens each block (``BN -> ReLU -> conv``, after the residual sum) and the final BN follow no conv and stay
-as BN layers; only the inner ``conv -> BN`` pairs fold.
+Start with :func:`fuse_conv_bn` (the model, fused) and :func:`find_conv_bn_pairs` (which pairs fold).
+The algebra, the structural rule for a pair, and what fuses in post- and pre-activation ResNets are in
+``docs/fusion.md``.
 """
 
 from __future__ import annotations

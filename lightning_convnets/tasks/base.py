@@ -1,28 +1,19 @@
-"""The shared base of every task: backbone resolution, optimizer/scheduler injection, fine-tuning controls.
+"""The shared base of every task (:class:`ConvNetTask`) and the default LR schedule (:class:`WarmupCosineLR`).
 
-A task is ``backbone -> head -> loss`` plus torchmetrics collections per stage. This module holds what
-classification and segmentation (and detection) share:
-
-* **Backbone resolution** (:func:`resolve_backbone`): a registry name (``"preact_resnet18"``,
-  ``"smp:Unet/resnet34"``), a ``{"class_path": ..., "init_args": ...}`` dict, or an ``nn.Module``.
-* **Optimizer and LR scheduler** are injected as LightningCLI ``OptimizerCallable`` /
-  ``LRSchedulerCallable`` (default: AdamW with :class:`WarmupCosineLR` stepped per batch). A scheduler
-  that takes a ``total_steps`` argument left unset (``WarmupCosineLR``, ``OneCycleLR``) gets
-  ``trainer.estimated_stepping_batches`` filled in.
-* **Fine-tuning**: ``freeze_backbone`` (``True`` always, or an epoch count), ``freeze_bn`` (backbone
-  BatchNorm layers keep their running statistics), ``backbone_lr_mult`` (the backbone gets its own
-  parameter group whose learning rate is the base one times this factor).
-* **Bookkeeping**: ``save_hyperparameters``; at fit start, the parameter count and its ratio to the
-  number of training examples (the overparameterization measure #params / #training points).
+Start with :class:`ConvNetTask`: its ``__init__`` declares every argument the tasks share (the tasks
+forward them with ``**kwargs``), resolves the backbone (:func:`resolve_backbone`) and calls the
+subclass's :meth:`ConvNetTask.build_task`. The hooks a task implements or overrides are listed in
+its docstring and in ``docs/architecture.md``.
 """
 
 from __future__ import annotations
 
+import abc
 import functools
 import importlib
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -82,6 +73,7 @@ class WarmupCosineLR(LambdaLR):
         super().__init__(optimizer, self.lr_lambda, last_epoch=last_epoch)
 
     def lr_lambda(self, step: int) -> float:
+        """Learning-rate factor at optimizer step ``step``."""
         if step < self.warmup_steps:
             return (step + 1) / (self.warmup_steps + 1)
         span = max(1, self.total_steps - self.warmup_steps)
@@ -102,7 +94,9 @@ def resolve_backbone(spec: BackboneSpec, **kwargs: Any) -> nn.Module:
         TypeError: for another type, or a module that lacks ``out_channels`` / ``reductions``.
 
     Example:
-        >>> resolve_backbone("preact_resnet18", stem="cifar", width=8)  # doctest: +SKIP
+        >>> net = resolve_backbone("preact_resnet18", stem="cifar", width=8)
+        >>> net.out_channels, net.reductions
+        ([8, 16, 32, 64], [1, 2, 4, 8])
     """
     if isinstance(spec, nn.Module):
         backbone = spec
@@ -156,17 +150,24 @@ def _scheduler_accepts_total_steps(factory: Any) -> bool:
     return param is not None and param.default is None
 
 
-def _batch_size(images: Tensor) -> int:
-    return int(images.shape[0])
+def _batch_size(images: Tensor | Sequence[Tensor]) -> int:
+    # A tensor batch (N, C, H, W), or a list of images (detection).
+    return int(images.shape[0]) if isinstance(images, Tensor) else len(images)
 
 
-class ConvNetTask(LightningModule):
+class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
     """Base LightningModule of the tasks: a backbone, a task head, metrics per stage, fine-tuning controls.
 
-    Subclasses build head, loss and metrics in :meth:`build_task` (called with the class count, from
-    ``__init__`` or, when ``num_classes`` is left unset, from ``setup`` with the datamodule's count, which
-    checkpoints then record), compute ``(loss, predictions, targets, images)`` in :meth:`shared_step` and
-    draw samples in :meth:`plot_samples`.
+    Every argument below is declared here once; the tasks take their own arguments and forward the rest
+    with ``**kwargs`` (LightningCLI still lists them all, with types and defaults).
+
+    Hooks a task implements: :meth:`build_task` (head, loss and metrics for the class count; the base
+    calls it once, from ``__init__`` when ``num_classes`` is given, else from ``setup`` with the
+    datamodule's count, or from ``load_from_checkpoint``), :meth:`shared_step` (``(loss, predictions,
+    targets, images)`` of a batch) and :meth:`plot_samples`. Hooks it may override:
+    :meth:`evaluate_batch` (what a validation/test batch updates), :meth:`epoch_metrics` (what is logged at
+    an epoch's end), :meth:`compute_metrics`, :meth:`progress_bar_metrics_for`, :meth:`default_monitor`,
+    :meth:`accepts_data_num_classes`, :meth:`check_datamodule` and :meth:`default_prediction_writer`.
 
     Checkpoints: ``load_from_checkpoint(path)`` rebuilds the model from the saved hyperparameters when the
     backbone was given as a name or a ``class_path`` dict. A backbone given as a module instance is not a
@@ -178,6 +179,10 @@ class ConvNetTask(LightningModule):
             ``{"class_path": ..., "init_args": ...}`` dict, or an ``nn.Module`` honouring the backbone
             contract (see "Checkpoints" above for module instances).
         backbone_kwargs: keyword arguments for the backbone builder (``{"stem": "cifar", "width": 16}``).
+        num_classes: number of classes the head predicts (its meaning per task: see the task); ``None``
+            takes the datamodule's ``num_classes`` at setup. A count taken from the datamodule is not
+            written into the hyperparameters (which keep ``None``): the checkpoint stores it separately,
+            so ``load_from_checkpoint`` rebuilds the head without the datamodule.
         in_channels: image channels; forwarded to registry builders and checked against the datamodule.
         optimizer: optimizer factory taking the parameter groups (LightningCLI ``OptimizerCallable``).
         lr_scheduler: scheduler factory taking the optimizer, or ``None`` for a constant rate. A scheduler
@@ -185,7 +190,8 @@ class ConvNetTask(LightningModule):
             ``trainer.estimated_stepping_batches``.
         lr_scheduler_interval: ``"step"`` or ``"epoch"``; ``"auto"`` steps per batch exactly when
             ``total_steps`` was filled in.
-        monitor: metric a ``ReduceLROnPlateau`` scheduler watches.
+        monitor: metric a ``ReduceLROnPlateau`` scheduler watches; ``None``: the task's
+            :meth:`default_monitor`, a metric it logs (``val/loss``; ``val/map`` for torchvision detectors).
         freeze_backbone: ``True`` freezes the backbone for the whole run (it is left out of the
             optimizer), an int ``N`` freezes it for the first ``N`` epochs. A frozen backbone runs in eval
             mode (its BatchNorm statistics do not move). Under DDP, a temporary freeze needs
@@ -210,12 +216,13 @@ class ConvNetTask(LightningModule):
     def __init__(
         self,
         backbone: BackboneSpec = "resnet18",
+        num_classes: int | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
         in_channels: int = 3,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
         lr_scheduler_interval: Literal["auto", "step", "epoch"] = "auto",
-        monitor: str = "val/loss",
+        monitor: str | None = None,
         freeze_backbone: bool | int = False,
         freeze_bn: bool = False,
         backbone_lr_mult: float = 1.0,
@@ -232,6 +239,8 @@ class ConvNetTask(LightningModule):
             )
         if backbone_lr_mult < 0:
             raise ValueError(f"backbone_lr_mult must be >= 0, got {backbone_lr_mult}")
+        if num_classes is not None and int(num_classes) < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if lr_scheduler_interval not in ("auto", "step", "epoch"):
             raise ValueError(
                 f"lr_scheduler_interval must be auto, step or epoch, got {lr_scheduler_interval!r}"
@@ -265,6 +274,9 @@ class ConvNetTask(LightningModule):
         self.num_classes: int | None = None
         if freeze_backbone is True:
             self._set_backbone_frozen(True)
+        # Subclass arguments are in self.hparams already (save_hyperparameters reads every __init__ frame).
+        if num_classes is not None:
+            self._build(int(num_classes))
 
     # ----------------------------------------------------------------------------- fine-tuning controls
     def _freeze_wanted(self, epoch: int) -> bool:
@@ -290,6 +302,7 @@ class ConvNetTask(LightningModule):
         return self
 
     def on_train_epoch_start(self) -> None:
+        """Freeze or unfreeze the backbone as ``freeze_backbone`` says for this epoch."""
         wanted = self._freeze_wanted(self.current_epoch)
         if wanted != self._backbone_frozen:
             self._set_backbone_frozen(wanted)
@@ -317,6 +330,7 @@ class ConvNetTask(LightningModule):
         return [g for g in groups if g["params"]]
 
     def configure_optimizers(self) -> Any:
+        """The optimizer over :meth:`parameter_groups` and the scheduler (``total_steps`` filled in)."""
         optimizer = self.optimizer_factory(self.parameter_groups())
         for group in optimizer.param_groups:
             group["lr"] = group["lr"] * group.get("lr_mult", 1.0)
@@ -349,18 +363,20 @@ class ConvNetTask(LightningModule):
             interval = "step" if filled else "epoch"
         config: dict[str, Any] = {"scheduler": scheduler, "interval": interval}
         if isinstance(scheduler, ReduceLROnPlateau):
-            config["monitor"] = self.hparams.monitor
+            config["monitor"] = self.monitored_metric
         return {"optimizer": optimizer, "lr_scheduler": config}
 
     # ------------------------------------------------------------------------------ data and checks
     @property
     def datamodule(self) -> Any:
+        """The trainer's datamodule, or ``None``."""
         trainer = self._trainer
         return getattr(trainer, "datamodule", None) if trainer is not None else None
 
     def check_datamodule(self) -> None:
-        """Raise a ``ValueError`` before training when the datamodule's image channels disagree with the
-        backbone's first convolution. Subclasses add their class-count checks."""
+        """Raise a ``ValueError`` before training when the datamodule disagrees with the model: image
+        channels vs the backbone's first convolution, class count (:meth:`accepts_data_num_classes`).
+        Subclasses extend it with checks of their own arguments."""
         dm = self.datamodule
         data_channels = getattr(dm, "in_channels", None)
         model_channels = _first_conv_in_channels(self.backbone)
@@ -369,21 +385,40 @@ class ConvNetTask(LightningModule):
                 f"{type(dm).__name__}.in_channels is {data_channels} but the backbone's first convolution "
                 f"takes {model_channels} channels; set model in_channels (or the backbone's) to {data_channels}"
             )
+        count = getattr(dm, "num_classes", None)
+        if count is not None and not self.accepts_data_num_classes(int(count)):
+            names = getattr(dm, "class_names", None)
+            listed = f" ({', '.join(str(n) for n in list(names)[:20])})" if names else ""
+            raise ValueError(
+                f"{type(dm).__name__}.num_classes is {count} but the model was built for {self.num_classes} "
+                f"classes: the model predicts {self.num_classes} classes and the data has {count}{listed}; "
+                f"set model num_classes to {count} (or leave it unset to take it from the data)"
+            )
 
+    @abc.abstractmethod
     def build_task(self, num_classes: int) -> None:
-        """Build the head, loss and metric collections for ``num_classes`` (subclasses)."""
-        raise NotImplementedError
+        """Build the head, loss and metric collections for ``num_classes`` (the base calls it once)."""
 
-    def _init_task(self, num_classes: int | None) -> None:
-        # Called by subclasses at the end of __init__: build now when the class count is known, else in
-        # setup() from the datamodule (checkpoints record the count, so they rebuild the head).
-        if num_classes is not None:
-            if int(num_classes) < 1:
-                raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-            self.num_classes = int(num_classes)
-            self.build_task(self.num_classes)
+    def _build(self, num_classes: int) -> None:
+        self.num_classes = int(num_classes)
+        self.build_task(self.num_classes)
+
+    def accepts_data_num_classes(self, count: int) -> bool:
+        """Whether a datamodule with ``count`` classes fits this model (default: the same count)."""
+        return count == self.num_classes
+
+    @property
+    def default_monitor(self) -> str:
+        """The metric a ``ReduceLROnPlateau`` scheduler watches when ``monitor`` is unset."""
+        return "val/loss"
+
+    @property
+    def monitored_metric(self) -> str:
+        """``monitor`` if given, else :attr:`default_monitor`."""
+        return self.hparams.get("monitor") or self.default_monitor
 
     def setup(self, stage: str) -> None:
+        """Build the task from the datamodule's class count if needed, check the data, apply ``channels_last``."""
         if self.num_classes is None:
             count = getattr(self.datamodule, "num_classes", None)
             if count is None:
@@ -394,24 +429,24 @@ class ConvNetTask(LightningModule):
             # Not written back into hparams: Lightning refuses to log module and datamodule hparams that
             # share a key with different values (the datamodule may hold num_classes=None). The count
             # travels in the checkpoint instead (on_save_checkpoint / on_load_checkpoint).
-            self.num_classes = int(count)
-            self.build_task(self.num_classes)
+            self._build(int(count))
         self.check_datamodule()
         if self.hparams.get("channels_last"):
             self.to(memory_format=torch.channels_last)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the class count (it may come from the datamodule, not the hyperparameters)."""
         checkpoint["lightning_convnets"] = {"num_classes": self.num_classes}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Build the head for the checkpoint's class count before its weights load."""
         # Runs before the weights are loaded, so a head whose size came from the datamodule is rebuilt
         # here by load_from_checkpoint (no datamodule needed).
         saved = (checkpoint.get("lightning_convnets") or {}).get("num_classes")
         if saved is None:
             return
         if self.num_classes is None:
-            self.num_classes = int(saved)
-            self.build_task(self.num_classes)
+            self._build(int(saved))
         elif int(saved) != self.num_classes:
             raise ValueError(
                 f"the checkpoint was trained for {saved} classes but this {type(self).__name__} has "
@@ -419,6 +454,7 @@ class ConvNetTask(LightningModule):
             )
 
     def on_fit_start(self) -> None:
+        """Log the parameter count and its ratio to the number of training examples."""
         n_params = sum(p.numel() for p in self.parameters())
         n_trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         n_train = self._num_train_examples()
@@ -462,37 +498,54 @@ class ConvNetTask(LightningModule):
             return batch[0], (batch[1] if len(batch) > 1 else None)
         raise TypeError(f"cannot read images from a batch of type {type(batch).__name__}")
 
-    def shared_step(self, batch: Any, stage: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Return ``(loss, predictions_for_metrics, targets_for_metrics, images)``; implemented by tasks."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def shared_step(self, batch: Any, stage: str) -> tuple[Tensor | None, Any, Any, Any]:
+        """Return ``(loss, predictions_for_metrics, targets_for_metrics, images)`` of a batch.
+
+        ``loss`` may be ``None`` outside training (a model that computes no loss in eval mode) and
+        ``predictions`` ``None`` in training (no training metrics)."""
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Log ``train/loss`` per step and update the epoch's training loss and metrics."""
         loss, preds, target, images = self.shared_step(batch, "train")
-        self.log(
-            "train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=_batch_size(images)
-        )
-        self.stage_loss["train_"].update(loss.detach(), _batch_size(images))
-        self.metrics["train_"].update(preds, target)
+        if loss is None:
+            raise RuntimeError(f"{type(self).__name__}.shared_step returned no loss for a training batch")
+        n = _batch_size(images)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
+        self.stage_loss["train_"].update(loss.detach(), n)
+        if preds is not None:
+            self.metrics["train_"].update(preds, target)
         return loss
 
-    def _eval_step(self, batch: Any, batch_idx: int, stage: str) -> None:
+    def evaluate_batch(self, batch: Any, batch_idx: int, stage: str) -> None:
+        """Hook: what a validation or test batch updates (loss, metrics, the samples of the figure)."""
         loss, preds, target, images = self.shared_step(batch, stage)
-        self.stage_loss[f"{stage}_"].update(loss.detach(), _batch_size(images))
+        if loss is not None:
+            self.stage_loss[f"{stage}_"].update(loss.detach(), _batch_size(images))
         self.metrics[f"{stage}_"].update(preds, target)
         self.remember_samples(stage, batch_idx, images, preds, target)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "val")
+        """Evaluate a validation batch (:meth:`evaluate_batch`)."""
+        self.evaluate_batch(batch, batch_idx, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "test")
+        """Evaluate a test batch (:meth:`evaluate_batch`)."""
+        self.evaluate_batch(batch, batch_idx, "test")
 
     # ----------------------------------------------------------------------------- epoch-end logging
-    def _log_stage(self, stage: str) -> None:
-        # One compute per epoch: torchmetrics syncs its states across ranks there, so every rank logs the
-        # same values and no per-key sync_dist reduction is needed.
+    def epoch_metrics(self, stage: str) -> dict[str, Tensor]:
+        """Hook: the values logged at the end of a ``stage`` epoch (``<stage>/loss`` and
+        :meth:`compute_metrics`); called once per epoch, before the stage's metrics are reset."""
         values = {f"{stage}/loss": self.stage_loss[f"{stage}_"].compute()}
         values.update(self.compute_metrics(stage))
+        return values
+
+    def log_epoch_metrics(self, stage: str) -> None:
+        """Log :meth:`epoch_metrics` (progress-bar ones on the bar) and reset the stage's metrics."""
+        # One compute per epoch: torchmetrics syncs its states across ranks there, so every rank logs the
+        # same values and no per-key sync_dist reduction is needed.
+        values = self.epoch_metrics(stage)
         self.stage_loss[f"{stage}_"].reset()
         self.metrics[f"{stage}_"].reset()
         prog_bar = {k: v for k, v in values.items() if k in self.progress_bar_metrics_for(stage)}
@@ -510,23 +563,27 @@ class ConvNetTask(LightningModule):
         return out
 
     def progress_bar_metrics_for(self, stage: str) -> set[str]:
+        """Names of the epoch metrics shown on the progress bar."""
         return {f"{stage}/loss"}
 
     def on_train_epoch_end(self) -> None:
-        self._log_stage("train")
+        """Log the training epoch's metrics."""
+        self.log_epoch_metrics("train")
 
     def on_validation_epoch_end(self) -> None:
+        """Log the validation figures and metrics (nothing during the sanity check)."""
         if self.trainer.sanity_checking:
             self.stage_loss["val_"].reset()
             self.metrics["val_"].reset()
             self._samples.pop("val", None)
             return
         self.log_figures("val")
-        self._log_stage("val")
+        self.log_epoch_metrics("val")
 
     def on_test_epoch_end(self) -> None:
+        """Log the test figures and metrics."""
         self.log_figures("test")
-        self._log_stage("test")
+        self.log_epoch_metrics("test")
 
     # ------------------------------------------------------------------------------------- figures
     def _figures_due(self, stage: str) -> bool:
@@ -588,6 +645,7 @@ class ConvNetTask(LightningModule):
         return x.clamp(0, 1).permute(0, 2, 3, 1)
 
     def class_names(self, num_classes: int) -> list[str]:
+        """The datamodule's class names when it has ``num_classes`` of them, else the label numbers."""
         names = getattr(self.datamodule, "class_names", None)
         if names is not None and len(names) == num_classes:
             return [str(n) for n in names]
@@ -599,6 +657,7 @@ class ConvNetTask(LightningModule):
         return None
 
     def configure_callbacks(self) -> list[Callback]:
+        """In ``predict``, the task's default prediction writer unless a writer is configured."""
         trainer = self._trainer
         if trainer is None or trainer.state.fn != "predict":
             return []

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
@@ -19,7 +18,7 @@ from torchmetrics.classification import (
 )
 
 from lightning_convnets.nn.heads import ClassificationHead
-from lightning_convnets.tasks.base import BackboneSpec, ConvNetTask, WarmupCosineLR
+from lightning_convnets.tasks.base import BackboneSpec, ConvNetTask
 
 _STAGES = ("train_", "val_", "test_")
 
@@ -36,30 +35,21 @@ class ImageClassifier(ConvNetTask):
 
     Args:
         backbone: registry name, ``class_path`` dict or module (see :class:`ConvNetTask`).
-        num_classes: number of classes; ``None`` takes the datamodule's ``num_classes`` at setup (and
-            stores it in the hyperparameters, so checkpoints rebuild the head).
+        num_classes: number of classes; ``None`` takes the datamodule's ``num_classes`` at setup (see
+            :class:`ConvNetTask`: the checkpoint, not the hyperparameters, records the count then).
         dropout: dropout before the linear layer.
         label_smoothing: cross-entropy label smoothing (single-label mode).
         class_weights: per-class loss weights (``pos_weight`` in multi-label mode).
         multilabel: targets are ``(N, num_classes)`` 0/1 vectors instead of class indices.
         threshold: probability above which a label counts as predicted (multi-label mode).
-        backbone_kwargs: keyword arguments for the backbone builder.
-        in_channels: image channels.
-        optimizer: optimizer factory (default AdamW, lr 1e-3, weight decay 0.01).
-        lr_scheduler: scheduler factory (default :class:`WarmupCosineLR` over the whole run).
-        lr_scheduler_interval: ``"auto"``, ``"step"`` or ``"epoch"``.
-        monitor: metric watched by a ``ReduceLROnPlateau`` scheduler.
-        freeze_backbone: ``True`` or an epoch count (see :class:`ConvNetTask`).
-        freeze_bn: keep the backbone's BatchNorm statistics fixed.
-        backbone_lr_mult: backbone learning rate relative to the head's.
-        num_sample_figures: images in the sample-prediction figure (0 disables it).
-        figure_every_n_epochs: validation figure frequency (0: never).
-        channels_last: run convolutions in the channels-last memory format (faster on CPU and tensor cores).
+        **kwargs: the arguments every task shares (``backbone_kwargs``, ``in_channels``, ``optimizer``,
+            ``lr_scheduler``, ``monitor``, ``freeze_backbone``, ``channels_last``...): see
+            :class:`ConvNetTask`.
 
     Example:
         >>> model = ImageClassifier("preact_resnet18", num_classes=10,
-        ...                         backbone_kwargs={"stem": "cifar", "width": 16})  # doctest: +SKIP
-        >>> model(torch.zeros(2, 3, 32, 32)).shape  # doctest: +SKIP
+        ...                         backbone_kwargs={"stem": "cifar", "width": 16})
+        >>> model(torch.zeros(2, 3, 32, 32)).shape
         torch.Size([2, 10])
     """
 
@@ -72,42 +62,21 @@ class ImageClassifier(ConvNetTask):
         class_weights: list[float] | None = None,
         multilabel: bool = False,
         threshold: float = 0.5,
-        backbone_kwargs: dict[str, Any] | None = None,
-        in_channels: int = 3,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
-        lr_scheduler_interval: Literal["auto", "step", "epoch"] = "auto",
-        monitor: str = "val/loss",
-        freeze_backbone: bool | int = False,
-        freeze_bn: bool = False,
-        backbone_lr_mult: float = 1.0,
-        num_sample_figures: int = 8,
-        figure_every_n_epochs: int = 1,
-        channels_last: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            backbone=backbone,
-            backbone_kwargs=backbone_kwargs,
-            in_channels=in_channels,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            lr_scheduler_interval=lr_scheduler_interval,
-            monitor=monitor,
-            freeze_backbone=freeze_backbone,
-            freeze_bn=freeze_bn,
-            backbone_lr_mult=backbone_lr_mult,
-            num_sample_figures=num_sample_figures,
-            figure_every_n_epochs=figure_every_n_epochs,
-            channels_last=channels_last,
-        )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-        self.multilabel = multilabel
-        self._init_task(num_classes)
+        super().__init__(backbone=backbone, num_classes=num_classes, **kwargs)
+
+    @property
+    def multilabel(self) -> bool:
+        """Multi-label mode (a sigmoid per class) rather than single-label (softmax)."""
+        return bool(self.hparams.multilabel)
 
     def build_task(self, num_classes: int) -> None:
+        """Linear head, class weights, metrics and (single-label) confusion matrices for ``num_classes``."""
         hp = self.hparams
         if num_classes < 2 and not self.multilabel:
             raise ValueError(
@@ -152,6 +121,7 @@ class ImageClassifier(ConvNetTask):
         return self.head(self.backbone(images)[-1])
 
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Cross-entropy (binary cross-entropy per class in multi-label mode)."""
         if self.multilabel:
             return F.binary_cross_entropy_with_logits(logits, target.float(), pos_weight=self.class_weight)
         return F.cross_entropy(
@@ -159,6 +129,7 @@ class ImageClassifier(ConvNetTask):
         )
 
     def shared_step(self, batch: Any, stage: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Loss, logits, targets and images of a labelled batch (validation/test also feed the confusion)."""
         images, target = self.unpack_batch(batch)
         if target is None:
             raise ValueError(f"{stage} batches need labels: got images only")
@@ -180,21 +151,13 @@ class ImageClassifier(ConvNetTask):
         logits = self(images)
         return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
 
-    def check_datamodule(self) -> None:
-        super().check_datamodule()
-        dm = self.datamodule
-        count = getattr(dm, "num_classes", None)
-        if count is not None and int(count) != self.num_classes:
-            raise ValueError(
-                f"{type(dm).__name__}.num_classes is {count} but the model was built for {self.num_classes} "
-                f"classes; set model num_classes to {count} (or leave it unset to take it from the data)"
-            )
-
     def progress_bar_metrics_for(self, stage: str) -> set[str]:
+        """Loss and accuracy."""
         return {f"{stage}/loss", f"{stage}/acc"}
 
     # --------------------------------------------------------------------------------------- figures
     def log_figures(self, stage: str) -> None:
+        """Sample predictions and (single-label) the confusion matrix; resets the confusion matrix."""
         super().log_figures(stage)
         if self.multilabel:
             return
@@ -240,6 +203,7 @@ class ImageClassifier(ConvNetTask):
         return fig
 
     def plot_samples(self, images: Tensor, preds: Tensor, target: Tensor | None) -> Any:
+        """Grid of images titled with the predicted (and true) classes, green when right, red when wrong."""
         import matplotlib.pyplot as plt
 
         pictures = self.display_images(images)
@@ -276,6 +240,7 @@ class ImageClassifier(ConvNetTask):
         return fig
 
     def default_prediction_writer(self) -> Callback | None:
+        """:class:`~lightning_convnets.writers.ClassProbabilitiesWriter`."""
         from lightning_convnets.writers import ClassProbabilitiesWriter
 
         return ClassProbabilitiesWriter()

@@ -19,7 +19,6 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.detection import MeanAveragePrecision
@@ -31,7 +30,7 @@ from lightning_convnets.nn.detectors import (
     batch_images,
     build_torchvision_detector,
 )
-from lightning_convnets.tasks.base import BackboneSpec, ConvNetTask, WarmupCosineLR
+from lightning_convnets.tasks.base import BackboneSpec, ConvNetTask
 
 FAMILIES = ("centernet", *TORCHVISION_FAMILIES)
 # Scalar entries of MeanAveragePrecision.compute() worth logging (the per-class ones are -1 unless asked).
@@ -98,28 +97,19 @@ class ObjectDetector(ConvNetTask):
         fpn_channels: FPN width of the torchvision detectors (a multiple of 32 for FCOS).
         detector_kwargs: more keyword arguments for the torchvision detector class (e.g. Faster R-CNN's
             ``rpn_post_nms_top_n_test``/``box_batch_size_per_image``, RetinaNet's ``topk_candidates``).
-        backbone_kwargs: keyword arguments for the backbone builder.
-        in_channels: image channels.
-        optimizer: optimizer factory (default AdamW).
-        lr_scheduler: scheduler factory (default :class:`WarmupCosineLR` over the whole run).
-        lr_scheduler_interval: ``"auto"``, ``"step"`` or ``"epoch"``.
-        monitor: metric watched by a ``ReduceLROnPlateau`` scheduler (torchvision families have no
-            ``val/loss``: use ``val/map`` with ``mode: max``).
-        freeze_backbone: ``True`` or an epoch count (see :class:`ConvNetTask`).
-        freeze_bn: keep the backbone's BatchNorm statistics fixed (the usual choice when fine-tuning
-            a pretrained backbone on small detection batches).
-        backbone_lr_mult: backbone learning rate relative to the head's.
-        num_sample_figures: images in the sample-detection figure (0 disables it).
-        figure_every_n_epochs: validation figure frequency (0: never).
+        **kwargs: the arguments every task shares (``backbone_kwargs``, ``in_channels``, ``optimizer``,
+            ``lr_scheduler``, ``monitor``, ``freeze_backbone``, ``freeze_bn``, ``channels_last``...): see
+            :class:`ConvNetTask`. ``monitor`` defaults to ``val/loss`` for CenterNet and ``val/map`` for
+            the torchvision families (which log no validation loss: give a ``ReduceLROnPlateau`` scheduler
+            ``mode: max`` there); ``freeze_bn`` is the usual choice when fine-tuning a pretrained backbone
+            on small detection batches.
 
     Example:
         >>> model = ObjectDetector("hourglass", num_classes=3,
-        ...                        backbone_kwargs={"num_stacks": 2, "order": 2, "width": 16})  # doctest: +SKIP
-        >>> model.eval()([torch.zeros(3, 64, 64)])[0].keys()  # doctest: +SKIP
+        ...                        backbone_kwargs={"num_stacks": 2, "order": 2, "width": 16})
+        >>> model.eval()([torch.zeros(3, 64, 64)])[0].keys()
         dict_keys(['boxes', 'scores', 'labels'])
     """
-
-    default_monitor = "val/map"
 
     def __init__(
         self,
@@ -141,17 +131,7 @@ class ObjectDetector(ConvNetTask):
         anchor_size: int | None = None,
         fpn_channels: int = 256,
         detector_kwargs: dict[str, Any] | None = None,
-        backbone_kwargs: dict[str, Any] | None = None,
-        in_channels: int = 3,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
-        lr_scheduler_interval: Literal["auto", "step", "epoch"] = "auto",
-        monitor: str = "val/loss",
-        freeze_backbone: bool | int = False,
-        freeze_bn: bool = False,
-        backbone_lr_mult: float = 1.0,
-        num_sample_figures: int = 8,
-        figure_every_n_epochs: int = 1,
+        **kwargs: Any,
     ) -> None:
         family = str(family).lower()  # type: ignore[assignment]
         if family not in FAMILIES:
@@ -167,27 +147,22 @@ class ObjectDetector(ConvNetTask):
             raise ValueError(f"ObjectDetector: score_threshold must be in [0, 1), got {score_threshold}")
         if not 0.0 < min_overlap < 1.0:
             raise ValueError(f"ObjectDetector: min_overlap must be in (0, 1), got {min_overlap}")
-        super().__init__(
-            backbone=backbone,
-            backbone_kwargs=backbone_kwargs,
-            in_channels=in_channels,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            lr_scheduler_interval=lr_scheduler_interval,
-            monitor=monitor,
-            freeze_backbone=freeze_backbone,
-            freeze_bn=freeze_bn,
-            backbone_lr_mult=backbone_lr_mult,
-            num_sample_figures=num_sample_figures,
-            figure_every_n_epochs=figure_every_n_epochs,
-        )
-        self.family = family
-        if num_classes is None and class_names is not None:
-            num_classes = len(class_names)
-        self._init_task(num_classes)
+        count = num_classes if num_classes is not None or class_names is None else len(class_names)
+        super().__init__(backbone=backbone, num_classes=count, **kwargs)
+
+    @property
+    def family(self) -> str:
+        """``"centernet"``, ``"fasterrcnn"``, ``"retinanet"`` or ``"fcos"``."""
+        return str(self.hparams.family)
+
+    @property
+    def default_monitor(self) -> str:
+        """``val/loss`` for CenterNet; ``val/map`` for the torchvision families (no loss in eval mode)."""
+        return "val/loss" if self.family == "centernet" else "val/map"
 
     # ----------------------------------------------------------------------------------- building
     def build_task(self, num_classes: int) -> None:
+        """The detection network for ``num_classes`` and the mAP metrics of validation and test."""
         hp = self.hparams
         for key in ("class_names", "label_category_ids"):
             if hp.get(key) is not None and len(hp[key]) != num_classes:
@@ -231,6 +206,7 @@ class ObjectDetector(ConvNetTask):
         return math.lcm(*needs)
 
     def setup(self, stage: str) -> None:
+        """The base setup, then the datamodule's label mapping into the hyperparameters."""
         super().setup(stage)
         # The label mapping goes into the hyperparameters, hence into every checkpoint.
         dm = self.datamodule
@@ -242,14 +218,9 @@ class ObjectDetector(ConvNetTask):
                     self.hparams[key] = value
 
     def check_datamodule(self) -> None:
+        """The base checks, and the datamodule's ``category_ids`` against the checkpoint's label mapping."""
         super().check_datamodule()
         dm = self.datamodule
-        count = getattr(dm, "num_classes", None)
-        if count is not None and int(count) != self.num_classes:
-            raise ValueError(
-                f"{type(dm).__name__}.num_classes is {count} but the detector was built for {self.num_classes} "
-                f"classes; set model num_classes to {count} (or leave it unset to take it from the data)"
-            )
         ids = getattr(dm, "category_ids", None)
         known = self.hparams.get("label_category_ids")
         if ids is not None and known is not None and [int(i) for i in ids] != list(known):
@@ -265,6 +236,7 @@ class ObjectDetector(ConvNetTask):
         return list(ids) if ids is not None else list(range(self.num_classes or 0))
 
     def class_names(self, num_classes: int) -> list[str]:
+        """The ``class_names`` hyperparameter, else the datamodule's, else the label numbers."""
         names = self.hparams.get("class_names")
         if names is not None and len(names) == num_classes:
             return [str(n) for n in names]
@@ -363,38 +335,33 @@ class ObjectDetector(ConvNetTask):
         return torch.stack(list(parts.values())).sum(), parts
 
     # -------------------------------------------------------------------------------------- steps
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def shared_step(
+        self, batch: Any, stage: str
+    ) -> tuple[Tensor | None, Detections | None, Detections, list]:
+        """Loss (``None`` for torchvision detectors outside training), detections (``None`` in training:
+        no training metrics), cleaned targets and images; training also logs the loss parts."""
         images, targets = self._split_batch(batch)
         if targets is None:
-            raise ValueError("training batches need targets: got images only")
+            what = "training" if stage == "train" else stage
+            raise ValueError(f"{what} batches need targets: got images only")
         targets = [self._clean(t) for t in targets]
+        train = stage == "train"
+        loss: Tensor | None = None
+        detections: Detections | None = None
         if self.family == "centernet":
-            loss, parts, _ = self._centernet_step(images, targets, decode=False)
-        else:
+            loss, parts, detections = self._centernet_step(images, targets, decode=not train)
+        elif train:
             loss, parts = self._torchvision_losses(images, targets)
-        n = len(images)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
-        self.log_dict(
-            {f"train/loss_{k}": v.detach() for k, v in parts.items()},
-            on_step=True,
-            on_epoch=False,
-            batch_size=n,
-        )
-        self.stage_loss["train_"].update(loss.detach(), n)
-        return loss
-
-    def _eval_step(self, batch: Any, batch_idx: int, stage: str) -> None:
-        images, targets = self._split_batch(batch)
-        if targets is None:
-            raise ValueError(f"{stage} batches need targets: got images only")
-        targets = [self._clean(t) for t in targets]
-        if self.family == "centernet":
-            loss, _, detections = self._centernet_step(images, targets, decode=True)
-            self.stage_loss[f"{stage}_"].update(loss.detach(), len(images))
         else:
             detections = self.forward(images)
-        self.metrics[f"{stage}_"].update(detections, targets)
-        self.remember_samples(stage, batch_idx, images, detections, targets)
+        if train:
+            self.log_dict(
+                {f"train/loss_{k}": v.detach() for k, v in parts.items()},
+                on_step=True,
+                on_epoch=False,
+                batch_size=len(images),
+            )
+        return loss, detections, targets, images
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Detections:
         """Per image ``boxes`` (xyxy input pixels), ``scores``, 0-based ``labels`` and ``image_size``
@@ -411,33 +378,26 @@ class ObjectDetector(ConvNetTask):
         return detections
 
     # ------------------------------------------------------------------------------------ logging
-    def _log_stage(self, stage: str) -> None:
-        # Torchvision detectors compute no loss in eval mode: log the metrics alone there.
-        values: dict[str, Tensor] = {}
+    def epoch_metrics(self, stage: str) -> dict[str, Tensor]:
+        """The base's, without ``<stage>/loss`` where torchvision detectors computed none (val, test)."""
         if stage == "train" or self.family == "centernet":
-            values[f"{stage}/loss"] = self.stage_loss[f"{stage}_"].compute()
-        values.update(self.compute_metrics(stage))
-        self.stage_loss[f"{stage}_"].reset()
-        self.metrics[f"{stage}_"].reset()
-        bar = self.progress_bar_metrics_for(stage)
-        prog = {k: v for k, v in values.items() if k in bar}
-        rest = {k: v for k, v in values.items() if k not in bar}
-        if prog:
-            self.log_dict(prog, prog_bar=True, sync_dist=False)
-        if rest:
-            self.log_dict(rest, prog_bar=False, sync_dist=False)
+            return super().epoch_metrics(stage)
+        return self.compute_metrics(stage)
 
     def compute_metrics(self, stage: str) -> dict[str, Tensor]:
+        """The scalar entries of ``MeanAveragePrecision`` (none in training)."""
         if stage == "train":
             return {}
         result = self.metrics[f"{stage}_"].compute()
         return {f"{stage}/{k}": result[k].float() for k in MAP_KEYS if k in result}
 
     def progress_bar_metrics_for(self, stage: str) -> set[str]:
+        """Loss, mAP and mAP at IoU 0.5."""
         return {f"{stage}/loss", f"{stage}/map", f"{stage}/map_50"}
 
     # ------------------------------------------------------------------------------------ figures
     def remember_samples(self, stage: str, batch_idx: int, images: Any, preds: Any, target: Any) -> None:
+        """Keep the first batch's first images, detections and targets (on the CPU) for the figure."""
         k = self.hparams.num_sample_figures
         if batch_idx != 0 or not k or stage in self._samples or not self._figures_due(stage):
             return
@@ -485,6 +445,7 @@ class ObjectDetector(ConvNetTask):
 
     # ---------------------------------------------------------------------------------- prediction
     def default_prediction_writer(self) -> Callback | None:
+        """:class:`~lightning_convnets.detection_writers.CocoResultsWriter`."""
         from lightning_convnets.detection_writers import CocoResultsWriter
 
         return CocoResultsWriter()

@@ -1,37 +1,24 @@
-"""Semantic segmentation: a per-pixel classifier on a dense feature map.
+"""Semantic segmentation: a per-pixel classifier on a dense feature map (:class:`SemanticSegmenter`).
 
-Where the dense map comes from:
-
-* a dense backbone (``dense = True``: ``unet``, a stacked hourglass, ``smp:Unet/resnet34``): a 1x1
-  convolution on each of its maps at the finest reduction (every hourglass stack is supervised, the last
-  one predicts);
-* a pyramid encoder (``resnet18``, ``timm:...``): a U-Net decoder is put on top of it
-  (:class:`lightning_convnets.backbones.unet.UNet` with ``encoder=``, width ``decoder_width``), climbing back
-  to reduction 1.
-
-How logits meet the mask: when the network's output is smaller than the mask because of valid padding
-(``backbone.border > 0``, the original U-Net), the **mask is cropped** to the output with
-:func:`lightning_convnets.nn.center_crop`, the same rule the network uses for its skip connections (half
-the difference on each side, an odd extra pixel from the bottom/right), so every output pixel is scored
-against the mask pixel at the centre of its receptive field. Otherwise (reduced or resized outputs) the
-**logits are resized** bilinearly to the mask.
+The dense map comes from a dense backbone (``unet``, a stacked hourglass, ``smp:...``) or from a U-Net
+decoder put on a pyramid encoder. When valid padding makes the output smaller than the mask, the mask is
+cropped to it; otherwise the logits are resized. The rules are in ``docs/segmentation.md``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
 
 from lightning_convnets.nn import center_crop, crop_offsets
 from lightning_convnets.nn.losses import CrossEntropyDiceLoss
-from lightning_convnets.tasks.base import BackboneSpec, ConvNetTask, WarmupCosineLR
+from lightning_convnets.tasks.base import BackboneSpec, ConvNetTask
 
 _STAGES = ("train_", "val_", "test_")
 
@@ -60,23 +47,15 @@ class SemanticSegmenter(ConvNetTask):
         decoder_width: width of the U-Net decoder built over a pyramid encoder (channels at reduction 1;
             ``width * r`` at reduction ``r``).
         threshold: foreground probability threshold in binary mode.
-        backbone_kwargs: keyword arguments for the backbone builder.
-        in_channels: image channels.
-        optimizer: optimizer factory (default AdamW).
-        lr_scheduler: scheduler factory (default :class:`WarmupCosineLR` over the whole run).
-        lr_scheduler_interval: ``"auto"``, ``"step"`` or ``"epoch"``.
-        monitor: metric watched by a ``ReduceLROnPlateau`` scheduler.
-        freeze_backbone: ``True`` or an epoch count (see :class:`ConvNetTask`).
-        freeze_bn: keep the backbone's BatchNorm statistics fixed.
-        backbone_lr_mult: backbone learning rate relative to the head's (and the decoder's).
         num_sample_figures: images in the sample figure (0 disables it).
-        figure_every_n_epochs: validation figure frequency (0: never).
-        channels_last: run convolutions in the channels-last memory format (faster on CPU and tensor cores).
+        **kwargs: the arguments every task shares (``backbone_kwargs``, ``in_channels``, ``optimizer``,
+            ``lr_scheduler``, ``monitor``, ``freeze_backbone``, ``channels_last``...): see
+            :class:`ConvNetTask`. ``backbone_lr_mult`` applies to the backbone, not to the decoder.
 
     Example:
         >>> model = SemanticSegmenter("unet", num_classes=4,
-        ...                           backbone_kwargs={"width": 8, "depth": 2})  # doctest: +SKIP
-        >>> model(torch.zeros(1, 3, 64, 64))[-1].shape  # doctest: +SKIP
+        ...                           backbone_kwargs={"width": 8, "depth": 2})
+        >>> model(torch.zeros(1, 3, 64, 64))[-1].shape
         torch.Size([1, 4, 64, 64])
     """
 
@@ -91,49 +70,24 @@ class SemanticSegmenter(ConvNetTask):
         class_weights: list[float] | None = None,
         decoder_width: int = 16,
         threshold: float = 0.5,
-        backbone_kwargs: dict[str, Any] | None = None,
-        in_channels: int = 3,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
-        lr_scheduler_interval: Literal["auto", "step", "epoch"] = "auto",
-        monitor: str = "val/loss",
-        freeze_backbone: bool | int = False,
-        freeze_bn: bool = False,
-        backbone_lr_mult: float = 1.0,
         num_sample_figures: int = 4,
-        figure_every_n_epochs: int = 1,
-        channels_last: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            backbone=backbone,
-            backbone_kwargs=backbone_kwargs,
-            in_channels=in_channels,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            lr_scheduler_interval=lr_scheduler_interval,
-            monitor=monitor,
-            freeze_backbone=freeze_backbone,
-            freeze_bn=freeze_bn,
-            backbone_lr_mult=backbone_lr_mult,
-            num_sample_figures=num_sample_figures,
-            figure_every_n_epochs=figure_every_n_epochs,
-            channels_last=channels_last,
-        )
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-        self.binary = binary
-        self.ignore_index = ignore_index
-        if getattr(self.backbone, "dense", False):
-            self.decoder: nn.Module | None = None
-            self._dense_channels = self._supervised_channels(self.backbone)
-        else:
-            from lightning_convnets.backbones.unet import UNet
+        super().__init__(
+            backbone=backbone, num_classes=num_classes, num_sample_figures=num_sample_figures, **kwargs
+        )
 
-            # The encoder is shared, not copied: backbone parameters stay in the backbone group, the
-            # decoder's (new, randomly initialised) ones go with the head.
-            self.decoder = UNet(encoder=self.backbone, width=decoder_width, norm="batch")
-            self._dense_channels = [decoder_width]
-        self._init_task(num_classes)
+    @property
+    def binary(self) -> bool:
+        """Binary mode: one sigmoid channel for foreground vs background."""
+        return bool(self.hparams.binary)
+
+    @property
+    def ignore_index(self) -> int | None:
+        """Mask value left out of the loss and the metrics."""
+        return self.hparams.ignore_index
 
     @staticmethod
     def _supervised_channels(backbone: nn.Module) -> list[int]:
@@ -143,6 +97,7 @@ class SemanticSegmenter(ConvNetTask):
         return [c for c, r in zip(backbone.out_channels, backbone.reductions) if r == finest]
 
     def build_task(self, num_classes: int) -> None:
+        """Decoder (pyramid encoders), one 1x1 head per supervised map, loss and metrics."""
         hp = self.hparams
         if self.binary and num_classes not in (1, 2):
             raise ValueError(
@@ -157,8 +112,18 @@ class SemanticSegmenter(ConvNetTask):
             raise ValueError(
                 f"class_weights has {len(hp.class_weights)} entries but there are {self.num_classes} classes"
             )
+        if getattr(self.backbone, "dense", False):
+            self.decoder: nn.Module | None = None
+            dense_channels = self._supervised_channels(self.backbone)
+        else:
+            from lightning_convnets.backbones.unet import UNet
+
+            # The encoder is shared, not copied: backbone parameters stay in the backbone group, the
+            # decoder's (new, randomly initialised) ones go with the head.
+            self.decoder = UNet(encoder=self.backbone, width=hp.decoder_width, norm="batch")
+            dense_channels = [hp.decoder_width]
         out = 1 if self.binary else num_classes
-        self.heads = nn.ModuleList(nn.Conv2d(c, out, kernel_size=1) for c in self._dense_channels)
+        self.heads = nn.ModuleList(nn.Conv2d(c, out, kernel_size=1) for c in dense_channels)
         self.criterion = CrossEntropyDiceLoss(
             binary=self.binary,
             ignore_index=self.ignore_index,
@@ -226,6 +191,7 @@ class SemanticSegmenter(ConvNetTask):
         return mask.long()
 
     def shared_step(self, batch: Any, stage: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Loss averaged over the supervised maps, predicted masks, (cropped) masks and images."""
         images, mask = self.unpack_batch(batch)
         if mask is None:
             raise ValueError(f"{stage} batches need masks: got images only")
@@ -258,19 +224,14 @@ class SemanticSegmenter(ConvNetTask):
         full[:, top : top + pred.shape[-2], left : left + pred.shape[-1]] = pred
         return full
 
+    def accepts_data_num_classes(self, count: int) -> bool:
+        """The same count; in binary mode, data with one (foreground) or two classes."""
+        return count == self.num_classes or (self.binary and count in (1, 2))
+
     def check_datamodule(self) -> None:
+        """The base checks, and the datamodule's ``ignore_index`` against the model's."""
         super().check_datamodule()
         dm = self.datamodule
-        count = getattr(dm, "num_classes", None)
-        if (
-            count is not None
-            and int(count) != self.num_classes
-            and not (self.binary and int(count) in (1, 2))
-        ):
-            raise ValueError(
-                f"{type(dm).__name__}.num_classes is {count} but the model segments {self.num_classes} "
-                f"classes; set model num_classes to {count} (or leave it unset to take it from the data)"
-            )
         data_ignore = getattr(dm, "ignore_index", None)
         if (
             data_ignore is not None
@@ -283,6 +244,7 @@ class SemanticSegmenter(ConvNetTask):
             )
 
     def compute_metrics(self, stage: str) -> dict[str, Tensor]:
+        """Scalar metrics, with the per-class IoU flattened to ``<stage>/iou/<class>``."""
         out = {}
         names = self.class_names(self.num_classes)
         for name, value in self.metrics[f"{stage}_"].compute().items():
@@ -294,10 +256,12 @@ class SemanticSegmenter(ConvNetTask):
         return out
 
     def progress_bar_metrics_for(self, stage: str) -> set[str]:
+        """Loss and mean IoU."""
         return {f"{stage}/loss", f"{stage}/miou"}
 
     # --------------------------------------------------------------------------------------- figures
     def plot_samples(self, images: Tensor, preds: Tensor, target: Tensor | None) -> Any:
+        """Rows of image, true mask and predicted mask (overlaid in class colours)."""
         import matplotlib.pyplot as plt
         import numpy as np
 
@@ -333,6 +297,7 @@ class SemanticSegmenter(ConvNetTask):
         return fig
 
     def default_prediction_writer(self) -> Callback | None:
+        """:class:`~lightning_convnets.writers.MaskPNGWriter`."""
         from lightning_convnets.writers import MaskPNGWriter
 
         return MaskPNGWriter()
