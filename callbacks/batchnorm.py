@@ -462,8 +462,9 @@ class BatchNormDriftMonitor(MonitorCallback):
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             if not self.is_recording(module) or not self._buffers_ready:
                 return
-            self._old_mean_views[index].copy_(module.running_mean)
-            self._old_var_views[index].copy_(module.running_var)
+            if self._copy_in_hook[index]:  # else on_train_batch_start copied it, with every other layer
+                self._old_mean_views[index].copy_(module.running_mean)
+                self._old_var_views[index].copy_(module.running_var)
             x = args[0]
             self._elements[index] = x.numel() // max(x.shape[1] if x.dim() > 1 else 1, 1)
 
@@ -497,6 +498,11 @@ class BatchNormDriftMonitor(MonitorCallback):
         self._forwards = torch.zeros(count, **f64)
         self._start_mean, self._start_var = self._current()
         self._elements_cache: dict[tuple[int, ...], Tensor] = {}
+        # Layers whose running statistics are copied at batch start, all in one _foreach_copy_, instead of
+        # two copies in each layer's pre-hook: decided after the first recorded batch, for the layers that
+        # ran exactly one training forward in it (a layer called twice per forward keeps its hook copy).
+        self._copy_in_hook = [True] * count
+        self._snapshot: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]] | None = None
         self._buffers_ready = True
 
     @torch.no_grad()
@@ -561,6 +567,10 @@ class BatchNormDriftMonitor(MonitorCallback):
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if self._recording and self._buffers_ready:
             self._nbt_start.copy_(self._nbt())
+            if self._snapshot is not None:
+                old_means, old_vars, means, variances = self._snapshot
+                torch._foreach_copy_(old_means, means)
+                torch._foreach_copy_(old_vars, variances)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -568,7 +578,22 @@ class BatchNormDriftMonitor(MonitorCallback):
         self._dirty = True
         if self._recording and self._buffers_ready:
             self._accumulate()
+            if self._snapshot is None:
+                self._plan_snapshot()
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def _plan_snapshot(self) -> None:
+        """After the first recorded batch (one host read, once per run): the layers that ran exactly one
+        training forward get their old statistics copied at batch start; the others keep the hook copy."""
+        once = ((self._nbt() - self._nbt_start) == 1).tolist()
+        self._copy_in_hook = [not single for single in once]
+        chosen = [i for i, single in enumerate(once) if single]
+        self._snapshot = (
+            [self._old_mean_views[i] for i in chosen],
+            [self._old_var_views[i] for i in chosen],
+            [self.layers[i].module.running_mean for i in chosen],
+            [self.layers[i].module.running_var for i in chosen],
+        )
 
     def _accumulate(self) -> None:
         """Recover each layer's batch statistics from its update and add this batch's discrepancies."""
