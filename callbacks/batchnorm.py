@@ -368,7 +368,7 @@ class BatchNormDriftMonitor(MonitorCallback):
         z_threshold: RMS z-shift above which a layer is reported.
         var_ratio_threshold: batch/running variance ratio (or its inverse) above which a layer is reported.
         rank_threshold: ``rank_spread`` (in running standard deviations) above which ranks are reported to
-            disagree.
+            disagree, when the spread is also well above the batch-noise floor (``rank_noise_ratio`` > 10).
         drift_threshold: ``mean_drift`` per interval at the end of training above which statistics are
             reported as still drifting.
         sample_every_n_steps: record one optimizer step in every ``k``.
@@ -397,7 +397,7 @@ class BatchNormDriftMonitor(MonitorCallback):
         cross_rank: bool | None = None,
         z_threshold: float = 0.5,
         var_ratio_threshold: float = 2.0,
-        rank_threshold: float = 0.1,
+        rank_threshold: float = diagnosis.RANK_THRESHOLD,
         drift_threshold: float = 0.1,
         sample_every_n_steps: int = 1,
         max_history: int = 1000,
@@ -817,9 +817,7 @@ class BatchNormDriftMonitor(MonitorCallback):
         prefix = self.monitor_name
         names = [lay.name for lay in self.layers]
         elements = {lay.name: float(e) for lay, e in zip(self.layers, self._elements)}
-        noisy = diagnosis.bn_noisy_batch_stats(
-            last, elements, step, z_threshold=self.z_threshold, prefix=prefix
-        )
+        noisy = diagnosis.bn_noisy_batch_stats(last, elements, step, prefix=prefix)
         findings = [
             noisy,
             diagnosis.bn_variance_mismatch(last, names, step, self.var_ratio_threshold, prefix),

@@ -97,6 +97,10 @@ LINEAR_MIN_STAGE = 1.1
 projection shortcuts reset the level at each stage grows within stages, not overall)."""
 MIN_INCREMENTS = 3
 """Increments needed to fit their growth; with fewer the shape is undetermined."""
+UNDETERMINED_GROWTH = 2.0
+"""With too few blocks to see the shape, per-block growth from which the variance is still reported (a
+warning): doubling per block, the rate of a norm-free residual net. Linear growth over two blocks can reach
+1.5-2x per block, so a lower bound would flag healthy short BN nets."""
 DEAD_FRACTION = 0.25
 """Fraction of always-zero channels of a layer that makes a dead-ReLU finding."""
 BRANCH_RATIO = 4.0
@@ -109,18 +113,23 @@ Z_THRESHOLD = 0.5
 """RMS z-shift (running standard deviations) of a BN layer that makes a train/test shift finding."""
 VAR_RATIO_THRESHOLD = 2.0
 """Batch/running variance ratio (or its inverse) of a BN layer that makes a finding."""
-RANK_THRESHOLD = 0.1
+RANK_THRESHOLD = 0.05
 """Cross-rank spread of BN running means (running standard deviations) that makes a finding..."""
 RANK_NOISE_RATIO = 10.0
-"""...when it is also this many times the spread expected from batch noise alone (i.i.d. shards: ~1-3)."""
+"""...when it is also this many times the spread expected from batch noise alone (measured: below 1 with
+i.i.d. shards, 50-750 with one shard shifted by 2 std)."""
 DRIFT_THRESHOLD = 0.1
 """Running-mean drift per interval at the end of training that is reported as still drifting."""
 SPIKE_FACTOR = 3.0
 """A z-shift peak above this many times the run's median before it is a spike."""
-NOISY_ELEMENTS = 64
-"""Batch elements per channel (images x positions) below which a BN layer's batch statistics are noisy."""
-NOISY_LAYER_FRACTION = 0.25
-"""Fraction of the BN layers that must be starved (fewer than ``NOISY_ELEMENTS``) and shifted."""
+NOISY_ELEMENTS = 32
+"""Batch elements per channel (images x positions) below which a BN layer's batch statistics are noisy:
+the batch variance is then off by more than 25% (``sqrt(2 / (n - 1))``) from one step to the next."""
+NOISY_Z = 0.1
+"""Mean z-shift of those layers from which the noise is reported (pure sampling noise of n independent
+elements gives ``1 / sqrt(n)``: 0.18 at n = 32)."""
+NOISY_LAYER_FRACTION = 0.2
+"""Fraction of the BN layers that must be starved (fewer than ``NOISY_ELEMENTS``)."""
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -254,7 +263,7 @@ def variance_growth_shape(
     if per_block < vanish_growth:
         regime = "vanishing"
     elif not fitted:
-        regime = "undetermined" if per_block > explode_growth else "stable"
+        regime = "undetermined" if per_block > max(explode_growth, UNDETERMINED_GROWTH) else "stable"
     elif growth >= increment_growth and per_block > 1.0:
         regime = "exponential"
     elif growth < increment_growth and (overall >= LINEAR_MIN_OVERALL or within_stage >= LINEAR_MIN_STAGE):
@@ -685,40 +694,41 @@ def bn_noisy_batch_stats(
     elements: Mapping[str, float],
     step: int,
     min_elements: float = NOISY_ELEMENTS,
-    z_threshold: float = Z_THRESHOLD,
+    min_z: float = NOISY_Z,
     layer_fraction: float = NOISY_LAYER_FRACTION,
     prefix: str = "batchnorm",
 ) -> Finding | None:
-    """Batch statistics too noisy to train with: BN layers that normalise over fewer than ``min_elements``
-    elements per channel (``elements``: layer -> batch elements per channel of its last training forward)
-    and whose batch means sit more than ``z_threshold`` running std from the running means, in at least
-    ``layer_fraction`` of the layers. With so few elements every training step normalises with noisy
-    statistics and the running averages inherit the noise."""
+    """Batch statistics too noisy to train with: at least ``layer_fraction`` of the BN layers normalise over
+    fewer than ``min_elements`` elements per channel (``elements``: layer -> batch elements per channel of
+    its last training forward, the batch size times the positions) and, there, the batch means scatter at
+    least ``min_z`` running std around the running means (``z_shift``, the evidence that the noise is real).
+    Each training step then normalises with noisy statistics (a batch variance from n elements is off by
+    ``sqrt(2 / (n - 1))`` relative, 50% at n = 8, and biased low), and the running averages used at test
+    time inherit the noise."""
     starved = {n: e for n, e in elements.items() if 0 < e < min_elements}
-    if not elements or not starved:
+    if not elements or len(starved) < max(1, math.ceil(layer_fraction * len(elements))):
         return None
-    shifted = [
-        (n, float(entry[f"{prefix}/{n}/z_shift"]))
-        for n in starved
-        if _finite(entry.get(f"{prefix}/{n}/z_shift")) and entry[f"{prefix}/{n}/z_shift"] > z_threshold
-    ]
-    if len(shifted) < max(1, math.ceil(layer_fraction * len(elements))):
+    z = [entry.get(f"{prefix}/{n}/z_shift") for n in starved]
+    z = [float(v) for v in z if _finite(v)]
+    if not z or sum(z) / len(z) < min_z:
         return None
-    shifted.sort(key=lambda h: -h[1])
+    z_mean = sum(z) / len(z)
     fewest = min(starved.values())
-    z_mean = sum(z for _, z in shifted) / len(shifted)
+    ratios = [entry.get(f"{prefix}/{n}/log_var_ratio") for n in starved]
+    ratios = [float(v) for v in ratios if _finite(v)]
+    ratio = math.exp(sum(ratios) / len(ratios)) if ratios else math.nan
+    var_note = f" and batch variances run {ratio:.2f}x the running ones" if math.isfinite(ratio) else ""
     return Finding(
         prefix,
         "warning",
-        [n for n, _ in shifted[:5]],
+        list(starved)[:5],
         f"noisy batch statistics: {len(starved)} of {len(elements)} BN layers normalise over fewer than "
-        f"{min_elements:g} elements per channel (fewest {fewest:g}) and their batch means sit {z_mean:.2f} "
-        f"running std from the running means on average (up to {shifted[0][1]:.2f} in {shifted[0][0]}) at "
-        f"step {step}",
-        "use a larger batch per step, or GroupNorm instead of BN (norm='group', nn.GroupNorm); "
-        "recalibrate the running statistics before evaluating (recalibrate_batchnorm / PreciseBN, or "
-        "recalibrate_batches= on this monitor)",
+        f"{min_elements:g} elements per channel (fewest {fewest:g}: batch size x positions); there the batch "
+        f"means scatter {z_mean:.2f} running std around the running means{var_note} at step {step}",
+        "use a larger batch per step, or GroupNorm instead of BN (norm='group', nn.GroupNorm); recalibrate "
+        "the running statistics before evaluating (recalibrate_batchnorm / PreciseBN, or recalibrate_batches= "
+        "on this monitor)",
         step=step,
-        values={"fewest_elements": float(fewest), "z_shift": z_mean},
+        values={"fewest_elements": float(fewest), "z_shift": z_mean, "variance_factor": ratio},
         kind=KIND_BN_NOISY_BATCH_STATS,
     )
