@@ -236,7 +236,8 @@ def fit_and_read(
 
 
 class PlainCNN(pl.LightningModule):
-    """Four conv-ReLU layers (no normalisation, He init) and a linear head; plain SGD."""
+    """Four conv-LeakyReLU layers (no normalisation) and a linear head; SGD with momentum. Leaky, so that a
+    too-high rate diverges to NaN/Inf instead of killing every unit first (a dead net stays finite)."""
 
     def __init__(self, lr: float = 0.02, width: int = 16) -> None:
         super().__init__()
@@ -245,7 +246,7 @@ class PlainCNN(pl.LightningModule):
         for i in range(4):
             layers += [
                 nn.Conv2d(3 if i == 0 else width, width, 3, padding=1, stride=2 if i else 1),
-                nn.ReLU(),
+                nn.LeakyReLU(0.1),
             ]
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(width, 4)
@@ -412,7 +413,7 @@ def rows() -> list[Row]:
         ),
         Row(
             "nonfinite",
-            "learning rate 100x too high (2.0, a norm-free 4-layer CNN): non-finite activations, first module named",
+            "learning rate 100x too high (2.0, a norm-free 4-layer leaky-ReLU CNN): non-finite activations, first module named",
             "the normal rate (0.02)",
             {"nonfinite"},
             lambda bad, seed: nonfinite_run(100.0 if bad else 1.0, seed),
