@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench zoo install clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_monitors.py
+
+# is the end-of-fit diagnosis right? known pathologies and healthy twins, 3 seeds (~5 min on 2 CPU cores)
+zoo: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/diagnosis_zoo.py
 
 clean:
 	rm -rf $(VENV) lightning_logs .pytest_cache .ruff_cache

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning_convnets.callbacks import diagnosis, plots
 from lightning_convnets.callbacks.core import (
     Finding,
     MomentBank,
@@ -208,8 +209,9 @@ class ActivationVarianceMonitor(MonitorCallback):
         stem: measure the stem output.
         types: extra targets by type: ``"conv"``, ``"bn"``, ``"norm"``, ``"linear"``, ``"relu"`` or classes.
         names: extra targets whose qualified name matches this regex (``re.search``).
-        explode_growth: per-block growth (geometric mean over the blocks) above which variance is reported
-            as exploding.
+        explode_growth: per-block growth (geometric mean over the blocks) above which variance growth
+            judged exponential by its shape (the branch variances grow along the depth, see
+            :mod:`~lightning_convnets.callbacks.diagnosis`) is a warning; linear growth (BatchNorm) never is.
         vanish_growth: per-block growth below which it is reported as vanishing.
         dead_threshold: fraction of dead channels in a layer that makes a finding.
         sample_every_n_steps: record one optimizer step in every ``k`` (all its micro-batches; the cost
@@ -247,8 +249,8 @@ class ActivationVarianceMonitor(MonitorCallback):
         stem: bool = True,
         types: Sequence[str | type[nn.Module]] = (),
         names: str | None = None,
-        explode_growth: float = 1.5,
-        vanish_growth: float = 0.67,
+        explode_growth: float = diagnosis.EXPLODE_GROWTH,
+        vanish_growth: float = diagnosis.VANISH_GROWTH,
         dead_threshold: float = 0.25,
         sample_every_n_steps: int = 2,
         max_history: int = 256,
@@ -547,114 +549,40 @@ class ActivationVarianceMonitor(MonitorCallback):
         return [t.name for t in self.targets]
 
     def diagnose(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Finding]:
-        findings: list[Finding] = []
-        if self.nonfinite is not None:
-            findings.append(
-                Finding(
-                    self.monitor_name,
-                    "error",
-                    [self.nonfinite["layer"]],
-                    f"first non-finite activation (NaN/Inf) produced by {self.nonfinite['layer']} at step "
-                    f"{self.nonfinite['step']}",
-                    "lower the learning rate or clip gradients (Trainer(gradient_clip_val=1.0)); check the "
-                    "inputs and this layer's operation for division by zero / log of <= 0; prefer bf16 to fp16",
-                    step=int(self.nonfinite["step"]),
+        """The first non-finite module, then (from the latest history entry) the variance along the
+        depth, dead ReLUs and dominant residual branches: rules of
+        :mod:`lightning_convnets.callbacks.diagnosis`."""
+        findings = [diagnosis.nonfinite_activation(self.nonfinite, self.monitor_name)]
+        if self.history:
+            last = self.history[-1]
+            step = int(last["step"])
+            prefix = f"{self.monitor_name}/"
+
+            def values(key: str, kinds: tuple[str, ...] | None = None) -> dict[str, float]:
+                return {
+                    t.name: last[f"{prefix}{t.name}/{key}"]
+                    for t in self.targets
+                    if (kinds is None or t.kind in kinds) and f"{prefix}{t.name}/{key}" in last
+                }
+
+            points = [
+                diagnosis.DepthPoint(
+                    t.name,
+                    last[f"{prefix}{t.name}/var"],
+                    last.get(f"{prefix}{t.name}/shortcut_var", math.nan),
+                    last.get(f"{prefix}{t.name}/branch_var", math.nan),
                 )
-            )
-        if not self.history:
-            return findings
-        last = self.history[-1]
-        step = int(last["step"])
-        prefix = f"{self.monitor_name}/"
-        blocks = [t for t in self.targets if t.kind in ("block", "plain") and f"{prefix}{t.name}/var" in last]
-        block_vars = [last[f"{prefix}{t.name}/var"] for t in blocks]
-        growth = last.get(f"{prefix}growth_per_block")
-        if growth is not None and math.isfinite(growth) and len(blocks) >= 2:
-            worst_stage, worst = _worst_stage(blocks, block_vars)
-            overall = _ratio(block_vars[-1], block_vars[0])
-            names = [blocks[0].name, blocks[-1].name]
-            values = {"growth_per_block": growth, "overall": overall}
-            if growth > self.explode_growth:
-                where = f" (worst in {worst_stage}: {worst:.2f}x per block)" if worst_stage else ""
-                findings.append(
-                    Finding(
-                        self.monitor_name,
-                        "warning",
-                        names,
-                        f"variance grows {growth:.2f}x per block over {len(blocks)} blocks{where}, "
-                        f"{overall:.3g}x from {blocks[0].name} to {blocks[-1].name} at step {step}",
-                        "add BatchNorm to the blocks or scale the residual branch (zero-init its last "
-                        "norm/conv, or multiply F(x) by ~1/sqrt(number of blocks))",
-                        step=step,
-                        values=values,
-                    )
-                )
-            elif growth < self.vanish_growth:
-                findings.append(
-                    Finding(
-                        self.monitor_name,
-                        "warning",
-                        names,
-                        f"variance shrinks to {growth:.2f}x per block over {len(blocks)} blocks "
-                        f"({overall:.3g}x overall) at step {step}",
-                        "check the initialisation (He/fan_in for ReLU), add normalisation, or use residual "
-                        "connections so the signal is not lost with depth",
-                        step=step,
-                        values=values,
-                    )
-                )
-            else:
-                findings.append(
-                    Finding(
-                        self.monitor_name,
-                        "info",
-                        names,
-                        f"variance is stable along the depth: {growth:.2f}x per block over {len(blocks)} "
-                        f"blocks ({overall:.3g}x overall) at step {step}",
-                        "",
-                        step=step,
-                        values=values,
-                    )
-                )
-        for target in self.targets:
-            dead = last.get(f"{prefix}{target.name}/dead_fraction")
-            if dead is not None and dead >= self.dead_threshold:
-                findings.append(
-                    Finding(
-                        self.monitor_name,
-                        "warning",
-                        [target.name],
-                        f"{dead:.0%} of the channels of {target.name} output exactly zero for a whole "
-                        f"interval (dead ReLUs) at step {step}",
-                        "lower the learning rate, use a warm-up, or a leaky activation; check the bias/BN "
-                        "initialisation of the layer before",
-                        step=step,
-                        values={"dead_fraction": dead},
-                    )
-                )
-        ratios = [
-            (t.name, last[f"{prefix}{t.name}/branch_ratio"])
-            for t in self.targets
-            if f"{prefix}{t.name}/branch_ratio" in last
-        ]
-        big = [(n, r) for n, r in ratios if math.isfinite(r) and r > 4]
-        if big:
-            names = [n for n, _ in big]
-            top = max(r for _, r in big)
-            findings.append(
-                Finding(
-                    self.monitor_name,
-                    "warning",
-                    names,
-                    f"residual branches dominate their shortcut (Var(F(x))/Var(x) up to {top:.3g}) in "
-                    f"{len(big)} block(s) at step {step}",
-                    "scale the branch down (zero-init the last BN gamma of each branch) so blocks start "
-                    "close to the identity",
-                    step=step,
-                    values={"max_branch_ratio": top},
-                )
-            )
-        return findings
+                for t in self.targets
+                if t.kind in ("block", "plain") and f"{prefix}{t.name}/var" in last
+            ]
+            findings += [
+                diagnosis.variance_growth(
+                    points, step, self.monitor_name, self.explode_growth, self.vanish_growth
+                ),
+                diagnosis.dead_relus(values("dead_fraction"), step, self.dead_threshold, self.monitor_name),
+                diagnosis.dominant_branches(values("branch_ratio"), step, monitor=self.monitor_name),
+            ]
+        return [f for f in findings if f is not None]
 
     def figures(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Figure]:
         if not self.history or not trainer.is_global_zero:
@@ -663,47 +591,11 @@ class ActivationVarianceMonitor(MonitorCallback):
 
     def plot(self) -> Figure:
         """Variance vs depth (log scale), one curve per chosen history entry (evenly spaced, first and
-        last included), and the residual branch ratio below when blocks were measured."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        prefix = f"{self.monitor_name}/"
-        names = [t.name for t in self.targets]
-        count = min(self.num_curves, len(self.history))
-        picks = sorted({round(i * (len(self.history) - 1) / max(count - 1, 1)) for i in range(count)})
-        has_ratio = any(f"{prefix}{n}/branch_ratio" in e for e in self.history for n in names)
-        fig, axes = plt.subplots(
-            2 if has_ratio else 1,
-            1,
-            figsize=(max(6, 0.35 * len(names)), 6 if has_ratio else 4),
-            squeeze=False,
-            sharex=True,
+        last included), and the residual branch ratio below when blocks were measured
+        (:func:`lightning_convnets.callbacks.plots.variance_vs_depth`)."""
+        return plots.variance_vs_depth(
+            self.history, [t.name for t in self.targets], self.num_curves, self.monitor_name
         )
-        cmap = plt.get_cmap("viridis")
-        for rank, pick in enumerate(picks):
-            entry = self.history[pick]
-            colour = cmap(rank / max(len(picks) - 1, 1))
-            xs = [i for i, n in enumerate(names) if f"{prefix}{n}/var" in entry]
-            ys = [max(entry[f"{prefix}{names[i]}/var"], 1e-30) for i in xs]
-            axes[0][0].plot(xs, ys, marker="o", ms=3, color=colour, label=f"step {int(entry['step'])}")
-            if has_ratio:
-                rx = [i for i, n in enumerate(names) if f"{prefix}{n}/branch_ratio" in entry]
-                ry = [max(entry[f"{prefix}{names[i]}/branch_ratio"], 1e-30) for i in rx]
-                axes[1][0].plot(rx, ry, marker="o", ms=3, color=colour)
-        axes[0][0].set_yscale("log")
-        axes[0][0].set_ylabel("Var(output)")
-        axes[0][0].set_title("activation variance along the depth")
-        axes[0][0].legend(fontsize="small")
-        if has_ratio:
-            axes[1][0].set_yscale("log")
-            axes[1][0].set_ylabel("Var(F(x)) / Var(x)")
-        bottom = axes[-1][0]
-        bottom.set_xticks(range(len(names)))
-        bottom.set_xticklabels(names, rotation=90, fontsize="x-small")
-        fig.tight_layout()
-        return fig
 
     # ------------------------------------------------------------------ checkpointing
     def extra_state(self) -> dict[str, Any]:
@@ -754,20 +646,3 @@ def _geomean_growth(variances: list[float]) -> float:
     if first <= 0 or last <= 0 or not (math.isfinite(first) and math.isfinite(last)):
         return math.nan
     return (last / first) ** (1.0 / (len(variances) - 1))
-
-
-def _worst_stage(blocks: list[_Target], variances: list[float]) -> tuple[str | None, float]:
-    """The stage (parent module of consecutive blocks) with the highest per-block growth."""
-    stages: dict[str, list[float]] = {}
-    for target, var in zip(blocks, variances):
-        stages.setdefault(target.name.rsplit(".", 1)[0] if "." in target.name else "", []).append(var)
-    best: tuple[str | None, float] = (None, -math.inf)
-    previous: float | None = None
-    for stage, values in stages.items():
-        chain = ([previous] if previous is not None else []) + values
-        if len(chain) >= 2:
-            growth = _geomean_growth(chain)
-            if math.isfinite(growth) and growth > best[1]:
-                best = (stage, growth)
-        previous = values[-1]
-    return best

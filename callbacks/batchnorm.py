@@ -78,6 +78,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning_convnets.callbacks import diagnosis, plots
 from lightning_convnets.callbacks.core import (
     Finding,
     Moments,
@@ -354,7 +355,7 @@ class BatchNormDriftMonitor(MonitorCallback):
         z_threshold: RMS z-shift above which a layer is reported.
         var_ratio_threshold: batch/running variance ratio (or its inverse) above which a layer is reported.
         rank_threshold: ``rank_spread`` (in running standard deviations) above which ranks are reported to
-            disagree.
+            disagree, when the spread is also well above the batch-noise floor (``rank_noise_ratio`` > 10).
         drift_threshold: ``mean_drift`` per interval at the end of training above which statistics are
             reported as still drifting.
         sample_every_n_steps: record one optimizer step in every ``k``.
@@ -387,7 +388,7 @@ class BatchNormDriftMonitor(MonitorCallback):
         cross_rank: bool | None = None,
         z_threshold: float = 0.5,
         var_ratio_threshold: float = 2.0,
-        rank_threshold: float = 0.1,
+        rank_threshold: float = diagnosis.RANK_THRESHOLD,
         drift_threshold: float = 0.1,
         sample_every_n_steps: int = 1,
         max_history: int = 1000,
@@ -567,7 +568,7 @@ class BatchNormDriftMonitor(MonitorCallback):
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if self._recording and self._buffers_ready:
             self._nbt_start.copy_(self._nbt())
-            if self._snapshot is not None:
+            if self._snapshot is not None and self._snapshot[0]:
                 old_means, old_vars, means, variances = self._snapshot
                 torch._foreach_copy_(old_means, means)
                 torch._foreach_copy_(old_vars, variances)
@@ -835,116 +836,30 @@ class BatchNormDriftMonitor(MonitorCallback):
         return [(int(e["step"]), e[full]) for e in self.history if full in e]
 
     def diagnose(self, trainer: pl.Trainer | None, pl_module: nn.Module | None) -> list[Finding]:
-        findings: list[Finding] = []
+        """Findings from the latest history entry and the z-shift series (rules of
+        :mod:`lightning_convnets.callbacks.diagnosis`): noisy batch statistics (few elements per channel
+        and large z-shifts: it explains a z-shift, which is then not reported again as a train/test shift),
+        running variance off the batch variance, batch means off the running means, z-shift spikes, ranks
+        that disagree, running statistics still drifting."""
         if not self.history:
-            return findings
+            return []
         last = self.history[-1]
         step = int(last["step"])
         prefix = self.monitor_name
-
-        def worst(
-            key: str, test: Callable[[float], bool], entry: dict[str, float]
-        ) -> list[tuple[str, float]]:
-            hits = [(lay.name, entry.get(f"{prefix}/{lay.name}/{key}")) for lay in self.layers]
-            hits = [(n, v) for n, v in hits if v is not None and math.isfinite(v) and test(v)]
-            return sorted(hits, key=lambda h: -abs(h[1]))
-
-        lag = math.log(self.var_ratio_threshold)
-        lagging = worst("log_var_ratio", lambda v: abs(v) > lag, last)
-        if lagging:
-            name, value = lagging[0]
-            factor = math.exp(abs(value))
-            direction = "lags" if value > 0 else "overshoots"
-            findings.append(
-                Finding(
-                    prefix,
-                    "warning",
-                    [n for n, _ in lagging[:5]],
-                    f"running variance {direction} the batch variance by {factor:.1f}x in {name} at the end "
-                    f"of training ({len(lagging)} layers beyond {self.var_ratio_threshold:g}x)",
-                    "recalibrate BN before evaluation (recalibrate_batchnorm, or recalibrate_batches= on "
-                    "this monitor); if it persists, lower BN momentum or the learning rate late in training",
-                    step=step,
-                    values={"variance_factor": factor},
-                )
-            )
-        shifted = worst("z_shift", lambda v: v > self.z_threshold, last)
-        if shifted:
-            name, value = shifted[0]
-            findings.append(
-                Finding(
-                    prefix,
-                    "warning",
-                    [n for n, _ in shifted[:5]],
-                    f"batch means sit {value:.2f} running std away from the running means in {name} at the "
-                    "end of training: eval-mode outputs differ from training-mode ones",
-                    "recalibrate BN before evaluation (PreciseBN); check that train and eval inputs are "
-                    "preprocessed alike",
-                    step=step,
-                    values={"z_shift": value},
-                )
-            )
-        # spikes: the largest z-shift of the run, if it stands well above the run's typical level
-        peaks = []
-        for layer in self.layers:
-            series = self._series(layer.name, "z_shift")
-            if len(series) >= 3:
-                peak_at = max(range(len(series)), key=lambda j: series[j][1])
-                peak_step, peak = series[peak_at]
-                earlier = sorted(v for _, v in series[:peak_at])
-                if len(earlier) < 2:  # the start of training (running stats at their init) is no spike
-                    continue
-                typical = earlier[len(earlier) // 2]
-                if peak > self.z_threshold and peak > 3 * typical:
-                    peaks.append((layer.name, peak_step, peak, typical))
-        if peaks:
-            peaks.sort(key=lambda p: -p[2])
-            name, peak_step, peak, typical = peaks[0]
-            findings.append(
-                Finding(
-                    prefix,
-                    "info",
-                    [p[0] for p in peaks[:5]],
-                    f"z-shift spiked to {peak:.2f} (median before: {typical:.2f}) at step {peak_step} in "
-                    f"{name}: the input distribution changed faster than the running statistics follow",
-                    "check the data pipeline at that step (a new source, augmentation or domain); "
-                    "recalibrate BN before evaluating on the new distribution",
-                    step=peak_step,
-                    values={"z_shift": peak, "median": typical},
-                )
-            )
-        disagree = worst("rank_spread", lambda v: v > self.rank_threshold, last)
-        if disagree:
-            name, value = disagree[0]
-            ratio = last.get(f"{prefix}/{name}/rank_noise_ratio", math.nan)
-            findings.append(
-                Finding(
-                    prefix,
-                    "warning",
-                    [n for n, _ in disagree[:5]],
-                    f"ranks disagree on BN running stats in {name}: spread {value:.3f} running std "
-                    f"({ratio:.1f}x the batch-noise floor) after the last step",
-                    "use sync_batchnorm=True (GPU), or sync='pooled' on this monitor so that validation and "
-                    "checkpoints see one set of statistics",
-                    step=step,
-                    values={"rank_spread": value, "rank_noise_ratio": ratio},
-                )
-            )
-        drifting = worst("mean_drift", lambda v: v > self.drift_threshold, last)
-        if drifting and len(self.history) > 1:
-            name, value = drifting[0]
-            findings.append(
-                Finding(
-                    prefix,
-                    "info",
-                    [n for n, _ in drifting[:5]],
-                    f"running means still move {value:.2f} running std per interval in {name} at the end",
-                    "train longer or decay the learning rate; recalibrate BN before evaluation",
-                    step=step,
-                    values={"mean_drift": value},
-                )
-            )
-        return findings
+        names = [lay.name for lay in self.layers]
+        elements = {lay.name: float(e) for lay, e in zip(self.layers, self._elements)}
+        noisy = diagnosis.bn_noisy_batch_stats(last, elements, step, prefix=prefix)
+        findings = [
+            noisy,
+            diagnosis.bn_variance_mismatch(last, names, step, self.var_ratio_threshold, prefix),
+            None if noisy else diagnosis.bn_train_test_shift(last, names, step, self.z_threshold, prefix),
+            diagnosis.bn_zshift_spike(
+                {name: self._series(name, "z_shift") for name in names}, self.z_threshold, prefix=prefix
+            ),
+            diagnosis.bn_rank_disagreement(last, names, step, self.rank_threshold, prefix=prefix),
+            diagnosis.bn_still_drifting(last, names, step, len(self.history), self.drift_threshold, prefix),
+        ]
+        return [f for f in findings if f is not None]
 
     def figures(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Figure]:
         if not self.history or not trainer.is_global_zero:
@@ -952,31 +867,14 @@ class BatchNormDriftMonitor(MonitorCallback):
         return {"discrepancy": self.plot()}
 
     def plot(self) -> Figure:
-        """z-shift and batch/running variance ratio of every layer over training (one line per layer)."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-        cmap = plt.get_cmap("viridis")
-        for i, layer in enumerate(self.layers):
-            colour = cmap(i / max(len(self.layers) - 1, 1))
-            series = self._series(layer.name, "z_shift")
-            if series:
-                axes[0].plot(*zip(*series), color=colour, lw=1, label=layer.name)
-            ratio = self._series(layer.name, "log_var_ratio")
-            if ratio:
-                axes[1].plot([s for s, _ in ratio], [math.exp(v) for _, v in ratio], color=colour, lw=1)
-        axes[0].set_ylabel("z-shift (RMS)")
-        axes[0].set_title("BN train/test discrepancy per layer (dark: shallow, light: deep)")
-        axes[1].set_yscale("log")
-        axes[1].set_ylabel("batch var / running var")
-        axes[1].set_xlabel("step")
-        if len(self.layers) <= 8:
-            axes[0].legend(fontsize="small")
-        fig.tight_layout()
-        return fig
+        """z-shift and batch/running variance ratio of every layer over training (one line per layer;
+        :func:`lightning_convnets.callbacks.plots.batchnorm_discrepancy`)."""
+        return plots.batchnorm_discrepancy(
+            {
+                lay.name: (self._series(lay.name, "z_shift"), self._series(lay.name, "log_var_ratio"))
+                for lay in self.layers
+            }
+        )
 
     def extra_state(self) -> dict[str, Any]:
         return {"syncs": list(self.syncs)}

@@ -587,11 +587,13 @@ class Finding:
         suggestion: a concrete thing to try.
         step: the optimizer step it refers to, if any.
         values: the key numbers, for machine reading (``diagnosis.json``).
-        kind: what was found, for machine reading (e.g. ``"variance_exponential"``, ``"monitor_error"``).
+        kind: what was found, machine-readable (``"variance_exponential"``, ``"shattered"``,
+            ``"nonfinite"``...: the constants of :mod:`lightning_convnets.callbacks.diagnosis`); ``""`` when
+            unclassified. Tools (and the diagnosis zoo) match on it rather than on the wording.
 
     Example:
         >>> Finding("activation_variance", "warning", ["net.layer3"], "variance grows 1.9x per block",
-        ...         "add BN or scale the residual branch").severity
+        ...         "add BN or scale the residual branch", kind="variance_exponential").severity
         'warning'
     """
 
@@ -636,15 +638,15 @@ class Diagnosis:
         lines = [
             "# Diagnosis",
             "",
-            "| severity | monitor | layers | finding | suggestion |",
-            "|---|---|---|---|---|",
+            "| severity | monitor | kind | layers | finding | suggestion |",
+            "|---|---|---|---|---|---|",
         ]
         for f in self.sorted():
             layers = ", ".join(f.layers) or "-"
-            cells = [f.severity, f.monitor, layers, f.message, f.suggestion or "-"]
+            cells = [f.severity, f.monitor, f.kind or "-", layers, f.message, f.suggestion or "-"]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         if not self.findings:
-            lines.append("| info | - | - | no monitor reported anything | - |")
+            lines.append("| info | - | - | - | no monitor reported anything | - |")
         return "\n".join(lines) + "\n"
 
     def table(self) -> Any:
@@ -674,10 +676,36 @@ class Diagnosis:
         path.write_text(self.to_markdown())
         return path
 
+    def blocks(self) -> Any:
+        """The findings as one block of text per finding (``rich`` renderables): a heading with the
+        severity, monitor and kind, then the finding as a sentence, the layers and the suggestion, each
+        wrapped to the console's width. Reads at 80 columns, where the five-column :meth:`table` folds
+        every cell into a narrow strip."""
+        from rich.console import Group
+        from rich.padding import Padding
+        from rich.text import Text
+
+        colour = {"error": "bold red", "warning": "bold yellow", "info": "green"}
+        parts: list[Any] = [Text("lightning-convnets diagnosis", style="bold")]
+        if not self.findings:
+            parts.append(Text("no monitor reported anything"))
+        for f in self.sorted():
+            head = Text()
+            head.append(f.severity.upper(), style=colour[f.severity])
+            head.append(f"  {f.monitor}" + (f" / {f.kind}" if f.kind else ""), style="bold")
+            body = [Text(f.message)]
+            if f.layers:
+                body.append(Text("layers: " + ", ".join(f.layers), style="dim"))
+            if f.suggestion:
+                body.append(Text("try: " + f.suggestion, style="italic"))
+            parts.extend([Text(""), head, Padding(Group(*body), (0, 0, 0, 2))])
+        return Group(*parts)
+
     def print(self) -> None:
+        """Print the findings (rank zero), one block per finding (:meth:`blocks`)."""
         from rich.console import Console
 
-        Console().print(self.table())
+        Console().print(self.blocks())
 
 
 _DIAGNOSES: weakref.WeakKeyDictionary[Any, Diagnosis] = weakref.WeakKeyDictionary()

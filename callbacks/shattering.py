@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from lightning_convnets.callbacks import diagnosis, plots
 from lightning_convnets.callbacks.core import (
     DEFAULT_MAX_HISTORY,
     Finding,
@@ -796,13 +797,16 @@ class GradientShatteringMonitor(MonitorCallback):
 
     # ----------------------------------------------------------------------------- diagnosis and plots
     def diagnose(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Finding]:
+        """The verdict on the latest probes (rules of :mod:`lightning_convnets.callbacks.diagnosis`): a
+        non-finite or constant gradient, else shattered / partly shattered / smooth judged on the mean
+        rho(1) of the last few probes (one line of K points is a noisy sample), and a fall of rho(1) since
+        the first probe."""
         p = self.last_profile
         if p is None:
             return []
-        where = [self.probe_module or type(pl_module).__name__]
+        where = [self.network_name or self.probe_module or type(pl_module).__name__]
         lag1, band, step = p["lag1"], p["white_noise_band"], p["step"]
         k = int(p["s"].numel())
-        # one line of K points is a noisy sample: judge on the mean of the last few probes
         key = f"{self.monitor_name}/lag1"
         recent = [h[key] for h in self.history[-_RECENT_PROBES:] if math.isfinite(h.get(key, math.nan))]
         verdict = sum(recent) / len(recent) if recent else lag1
@@ -816,118 +820,33 @@ class GradientShatteringMonitor(MonitorCallback):
             f"{step}; white-noise band +-{band:.2f}, K = {k}, bn_mode={self.bn_mode}), correlation length "
             f"{int(p['correlation_length'])} point(s), neighbour gradient cosine {p['neighbour_cosine']:.2f}"
         )
-        findings = []
-        if not bool(torch.isfinite(p["s"]).all()):
+        first = (
+            diagnosis.nonfinite_gradient(bool(torch.isfinite(p["s"]).all()), where, step, values)
+            or diagnosis.constant_gradient(lag1, where, step, values)
+            or diagnosis.shattering_verdict(
+                verdict, band, numbers, where, step, values, self.shattered_margin
+            )
+        )
+        findings = [first]
+        if self.first_profile is not None:
             findings.append(
-                Finding(
-                    self.monitor_name,
-                    "error",
-                    where,
-                    f"the input gradient along the probe line is not finite (NaN/Inf) at step {step}",
-                    "the network itself overflows or produced NaN: lower the learning rate, check the first "
-                    "non-finite layer reported by ActivationVarianceMonitor",
-                    step=step,
-                    values=values,
+                diagnosis.shattering_decline(
+                    self.first_profile["lag1"], self.first_profile["step"], lag1, step, where
                 )
             )
-        elif not math.isfinite(lag1):
-            findings.append(
-                Finding(
-                    self.monitor_name,
-                    "warning",
-                    where,
-                    f"the gradient along the probe line is constant (s(t) has no variance) at step {step}",
-                    "the output barely depends on the input: look for dead ReLUs, a collapsed BN scale or a "
-                    "detached input",
-                    step=step,
-                    values=values,
-                )
-            )
-        elif abs(verdict) <= band:
-            findings.append(
-                Finding(
-                    self.monitor_name,
-                    "warning",
-                    where,
-                    f"gradients are shattered (white noise): {numbers}",
-                    "add skip connections (residual blocks), add BatchNorm, or reduce depth: neighbouring "
-                    "inputs get unrelated gradients, so SGD steps are close to random",
-                    step=step,
-                    values=values,
-                )
-            )
-        elif verdict < self.shattered_margin:
-            findings.append(
-                Finding(
-                    self.monitor_name,
-                    "info",
-                    where,
-                    f"gradients are partly shattered: {numbers}",
-                    "residual connections with BN (or a smaller residual-branch scale) keep gradients "
-                    "correlated; watch whether rho(1) keeps falling",
-                    step=step,
-                    values=values,
-                )
-            )
-        else:
-            findings.append(
-                Finding(
-                    self.monitor_name,
-                    "info",
-                    where,
-                    f"gradients are smooth: {numbers}",
-                    step=step,
-                    values=values,
-                )
-            )
-        first = self.first_profile
-        if first is not None and first["step"] != step and first["lag1"] - lag1 > 0.3:
-            findings.append(
-                Finding(
-                    self.monitor_name,
-                    "info",
-                    where,
-                    f"rho(1) fell from {first['lag1']:.2f} (step {first['step']}) to {lag1:.2f} (step {step}) "
-                    "during training",
-                    "the gradient decorrelates as training goes on; compare with a residual/normalised variant",
-                    step=step,
-                    values={"lag1_first": float(first["lag1"]), "lag1_last": float(lag1)},
-                )
-            )
-        return findings
+        return [f for f in findings if f is not None]
 
     def figures(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Figure]:
         if self.last_profile is None:
             return {}
-        import matplotlib.pyplot as plt
-
-        fig, (ax_rho, ax_s, ax_lag) = plt.subplots(1, 3, figsize=(13, 3.6))
         profiles = [self.first_profile, self.last_profile]
         if self.first_profile is self.last_profile or self.first_profile["step"] == self.last_profile["step"]:
             profiles = [self.last_profile]
-        for p in profiles:
-            rho = p["autocorrelation"]
-            lags = min(rho.numel(), max(rho.numel() // 4, 2))
-            ax_rho.plot(range(lags), rho[:lags].numpy(), marker=".", label=f"step {p['step']}")
-            s = p["s"]
-            t = torch.linspace(0, 1, s.numel())
-            ax_s.plot(t.numpy(), (s / s.std().clamp_min(1e-30)).numpy(), lw=0.8, label=f"step {p['step']}")
-        band = self.last_profile["white_noise_band"]
-        for ax in (ax_rho, ax_lag):
-            ax.axhspan(-band, band, color="grey", alpha=0.25, label="white-noise band")
-            ax.axhline(0.0, color="black", lw=0.5)
-        ax_rho.set(title="autocorrelation of s(t)", xlabel="lag k (points)", ylabel="rho(k)")
-        ax_s.set(title="s(t) = d/dt f(x(t)) (unit std)", xlabel="t along the probe line", ylabel="s / std(s)")
         key = f"{self.monitor_name}/lag1"
-        steps = [h["step"] for h in self.history if key in h]
-        ax_lag.plot(steps, [h[key] for h in self.history if key in h], marker="o")
-        ax_lag.set(
-            title="rho(1) during training", xlabel="optimizer step", ylabel="rho(1)", ylim=(-1.05, 1.05)
-        )
-        for ax in (ax_rho, ax_s):
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        return {"profile": fig}
+        history = [(h["step"], h[key]) for h in self.history if key in h]
+        return {
+            "profile": plots.shattering_profiles(profiles, self.last_profile["white_noise_band"], history)
+        }
 
     # ----------------------------------------------------------------------------- checkpointing
     @property
