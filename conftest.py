@@ -15,6 +15,7 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # timm / smp must never reach the hub
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("LIGHTNING_CONVNETS_STRICT_MONITORS", "1")  # monitors re-raise in this suite
 
 MAPPED_PACKAGES = ("datamodules", "callbacks")
 

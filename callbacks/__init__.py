@@ -10,14 +10,14 @@
   any-logger output, bounded checkpointed history, the end-of-fit diagnosis) to build more monitors on.
 """
 
-from lightning_convnets.callbacks.activation_variance import ActivationVarianceMonitor
-from lightning_convnets.callbacks.batchnorm import (
+from .activation_variance import ActivationVarianceMonitor
+from .batchnorm import (
     BatchNormDriftMonitor,
     pool_running_stats,
     recalibrate_batchnorm,
 )
-from lightning_convnets.callbacks.core import Diagnosis, Finding, MonitorCallback, observers_paused
-from lightning_convnets.callbacks.shattering import GradientShatteringMonitor, shattering_profile
+from .core import Diagnosis, Finding, MonitorCallback, observers_paused
+from .shattering import GradientShatteringMonitor, shattering_profile
 
 __all__ = [
     "ActivationVarianceMonitor",

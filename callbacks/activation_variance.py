@@ -1,52 +1,11 @@
 """Activation variance per layer along the depth: the seed's "the variance doubles at each layer".
 
-A residual block computes ``h_{l+1} = h_l + F(h_l)``. With He initialisation and no normalisation the
-branch returns roughly the variance it receives, so ``Var(h_{l+1}) ~ 2 Var(h_l)``: the variance grows
-exponentially with depth. BatchNorm (or a down-scaled branch) makes the growth linear at most; a
-skip-free ("plain") network keeps it constant. :class:`ActivationVarianceMonitor` measures this on any
-model while it trains.
-
-Which modules are measured (the *targets*), in module-definition order (the depth axis):
-
-* the stem: the first module named ``stem``, else the first named ``maxpool`` (ours, torchvision and
-  timm ResNets end their stem there);
-* every residual block, recognised by this protocol, checked in order:
-
-  1. a module with a direct child :class:`lightning_convnets.nn.ResidualAdd` (all our blocks): a hook on
-     the ``ResidualAdd`` sees the shortcut ``x``, the branch ``F(x)`` and the sum. If the block declares
-     ``preact = True`` its output *is* the sum (measured once); otherwise the output (e.g.
-     ``relu(x + F(x))``) is measured separately.
-  2. a module whose class declares ``residual_branch`` (the name, or a tuple of names tried in order, of
-     the submodule whose output is ``F(x)``) and optionally ``residual_shortcut`` (the submodule giving the
-     projected shortcut; when absent or ``None`` at run time the block input is the shortcut): for user
-     blocks that add with ``+``. Their sum is not a module output, so only ``x``, ``F(x)`` and the block
-     output are measured.
-  3. built in, as in 2: torchvision's and timm's ResNet ``BasicBlock`` (branch ``bn2``) and ``Bottleneck``
-     (``bn3``), with timm's ``se`` / ``drop_path`` taken as the branch end when present.
-
-  With the defaults, a model with neither blocks nor a stem (a U-Net, a plain CNN) is measured at its
-  conv layers' outputs instead.
-  A module with an ``add`` attribute set to ``None`` (our skip-free "plain" twins) counts as a block
-  measured by its output only. An identity shortcut (``downsample is None``, or no shortcut module) of a
-  block that directly follows another target in an ``nn.Sequential`` *is* that target's output: its
-  Var(x) is taken from there instead of being measured twice.
-* optionally, modules by type (``types=("conv", "bn", "linear", "relu")`` or classes) or by name
-  (``names=r"regex"``, matched with ``re.search`` against the module's qualified name).
-
-Per target and logging interval (each rank accumulates per-channel float64 sums of shifted data,
-:class:`~lightning_convnets.callbacks.core.ShiftedMoments`; ranks are merged with Chan's formula):
-``mean``, ``var`` (variance of all elements: mean per-channel variance + variance of the channel
-means), ``var_ch_min`` / ``var_ch_max`` (the channel spread), ``growth`` = Var(out_l)/Var(out_{l-1}) along
-the targets, ``dead_fraction`` (channels exactly zero for the whole interval: dead ReLU units where the
-output is a ReLU's), and for residual blocks ``shortcut_var``, ``branch_var``, ``branch_ratio`` =
-Var(F(x))/Var(x) and ``sum_var``. Summary keys: ``growth_per_block`` (geometric mean over the blocks, from
-the first block's output), ``nonfinite_step`` (-1 while everything is finite).
-
-Non-finite values: a target's running moments become NaN/Inf with its first non-finite output. After
-each training batch a few tensor ops find, on the device and without a host sync, the first target (in
-depth order) whose moments went non-finite and record its index and the step, once. At the next logging
-step it is reduced across ranks (earliest step, then shallowest module), logged as ``nonfinite_step`` and
-warned about; the end-of-fit diagnosis reports it as an error naming the module.
+:class:`ActivationVarianceMonitor` hooks the stem and every residual block it recognises (ours,
+torchvision's, timm's, and user blocks declaring ``residual_branch``), or the conv/linear layers of a
+model without blocks, and logs mean, variance, growth, branch ratio, dead channels and the first
+non-finite module. :func:`find_targets` is the target protocol; the judging lives in
+:mod:`lightning_convnets.callbacks.diagnosis`. Details (targets protocol, logged keys, the non-finite
+search) are in ``docs/monitors.md``.
 """
 
 from __future__ import annotations
@@ -59,8 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning_convnets.callbacks import diagnosis, plots
-from lightning_convnets.callbacks.core import (
+from torch import Tensor, nn
+
+from lightning_convnets.nn import ResidualAdd
+
+from . import diagnosis, plots
+from .core import (
     Finding,
     MomentBank,
     Moments,
@@ -70,9 +33,6 @@ from lightning_convnets.callbacks.core import (
     ShiftedMoments,
     StatsPacker,
 )
-from torch import Tensor, nn
-
-from lightning_convnets.nn import ResidualAdd
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl
@@ -233,9 +193,9 @@ class ActivationVarianceMonitor(MonitorCallback):
             a model in which nothing matches.
 
     Example:
-        >>> import lightning.pytorch as pl  # doctest: +SKIP
-        >>> trainer = pl.Trainer(callbacks=[ActivationVarianceMonitor(log_every_n_steps=20)])  # doctest: +SKIP
-        >>> trainer.fit(model, datamodule)  # doctest: +SKIP
+        >>> import lightning.pytorch as pl
+        >>> trainer = pl.Trainer(callbacks=[ActivationVarianceMonitor(log_every_n_steps=20)], logger=False)
+        >>> # trainer.fit(model, datamodule) then
         >>> # logs activation_variance/<layer>/var ..., plots monitors/activation_variance/variance_vs_depth
         >>> # and adds its findings to the end-of-fit diagnosis
     """
@@ -545,9 +505,6 @@ class ActivationVarianceMonitor(MonitorCallback):
             model.train(was_training)
 
     # ------------------------------------------------------------------ reporting
-    def _chain_names(self) -> list[str]:
-        return [t.name for t in self.targets]
-
     def diagnose(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Finding]:
         """The first non-finite module, then (from the latest history entry) the variance along the
         depth, dead ReLUs and dominant residual branches: rules of

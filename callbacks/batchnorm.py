@@ -1,71 +1,10 @@
 """BatchNorm running statistics: drift, train/test discrepancy, cross-rank disagreement, and the fixes.
 
-BatchNorm "behaves differently during training and testing: this is a very common source of bugs". A
-training forward normalises with the batch statistics ``(mu_B, var_B)``; an eval forward with the running
-statistics ``(mu_R, var_R)``, an exponential moving average (EMA) of past batches. When the two disagree
-the model evaluated is not the model trained. :class:`BatchNormDriftMonitor` measures the gap on every
-BatchNorm layer (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, anything derived from ``_BatchNorm`` that tracks
-running statistics) while training, and acts on it before evaluation.
-
-**Batch statistics for free.** A BN training forward updates ``R_new = (1 - m) R_old + m B`` with the
-batch mean and *unbiased* batch variance ``B`` (momentum ``m``). A forward pre-hook copies ``R_old``
-(O(channels), no pass over the input); after the training batch the monitor recovers
-``B = (R_new - (1 - m) R_old) / m`` for all layers at once with a few vectorised ops. With
-``momentum=None`` (cumulative average) ``m = 1 / num_batches_tracked`` after the update. Float32 storage
-of ``R_new`` limits the precision: the recovered values carry a relative error of about
-``1e-7 * |R| / m`` (1e-6 at ``m = 0.1``; for ``momentum=None`` it grows with the number of batches
-tracked, ~1e-3 after 10^4 batches). Layers with ``momentum=0`` never update and are skipped; so are layers
-in eval mode inside a training model (frozen BN: no update, so no batch statistics without a pass over
-the input; their running statistics cannot drift either). A layer called several times in one forward is
-measured on its last call.
-
-**Per layer and logging interval** (all under ``batchnorm/<layer>/``):
-
-* ``z_shift``: RMS over channels and training forwards of ``z = (mu_B - mu_R) / sqrt(var_R + eps)``, the
-  batch mean's offset from the running mean that eval would use, in running standard deviations (R is
-  the running state *before* the batch); ``z_shift_max``: the largest ``|z|`` of any channel and forward.
-* ``log_var_ratio``: mean of ``log((var_B + eps) / (var_R + eps))`` with the biased batch variance (the
-  one the training forward divides by); ``exp`` of it is the factor by which running variance lags.
-* ``kl``: mean over channels of ``KL(N(mu_B, var_B) || N(mu_R, var_R)) = (r - 1 - log r + z^2) / 2``
-  with ``r = (var_B + eps) / (var_R + eps)``.
-* ``mean_drift`` / ``var_drift``: change of the running statistics over the interval,
-  ``rms_c((mu_end - mu_start) / sqrt(var_start + eps))`` (relative to the channel's spread: a relative
-  change of a mean near zero means nothing) and ``rms_c(log((var_end + eps) / (var_start + eps)))`` (the
-  relative change of the variance, for small changes).
-* Under DDP (or ``cross_rank=True``): ``rank_spread``, the RMS over channels of the standard deviation
-  across ranks of the running means in running standard deviations; ``rank_noise_ratio``, the mean over
-  channels of that across-rank variance divided by the noise floor expected if each rank averaged its own
-  independent batches: ``var_R m / ((2 - m) n)`` for an EMA (``var_R / (n T)`` for a cumulative average over
-  ``T`` batches), ``n`` = batch elements per channel. Elements of one image are correlated, so a ratio of
-  a few is normal for i.i.d. sharded data; far above means the ranks see different data. ``rank_spread_pre``
-  is the same spread of the statistics each rank held when its last forward *started*.
-
-Summary keys: ``z_shift`` (mean over layers), ``z_shift_max``, ``kl``, ``rank_spread``,
-``rank_noise_ratio`` (their maxima over layers for the last two).
-
-**Where DDP's buffer broadcast helps and where it does not.** With ``broadcast_buffers=True`` (DDP's
-default, still its name in torch 2.14) DDP copies rank 0's buffers to every rank at the start of each
-gradient-enabled training forward, so ``rank_spread_pre`` is exactly zero. Each rank then updates with
-its own batch: after the step ranks differ by ``m`` times the spread of their batch means, and nothing
-broadcasts before validation (no-grad forwards skip it) or before a checkpoint is written. So validation
-on rank k uses rank k's statistics and the checkpoint holds rank 0's: ``rank_spread`` (after the step) is
-what they see. ``sync="broadcast"`` / ``"pooled"`` fixes both; ``SyncBatchNorm`` (GPU) removes the cause.
-
-**Acting.** ``sync`` is applied before every validation (``on_validation_start``) and before every
-checkpoint save (``on_save_checkpoint``, also writing the synced values into the checkpoint, whose state
-dict Lightning has already collected by then). Measured in Lightning 2.6.6: with one validation per
-epoch, a ``ModelCheckpoint(monitor=...)`` saves in its own ``on_train_epoch_end``, which Lightning runs after
-validation and after the other callbacks' ``on_train_epoch_end``; with ``val_check_interval < 1`` it saves
-in ``on_validation_end``. Either way ``on_validation_start`` precedes the save, but a callback's
-``on_train_epoch_end`` comes after validation: too late. Each sync is one ``all_gather`` of the running
-statistics and runs only if a training batch ran since the last one. ``recalibrate_batches=k`` runs
-:func:`recalibrate_batchnorm` (PreciseBN) on ``k`` training batches before each validation during fit,
-pooled across ranks (so no sync is needed then).
-
-Costs: two O(channels) copies per BN training forward, ~30 vectorised ops per training batch, no host
-sync; one ``all_gather`` per logging interval (plus one per sync). Under ``torch.compile`` the pre-hooks
-are traced into the graph (registered in ``setup``); the per-batch arithmetic runs in the callback,
-outside it.
+:class:`BatchNormDriftMonitor` recovers each BN layer's batch statistics from its running-stat update
+(no pass over the input) and compares them with the running statistics used at test time; it can
+synchronise ranks (``sync=``) and recalibrate (``recalibrate_batches=``) before validation.
+:func:`recalibrate_batchnorm` is PreciseBN; :func:`pool_running_stats` merges ranks. The method, every
+logged key, what DDP's buffer broadcast does and the costs are in ``docs/monitors.md``.
 """
 
 from __future__ import annotations
@@ -78,8 +17,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning_convnets.callbacks import diagnosis, plots
-from lightning_convnets.callbacks.core import (
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_convnets.batch import batch_inputs
+
+from . import diagnosis, plots
+from .core import (
     Finding,
     Moments,
     MonitorCallback,
@@ -89,10 +33,6 @@ from lightning_convnets.callbacks.core import (
     StatsPacker,
     observers_paused,
 )
-from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
-
-from lightning_convnets.batch import batch_inputs
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl
@@ -370,10 +310,10 @@ class BatchNormDriftMonitor(MonitorCallback):
         ValueError: for an unknown ``sync``, non-positive thresholds or ``recalibrate_batches``.
 
     Example:
-        >>> import lightning.pytorch as pl  # doctest: +SKIP
-        >>> monitor = BatchNormDriftMonitor(log_every_n_steps=50, sync="pooled")  # doctest: +SKIP
-        >>> trainer = pl.Trainer(strategy="ddp", devices=2, callbacks=[monitor])  # doctest: +SKIP
-        >>> trainer.fit(model, datamodule)  # doctest: +SKIP
+        >>> monitor = BatchNormDriftMonitor(log_every_n_steps=50, sync="pooled")
+        >>> monitor.sync, monitor.active
+        ('pooled', True)
+        >>> # pl.Trainer(strategy="ddp", devices=2, callbacks=[monitor]).fit(model, datamodule) then
         >>> # logs batchnorm/<layer>/z_shift ..., syncs BN before validation and checkpoints, adds findings
     """
 

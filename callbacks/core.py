@@ -1,63 +1,10 @@
-"""The shared core of the diagnostic monitors: streaming statistics, one collective per logging
-interval, any-logger output, bounded checkpointed history, figures and one end-of-fit diagnosis.
+"""The shared core of the diagnostic monitors: the guard, streaming statistics, one collective per logging
+interval, any-logger output, bounded checkpointed history and one end-of-fit diagnosis.
 
-Every monitor (activation variance, gradient shattering, BatchNorm drift) subclasses
-:class:`MonitorCallback` and only says *what* to measure; the core decides *when* and *how* it is
-reduced, logged, kept and reported. The API below is stable: other monitors are built on it.
-
-API
----
-``MonitorCallback(log_every_n_steps=None, max_history=1000, sample_every_n_steps=1, train_only=True)``
-    A Lightning ``Callback``. A *step* is an optimizer step (``trainer.global_step``), so gradient
-    accumulation is handled: all micro-batches of a step accumulate into the same interval.
-
-    Subclasses set the class attribute ``monitor_name`` (the metric prefix, e.g. ``"activation_variance"``)
-    and override any of:
-
-    * ``attach(trainer, pl_module)``: register hooks with :meth:`~MonitorCallback.add_hook`. Called once in
-      ``setup`` (before Lightning applies ``torch.compile``; dynamo only sees hooks present when it
-      traces). Hooks must start with ``if not self.is_recording(module): return``.
-    * ``pack(trainer, pl_module, packer)``: put the interval's on-device accumulators into the
-      :class:`StatsPacker` (``packer.moments`` / ``packer.sum`` / ``packer.min`` / ``packer.max``).
-      The core concatenates them into ONE float64 tensor and calls ``trainer.strategy.all_gather``
-      exactly once (:meth:`~MonitorCallback.collective`), then merges ranks exactly (Chan's formula for
-      moments) into a :class:`PackedStats` on the CPU. A monitor that packs nothing issues no collective.
-    * ``compute_metrics(trainer, pl_module, stats) -> dict[str, float]``: turn the merged statistics into
-      a flat metrics dict (keys without the prefix; the core adds ``"<monitor_name>/"``). Runs on every
-      rank with identical inputs; only rank zero logs.
-    * ``reset_interval()``: zero the on-device accumulators after a flush.
-    * ``diagnose(trainer, pl_module) -> list[Finding]``: the monitor's findings for the end-of-fit report.
-    * ``figures(trainer, pl_module) -> dict[str, Figure]``: matplotlib figures for the end of fit, sent
-      through :func:`lightning_convnets.figures.log_figure` under ``"monitors/<monitor_name>/<key>"``.
-    * ``extra_state() -> dict`` / ``load_extra_state(state)``: state besides the history to checkpoint.
-
-    Provided: ``history`` (a list of ``{"step": int, **metrics}`` dicts, at most ``max_history`` entries:
-    when full, every other entry is dropped, so the whole run stays covered at half the resolution),
-    ``flush(trainer, pl_module)`` (what runs every ``log_every_n_steps``), ``last_stats`` (the
-    :class:`PackedStats` of the latest flush), ``collectives`` (how many
-    collectives this monitor issued: tests count them), ``log_metrics(trainer, metrics)`` (one dict to
-    every logger, rank zero only) and ``state_dict``/``load_state_dict`` (history and extra state).
-
-:class:`RunningMoments` / :class:`ShiftedMoments`
-    Per-channel streaming moments kept as one float64 ``[3, C]`` tensor on the device, never naive sums
-    of x and x^2 (they fail when the mean dwarfs the spread). ``RunningMoments`` stores (count, mean, M2)
-    and merges each batch (corrected two-pass, :func:`batch_moments`) with Chan's formula;
-    ``ShiftedMoments`` stores float64 sums of data shifted by a per-channel reference (fewer ops per
-    update: the one to use in hooks that run every step). Ranks are always merged with Chan's formula.
-
-:class:`Finding`, :class:`Diagnosis`, :func:`diagnosis_for`
-    One shared report per trainer: at the end of fit every monitor adds its findings; the last monitor to
-    finish prints it as a rich table (rank zero) and writes ``diagnosis.md`` and ``diagnosis.json`` to the
-    log dir (the first logger's ``log_dir``, else ``trainer.default_root_dir``).
-
-:func:`observers_paused`
-    A context manager that silences every monitor's hooks, for forwards that are not training (e.g. the
-    shattering probe evaluated in train mode for ``bn_mode="batch"``).
-
-Costs: no host sync, ``.item()`` or collective on non-logging steps; one ``all_gather`` of a float64
-vector per logging interval (a gather rather than a summing all-reduce so that ranks merge exactly with
-Chan's formula, whatever their means; the payload is world size x the packed length, e.g. 8 ranks x 3
-values x 2,000 channels = 384 kB); no activation tensor is kept past its hook.
+Start with :class:`MonitorCallback` (the subclass API: ``attach``, ``pack``, ``compute_metrics``,
+``reset_interval``, ``diagnose``, ``figures``), then :class:`StatsPacker` (what travels in the one
+collective) and :class:`ShiftedMoments` / :class:`MomentBank` (per-channel moments on the device).
+The full API, the cost model and the streaming-moment algebra are in ``docs/monitors.md``.
 """
 
 from __future__ import annotations
@@ -109,8 +56,9 @@ def observers_paused() -> Iterator[None]:
     """Silence every monitor's hooks inside the block (probes, extra forwards that are not training).
 
     Example:
-        >>> with observers_paused():  # doctest: +SKIP
-        ...     model(probe)  # no monitor records this forward
+        >>> import torch
+        >>> with observers_paused():  # no monitor records this forward
+        ...     out = torch.nn.Linear(2, 2)(torch.zeros(1, 2))
     """
     global _PAUSED
     _PAUSED += 1
@@ -827,7 +775,8 @@ class MonitorCallback(Callback):
         ValueError: for non-positive intervals or history caps.
 
     Example:
-        >>> class CountingMonitor(MonitorCallback):  # doctest: +SKIP
+        >>> import torch
+        >>> class CountingMonitor(MonitorCallback):
         ...     monitor_name = "counting"
         ...     def attach(self, trainer, pl_module):
         ...         self.seen = torch.zeros((), device=pl_module.device)
@@ -841,6 +790,8 @@ class MonitorCallback(Callback):
         ...         return {"forwards": float(stats["forwards"])}
         ...     def reset_interval(self):
         ...         self.seen.zero_()
+        >>> CountingMonitor(log_every_n_steps=10, strict=True).interval(None)
+        10
     """
 
     monitor_name: ClassVar[str] = "monitor"

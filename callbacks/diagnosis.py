@@ -37,7 +37,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from lightning_convnets.callbacks.core import Finding
+from .core import Finding
 
 __all__ = [
     "DepthPoint",
