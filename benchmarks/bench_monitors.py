@@ -320,6 +320,203 @@ def run_isolated(
     return payload
 
 
+# ------------------------------------------------------------------------------------------ depth sweep
+SWEEP = (
+    # (backbone, image size, batch, rounds): the issue's network and depths, then the two 64x64 checks
+    ("preact_resnet18", 32, 16, 5),
+    ("preact_resnet50", 32, 16, 5),
+    ("preact_resnet101", 32, 16, 5),
+    ("preact_resnet152", 32, 16, 5),
+    ("preact_resnet200", 32, 16, 7),
+    ("preact_resnet101", 64, 16, 3),
+    ("resnet152", 64, 16, 3),
+)
+
+
+def build_backbone_classifier(name: str, width: int) -> nn.Module:
+    """``name`` from the backbone registry (CIFAR stem), global pooling and a linear head."""
+    from lightning_convnets.backbones import create_backbone
+
+    backbone = create_backbone(name, stem="cifar", width=width)
+    return nn.Sequential(
+        _LastMap(backbone), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(backbone.out_channels[-1], CLASSES)
+    )
+
+
+def _sized_data(batch: int, size: int, batches: int) -> DataLoader:
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch * batches, 3, size, size, generator=gen)
+    labels = torch.randint(0, CLASSES, (batch * batches,), generator=gen)
+    return DataLoader(TensorDataset(images, labels), batch_size=batch, shuffle=False)
+
+
+def _fit_steps(net_fn: Callable[[], nn.Module], data: DataLoader, callbacks: list, steps: int, root: str):
+    timer = StepTimer()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=[timer, *callbacks],
+    )
+    torch.manual_seed(0)
+    trainer.fit(Classifier(net_fn()), data)
+    return timer
+
+
+def monitor_state_bytes(monitors: list[Any]) -> int:
+    """Bytes of every tensor the monitors hold (statistics, scratch, snapshots, probe line), each storage
+    counted once."""
+    seen: set[int] = set()
+    total = 0
+
+    def visit(obj: Any, depth: int) -> None:
+        nonlocal total
+        if depth > 4 or obj is None:
+            return
+        if isinstance(obj, torch.Tensor):
+            ptr = obj.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                total += obj.untyped_storage().nbytes()
+            return
+        if isinstance(obj, nn.Module):
+            return  # the model's own tensors
+        if isinstance(obj, dict):
+            for value in obj.values():
+                visit(value, depth + 1)
+        elif isinstance(obj, list | tuple):
+            for value in obj:
+                visit(value, depth + 1)
+        elif hasattr(obj, "__dict__") or hasattr(obj, "__slots__"):
+            names = list(getattr(obj, "__dict__", {})) + list(getattr(obj, "__slots__", ()))
+            for name in names:
+                visit(getattr(obj, name, None), depth + 1)
+
+    for monitor in monitors:
+        visit(monitor, 0)
+    return total
+
+
+def _memory_child(queue: Any, name: str, size: int, batch: int, width: int, with_monitors: bool) -> None:
+    torch.set_num_threads(_THREADS or 1)
+    try:
+        monitors = [cls() for cls in available_monitors().values()] if with_monitors else []
+        start = _rss_kib()
+        net = lambda: build_backbone_classifier(name, width)  # noqa: E731
+        _fit_steps(net, _sized_data(batch, size, 4), monitors, 6, "/tmp")
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        queue.put(("ok", {"rss_growth_kib": peak - start, "monitor_bytes": monitor_state_bytes(monitors)}))
+    except Exception as err:
+        queue.put(("error", f"{type(err).__name__}: {err}"))
+
+
+def _memory(name: str, size: int, batch: int, width: int, with_monitors: bool) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    process = ctx.Process(target=_memory_child, args=(queue, name, size, batch, width, with_monitors))
+    process.start()
+    status, payload = queue.get()
+    process.join()
+    if status != "ok":
+        raise RuntimeError(f"bench_monitors: memory of {name}: {payload}")
+    return payload
+
+
+def run_sweep(specs: list[tuple[str, int, int, int]], width: int, steps: int, warmup: int, root: str) -> dict:
+    """Per network: rounds of fits without and with all three monitors at their defaults (and the shattering
+    monitor alone, which probes only at step 0, inside the warm-up), interleaved in this process (ABCCBA...),
+    each fit's median process-CPU time per step over the steps after the warm-up; the overhead is the
+    median over rounds of each round's ratio. Memory: the monitors' own tensors against the peak RSS growth
+    of a fit without them (each in a forked child)."""
+    monitors = available_monitors()
+    rows = []
+    for name, size, batch, rounds in specs:
+        data = _sized_data(batch, size, max(2, (steps + warmup) // 4 + 1))
+        configs: dict[str, Callable[[], list]] = {
+            "none": lambda: [],
+            "all": lambda: [cls() for cls in monitors.values()],
+            "shattering": lambda: [monitors["gradient_shattering"]()],
+        }
+        medians: dict[str, list[float]] = {key: [] for key in configs}
+        for r in range(rounds):
+            order = list(configs) if r % 2 == 0 else list(reversed(configs))
+            for key in order:
+                timer = _fit_steps(
+                    lambda name=name: build_backbone_classifier(name, width),
+                    data,
+                    configs[key](),
+                    steps + warmup,
+                    root,
+                )
+                cpu = [b - a for a, b in itertools.pairwise(timer.cpu)][warmup:]
+                medians[key].append(statistics.median(cpu))
+        ratios = {
+            key: statistics.median(m / n - 1 for m, n in zip(medians[key], medians["none"]))
+            for key in ("all", "shattering")
+        }
+        without = _memory(name, size, batch, width, False)
+        with_monitors = _memory(name, size, batch, width, True)
+        row = {
+            "model": name,
+            "image_size": size,
+            "batch": batch,
+            "width": width,
+            "rounds": rounds,
+            "step_cpu_ms": statistics.median(medians["none"]) * 1e3,
+            "all_cpu_ms": statistics.median(medians["all"]) * 1e3,
+            "all_overhead": ratios["all"],
+            "all_overhead_per_round": [m / n - 1 for m, n in zip(medians["all"], medians["none"])],
+            "shattering_overhead": ratios["shattering"],
+            "fit_rss_growth_mib": without["rss_growth_kib"] / 1024,
+            "fit_rss_growth_with_monitors_mib": with_monitors["rss_growth_kib"] / 1024,
+            "monitor_state_mib": with_monitors["monitor_bytes"] / 2**20,
+            "load_average": os.getloadavg()[0],
+        }
+        row["monitor_state_fraction"] = row["monitor_state_mib"] / max(row["fit_rss_growth_mib"], 1e-9)
+        rows.append(row)
+        print(
+            f"{name:18s} {size:3d}px step {row['step_cpu_ms']:7.1f} ms  all {row['all_overhead']:+.1%} "
+            f"({row['all_cpu_ms'] - row['step_cpu_ms']:+.1f} ms)  shattering between probes "
+            f"{row['shattering_overhead']:+.2%}  monitor state {row['monitor_state_mib']:.2f} MiB "
+            f"({row['monitor_state_fraction']:.2%} of the fit's {row['fit_rss_growth_mib']:.0f} MiB)  "
+            f"load {row['load_average']:.1f}",
+            flush=True,
+        )
+    return {"rows": rows}
+
+
+def sweep_markdown(sweep: dict[str, Any], setup: dict[str, Any]) -> str:
+    lines = [
+        "## Depth sweep: all three monitors at their defaults",
+        "",
+        f"`python benchmarks/bench_monitors.py --sweep` ({setup['steps']} timed steps after {setup['warmup']} "
+        f"warm-up per fit, fits without / with all three / with the shattering monitor alone interleaved in one "
+        f"process, {setup['threads']} thread(s), torch {setup['torch']}, lightning {setup['lightning']}, "
+        f"{setup['cpus']} CPUs; load average {setup['load_average_at_start'][0]:.1f} at start, "
+        f"{setup['load_average_at_end'][0]:.1f} at end). CPU-stem networks of width {sweep['rows'][0]['width']}, "
+        "SGD; cost = median over rounds of (median CPU per step with / without - 1). The shattering monitor "
+        "probes at step 0 (warm-up) and every 200 steps, so its column is its cost between probes. Memory: "
+        "the monitors' own tensors against the peak RSS growth of a 6-step fit without them.",
+        "",
+        "| network | input | batch | step (ms CPU) | all three (ms) | all three (%) | per round | "
+        "shattering between probes | monitor tensors (MiB) | fit peak growth (MiB) | share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sweep["rows"]:
+        rounds = " ".join(f"{v:+.1%}" for v in r["all_overhead_per_round"])
+        lines.append(
+            f"| {r['model']} | {r['image_size']}x{r['image_size']} | {r['batch']} | {r['step_cpu_ms']:.1f} "
+            f"| {r['all_cpu_ms'] - r['step_cpu_ms']:+.1f} | {r['all_overhead']:+.1%} | {rounds} "
+            f"| {r['shattering_overhead']:+.2%} | {r['monitor_state_mib']:.2f} | {r['fit_rss_growth_mib']:.0f} "
+            f"| {r['monitor_state_fraction']:.2%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -329,9 +526,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--root", default="/tmp/bench_monitors_logs", help="trainer default_root_dir")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--sweep", action="store_true", help="depth sweep of all three monitors (ResNet-18..200, two 64x64 nets)"
+    )
+    parser.add_argument(
+        "--model", nargs="+", default=None, help="with --sweep: backbone names to run (default: the sweep's)"
+    )
+    parser.add_argument("--width", type=int, default=8, help="with --sweep: backbone width")
+    parser.add_argument("--rounds", type=int, default=None, help="with --sweep: rounds per network")
     args = parser.parse_args(argv)
     global _THREADS
     _THREADS = args.threads  # applied in each forked child (setting it here could start OpenMP pre-fork)
+    if args.sweep:
+        return _main_sweep(args)
 
     monitors = list(available_monitors())
     configs: list[tuple[str, str, list[str]]] = [("none", "lightning", [])]
@@ -405,6 +612,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args.out / "monitors.json").write_text(json.dumps(results, indent=2))
     (args.out / "monitors.md").write_text(to_markdown(results))
     print(to_markdown(results))
+    return results
+
+
+def _main_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads or 1)
+    specs = [spec for spec in SWEEP if args.model is None or spec[0] in args.model]
+    specs += [(name, 32, 16, 5) for name in args.model or () if name not in {s[0] for s in SWEEP}]
+    if args.rounds:
+        specs = [(name, size, batch, args.rounds) for name, size, batch, _ in specs]
+    steps = args.steps if args.steps != 100 else 25  # the issue's steps 5-30
+    warmup = args.warmup if args.warmup != 10 else 5
+    setup = {
+        "steps": steps,
+        "warmup": warmup,
+        "torch": torch.__version__,
+        "lightning": pl.__version__,
+        "threads": args.threads or 1,
+        "cpus": os.cpu_count(),
+        "load_average_at_start": os.getloadavg(),
+    }
+    sweep = run_sweep(specs, args.width, steps, warmup, args.root)
+    setup["load_average_at_end"] = os.getloadavg()
+    results = {"setup": setup, **sweep}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "monitors_depth.json").write_text(json.dumps(results, indent=2))
+    table = sweep_markdown(sweep, setup)
+    (args.out / "monitors_depth.md").write_text("# Monitor overhead along the depth (CPU)\n\n" + table)
+    print(table)
     return results
 
 
