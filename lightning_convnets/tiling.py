@@ -323,7 +323,9 @@ class TiledPredictor:
         if image.ndim == 4:
             return torch.stack([self.predict(im, reduce) for im in image])
         if image.ndim != 3:
-            raise ValueError(f"TiledPredictor.predict expects (C, H, W) or (N, C, H, W), got {tuple(image.shape)}")
+            raise ValueError(
+                f"TiledPredictor.predict expects (C, H, W) or (N, C, H, W), got {tuple(image.shape)}"
+            )
         if self.mode == "overlap-tile":
             return self._overlap_tile(image, reduce)
         return self._blend(image, reduce)
@@ -385,7 +387,9 @@ class TiledPredictor:
         h, w = image.shape[-2:]
         th, _, ys = self._axis(h)
         tw, _, xs = self._axis(w)
-        weight = _window_1d(th, self.window, self.overlap)[:, None] * _window_1d(tw, self.window, self.overlap)
+        weight = _window_1d(th, self.window, self.overlap)[:, None] * _window_1d(
+            tw, self.window, self.overlap
+        )
         weight = weight.to(image.device)
         out: Tensor | None = None
         acc: Tensor | None = None  # weighted logits of the current strip of tile rows: (K, th, w)
@@ -578,11 +582,7 @@ class TiledDetector:
         """``(y, x, tile height, tile width)`` of every tile of an image."""
         th, tw = min(self.tile, height), min(self.tile, width)
         step = self.tile - self.overlap
-        return [
-            (y, x, th, tw)
-            for y in tile_starts(height, th, step)
-            for x in tile_starts(width, tw, step)
-        ]
+        return [(y, x, th, tw) for y in tile_starts(height, th, step) for x in tile_starts(width, tw, step)]
 
     @torch.no_grad()
     def __call__(self, image: Tensor) -> dict[str, Tensor]:
@@ -642,7 +642,12 @@ def check_prediction_options(
 
 def _options(task: Any) -> tuple[int | None, int | None, int, str]:
     hp = task.hparams
-    return hp.get("tile_size"), hp.get("tile_overlap"), int(hp.get("tile_batch_size") or 4), hp.get("tta") or "none"
+    return (
+        hp.get("tile_size"),
+        hp.get("tile_overlap"),
+        int(hp.get("tile_batch_size") or 4),
+        hp.get("tta") or "none",
+    )
 
 
 def uses_tiling_or_tta(task: Any) -> bool:
@@ -689,7 +694,12 @@ def detect(task: Any, images: Sequence[Tensor]) -> Detections:
     top_k = int(task.hparams.get("top_k") or 100)
     if tile_size is not None:
         tiler = TiledDetector(
-            task, tile_size, overlap, batch, max_detections=top_k, multiple=int(getattr(task, "size_divisor", 1))
+            task,
+            tile_size,
+            overlap,
+            batch,
+            max_detections=top_k,
+            multiple=int(getattr(task, "size_divisor", 1)),
         )
 
         def run(ims: list[Tensor]) -> Detections:

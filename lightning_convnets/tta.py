@@ -22,12 +22,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["DEFAULT_SCALES", "TTAConfig", "classify_tta", "detect_tta", "parse_tta", "segment_tta"]
+__all__ = [
+    "DEFAULT_SCALES",
+    "TTAConfig",
+    "classify_tta",
+    "detect_tta",
+    "parse_tta",
+    "segment_tta",
+    "tta_logits",
+]
 
 DEFAULT_SCALES = (0.75, 1.0, 1.25)
 Detections = list[dict[str, Tensor]]
@@ -185,6 +194,23 @@ def classify_tta(
         total = probs if total is None else total + probs
     assert total is not None
     return total / len(views)
+
+
+def tta_logits(task: Any, images: Tensor) -> Tensor:
+    """A classification task's logits under its ``tta`` option (what its test step scores).
+
+    ``"none"``: the model's logits. Otherwise logits whose softmax (sigmoid in multi-label mode) is the
+    mean of the views' probabilities (``log p``, resp. ``logit p``), so that the loss, the metrics and the
+    confusion matrix read them exactly as they read plain logits.
+    """
+    config = parse_tta(task.hparams.get("tta", "none"))
+    if config.is_identity:
+        return task(images)
+    multilabel = bool(getattr(task, "multilabel", False))
+    probs = classify_tta(task, images, config, multilabel)
+    if multilabel:
+        return torch.logit(probs.clamp(1e-7, 1 - 1e-7))
+    return probs.clamp_min(1e-12).log()
 
 
 def _invert_boxes(boxes: Tensor, size: tuple[int, int], hflip: bool, vflip: bool) -> Tensor:
