@@ -20,6 +20,7 @@ from torchmetrics.classification import (
 
 from lightning_convnets.nn.heads import ClassificationHead
 from lightning_convnets.tasks.base import BackboneSpec, ConvNetTask, WarmupCosineLR
+from lightning_convnets.tta import classify_tta, parse_tta, tta_logits
 
 _STAGES = ("train_", "val_", "test_")
 
@@ -43,6 +44,8 @@ class ImageClassifier(ConvNetTask):
         class_weights: per-class loss weights (``pos_weight`` in multi-label mode).
         multilabel: targets are ``(N, num_classes)`` 0/1 vectors instead of class indices.
         threshold: probability above which a label counts as predicted (multi-label mode).
+        tta: test-time augmentation at test and predict: ``"none"``, ``"flip"``, ``"flip+scales"`` (mean
+            probabilities over the views; see :mod:`lightning_convnets.tta`).
         backbone_kwargs: keyword arguments for the backbone builder.
         in_channels: image channels.
         optimizer: optimizer factory (default AdamW, lr 1e-3, weight decay 0.01).
@@ -72,6 +75,7 @@ class ImageClassifier(ConvNetTask):
         class_weights: list[float] | None = None,
         multilabel: bool = False,
         threshold: float = 0.5,
+        tta: str = "none",
         backbone_kwargs: dict[str, Any] | None = None,
         in_channels: int = 3,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -105,6 +109,7 @@ class ImageClassifier(ConvNetTask):
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
         self.multilabel = multilabel
+        parse_tta(tta)
         self._init_task(num_classes)
 
     def build_task(self, num_classes: int) -> None:
@@ -162,7 +167,7 @@ class ImageClassifier(ConvNetTask):
         images, target = self.unpack_batch(batch)
         if target is None:
             raise ValueError(f"{stage} batches need labels: got images only")
-        logits = self(images)
+        logits = tta_logits(self, images) if stage == "test" else self(images)
         if self.multilabel and target.shape != logits.shape:
             raise ValueError(
                 f"multilabel targets must have shape {tuple(logits.shape)} (one 0/1 per class), got "
@@ -177,8 +182,7 @@ class ImageClassifier(ConvNetTask):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Class probabilities ``(N, num_classes)`` (softmax, or per-class sigmoid in multi-label mode)."""
         images, _ = self.unpack_batch(batch)
-        logits = self(images)
-        return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
+        return classify_tta(self, images, self.hparams.get("tta", "none"), self.multilabel)
 
     def check_datamodule(self) -> None:
         super().check_datamodule()

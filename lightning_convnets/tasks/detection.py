@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.detection import MeanAveragePrecision
 
+from lightning_convnets import tiling
 from lightning_convnets.nn.centernet import centernet_loss, decode_detections, encode_targets
 from lightning_convnets.nn.detectors import (
     TORCHVISION_FAMILIES,
@@ -98,6 +99,10 @@ class ObjectDetector(ConvNetTask):
         fpn_channels: FPN width of the torchvision detectors (a multiple of 32 for FCOS).
         detector_kwargs: more keyword arguments for the torchvision detector class (e.g. Faster R-CNN's
             ``rpn_post_nms_top_n_test``/``box_batch_size_per_image``, RetinaNet's ``topk_candidates``).
+        tile_size, tile_overlap, tile_batch_size: detect on overlapping tiles of this size at test and
+            predict (large images), merged by class-wise NMS (see :class:`~lightning_convnets.tiling.TiledDetector`).
+        tta: test-time augmentation at test and predict: ``"none"``, ``"flip"``, ``"flip+scales"``
+            (boxes mapped back and fused; see :mod:`lightning_convnets.tta`).
         backbone_kwargs: keyword arguments for the backbone builder.
         in_channels: image channels.
         optimizer: optimizer factory (default AdamW).
@@ -141,6 +146,10 @@ class ObjectDetector(ConvNetTask):
         anchor_size: int | None = None,
         fpn_channels: int = 256,
         detector_kwargs: dict[str, Any] | None = None,
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
+        tile_batch_size: int = 4,
+        tta: str = "none",
         backbone_kwargs: dict[str, Any] | None = None,
         in_channels: int = 3,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -182,6 +191,7 @@ class ObjectDetector(ConvNetTask):
             figure_every_n_epochs=figure_every_n_epochs,
         )
         self.family = family
+        tiling.check_prediction_options(tile_size, tile_overlap, tile_batch_size, tta)
         if num_classes is None and class_names is not None:
             num_classes = len(class_names)
         self._init_task(num_classes)
@@ -393,6 +403,8 @@ class ObjectDetector(ConvNetTask):
             self.stage_loss[f"{stage}_"].update(loss.detach(), len(images))
         else:
             detections = self.forward(images)
+        if stage == "test" and tiling.uses_tiling_or_tta(self):  # metrics on tiles / TTA (loss: plain)
+            detections = tiling.detect(self, images)
         self.metrics[f"{stage}_"].update(detections, targets)
         self.remember_samples(stage, batch_idx, images, detections, targets)
 
@@ -401,7 +413,7 @@ class ObjectDetector(ConvNetTask):
         (``[H, W]`` of the input); ``image_id`` and ``orig_size`` are passed through from the targets
         when the batch has them (the COCO writer uses them)."""
         images, targets = self._split_batch(batch)
-        detections = self.forward(images)
+        detections = tiling.detect(self, images)  # self.forward, on tiles / with TTA when asked
         for i, det in enumerate(detections):
             det["image_size"] = torch.tensor(images[i].shape[-2:], dtype=torch.int64)
             if targets is not None:
