@@ -136,6 +136,7 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+@torch.no_grad()
 def segment_tta(
     dense: Callable[[Tensor], Tensor], images: Tensor, tta: str | TTAConfig = "flip", multiple: int = 1
 ) -> Tensor:
@@ -167,6 +168,7 @@ def segment_tta(
     return total / len(views) if len(views) > 1 else total
 
 
+@torch.no_grad()
 def classify_tta(
     logits_fn: Callable[[Tensor], Tensor],
     images: Tensor,
@@ -224,6 +226,7 @@ def _invert_boxes(boxes: Tensor, size: tuple[int, int], hflip: bool, vflip: bool
     return out
 
 
+@torch.no_grad()
 def detect_tta(
     detect_fn: Callable[[list[Tensor]], Detections],
     images: Sequence[Tensor],

@@ -213,13 +213,17 @@ def components_detector(images: list[torch.Tensor]) -> list[dict[str, torch.Tens
     return out
 
 
-def make_scene(size: int = 300, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_scene(
+    size: int = 300, seed: int = 0, count: int = 60
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rectangles of 3 classes, 6..24 px, no two closer than 3 px, many across the tile borders."""
     rng = np.random.default_rng(seed)
     image = torch.zeros(3, size, size)
     occupied = np.zeros((size, size), bool)
     boxes, labels = [], []
-    while len(boxes) < 60:
+    for _attempt in range(100 * count):
+        if len(boxes) == count:
+            break
         bw, bh = (int(v) for v in rng.integers(6, 25, size=2))
         x0, y0 = int(rng.integers(0, size - bw)), int(rng.integers(0, size - bh))
         if occupied[max(0, y0 - 3) : y0 + bh + 3, max(0, x0 - 3) : x0 + bw + 3].any():
@@ -229,6 +233,7 @@ def make_scene(size: int = 300, seed: int = 0) -> tuple[torch.Tensor, torch.Tens
         image[cls, y0 : y0 + bh, x0 : x0 + bw] = 1.0
         boxes.append([x0, y0, x0 + bw, y0 + bh])
         labels.append(cls)
+    assert len(boxes) == count, f"only {len(boxes)} of {count} objects fit"
     return image, torch.tensor(boxes, dtype=torch.float32), torch.tensor(labels)
 
 
