@@ -132,6 +132,41 @@ def test_segmenter_with_valid_unet_predicts_every_pixel_with_tiles() -> None:
     assert torch.equal(masks[1], tiler.predict(images[1]).argmax(0))
 
 
+def test_predict_dir_writes_full_resolution_masks_for_images_of_any_size(tmp_path) -> None:
+    from lightning.pytorch import Trainer
+    from lightning_convnets.datamodules import SegmentationFolderDataModule
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for folder in ("images", "masks"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+    for k in range(2):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+            tmp_path / f"data/images/{k}.png"
+        )
+        Image.fromarray((rng.random((32, 32)) > 0.5).astype(np.uint8)).save(tmp_path / f"data/masks/{k}.png")
+    (tmp_path / "big").mkdir()
+    sizes = {"wide": (37, 90), "tall": (75, 41)}
+    for name, (h, w) in sizes.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"big/{name}.png")
+    dm = SegmentationFolderDataModule(
+        str(tmp_path / "data"), num_classes=2, predict_dir=str(tmp_path / "big"), image_size=32
+    )
+    model = SemanticSegmenter("unet", num_classes=2, backbone_kwargs={"width": 2, "depth": 2}, tile_size=32)
+    trainer = Trainer(
+        logger=False, default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False
+    )
+    masks = trainer.predict(model, datamodule=dm)
+    assert sorted(tuple(m.shape[-2:]) for m in masks) == sorted(sizes.values())
+    for name, (h, w) in sizes.items():
+        written = np.array(Image.open(tmp_path / "predictions" / "masks" / f"{name}.png"))
+        assert written.shape == (h, w) and written.max() <= 1
+    with pytest.raises(Exception, match="predict_dir"):
+        SegmentationFolderDataModule(
+            str(tmp_path / "data"), predict_dir=str(tmp_path / "nope")
+        ).predict_dataloader()
+
+
 # --------------------------------------------------------------------------- same padding: blending
 def test_blended_tiles_match_whole_image_inference_in_the_interior() -> None:
     torch.manual_seed(0)
