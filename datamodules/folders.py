@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch.utils.data import DataLoader
 
 from .base import ConvDataModule, carve_splits
 from .datasets import ClassificationDataset, SegmentationDataset
@@ -18,6 +19,7 @@ from .io import (
     load_mask,
     verify_image,
 )
+from .transforms import build_pipeline
 
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 
@@ -189,6 +191,9 @@ class SegmentationFolderDataModule(ConvDataModule):
         num_classes: number of classes when names are not given.
         ignore_index: mask value meaning "no label" (also the fill of padded mask areas).
         images_dir, masks_dir: the subfolder names.
+        predict_dir: a folder of images (no masks, any sizes) that ``predict`` reads at full resolution,
+            without resize, one image per batch (pair it with the model's ``tile_size``); default: the
+            test split at ``image_size``.
         val_fraction, test_fraction: shares carved from training pairs for splits without a folder.
         image_size: output side in pixels.
         batch_size: pairs per batch.
@@ -208,6 +213,7 @@ class SegmentationFolderDataModule(ConvDataModule):
         ignore_index: int = 255,
         images_dir: str = "images",
         masks_dir: str = "masks",
+        predict_dir: str | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         image_size: int | None = 256,
@@ -217,6 +223,7 @@ class SegmentationFolderDataModule(ConvDataModule):
         super().__init__(image_size=image_size, batch_size=batch_size, ignore_index=ignore_index, **kwargs)
         self.root = Path(root).expanduser()
         self.images_dir, self.masks_dir = images_dir, masks_dir
+        self.predict_dir = Path(predict_dir).expanduser() if predict_dir is not None else None
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         if class_names is not None and num_classes is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} entries but num_classes={num_classes}")
@@ -255,6 +262,29 @@ class SegmentationFolderDataModule(ConvDataModule):
             return SegmentationDataset(pairs, num_classes, pipeline, self.in_channels, self.ignore_index)
 
         self.assign_datasets(splits, self._split_pairs(), make, self.root)
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.predict_dir is None:
+            return super().predict_dataloader()
+        _require_dir(self.predict_dir, "predict_dir")
+        paths = list_images(self.predict_dir)
+        if not paths:
+            raise DataValidationError(f"{self.predict_dir}: predict_dir holds no images")
+        pipeline = build_pipeline(
+            "none", kind="segmentation", train=False, image_size=None, mean=self.mean, std=self.std
+        )
+        dataset = ClassificationDataset([(p, -1) for p in paths], pipeline, self.in_channels)
+        dataset.paths = paths  # the mask writer names each PNG after its image
+        return DataLoader(dataset, batch_size=1, num_workers=self.num_workers, collate_fn=_image_only)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage == "predict" and self.predict_dir is not None:
+            return  # predict_dataloader reads predict_dir itself
+        super().setup(stage)
+
+
+def _image_only(batch: list[tuple[Any, int]]) -> Any:
+    return batch[0][0][None]  # one full-resolution image per batch: (1, C, H, W)
 
 
 def verify_pairs(pairs: Sequence[tuple[Path, Path]], num_classes: int, ignore_index: int | None) -> None:

@@ -49,6 +49,9 @@ FORBIDDEN: dict[str, set[str]] = {
     "batch": {"tasks", "callbacks", "datamodules", "backbones", "writers", "detection_writers", *GLUE},
     "writers": {"tasks", "callbacks", "datamodules", "backbones", *GLUE},
     "detection_writers": {"tasks", "callbacks", "datamodules", "backbones", *GLUE},
+    # inference helpers the tasks call (tiled prediction, test-time augmentation): model-agnostic
+    "tiling": {"tasks", "callbacks", "datamodules", "backbones", "writers", "detection_writers", *GLUE},
+    "tta": {"tasks", "callbacks", "datamodules", "backbones", "writers", "detection_writers", *GLUE},
 }
 
 

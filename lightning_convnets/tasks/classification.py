@@ -19,6 +19,7 @@ from torchmetrics.classification import (
 
 from lightning_convnets.nn.heads import ClassificationHead
 from lightning_convnets.tasks.base import BackboneSpec, ConvNetTask
+from lightning_convnets.tta import classify_tta, parse_tta, tta_logits
 
 _STAGES = ("train_", "val_", "test_")
 
@@ -42,6 +43,8 @@ class ImageClassifier(ConvNetTask):
         class_weights: per-class loss weights (``pos_weight`` in multi-label mode).
         multilabel: targets are ``(N, num_classes)`` 0/1 vectors instead of class indices.
         threshold: probability above which a label counts as predicted (multi-label mode).
+        tta: test-time augmentation at test and predict: ``"none"``, ``"flip"``, ``"flip+scales"`` (mean
+            probabilities over the views; see :mod:`lightning_convnets.tta`).
         **kwargs: the arguments every task shares (``backbone_kwargs``, ``in_channels``, ``optimizer``,
             ``lr_scheduler``, ``monitor``, ``freeze_backbone``, ``channels_last``...): see
             :class:`ConvNetTask`.
@@ -62,12 +65,14 @@ class ImageClassifier(ConvNetTask):
         class_weights: list[float] | None = None,
         multilabel: bool = False,
         threshold: float = 0.5,
+        tta: str = "none",
         **kwargs: Any,
     ) -> None:
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        parse_tta(tta)
         super().__init__(backbone=backbone, num_classes=num_classes, **kwargs)
 
     @property
@@ -133,7 +138,7 @@ class ImageClassifier(ConvNetTask):
         images, target = self.unpack_batch(batch)
         if target is None:
             raise ValueError(f"{stage} batches need labels: got images only")
-        logits = self(images)
+        logits = tta_logits(self, images) if stage == "test" else self(images)
         if self.multilabel and target.shape != logits.shape:
             raise ValueError(
                 f"multilabel targets must have shape {tuple(logits.shape)} (one 0/1 per class), got "
@@ -148,8 +153,7 @@ class ImageClassifier(ConvNetTask):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Class probabilities ``(N, num_classes)`` (softmax, or per-class sigmoid in multi-label mode)."""
         images, _ = self.unpack_batch(batch)
-        logits = self(images)
-        return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
+        return classify_tta(self, images, self.hparams.get("tta", "none"), self.multilabel)
 
     def progress_bar_metrics_for(self, stage: str) -> set[str]:
         """Loss and accuracy."""

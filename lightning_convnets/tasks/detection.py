@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.detection import MeanAveragePrecision
 
+from lightning_convnets import tiling
 from lightning_convnets.nn.centernet import centernet_loss, decode_detections, encode_targets
 from lightning_convnets.nn.detectors import (
     TORCHVISION_FAMILIES,
@@ -97,6 +98,10 @@ class ObjectDetector(ConvNetTask):
         fpn_channels: FPN width of the torchvision detectors (a multiple of 32 for FCOS).
         detector_kwargs: more keyword arguments for the torchvision detector class (e.g. Faster R-CNN's
             ``rpn_post_nms_top_n_test``/``box_batch_size_per_image``, RetinaNet's ``topk_candidates``).
+        tile_size, tile_overlap, tile_batch_size: detect on overlapping tiles of this size at test and
+            predict (large images), merged by class-wise NMS (see :class:`~lightning_convnets.tiling.TiledDetector`).
+        tta: test-time augmentation at test and predict: ``"none"``, ``"flip"``, ``"flip+scales"``
+            (boxes mapped back and fused; see :mod:`lightning_convnets.tta`).
         **kwargs: the arguments every task shares (``backbone_kwargs``, ``in_channels``, ``optimizer``,
             ``lr_scheduler``, ``monitor``, ``freeze_backbone``, ``freeze_bn``, ``channels_last``...): see
             :class:`ConvNetTask`. ``monitor`` defaults to ``val/loss`` for CenterNet and ``val/map`` for
@@ -131,6 +136,10 @@ class ObjectDetector(ConvNetTask):
         anchor_size: int | None = None,
         fpn_channels: int = 256,
         detector_kwargs: dict[str, Any] | None = None,
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
+        tile_batch_size: int = 4,
+        tta: str = "none",
         **kwargs: Any,
     ) -> None:
         family = str(family).lower()  # type: ignore[assignment]
@@ -147,6 +156,7 @@ class ObjectDetector(ConvNetTask):
             raise ValueError(f"ObjectDetector: score_threshold must be in [0, 1), got {score_threshold}")
         if not 0.0 < min_overlap < 1.0:
             raise ValueError(f"ObjectDetector: min_overlap must be in (0, 1), got {min_overlap}")
+        tiling.check_prediction_options(tile_size, tile_overlap, tile_batch_size, tta)
         count = num_classes if num_classes is not None or class_names is None else len(class_names)
         super().__init__(backbone=backbone, num_classes=count, **kwargs)
 
@@ -354,6 +364,8 @@ class ObjectDetector(ConvNetTask):
             loss, parts = self._torchvision_losses(images, targets)
         else:
             detections = self.forward(images)
+        if stage == "test" and tiling.uses_tiling_or_tta(self):  # metrics on tiles / TTA (loss: plain)
+            detections = tiling.detect(self, images)
         if train:
             self.log_dict(
                 {f"train/loss_{k}": v.detach() for k, v in parts.items()},
@@ -368,7 +380,7 @@ class ObjectDetector(ConvNetTask):
         (``[H, W]`` of the input); ``image_id`` and ``orig_size`` are passed through from the targets
         when the batch has them (the COCO writer uses them)."""
         images, targets = self._split_batch(batch)
-        detections = self.forward(images)
+        detections = tiling.detect(self, images)  # self.forward, on tiles / with TTA when asked
         for i, det in enumerate(detections):
             det["image_size"] = torch.tensor(images[i].shape[-2:], dtype=torch.int64)
             if targets is not None:

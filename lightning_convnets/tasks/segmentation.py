@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
 
+from lightning_convnets import tiling
 from lightning_convnets.nn import center_crop, crop_offsets
 from lightning_convnets.nn.losses import CrossEntropyDiceLoss
 from lightning_convnets.tasks.base import BackboneSpec, ConvNetTask
@@ -47,6 +48,9 @@ class SemanticSegmenter(ConvNetTask):
         decoder_width: width of the U-Net decoder built over a pyramid encoder (channels at reduction 1;
             ``width * r`` at reduction ``r``).
         threshold: foreground probability threshold in binary mode.
+        tile_size, tile_overlap, tile_batch_size, tta: predict and test on tiles of this size (images
+            of any size, full resolution) and with test-time augmentation (``"none"``, ``"flip"``,
+            ``"flip+scales"``); see :mod:`lightning_convnets.tiling` and :mod:`lightning_convnets.tta`.
         num_sample_figures: images in the sample figure (0 disables it).
         **kwargs: the arguments every task shares (``backbone_kwargs``, ``in_channels``, ``optimizer``,
             ``lr_scheduler``, ``monitor``, ``freeze_backbone``, ``channels_last``...): see
@@ -70,11 +74,16 @@ class SemanticSegmenter(ConvNetTask):
         class_weights: list[float] | None = None,
         decoder_width: int = 16,
         threshold: float = 0.5,
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
+        tile_batch_size: int = 4,
+        tta: str = "none",
         num_sample_figures: int = 4,
         **kwargs: Any,
     ) -> None:
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        tiling.check_prediction_options(tile_size, tile_overlap, tile_batch_size, tta)
         super().__init__(
             backbone=backbone, num_classes=num_classes, num_sample_figures=num_sample_figures, **kwargs
         )
@@ -199,7 +208,8 @@ class SemanticSegmenter(ConvNetTask):
         size = tuple(images.shape[-2:])
         losses = []
         target = mask
-        for logits in self(images):
+        tiled = stage == "test" and tiling.uses_tiling_or_tta(self)  # full-resolution tiles / TTA
+        for logits in [tiling.segmentation_logits(self, images)] if tiled else self(images):
             logits, target = self.align(logits, mask, size)
             losses.append(self.criterion(logits, target))
         # Intermediate supervision: every stack's output gets the full loss, averaged.
@@ -211,6 +221,8 @@ class SemanticSegmenter(ConvNetTask):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Class-index masks ``(N, H, W)`` (int64) at the input size."""
         images, _ = self.unpack_batch(batch)
+        if tiling.uses_tiling_or_tta(self):
+            return self.to_mask(tiling.segmentation_logits(self, images))
         size = tuple(images.shape[-2:])
         logits, _ = self.align(self(images)[-1], None, size)
         pred = self.to_mask(logits)

@@ -1,0 +1,709 @@
+"""Prediction on images larger than the network's input: overlap-tile segmentation and tiled detection.
+
+Segmentation (:class:`TiledPredictor`), two strategies chosen from the network's ``border``:
+
+* **overlap-tile** (valid padding, ``border > 0``; the U-Net paper's strategy): the output is cut into
+  tiles; each tile is predicted from an input window ``border`` pixels larger on every side, with the
+  context missing at the image edges filled by mirroring the image. Window origins are aligned to the
+  network's total stride (``multiple``, ``2**depth`` for our U-Net) so that every pooling sees the same
+  grid as it would on the whole image: the stitched result equals, to float rounding, one forward of the
+  whole mirror-padded image (see :func:`mirror_pad`). Tiles do not need to overlap.
+* **blended tiles** (same padding, ``border == 0``): overlapping tiles, each tile's logits weighted by a
+  window (Gaussian, linear ramps or constant) and normalised by the summed weights. Tiles reach every
+  image edge: the last tile of a row or column is shifted inward (never zero-padding the image beyond
+  what the network saw in training). An image side shorter than the tile is mirrored up to the network's
+  ``multiple``.
+
+Memory stays bounded by the tile batch: windows are gathered from the image tile by tile, and the blended
+accumulator covers one strip of tile rows at a time (finished rows are reduced, e.g. to a class mask,
+and released). Beyond the input image and the returned output, the extra memory is a few tile batches.
+
+Detection (:class:`TiledDetector`): overlapping tiles, boxes mapped back to image coordinates; a box that
+touches a tile border lying inside the image is dropped (the object is cut there; with an overlap larger
+than the objects, a neighbouring tile holds it whole), and the rest are merged class-wise by NMS or
+weighted box fusion (:func:`merge_detections`).
+
+:func:`segmentation_logits` / :func:`detect` are what the tasks call from ``predict_step`` and
+``test_step`` (tiles and test-time augmentation from the task's ``tile_size``, ``tile_overlap``,
+``tile_batch_size`` and ``tta`` options).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "TiledDetector",
+    "TiledPredictor",
+    "check_prediction_options",
+    "detect",
+    "merge_detections",
+    "mirror_pad",
+    "network_geometry",
+    "reflect_indices",
+    "segmentation_logits",
+    "tile_starts",
+    "weighted_box_fusion",
+]
+
+Window = Literal["gaussian", "linear", "constant"]
+MergeMethod = Literal["nms", "wbf"]
+Detections = list[dict[str, Tensor]]
+
+
+# ------------------------------------------------------------------------------------------ geometry
+def reflect_indices(start: int, length: int, size: int, device: torch.device | None = None) -> Tensor:
+    """Indices ``start .. start + length - 1`` along an axis of ``size`` pixels, mirrored outside it.
+
+    Mirroring does not repeat the edge pixel (``torch``'s ``"reflect"``, numpy's ``"reflect"``): index
+    ``-1`` reads pixel 1, index ``size`` reads ``size - 2``. Unlike ``F.pad`` it works for any extent
+    (the mirror is repeated, period ``2 * (size - 1)``).
+
+    Example:
+        >>> reflect_indices(-2, 7, 4).tolist()
+        [2, 1, 0, 1, 2, 3, 2]
+    """
+    idx = torch.arange(start, start + length, device=device)
+    if size == 1:
+        return torch.zeros_like(idx)
+    period = 2 * (size - 1)
+    idx = idx.remainder(period)
+    return torch.where(idx >= size, period - idx, idx)
+
+
+def mirror_pad(image: Tensor, top: int, bottom: int, left: int, right: int) -> Tensor:
+    """Mirror-pad the last two dims of ``image`` (any extent; equals ``F.pad(..., mode="reflect")``
+    where that is defined).
+
+    Example:
+        >>> mirror_pad(torch.arange(3.0).reshape(1, 1, 3), 0, 0, 2, 1).tolist()
+        [[[2.0, 1.0, 0.0, 1.0, 2.0, 1.0]]]
+    """
+    h, w = image.shape[-2:]
+    rows = reflect_indices(-top, h + top + bottom, h, image.device)
+    cols = reflect_indices(-left, w + left + right, w, image.device)
+    return image.index_select(-2, rows).index_select(-1, cols)
+
+
+def tile_starts(size: int, tile: int, step: int, align: int = 1) -> list[int]:
+    """Tile origins covering ``[0, size)`` with tiles of ``tile`` pixels, ``step`` apart.
+
+    Origins are multiples of ``align`` (``step`` is rounded down to one, at least ``align``) except the
+    last, which is shifted inward to end exactly at ``size``. A side no longer than the tile gets one
+    tile at 0.
+
+    Example:
+        >>> tile_starts(100, 32, 24)
+        [0, 24, 48, 68]
+    """
+    if tile < 1 or step < 1:
+        raise ValueError(f"tile and step must be >= 1, got tile={tile}, step={step}")
+    if size <= tile:
+        return [0]
+    step = max(align, step // align * align)
+    return list(range(0, size - tile, step)) + [size - tile]
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class NetworkGeometry:
+    """What tiling needs to know about a dense network.
+
+    Attributes:
+        border: pixels removed on each side by valid convolutions (0: same padding).
+        multiple: input sides (and overlap-tile window origins) must be multiples of this (total stride).
+        valid_input_size: smallest accepted input side ``>= n`` (valid padding), if the network says.
+    """
+
+    border: int = 0
+    multiple: int = 1
+    valid_input_size: Callable[[int], int] | None = None
+
+
+def network_geometry(module: Any) -> NetworkGeometry:
+    """Read ``border``, ``multiple`` and ``valid_input_size`` off a network, a task's ``decoder`` or its
+    ``backbone`` (the first that has each attribute).
+
+    Example:
+        >>> from lightning_convnets.backbones import create_backbone
+        >>> g = network_geometry(create_backbone("unet", padding="valid", width=2, depth=2))
+        >>> g.border, g.multiple
+        (20, 4)
+    """
+    candidates = [module, getattr(module, "decoder", None), getattr(module, "backbone", None)]
+    candidates = [c for c in candidates if c is not None]
+
+    def first(name: str) -> Any:
+        for c in candidates:
+            value = getattr(c, name, None)
+            if value is not None and not (isinstance(value, Tensor)):
+                return value
+        return None
+
+    border = int(first("border") or 0)
+    multiple = first("multiple")
+    if not isinstance(multiple, int) or multiple < 1:
+        reductions = first("reductions")
+        multiple = int(max(reductions)) if reductions else 1
+    sizer = first("valid_input_size") if border > 0 else None
+    return NetworkGeometry(border=border, multiple=int(multiple), valid_input_size=sizer)
+
+
+def _window_1d(length: int, kind: Window, ramp: int) -> Tensor:
+    i = torch.arange(length, dtype=torch.float32) + 0.5
+    if kind == "constant":
+        return torch.ones(length)
+    if kind == "linear":
+        ramp = max(1, ramp)
+        return torch.minimum(torch.minimum(i, length - i) / ramp, torch.ones(()))
+    if kind == "gaussian":
+        sigma = length / 8
+        w = torch.exp(-((i - length / 2) ** 2) / (2 * sigma**2))
+        # Floor as nnU-Net does, so corners of edge tiles (no neighbour there) keep a usable weight.
+        return w.clamp_min(1e-3)
+    raise ValueError(f"window must be 'gaussian', 'linear' or 'constant', got {kind!r}")
+
+
+def _call_dense(model: Callable[[Tensor], Any], x: Tensor) -> Tensor:
+    out = model(x)
+    if isinstance(out, list | tuple):
+        out = out[-1]  # tasks return one map per supervised stack: the last one predicts
+    if not isinstance(out, Tensor) or out.ndim != 4:
+        raise TypeError(
+            f"the tiled model must return logits (N, K, h, w) or a list of them, got {type(out).__name__} "
+            f"{tuple(getattr(out, 'shape', ()))}"
+        )
+    return out
+
+
+def _model_device(model: Any) -> torch.device | None:
+    if isinstance(model, nn.Module):
+        for p in model.parameters():
+            return p.device
+    return None
+
+
+# ------------------------------------------------------------------------------ segmentation tiling
+class TiledPredictor:
+    """Predict dense logits (or a per-pixel reduction of them) of an image of any size, tile by tile.
+
+    The strategy follows the network's ``border`` (see the module docstring): overlap-tile with mirror
+    padding for valid padding (exact: equals one forward of the whole mirror-padded image), blended
+    overlapping tiles for same padding.
+
+    Args:
+        model: a callable from a batch ``(B, C, h, w)`` to logits ``(B, K, h', w')`` or a list of them (the
+            last is used), e.g. a :class:`~lightning_convnets.tasks.SemanticSegmenter` or a U-Net plus head.
+        tile_size: output side of a tile in pixels. Valid padding: each tile is predicted from a window of
+            ``tile_size + 2 * border`` (rounded up to a size the network accepts). Same padding: rounded up
+            to the network's ``multiple``.
+        overlap: pixels shared by neighbouring tiles (same padding; default ``tile_size // 4``). Ignored
+            with valid padding, where tiles are exact and need no overlap.
+        batch_size: tiles per forward; the memory bound.
+        window: blending weights (same padding): ``"gaussian"`` (sigma = tile / 8), ``"linear"`` (ramps
+            over the overlap) or ``"constant"``.
+        geometry: ``border``/``multiple``/``valid_input_size``; default: read from ``model`` with
+            :func:`network_geometry`.
+        device: where tiles are run (default: the model's parameters' device); the image and the output
+            stay where the image is.
+
+    Example:
+        >>> from lightning_convnets.backbones import create_backbone
+        >>> unet, head = create_backbone("unet", width=4, depth=2).eval(), nn.Conv2d(4, 3, 1)
+        >>> tiler = TiledPredictor(lambda x: head(unet(x)[0]), tile_size=32, overlap=8,
+        ...                        geometry=network_geometry(unet))
+        >>> tiler.predict(torch.rand(3, 70, 50)).shape
+        torch.Size([3, 70, 50])
+        >>> tiler.predict(torch.rand(3, 70, 50), reduce=lambda logits: logits.argmax(0)).shape
+        torch.Size([70, 50])
+    """
+
+    def __init__(
+        self,
+        model: Callable[[Tensor], Any],
+        tile_size: int = 256,
+        overlap: int | None = None,
+        batch_size: int = 4,
+        window: Window = "gaussian",
+        geometry: NetworkGeometry | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if not isinstance(tile_size, int) or tile_size < 1:
+            raise ValueError(f"TiledPredictor: tile_size must be a positive int, got {tile_size!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"TiledPredictor: batch_size must be a positive int, got {batch_size!r}")
+        if window not in ("gaussian", "linear", "constant"):
+            raise ValueError(f"TiledPredictor: window must be gaussian, linear or constant, got {window!r}")
+        self.model = model
+        self.geometry = geometry if geometry is not None else network_geometry(model)
+        self.batch_size = batch_size
+        self.window = window
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        g = self.geometry
+        if g.border > 0:
+            self.mode = "overlap-tile"
+            self.tile_in = self._valid_size(tile_size + 2 * g.border)
+            self.tile_out = self.tile_in - 2 * g.border
+            self.step = self.tile_out // g.multiple * g.multiple
+            if self.step < 1:
+                raise ValueError(
+                    f"TiledPredictor: tile_size={tile_size} gives output tiles of {self.tile_out} px, less "
+                    f"than the network's stride {g.multiple}; use a larger tile_size"
+                )
+            self.overlap = 0
+        else:
+            self.mode = "blend"
+            self.tile_in = self.tile_out = _round_up(tile_size, g.multiple)
+            overlap = self.tile_out // 4 if overlap is None else overlap
+            if not isinstance(overlap, int) or not 0 <= overlap < self.tile_out:
+                raise ValueError(
+                    f"TiledPredictor: overlap must be an int in [0, tile_size) = [0, {self.tile_out}), "
+                    f"got {overlap!r}"
+                )
+            self.overlap = overlap
+            self.step = self.tile_out - overlap
+
+    def _valid_size(self, n: int) -> int:
+        g = self.geometry
+        if g.valid_input_size is not None:
+            return int(g.valid_input_size(n))
+        return _round_up(n, g.multiple)
+
+    # -------------------------------------------------------------------------------------- plans
+    def _axis(self, size: int) -> tuple[int, int, list[int]]:
+        """``(window side, output side, output origins)`` along one image axis."""
+        g = self.geometry
+        if self.mode == "overlap-tile":
+            t_in, t_out = self.tile_in, self.tile_out
+            if size < t_out:  # a small image gets one smaller exact tile
+                t_in = self._valid_size(size + 2 * g.border)
+                t_out = t_in - 2 * g.border
+            n = 1 if size <= t_out else math.ceil((size - t_out) / self.step) + 1
+            return t_in, t_out, [k * self.step for k in range(n)]
+        t = min(self.tile_out, _round_up(size, g.multiple))
+        return t, t, tile_starts(size, t, self.step, align=g.multiple)
+
+    def num_tiles(self, height: int, width: int) -> int:
+        """How many tiles an image of ``height x width`` takes."""
+        return len(self._axis(height)[2]) * len(self._axis(width)[2])
+
+    def whole_image_padding(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """Overlap-tile only: ``(top, bottom, left, right)`` mirror padding after which one forward of the
+        whole image gives what the tiles give (output cropped to the image at the top-left)."""
+        if self.mode != "overlap-tile":
+            raise ValueError("whole_image_padding applies to valid-padding networks (overlap-tile)")
+        b = self.geometry.border
+        pads = []
+        for size in (height, width):
+            t_in, _, starts = self._axis(size)
+            pads += [b, starts[-1] + t_in - b - size]
+        return pads[0], pads[1], pads[2], pads[3]
+
+    # --------------------------------------------------------------------------------- prediction
+    @torch.no_grad()
+    def predict(self, image: Tensor, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """Logits ``(K, H, W)`` of one image ``(C, H, W)`` (or ``(N, C, H, W)`` -> ``(N, K, H, W)``).
+
+        Args:
+            image: the image(s); they stay on their device, tiles go to :attr:`device`.
+            reduce: a per-pixel function applied to finished logits ``(K, h, w)`` (e.g.
+                ``lambda l: l.argmax(0)``), so that full-size logits are never held; its output
+                ``(..., h, w)`` is what is returned, stitched.
+        """
+        if image.ndim == 4:
+            return torch.stack([self.predict(im, reduce) for im in image])
+        if image.ndim != 3:
+            raise ValueError(
+                f"TiledPredictor.predict expects (C, H, W) or (N, C, H, W), got {tuple(image.shape)}"
+            )
+        if self.mode == "overlap-tile":
+            return self._overlap_tile(image, reduce)
+        return self._blend(image, reduce)
+
+    def _forward(self, windows: list[Tensor]) -> Tensor:
+        batch = torch.stack(windows)
+        if self.device is not None:
+            batch = batch.to(self.device, non_blocking=True)
+        return _call_dense(self.model, batch).float()
+
+    def _tiles(self, image: Tensor) -> Iterator[tuple[list[tuple[int, int, int, int]], Tensor]]:
+        """Batches of ``((row, col, y, x) per tile, logits)`` in raster order."""
+        h, w = image.shape[-2:]
+        b = self.geometry.border
+        th_in, _, ys = self._axis(h)
+        tw_in, _, xs = self._axis(w)
+        rows = [reflect_indices(y - b, th_in, h, image.device) for y in ys]
+        cols = [reflect_indices(x - b, tw_in, w, image.device) for x in xs]
+        pending: list[tuple[int, int, int, int]] = []
+        windows: list[Tensor] = []
+        for r, y in enumerate(ys):
+            strip = image.index_select(-2, rows[r])
+            for c, x in enumerate(xs):
+                pending.append((r, c, y, x))
+                windows.append(strip.index_select(-1, cols[c]))
+                if len(windows) == self.batch_size:
+                    yield pending, self._forward(windows)
+                    pending, windows = [], []
+            del strip
+        if windows:
+            yield pending, self._forward(windows)
+
+    def _check_out(self, logits: Tensor, th: int, tw: int) -> None:
+        if tuple(logits.shape[-2:]) != (th, tw):
+            raise RuntimeError(
+                f"TiledPredictor: the network returned {tuple(logits.shape[-2:])} for a tile that should give "
+                f"{(th, tw)} (border={self.geometry.border}, multiple={self.geometry.multiple}); pass the "
+                "network's geometry explicitly"
+            )
+
+    def _overlap_tile(self, image: Tensor, reduce: Callable[[Tensor], Tensor] | None) -> Tensor:
+        h, w = image.shape[-2:]
+        _, th, _ = self._axis(h)
+        _, tw, _ = self._axis(w)
+        out: Tensor | None = None
+        for tiles, logits in self._tiles(image):
+            self._check_out(logits, th, tw)
+            for (_, _, y, x), tile in zip(tiles, logits):
+                hh, ww = min(th, h - y), min(tw, w - x)
+                value = tile[:, :hh, :ww].to(image.device)
+                value = reduce(value) if reduce is not None else value
+                if out is None:
+                    out = value.new_empty((*value.shape[:-2], h, w))
+                out[..., y : y + hh, x : x + ww] = value
+        assert out is not None
+        return out
+
+    def _blend(self, image: Tensor, reduce: Callable[[Tensor], Tensor] | None) -> Tensor:
+        h, w = image.shape[-2:]
+        th, _, ys = self._axis(h)
+        tw, _, xs = self._axis(w)
+        weight = _window_1d(th, self.window, self.overlap)[:, None] * _window_1d(
+            tw, self.window, self.overlap
+        )
+        weight = weight.to(image.device)
+        out: Tensor | None = None
+        acc: Tensor | None = None  # weighted logits of the current strip of tile rows: (K, th, w)
+        wsum = torch.zeros(th, w, device=image.device)
+        for tiles, logits in self._tiles(image):
+            self._check_out(logits, th, tw)
+            for (r, c, y, x), tile in zip(tiles, logits):
+                tile = tile.to(image.device)
+                if acc is None:
+                    acc = tile.new_zeros((tile.shape[0], th, w))
+                ww = min(tw, w - x)
+                acc[:, :, x : x + ww] += (tile * weight)[:, :, :ww]
+                wsum[:, x : x + ww] += weight[:, :ww]
+                if c == len(xs) - 1:  # a tile row is complete: its rows above the next row are final
+                    end = ys[r + 1] if r + 1 < len(ys) else min(y + th, h)
+                    done = end - y
+                    value = acc[:, :done] / wsum[:done]
+                    value = reduce(value) if reduce is not None else value
+                    if out is None:
+                        out = value.new_empty((*value.shape[:-2], h, w))
+                    out[..., y:end, :] = value
+                    acc = torch.cat([acc[:, done:], acc.new_zeros((acc.shape[0], done, w))], dim=1)
+                    wsum = torch.cat([wsum[done:], wsum.new_zeros((done, w))], dim=0)
+        assert out is not None
+        return out
+
+
+# --------------------------------------------------------------------------------- box merging
+def weighted_box_fusion(
+    boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float = 0.55, num_sources: int = 1
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Weighted box fusion (Solovyev et al. 2019), class-wise.
+
+    Boxes are visited by decreasing score; each joins the first cluster of its class whose fused box
+    overlaps it by more than ``iou_threshold``, else starts one. A cluster's box is the score-weighted mean
+    of its members; its score the members' summed score divided by ``max(members, num_sources)`` (with
+    ``num_sources`` views, e.g. TTA transforms, a box seen by few of them is down-weighted).
+
+    Example:
+        >>> b = torch.tensor([[0.0, 0, 10, 10], [1.0, 0, 11, 10], [50.0, 50, 60, 60]])
+        >>> fused, s, l = weighted_box_fusion(b, torch.tensor([0.9, 0.3, 0.5]), torch.tensor([0, 0, 0]))
+        >>> fused.tolist(), [round(v, 2) for v in s.tolist()]
+        ([[0.25, 0.0, 10.25, 10.0], [50.0, 50.0, 60.0, 60.0]], [0.6, 0.5])
+    """
+    from torchvision.ops import box_iou
+
+    out_boxes, out_scores, out_labels = [], [], []
+    for cls in labels.unique().tolist():
+        sel = (labels == cls).nonzero().flatten()
+        sel = sel[scores[sel].argsort(descending=True)]
+        fused: list[Tensor] = []
+        members: list[list[int]] = []
+        for i in sel.tolist():
+            if fused:
+                iou = box_iou(boxes[i : i + 1], torch.stack(fused))[0]
+                j = int(iou.argmax())
+                if float(iou[j]) > iou_threshold:
+                    members[j].append(i)
+                    m = torch.tensor(members[j], device=boxes.device)
+                    wgt = scores[m][:, None]
+                    fused[j] = (boxes[m] * wgt).sum(0) / wgt.sum()
+                    continue
+            fused.append(boxes[i].clone())
+            members.append([i])
+        for box, group in zip(fused, members):
+            out_boxes.append(box)
+            out_scores.append(scores[group].sum() / max(len(group), num_sources))
+            out_labels.append(labels[group[0]])
+    if not out_boxes:
+        return boxes[:0], scores[:0], labels[:0]
+    scores_t = torch.stack(out_scores)
+    order = scores_t.argsort(descending=True)
+    return torch.stack(out_boxes)[order], scores_t[order], torch.stack(out_labels)[order]
+
+
+def merge_detections(
+    detections: Sequence[dict[str, Tensor]],
+    method: MergeMethod = "nms",
+    iou_threshold: float = 0.5,
+    num_sources: int = 1,
+    max_detections: int | None = None,
+) -> dict[str, Tensor]:
+    """Merge several detection sets of one image (tiles, TTA views) into one, class-wise.
+
+    Args:
+        detections: dicts with ``boxes`` ``[K, 4]`` xyxy, ``scores`` ``[K]``, ``labels`` ``[K]`` in one
+            coordinate frame.
+        method: ``"nms"`` (keep the best of overlapping boxes of a class) or ``"wbf"``
+            (:func:`weighted_box_fusion`).
+        iou_threshold: overlap above which two boxes of a class are the same object.
+        num_sources: number of views for WBF's score (1 for tiles).
+        max_detections: keep the best this many (``None``: all).
+
+    Example:
+        >>> a = {"boxes": torch.tensor([[0.0, 0, 10, 10]]), "scores": torch.tensor([0.9]),
+        ...      "labels": torch.tensor([1])}
+        >>> b = {"boxes": torch.tensor([[1.0, 0, 10, 10]]), "scores": torch.tensor([0.8]),
+        ...      "labels": torch.tensor([1])}
+        >>> merge_detections([a, b])["scores"].tolist()
+        [0.8999999761581421]
+    """
+    from torchvision.ops import batched_nms
+
+    if method not in ("nms", "wbf"):
+        raise ValueError(f"merge method must be 'nms' or 'wbf', got {method!r}")
+    if not detections:
+        raise ValueError("merge_detections got no detection sets")
+    boxes = torch.cat([d["boxes"].reshape(-1, 4).float() for d in detections])
+    scores = torch.cat([d["scores"].reshape(-1).float() for d in detections])
+    labels = torch.cat([d["labels"].reshape(-1).long() for d in detections])
+    if method == "nms":
+        keep = batched_nms(boxes, scores, labels, iou_threshold)
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    else:
+        boxes, scores, labels = weighted_box_fusion(boxes, scores, labels, iou_threshold, num_sources)
+    if max_detections is not None:
+        boxes, scores, labels = boxes[:max_detections], scores[:max_detections], labels[:max_detections]
+    return {"boxes": boxes, "scores": scores, "labels": labels}
+
+
+# ------------------------------------------------------------------------------- detection tiling
+class TiledDetector:
+    """Detect objects in an image larger than the detector's input, tile by tile.
+
+    Tiles overlap by ``overlap`` pixels and reach every image edge (the last tile of a row or column is
+    shifted inward). A detection whose box comes within ``edge_margin`` pixels of a tile border that lies
+    inside the image is dropped: the object is cut there, and a neighbouring tile sees it whole when
+    ``overlap >= object size + 2 * edge_margin``. The remaining boxes, mapped back to image coordinates,
+    are merged class-wise (:func:`merge_detections`: NMS, or weighted box fusion).
+
+    Args:
+        detector: a callable from a list of ``[C, h, w]`` images to detections (dicts with ``boxes`` xyxy
+            tile pixels, ``scores``, ``labels``), e.g. an :class:`~lightning_convnets.tasks.ObjectDetector`
+            in eval mode.
+        tile_size: tile side in pixels.
+        overlap: pixels shared by neighbouring tiles (default ``tile_size // 4``): more than the largest
+            object.
+        batch_size: tiles per detector call.
+        merge: ``"nms"`` or ``"wbf"``.
+        iou_threshold: overlap above which two boxes of a class are merged.
+        edge_margin: pixels from an inner tile border within which a box counts as cut.
+        max_detections: keep the best this many per image (``None``: all).
+        multiple: round the tile side up to this (the detector's size divisor; avoids zero padding).
+
+    Example:
+        >>> def toy(images):  # a 5x5 box around each lit pixel
+        ...     out = []
+        ...     for im in images:
+        ...         ys, xs = im[0].nonzero(as_tuple=True)
+        ...         xy = torch.stack([xs, ys, xs, ys], 1).float()
+        ...         out.append({"boxes": xy + torch.tensor([-2.0, -2, 3, 3]), "scores": torch.ones(len(xs)),
+        ...                     "labels": torch.zeros(len(xs), dtype=torch.long)})
+        ...     return out
+        >>> image = torch.zeros(1, 100, 100); image[0, 50, 60] = 1
+        >>> TiledDetector(toy, tile_size=40, overlap=16)(image)["boxes"].tolist()
+        [[58.0, 48.0, 63.0, 53.0]]
+    """
+
+    def __init__(
+        self,
+        detector: Callable[[list[Tensor]], Detections],
+        tile_size: int = 512,
+        overlap: int | None = None,
+        batch_size: int = 4,
+        merge: MergeMethod = "nms",
+        iou_threshold: float = 0.5,
+        edge_margin: int = 2,
+        max_detections: int | None = None,
+        multiple: int = 1,
+    ) -> None:
+        if not isinstance(tile_size, int) or tile_size < 1:
+            raise ValueError(f"TiledDetector: tile_size must be a positive int, got {tile_size!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"TiledDetector: batch_size must be a positive int, got {batch_size!r}")
+        if merge not in ("nms", "wbf"):
+            raise ValueError(f"TiledDetector: merge must be 'nms' or 'wbf', got {merge!r}")
+        self.tile = _round_up(tile_size, max(1, multiple))
+        overlap = self.tile // 4 if overlap is None else overlap
+        if not isinstance(overlap, int) or not 0 <= overlap < self.tile:
+            raise ValueError(f"TiledDetector: overlap must be an int in [0, {self.tile}), got {overlap!r}")
+        self.detector = detector
+        self.overlap = overlap
+        self.batch_size = batch_size
+        self.merge = merge
+        self.iou_threshold = iou_threshold
+        self.edge_margin = edge_margin
+        self.max_detections = max_detections
+
+    def tiles(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
+        """``(y, x, tile height, tile width)`` of every tile of an image."""
+        th, tw = min(self.tile, height), min(self.tile, width)
+        step = self.tile - self.overlap
+        return [(y, x, th, tw) for y in tile_starts(height, th, step) for x in tile_starts(width, tw, step)]
+
+    @torch.no_grad()
+    def __call__(self, image: Tensor) -> dict[str, Tensor]:
+        """Detections of one ``[C, H, W]`` image in its own pixel coordinates."""
+        if image.ndim != 3:
+            raise ValueError(f"TiledDetector expects one [C, H, W] image, got {tuple(image.shape)}")
+        h, w = image.shape[-2:]
+        tiles = self.tiles(h, w)
+        kept: list[dict[str, Tensor]] = []
+        m = self.edge_margin
+        for start in range(0, len(tiles), self.batch_size):
+            chunk = tiles[start : start + self.batch_size]
+            dets = self.detector([image[:, y : y + th, x : x + tw] for y, x, th, tw in chunk])
+            for (y, x, th, tw), det in zip(chunk, dets):
+                boxes = det["boxes"].reshape(-1, 4).float()
+                cut = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+                if x > 0:
+                    cut |= boxes[:, 0] < m
+                if x + tw < w:
+                    cut |= boxes[:, 2] > tw - m
+                if y > 0:
+                    cut |= boxes[:, 1] < m
+                if y + th < h:
+                    cut |= boxes[:, 3] > th - m
+                keep = ~cut
+                offset = boxes.new_tensor([x, y, x, y])
+                kept.append(
+                    {
+                        "boxes": boxes[keep] + offset,
+                        "scores": det["scores"].reshape(-1)[keep],
+                        "labels": det["labels"].reshape(-1)[keep],
+                    }
+                )
+        return merge_detections(kept, self.merge, self.iou_threshold, 1, self.max_detections)
+
+
+# ------------------------------------------------------------------------------------ task glue
+TTA_MODES = ("none", "flip", "flip+scales")
+
+
+def check_prediction_options(
+    tile_size: int | None, tile_overlap: int | None, tile_batch_size: int, tta: str
+) -> None:
+    """Validate a task's tiling / TTA options (raises ``ValueError`` naming the option)."""
+    if tile_size is not None and (not isinstance(tile_size, int) or tile_size < 1):
+        raise ValueError(f"tile_size must be a positive int or None, got {tile_size!r}")
+    if tile_overlap is not None and (not isinstance(tile_overlap, int) or tile_overlap < 0):
+        raise ValueError(f"tile_overlap must be an int >= 0 or None, got {tile_overlap!r}")
+    if tile_size is not None and tile_overlap is not None and tile_overlap >= tile_size:
+        raise ValueError(f"tile_overlap ({tile_overlap}) must be smaller than tile_size ({tile_size})")
+    if not isinstance(tile_batch_size, int) or tile_batch_size < 1:
+        raise ValueError(f"tile_batch_size must be a positive int, got {tile_batch_size!r}")
+    from lightning_convnets.tta import parse_tta
+
+    parse_tta(tta)
+
+
+def _options(task: Any) -> tuple[int | None, int | None, int, str]:
+    hp = task.hparams
+    return (
+        hp.get("tile_size"),
+        hp.get("tile_overlap"),
+        int(hp.get("tile_batch_size") or 4),
+        hp.get("tta") or "none",
+    )
+
+
+def uses_tiling_or_tta(task: Any) -> bool:
+    """True when the task's options ask for tiles or test-time augmentation."""
+    tile_size, _, _, tta = _options(task)
+    return tile_size is not None or tta != "none"
+
+
+def segmentation_logits(task: Any, images: Tensor) -> Tensor:
+    """Full-resolution logits ``(N, K, H, W)`` of a segmentation task under its tiling / TTA options.
+
+    Without ``tile_size``, a valid-padding network still runs overlap-tile (one tile the image's size,
+    mirror-padded) so that every pixel gets a prediction; a same-padding one runs whole-image forwards
+    (resized logits when its output is coarser).
+    """
+    from lightning_convnets.tta import segment_tta
+
+    tile_size, overlap, batch, tta = _options(task)
+    geometry = network_geometry(task)
+    h, w = images.shape[-2:]
+    if tile_size is None and geometry.border > 0:
+        tile_size = max(h, w)
+    if tile_size is not None:
+        tiler = TiledPredictor(task, tile_size, overlap, batch, geometry=geometry)
+
+        def dense(x: Tensor) -> Tensor:
+            return tiler.predict(x)
+    else:
+
+        def dense(x: Tensor) -> Tensor:
+            logits = _call_dense(task, x)
+            if logits.shape[-2:] != x.shape[-2:]:
+                logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            return logits
+
+    return segment_tta(dense, images, tta, multiple=1 if tile_size is not None else geometry.multiple)
+
+
+def detect(task: Any, images: Sequence[Tensor]) -> Detections:
+    """Detections of a detection task under its tiling / TTA options (one dict per image)."""
+    from lightning_convnets.tta import detect_tta
+
+    tile_size, overlap, batch, tta = _options(task)
+    top_k = int(task.hparams.get("top_k") or 100)
+    if tile_size is not None:
+        tiler = TiledDetector(
+            task,
+            tile_size,
+            overlap,
+            batch,
+            max_detections=top_k,
+            multiple=int(getattr(task, "size_divisor", 1)),
+        )
+
+        def run(ims: list[Tensor]) -> Detections:
+            return [tiler(im) for im in ims]
+    else:
+        run = task
+    return detect_tta(run, list(images), tta, max_detections=top_k)

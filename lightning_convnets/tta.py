@@ -1,0 +1,286 @@
+"""Test-time augmentation: predict on flipped (and rescaled) copies, undo each transform, average.
+
+``tta`` specifications (the tasks' ``tta`` option):
+
+* ``"none"``: one plain forward;
+* ``"flip"``: the image and its horizontal mirror;
+* ``"flip+scales"``: both, at the scales 0.75, 1 and 1.25 (six views);
+* more precisely, ``+``-joined tokens: ``hflip`` (alias ``flip``), ``vflip``, ``scales`` (0.75, 1, 1.25)
+  or ``scales=0.5,1,2``; e.g. ``"flip+vflip"`` (four views: none, h, v, h+v).
+
+Per task (every view mapped back to the original frame exactly):
+
+* classification (:func:`classify_tta`): the mean of the views' probabilities (softmax, or sigmoid in
+  multi-label mode);
+* segmentation (:func:`segment_tta`): the mean of the views' logits after flipping back and resizing
+  back to the image size;
+* detection (:func:`detect_tta`): each view's boxes flipped back (``x -> W - x``) and divided by the
+  view's scale, then merged class-wise (weighted box fusion by default, or NMS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "DEFAULT_SCALES",
+    "TTAConfig",
+    "classify_tta",
+    "detect_tta",
+    "parse_tta",
+    "segment_tta",
+    "tta_logits",
+]
+
+DEFAULT_SCALES = (0.75, 1.0, 1.25)
+Detections = list[dict[str, Tensor]]
+
+
+@dataclass(frozen=True)
+class TTAConfig:
+    """Which views test-time augmentation predicts on.
+
+    Attributes:
+        hflip: add horizontally mirrored views.
+        vflip: add vertically mirrored views (with ``hflip``, also both flips).
+        scales: image scales (1.0 is the original size).
+
+    Example:
+        >>> parse_tta("flip+vflip").views()
+        [(1.0, False, False), (1.0, True, False), (1.0, False, True), (1.0, True, True)]
+    """
+
+    hflip: bool = False
+    vflip: bool = False
+    scales: tuple[float, ...] = (1.0,)
+
+    def views(self) -> list[tuple[float, bool, bool]]:
+        """``(scale, hflip, vflip)`` of every view; the plain image first."""
+        flips = [(False, False)]
+        if self.hflip:
+            flips.append((True, False))
+        if self.vflip:
+            flips.append((False, True))
+        if self.hflip and self.vflip:
+            flips.append((True, True))
+        order = sorted(self.scales, key=lambda s: s != 1.0)  # scale 1 first
+        return [(float(s), h, v) for s in order for h, v in flips]
+
+    @property
+    def is_identity(self) -> bool:
+        return self.views() == [(1.0, False, False)]
+
+
+def parse_tta(spec: str | TTAConfig | None) -> TTAConfig:
+    """Turn a ``tta`` string (see the module docstring) into a :class:`TTAConfig`.
+
+    Raises:
+        ValueError: for an unknown token or a bad scale list, naming the option.
+
+    Example:
+        >>> parse_tta("flip+scales")
+        TTAConfig(hflip=True, vflip=False, scales=(0.75, 1.0, 1.25))
+    """
+    if isinstance(spec, TTAConfig):
+        return spec
+    if spec is None:
+        return TTAConfig()
+    if not isinstance(spec, str):
+        raise ValueError(f"tta must be a string such as 'none', 'flip', 'flip+scales', got {spec!r}")
+    text = spec.strip().lower()
+    if text in ("", "none"):
+        return TTAConfig()
+    hflip = vflip = False
+    scales: tuple[float, ...] = (1.0,)
+    for token in text.split("+"):
+        token = token.strip()
+        if token in ("flip", "hflip"):
+            hflip = True
+        elif token == "vflip":
+            vflip = True
+        elif token == "scales":
+            scales = DEFAULT_SCALES
+        elif token.startswith("scales="):
+            try:
+                scales = tuple(float(v) for v in token[len("scales=") :].split(",") if v.strip())
+            except ValueError:
+                raise ValueError(f"tta {spec!r}: scales must be numbers, e.g. 'scales=0.75,1,1.25'") from None
+            if not scales or min(scales) <= 0:
+                raise ValueError(f"tta {spec!r}: scales must be positive numbers")
+        else:
+            raise ValueError(
+                f"tta {spec!r}: unknown part {token!r}; expected 'none', 'flip', 'flip+scales' or '+'-joined "
+                "hflip, vflip, scales, scales=a,b,c"
+            )
+    return TTAConfig(hflip=hflip, vflip=vflip, scales=scales)
+
+
+def _flip(x: Tensor, hflip: bool, vflip: bool) -> Tensor:
+    dims = [d for d, on in ((-1, hflip), (-2, vflip)) if on]
+    return x.flip(dims) if dims else x
+
+
+def _scaled_size(size: int, scale: float, multiple: int) -> int:
+    return max(multiple, round(size * scale / multiple) * multiple)
+
+
+def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def segment_tta(
+    dense: Callable[[Tensor], Tensor], images: Tensor, tta: str | TTAConfig = "flip", multiple: int = 1
+) -> Tensor:
+    """Mean logits ``(N, K, H, W)`` over the TTA views of ``images`` ``(N, C, H, W)``.
+
+    Args:
+        dense: images ``(N, C, h, w)`` to logits ``(N, K, h, w)`` (same size; e.g. a tiled predictor).
+        images: the batch.
+        tta: the views (see :func:`parse_tta`).
+        multiple: rescaled sides are rounded to a multiple of this (the network's requirement).
+
+    Example:
+        >>> x = torch.rand(1, 2, 8, 8)
+        >>> torch.equal(segment_tta(lambda t: t * 2, x, "flip+vflip"), x * 2)
+        True
+    """
+    config = parse_tta(tta)
+    size = tuple(images.shape[-2:])
+    total: Tensor | None = None
+    views = config.views()
+    for scale, hflip, vflip in views:
+        x = images
+        if scale != 1.0:
+            x = _resize(x, (_scaled_size(size[0], scale, multiple), _scaled_size(size[1], scale, multiple)))
+        logits = _flip(dense(_flip(x, hflip, vflip)), hflip, vflip)
+        logits = _resize(logits.float(), size)
+        total = logits if total is None else total + logits
+    assert total is not None
+    return total / len(views) if len(views) > 1 else total
+
+
+@torch.no_grad()
+def classify_tta(
+    logits_fn: Callable[[Tensor], Tensor],
+    images: Tensor,
+    tta: str | TTAConfig = "flip",
+    multilabel: bool = False,
+) -> Tensor:
+    """Mean class probabilities ``(N, num_classes)`` over the TTA views (softmax, or sigmoid per class).
+
+    Example:
+        >>> f = lambda t: t.mean(dim=(2, 3))  # flip-invariant logits
+        >>> x = torch.rand(2, 3, 8, 8)
+        >>> torch.allclose(classify_tta(f, x, "flip"), torch.softmax(f(x), 1))
+        True
+    """
+    config = parse_tta(tta)
+    size = tuple(images.shape[-2:])
+    total: Tensor | None = None
+    views = config.views()
+    for scale, hflip, vflip in views:
+        x = images
+        if scale != 1.0:
+            x = _resize(x, (_scaled_size(size[0], scale, 1), _scaled_size(size[1], scale, 1)))
+        logits = logits_fn(_flip(x, hflip, vflip)).float()
+        probs = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
+        total = probs if total is None else total + probs
+    assert total is not None
+    return total / len(views)
+
+
+def tta_logits(task: Any, images: Tensor) -> Tensor:
+    """A classification task's logits under its ``tta`` option (what its test step scores).
+
+    ``"none"``: the model's logits. Otherwise logits whose softmax (sigmoid in multi-label mode) is the
+    mean of the views' probabilities (``log p``, resp. ``logit p``), so that the loss, the metrics and the
+    confusion matrix read them exactly as they read plain logits.
+    """
+    config = parse_tta(task.hparams.get("tta", "none"))
+    if config.is_identity:
+        return task(images)
+    multilabel = bool(getattr(task, "multilabel", False))
+    probs = classify_tta(task, images, config, multilabel)
+    if multilabel:
+        return torch.logit(probs.clamp(1e-7, 1 - 1e-7))
+    return probs.clamp_min(1e-12).log()
+
+
+def _invert_boxes(boxes: Tensor, size: tuple[int, int], hflip: bool, vflip: bool) -> Tensor:
+    """Map ``xyxy`` boxes of a flipped image of ``size`` (h, w) back to the unflipped one."""
+    h, w = size
+    out = boxes.clone()
+    if hflip:
+        out[:, 0], out[:, 2] = w - boxes[:, 2], w - boxes[:, 0]
+    if vflip:
+        out[:, 1], out[:, 3] = h - boxes[:, 3], h - boxes[:, 1]
+    return out
+
+
+@torch.no_grad()
+def detect_tta(
+    detect_fn: Callable[[list[Tensor]], Detections],
+    images: Sequence[Tensor],
+    tta: str | TTAConfig = "flip",
+    merge: str = "wbf",
+    iou_threshold: float = 0.55,
+    max_detections: int | None = None,
+) -> Detections:
+    """Detections per image merged over the TTA views, in the original image's pixel coordinates.
+
+    Args:
+        detect_fn: a list of ``[C, h, w]`` images to one dict (``boxes`` xyxy, ``scores``, ``labels``) each.
+        images: the images (sizes may differ).
+        tta: the views (see :func:`parse_tta`); ``"none"`` calls ``detect_fn`` once, unchanged.
+        merge: ``"wbf"`` (weighted box fusion; a box found in few views is down-weighted) or ``"nms"``.
+        iou_threshold: overlap above which two boxes of a class are one object.
+        max_detections: keep the best this many per image.
+
+    Example:
+        >>> def toy(ims):  # a box around the nonzero pixels of channel 0
+        ...     out = []
+        ...     for im in ims:
+        ...         ys, xs = im[0].nonzero(as_tuple=True)
+        ...         box = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()[None]
+        ...         out.append({"boxes": box, "scores": torch.ones(1), "labels": torch.zeros(1).long()})
+        ...     return out
+        >>> im = torch.zeros(1, 20, 30); im[0, 2:5, 3:9] = 1
+        >>> detect_tta(toy, [im], "flip+vflip")[0]["boxes"].tolist()
+        [[3.0, 2.0, 9.0, 5.0]]
+    """
+    from lightning_convnets.tiling import merge_detections
+
+    config = parse_tta(tta)
+    images = list(images)
+    if config.is_identity:
+        return detect_fn(images)
+    views = config.views()
+    per_image: list[list[dict[str, Tensor]]] = [[] for _ in images]
+    for scale, hflip, vflip in views:
+        batch, sizes = [], []
+        for im in images:
+            x = im
+            if scale != 1.0:
+                h, w = im.shape[-2:]
+                x = _resize(im[None], (_scaled_size(h, scale, 1), _scaled_size(w, scale, 1)))[0]
+            sizes.append(tuple(x.shape[-2:]))
+            batch.append(_flip(x, hflip, vflip))
+        for k, det in enumerate(detect_fn(batch)):
+            boxes = _invert_boxes(det["boxes"].reshape(-1, 4).float(), sizes[k], hflip, vflip)
+            h, w = images[k].shape[-2:]
+            sh, sw = sizes[k]
+            boxes = boxes * boxes.new_tensor([w / sw, h / sh, w / sw, h / sh])
+            per_image[k].append({"boxes": boxes, "scores": det["scores"], "labels": det["labels"]})
+    return [
+        merge_detections(dets, merge, iou_threshold, num_sources=len(views), max_detections=max_detections)
+        for dets in per_image
+    ]
