@@ -260,19 +260,6 @@ class ConvDataModule(LightningDataModule):
             self.setup("fit")
         return len(self.train_dataset)  # type: ignore[arg-type]
 
-    def check_num_classes(self, model_num_classes: int) -> None:
-        """Raise a ``ValueError`` when a model's class count disagrees with the data.
-
-        For a model outside the tasks; the tasks check the count themselves in ``setup``
-        (``ConvNetTask.check_datamodule``), so the mismatch shows before the first step.
-        """
-        if int(model_num_classes) != self.num_classes:
-            names = ", ".join(self.class_names[:20])
-            raise ValueError(
-                f"the model predicts {model_num_classes} classes but {type(self).__name__} has "
-                f"{self.num_classes} ({names}); set the model's num_classes to {self.num_classes}"
-            )
-
     def _resolve_class_names(self) -> Sequence[str]:
         raise NotImplementedError
 

@@ -36,9 +36,11 @@ def test_classification_batches_and_metadata(tmp_path):
     assert len(dm.train_dataset) == 24 and len(dm.val_dataset) == 8
     # The real on-disk format: one folder per class.
     assert sorted(p.name for p in (dm.data_dir / "train").iterdir()) == sorted(dm.class_names)
-    dm.check_num_classes(4)
-    with pytest.raises(ValueError, match=r"predicts 5 classes.*has 4"):
-        dm.check_num_classes(5)
+    from lightning_convnets import ImageClassifier
+
+    wrong = ImageClassifier("preact_resnet18", num_classes=5, backbone_kwargs={"stem": "cifar", "width": 4})
+    message = _class_count_error(wrong, dm, tmp_path)
+    assert "num_classes is 4 but the model was built for 5 classes" in message
 
 
 def test_segmentation_batches(tmp_path):
@@ -206,3 +208,16 @@ def test_small_cnn_learns_shapes(tmp_path):
     with torch.no_grad():
         val_acc = (net(x_val).argmax(1) == y_val).float().mean().item()
     assert val_acc >= 0.9, f"val accuracy {val_acc:.3f}"
+
+
+def _class_count_error(model, datamodule, tmp_path):
+    """The one class-count check (ConvNetTask.check_datamodule, run in setup): the error a fit raises."""
+    import lightning.pytorch as pl
+
+    trainer = pl.Trainer(
+        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    with pytest.raises(ValueError) as caught:
+        trainer.fit(model, datamodule)
+    return str(caught.value)
