@@ -27,6 +27,7 @@ from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 from torchmetrics import MeanMetric
 
 from lightning_convnets.backbones import check_contract, create_backbone
+from lightning_convnets.batch import INPUT_KEYS
 
 BackboneSpec = str | dict[str, Any] | nn.Module
 
@@ -482,14 +483,15 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
     # --------------------------------------------------------------------------------------- steps
     @staticmethod
     def unpack_batch(batch: Any) -> tuple[Tensor, Any]:
-        """``(images, targets)`` from a tensor, a ``(images, targets, ...)`` sequence or a dict with
-        ``image``/``images`` and ``label``/``labels``/``mask``/``masks``/``target``; targets may be None."""
+        """``(images, targets)`` from a tensor, a ``(images, targets, ...)`` sequence or a dict with one of
+        :data:`lightning_convnets.batch.INPUT_KEYS` (``image``, ``images``, ``pixel_values``...) and
+        ``label``/``labels``/``mask``/``masks``/``target``; targets may be None."""
         if isinstance(batch, Tensor):
             return batch, None
         if isinstance(batch, Mapping):
-            images = next((batch[k] for k in ("image", "images") if k in batch), None)
+            images = next((batch[k] for k in INPUT_KEYS if k in batch), None)
             if images is None:
-                raise KeyError(f"batch dict needs an 'image' or 'images' key, got keys {sorted(batch)}")
+                raise KeyError(f"batch dict needs one of the keys {list(INPUT_KEYS)}, got keys {sorted(batch)}")
             target = next(
                 (batch[k] for k in ("label", "labels", "mask", "masks", "target") if k in batch), None
             )
