@@ -238,21 +238,17 @@ def test_zoo_nonfinite_pair_names_the_first_module():
     assert error.severity == "error" and error.layers[0].startswith("features.")
 
 
-@pytest.mark.slow
 def test_zoo_dead_relu_pair():
     _pair(zoo.dead_run, "dead_relu")
 
 
-@pytest.mark.slow
 def test_zoo_bn_train_test_pair():
     _pair(zoo.shift_run, "bn_variance_mismatch")
 
 
-@pytest.mark.slow
 def test_zoo_small_batch_pair():
     _pair(lambda bad, seed: zoo.small_batch_run(2 if bad else 64, seed), "bn_noisy_batch_stats")
 
 
-@pytest.mark.slow
 def test_zoo_ddp_pair():
     _pair(zoo.ddp_run, "bn_rank_disagreement")
