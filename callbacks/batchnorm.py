@@ -403,7 +403,13 @@ class BatchNormDriftMonitor(MonitorCallback):
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             if not self.is_recording(module) or not self._buffers_ready:
                 return
-            if self._copy_in_hook[index]:  # else on_train_batch_start copied it, with every other layer
+            if self._snapshot_pending:  # the batch's first BN forward: no layer has updated yet (and DDP
+                # has broadcast rank 0's buffers, which it does inside its forward, after batch start)
+                self._snapshot_pending = False
+                old_means, old_vars, means, variances = self._snapshot
+                torch._foreach_copy_(old_means, means)
+                torch._foreach_copy_(old_vars, variances)
+            if self._copy_in_hook[index]:  # else the batch's first BN forward copied it with the others
                 self._old_mean_views[index].copy_(module.running_mean)
                 self._old_var_views[index].copy_(module.running_var)
             x = args[0]
@@ -439,11 +445,13 @@ class BatchNormDriftMonitor(MonitorCallback):
         self._forwards = torch.zeros(count, **f64)
         self._start_mean, self._start_var = self._current()
         self._elements_cache: dict[tuple[int, ...], Tensor] = {}
-        # Layers whose running statistics are copied at batch start, all in one _foreach_copy_, instead of
-        # two copies in each layer's pre-hook: decided after the first recorded batch, for the layers that
-        # ran exactly one training forward in it (a layer called twice per forward keeps its hook copy).
+        # Layers whose running statistics are copied by the batch's first BN forward, all in one
+        # _foreach_copy_, instead of two copies in each layer's pre-hook: decided after the first recorded
+        # batch, for the layers that ran exactly one training forward in it (a layer called twice per
+        # forward keeps its hook copy).
         self._copy_in_hook = [True] * count
         self._snapshot: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]] | None = None
+        self._snapshot_pending = False
         self._buffers_ready = True
 
     @torch.no_grad()
@@ -508,10 +516,7 @@ class BatchNormDriftMonitor(MonitorCallback):
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if self._recording and self._buffers_ready:
             self._nbt_start.copy_(self._nbt())
-            if self._snapshot is not None and self._snapshot[0]:
-                old_means, old_vars, means, variances = self._snapshot
-                torch._foreach_copy_(old_means, means)
-                torch._foreach_copy_(old_vars, variances)
+            self._snapshot_pending = self._snapshot is not None and bool(self._snapshot[0])
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

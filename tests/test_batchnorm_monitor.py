@@ -482,3 +482,44 @@ def test_variance_lag_is_reported_with_advice():
     (lag,) = [f for f in _diagnose_once(monitor, metrics) if "lags" in f.message]
     assert lag.layers == ["0"] and lag.values["variance_factor"] == pytest.approx(9.0, rel=0.15)
     assert "recalibrate" in lag.suggestion
+
+
+def test_batch_start_snapshot_logs_exactly_what_the_per_layer_copies_log(tmp_path):
+    """The fast path (every single-call layer's old statistics copied by the batch's first BN forward,
+    in one _foreach_copy_) against the two copies in each layer's pre-hook, on a ResNet-50 whose stem BN
+    is called twice per forward (that layer keeps its hook copy): every logged number bit-identical."""
+    from lightning_convnets.backbones import create_backbone
+
+    class Twice(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = create_backbone("resnet50", stem="cifar", width=4)
+            self.extra = nn.BatchNorm2d(3)
+            self.head = nn.Linear(self.net.out_channels[-1], 3)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            x = self.extra(self.extra(x))  # a layer called twice per forward
+            return nn.functional.cross_entropy(self.head(self.net(x)[-1].mean((2, 3))), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def history(fast: bool) -> tuple[list[dict[str, float]], list[bool]]:
+        pl.seed_everything(0, verbose=False)
+        monitor = BatchNormDriftMonitor(log_every_n_steps=2)
+        if not fast:
+            monitor._plan_snapshot = lambda: None  # every layer keeps its pre-hook copy
+        x, y = torch.randn(24, 3, 16, 16) * 2 + 1, torch.randint(0, 3, (24,))
+        trainer = pl.Trainer(
+            max_steps=5, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+            callbacks=[monitor],
+        )  # fmt: skip
+        trainer.fit(Twice(), DataLoader(list(zip(x, y)), batch_size=2))
+        return monitor.history, list(monitor._copy_in_hook)
+
+    (fast, hooked), (slow, _) = history(True), history(False)
+    assert hooked[-1] and not any(hooked[:-1])  # the twice-called layer (defined last) keeps its hook copy
+    assert len(fast) == len(slow) == 3 and len(fast[0]) > 100
+    assert fast == slow
