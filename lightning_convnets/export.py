@@ -655,3 +655,82 @@ def _warn_static(dims: list[str], task: nn.Module) -> None:
             "(the network needs that size); the batch size is dynamic",
             stacklevel=3,
         )
+
+
+# ------------------------------------------------------------------------------------------ CLI
+_CLI_HELP = """\
+lightning-convnets export: export a trained task (BatchNorm fused, dynamic batch) from its config and
+checkpoint.
+
+  lightning-convnets export --config CONFIG.yaml --ckpt_path BEST.ckpt --format onnx|torch_export
+                            [--output PATH] [--image_size N] [--opset 18] [--no_fuse]
+                            [other LightningCLI arguments, e.g. --model.init_args.top_k 50]
+
+The config is read by the same LightningCLI as fit/test/predict (model and data are built, nothing
+runs); the checkpoint's weights are loaded into the model. The example images that fix the traced
+shapes are random, image_size x image_size (default: the data module's image_size, else 64).
+The output defaults to the checkpoint's path with .onnx / .pt2. The data module's class names,
+mean and std go into the metadata.
+"""
+
+
+def export_cli(argv: Sequence[str]) -> Path:
+    """The ``lightning-convnets export`` subcommand (see ``lightning-convnets export --help``).
+
+    Args:
+        argv: the arguments after ``export``.
+
+    Returns:
+        The written path (printed too).
+    """
+    import argparse
+
+    from lightning_convnets.cli import ConvNetsCLI
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-convnets export", description=_CLI_HELP, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--config", action="append", required=True, help="config file (repeatable)")
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by fit")
+    parser.add_argument("--format", choices=FORMATS, default="onnx")
+    parser.add_argument("--output", default=None, help="output file (default: checkpoint path + suffix)")
+    parser.add_argument("--image_size", type=int, default=None, help="example image side in pixels")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    parser.add_argument("--no_fuse", action="store_true", help="keep BatchNorm layers unfused")
+    args, rest = parser.parse_known_args(list(argv))
+    ckpt = Path(args.ckpt_path)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"export: --ckpt_path {ckpt} is not a file")
+    cli_args = [a for c in args.config for a in ("--config", c)] + rest
+    cli = ConvNetsCLI(args=cli_args, run=False)
+    model, datamodule = cli.model, cli.datamodule
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if "state_dict" not in checkpoint:
+        raise ValueError(f"export: {ckpt} has no 'state_dict': is it a Lightning checkpoint?")
+    model.on_load_checkpoint(checkpoint)  # rebuilds a head sized from the data (num_classes)
+    model.load_state_dict(checkpoint["state_dict"])
+    metadata: dict[str, Any] = {"checkpoint": ckpt.name}
+    for key in ("mean", "std"):
+        value = getattr(datamodule, key, None)
+        if value is not None:
+            metadata[key] = [float(v) for v in value]
+    try:
+        names = list(getattr(datamodule, "class_names", None) or [])
+    except Exception:  # a data module that must scan its files first: names stay indices
+        names = []
+    if names and model.num_classes is not None and len(names) == model.num_classes:
+        metadata["class_names"] = [str(n) for n in names]
+    size = args.image_size or getattr(datamodule, "image_size", None) or 64
+    example = default_example(model, batch_size=2, size=int(size))
+    output = args.output or ckpt.with_suffix(_SUFFIX[args.format])
+    path = export_model(
+        model.eval(),
+        args.format,
+        example,
+        output,
+        fuse=not args.no_fuse,
+        opset=args.opset,
+        metadata=metadata,
+    )
+    print(f"exported {type(model).__name__} ({args.format}) to {path}")
+    return path

@@ -223,3 +223,52 @@ def test_torchvision_detector_onnx_is_a_clear_error(tmp_path):
     ).eval()
     with pytest.raises(ExportError, match=r"fcos.*cannot be exported as 'onnx'.*Supported: ImageClassifier"):
         export_model(task, "onnx", torch.rand(2, 3, 64, 64), tmp_path / "d.onnx")
+
+
+CONFIG = """
+seed_everything: 0
+trainer:
+  logger: false
+model:
+  class_path: lightning_convnets.tasks.ImageClassifier
+  init_args:
+    backbone: resnet18
+    backbone_kwargs: {stem: cifar, width: 4}
+data:
+  class_path: lightning_convnets.datamodules.ShapesDataModule
+  init_args:
+    task: classification
+    image_size: 32
+"""
+
+
+def test_cli_export_reads_the_config_and_checkpoint(tmp_path):
+    from lightning_convnets.cli import main
+
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG)
+    # num_classes is left to the data: the checkpoint records it, as fit writes it
+    torch.manual_seed(0)
+    trained = ImageClassifier("resnet18", num_classes=4, backbone_kwargs={"stem": "cifar", "width": 4}).eval()
+    _randomise_bn(trained)
+    ckpt = tmp_path / "best.ckpt"
+    torch.save({"state_dict": trained.state_dict(), "lightning_convnets": {"num_classes": 4}}, ckpt)
+    main(["export", "--config", str(config), "--ckpt_path", str(ckpt), "--format", "torch_export"])
+    out = tmp_path / "best.pt2"
+    extra = {"metadata.json": ""}
+    program = torch.export.load(out, extra_files=extra)
+    meta = json.loads(extra["metadata.json"])
+    assert json.loads(meta["class_names"]) == ["circle", "square", "triangle", "cross"]
+    assert len(json.loads(meta["mean"])) == 3
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(images), trained(images), rtol=0, atol=TOL)
+
+
+def test_cli_export_missing_checkpoint_is_a_clear_error(tmp_path):
+    from lightning_convnets.cli import main
+
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG)
+    with pytest.raises(FileNotFoundError, match=r"--ckpt_path .*nope\.ckpt is not a file"):
+        main(["export", "--config", str(config), "--ckpt_path", str(tmp_path / "nope.ckpt")])
