@@ -55,6 +55,7 @@ class ImageClassifier(ConvNetTask):
         num_sample_figures: images in the sample-prediction figure (0 disables it).
         figure_every_n_epochs: validation figure frequency (0: never).
         channels_last: run convolutions in the channels-last memory format (faster on CPU and tensor cores).
+        compile: ``True`` or :func:`torch.compile` keyword arguments; compiles in place (see :class:`ConvNetTask`).
 
     Example:
         >>> model = ImageClassifier("preact_resnet18", num_classes=10,
@@ -84,6 +85,7 @@ class ImageClassifier(ConvNetTask):
         num_sample_figures: int = 8,
         figure_every_n_epochs: int = 1,
         channels_last: bool = False,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__(
             backbone=backbone,
@@ -99,6 +101,7 @@ class ImageClassifier(ConvNetTask):
             num_sample_figures=num_sample_figures,
             figure_every_n_epochs=figure_every_n_epochs,
             channels_last=channels_last,
+            compile=compile,
         )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")

@@ -111,6 +111,9 @@ class ObjectDetector(ConvNetTask):
         backbone_lr_mult: backbone learning rate relative to the head's.
         num_sample_figures: images in the sample-detection figure (0 disables it).
         figure_every_n_epochs: validation figure frequency (0: never).
+        channels_last: run convolutions in the channels-last memory format (faster on CPU and tensor cores).
+        compile: ``True`` or :func:`torch.compile` keyword arguments; the detection network
+            (``self.detector``) is compiled in place (see :class:`ConvNetTask`).
 
     Example:
         >>> model = ObjectDetector("hourglass", num_classes=3,
@@ -152,6 +155,8 @@ class ObjectDetector(ConvNetTask):
         backbone_lr_mult: float = 1.0,
         num_sample_figures: int = 8,
         figure_every_n_epochs: int = 1,
+        channels_last: bool = False,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         family = str(family).lower()  # type: ignore[assignment]
         if family not in FAMILIES:
@@ -180,6 +185,8 @@ class ObjectDetector(ConvNetTask):
             backbone_lr_mult=backbone_lr_mult,
             num_sample_figures=num_sample_figures,
             figure_every_n_epochs=figure_every_n_epochs,
+            channels_last=channels_last,
+            compile=compile,
         )
         self.family = family
         if num_classes is None and class_names is not None:
@@ -222,6 +229,10 @@ class ObjectDetector(ConvNetTask):
                 "test_": MeanAveragePrecision(box_format="xyxy", iou_type="bbox"),
             }
         )
+
+    def compile_modules(self) -> list[nn.Module]:
+        # training and evaluation call the network directly; forward() adds the decoding around it
+        return [self.detector]
 
     def _auto_size_divisor(self) -> int:
         needs = [self.detector.stride, max(self.backbone.reductions)]

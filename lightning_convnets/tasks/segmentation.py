@@ -72,6 +72,7 @@ class SemanticSegmenter(ConvNetTask):
         num_sample_figures: images in the sample figure (0 disables it).
         figure_every_n_epochs: validation figure frequency (0: never).
         channels_last: run convolutions in the channels-last memory format (faster on CPU and tensor cores).
+        compile: ``True`` or :func:`torch.compile` keyword arguments; compiles in place (see :class:`ConvNetTask`).
 
     Example:
         >>> model = SemanticSegmenter("unet", num_classes=4,
@@ -103,6 +104,7 @@ class SemanticSegmenter(ConvNetTask):
         num_sample_figures: int = 4,
         figure_every_n_epochs: int = 1,
         channels_last: bool = False,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__(
             backbone=backbone,
@@ -118,6 +120,7 @@ class SemanticSegmenter(ConvNetTask):
             num_sample_figures=num_sample_figures,
             figure_every_n_epochs=figure_every_n_epochs,
             channels_last=channels_last,
+            compile=compile,
         )
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
