@@ -38,10 +38,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+import common
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import CSVLogger
 
 
 class _Stamps(pl.Callback):

@@ -6,6 +6,7 @@ Every benchmark imports this file as ``common`` (``benchmarks/`` is put on ``sys
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -165,8 +166,8 @@ def clock() -> tuple[float, float]:
 
 def intervals(stamps: list[tuple[float, float]], skip: int) -> tuple[list[float], list[float]]:
     """Wall and CPU seconds between consecutive stamps, the first ``skip`` intervals dropped."""
-    wall = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])][skip:]
-    cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])][skip:]
+    wall = [b[0] - a[0] for a, b in itertools.pairwise(stamps)][skip:]
+    cpu = [b[1] - a[1] for a, b in itertools.pairwise(stamps)][skip:]
     return wall, cpu
 
 
