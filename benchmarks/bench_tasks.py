@@ -55,12 +55,27 @@ class _Stamps(pl.Callback):
         self.stamps.append(common.clock())
 
 
+DEVICE, PRECISION = "cpu", "32-true"
+
+
+def _to(batch: Any, device: str) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
+
+
 def run_task(
     task: pl.LightningModule, batches: list[Any], root: str, steps: int
 ) -> list[tuple[float, float]]:
     stamps = _Stamps()
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator="gpu" if DEVICE == "cuda" else "cpu",
+        devices=1,
+        precision=PRECISION,
         max_steps=steps,
         logger=CSVLogger(root, name="bench_tasks"),
         enable_checkpointing=False,
@@ -88,12 +103,15 @@ def run_plain(model: torch.nn.Module, config: common.TaskConfig, batches: list[A
         state["opt"], state["sched"] = common.plain_optimizer(model, total_steps=10**6)
         state["loss"] = common.plain_loss(config, model)
     opt, sched, loss_fn = state["opt"], state["sched"], state["loss"]
-    model.train()
+    model.to(DEVICE).train()
     stamps = []
+    autocast = torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=PRECISION == "bf16-mixed")
     for batch in common.loader(batches):
         stamps.append(common.clock())
+        batch = _to(batch, DEVICE)
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(batch)
+        with autocast:
+            loss = loss_fn(batch)
         loss.backward()
         opt.step()
         sched.step()
@@ -149,7 +167,8 @@ def bench(config: common.TaskConfig, steps: int, rounds: int, skip: int, root: s
 
 def to_markdown(results: dict[str, Any]) -> str:
     lines = [
-        "# Task in a Trainer vs a hand-written loop (CPU, fp32)",
+        f"# Task in a Trainer vs a hand-written loop ({results['setup'].get('device', 'cpu')}, "
+        f"{results['setup'].get('precision', '32-true')})",
         "",
         f"Command: `{results['setup']['command']}`. Interleaved ABAB in one process; medians over rounds of",
         "per-round median steps (ms). Ratio = plain step / task step (throughput of the task relative to",
@@ -178,10 +197,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tasks", nargs="+", default=["classifier", "segmenter", "detector"])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table per task")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.rounds, args.skip = 4, 2, 1
+    global DEVICE, PRECISION
+    DEVICE, PRECISION = args.device, args.precision
     torch.set_num_threads(args.threads)
     configs = common.task_configs(args.quick)
     unknown = sorted(set(args.tasks) - set(configs))
@@ -200,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 table = profile_task(configs[name].build(), common.make_batches(configs[name], 10), root)
                 results["tasks"][name]["profile"] = table
                 print(f"== {name}\n{table}")
-    stem = "tasks_quick" if args.quick else "tasks"
+    stem = "tasks_quick" if args.quick else "tasks" if args.device == "cpu" else f"tasks_{args.device}"
+    setup.update(device=args.device, precision=args.precision)
     common.write_results(args.out, stem, results, to_markdown(results))
     return results
 
