@@ -21,8 +21,14 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
+# Every table of benchmarks/results (CPU; a quiet machine gives the README's numbers; 20-40 min).
 bench: $(STAMP)
+	$(BIN)/python -m pip install -e ".[export]"
 	$(BIN)/python benchmarks/bench_monitors.py
+	$(BIN)/python benchmarks/bench_tasks.py
+	$(BIN)/python benchmarks/bench_inference.py
+	$(BIN)/python benchmarks/bench_data.py
+	$(BIN)/python benchmarks/bench_scaling.py
 
 # is the end-of-fit diagnosis right? known pathologies and healthy twins, 3 seeds (~5 min on 2 CPU cores)
 zoo: $(STAMP)

@@ -253,4 +253,17 @@ if on_gpu and not args.tiny:
     (out / "gpu_check.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     (out / "gpu_check.md").write_text(f"# GPU check\n\n{json.dumps(meta)}\n\n{table}\n")
     print(f"gpu_check: wrote {out / 'gpu_check.md'} and gpu_check.json")
+# Issue 12 (written in a session without a GPU, not yet run): each task in a Trainer vs its plain loop on
+# the GPU in bf16-mixed (benchmarks/results/tasks_cuda.md), and a ResNet-50 224x224 bf16-mixed
+# channels_last run without and with torch.compile (benchmarks/results/gpu_resnet50.md).
+if on_gpu and not args.tiny:
+    import subprocess
+
+    for command in (
+        ["benchmarks/bench_tasks.py", "--device", "cuda", "--precision", "bf16-mixed", "--steps", "100",
+         "--rounds", "4", "--threads", str(os.cpu_count() or 1)],
+        ["benchmarks/bench_gpu_resnet50.py"],
+    ):
+        print(f"\ngpu_check: {' '.join(command)}", flush=True)
+        subprocess.run([sys.executable, *command], check=True)
 PYTHON_EOF

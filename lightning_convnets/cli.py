@@ -1,4 +1,5 @@
-"""The ``lightning-convnets`` entry point: LightningCLI with ``fit|validate|test|predict`` subcommands.
+"""The ``lightning-convnets`` entry point: LightningCLI with ``fit|validate|test|predict`` subcommands, and
+``export`` (ONNX / torch.export from the same config and a checkpoint: :mod:`lightning_convnets.export`).
 
 Model and data are in subclass mode, so any ``LightningModule`` / ``LightningDataModule`` importable by
 path works, and ours go by their short names: ``--model ImageClassifier --data ShapesDataModule``.
@@ -7,6 +8,7 @@ path works, and ours go by their short names: ``--model ImageClassifier --data S
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -47,6 +49,12 @@ def main(args: list[str] | None = None) -> None:
     Returns nothing: the console script passes the return value to ``sys.exit``, which would turn any
     object into exit status 1. Use :class:`ConvNetsCLI` directly to get the trainer and model.
     """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "export":  # lightning-convnets export --config ... --ckpt_path ... --format ...
+        from lightning_convnets.export import export_cli
+
+        export_cli(argv[1:])
+        return
     ConvNetsCLI(args=args)
 
 

@@ -350,7 +350,8 @@ class UNet(Backbone):
         channels = self.in_channels if self.in_channels is not None else "C"
         if images.ndim != 4 or images.shape[1] != (self.in_channels or images.shape[1]):
             raise ValueError(f"UNet expects images of shape (N, {channels}, H, W), got {tuple(images.shape)}")
-        self.output_size((images.shape[-2], images.shape[-1]))
+        if not torch.compiler.is_exporting():  # the check's int() would fix an exported graph's H and W
+            self.output_size((images.shape[-2], images.shape[-1]))
         if self.encoder is None:
             skips: dict[int, Tensor] = {}
             x = images

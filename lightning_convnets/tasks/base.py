@@ -151,6 +151,18 @@ def _scheduler_accepts_total_steps(factory: Any) -> bool:
     return param is not None and param.default is None
 
 
+def _check_compile_option(option: Any) -> None:
+    if isinstance(option, bool):
+        return
+    if not isinstance(option, Mapping):
+        raise TypeError(f"compile must be a bool or a dict of torch.compile arguments, got {option!r}")
+    allowed = set(inspect.signature(torch.compile).parameters) - {"model"}
+    unknown = sorted(set(option) - allowed)
+    if unknown:
+        raise ValueError(f"compile: unknown torch.compile arguments {unknown}; allowed: {sorted(allowed)}")
+
+
+
 def _batch_size(images: Tensor | Sequence[Tensor]) -> int:
     # A tensor batch (N, C, H, W), or a list of images (detection).
     return int(images.shape[0]) if isinstance(images, Tensor) else len(images)
@@ -205,6 +217,10 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
         figure_every_n_epochs: log validation figures every N epochs (0: never; test figures always).
         channels_last: convert the weights to the channels-last memory format at setup (convolutions then
             run NHWC: faster on CPUs and on GPU tensor cores, same numbers).
+        compile: ``True`` or a dict of :func:`torch.compile` keyword arguments (``{"mode": "max-autotune"}``,
+            ``{"backend": "aot_eager"}``): the network is compiled in place at setup
+            (:meth:`torch.nn.Module.compile`, after the monitors' hooks exist), so checkpoints keep plain
+            parameter names (no ``_orig_mod.``) and load with or without compilation.
 
     Example:
         >>> from lightning_convnets import ImageClassifier  # a ConvNetTask
@@ -230,8 +246,10 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
         num_sample_figures: int = 8,
         figure_every_n_epochs: int = 1,
         channels_last: bool = False,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
+        _check_compile_option(compile)
         if isinstance(freeze_backbone, bool):
             pass
         elif not isinstance(freeze_backbone, int) or freeze_backbone < 0:
@@ -434,6 +452,20 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
         self.check_datamodule()
         if self.hparams.get("channels_last"):
             self.to(memory_format=torch.channels_last)
+        self._apply_compile()
+
+    def compile_modules(self) -> list[nn.Module]:
+        """The modules ``compile`` compiles in place: the task itself (its ``forward`` is the network)."""
+        return [self]
+
+    def _apply_compile(self) -> None:
+        option = self.hparams.get("compile")
+        if not option:
+            return
+        kwargs = {} if option is True else dict(option)
+        for module in self.compile_modules():
+            if getattr(module, "_compiled_call_impl", None) is None:  # setup runs once per stage
+                module.compile(**kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the class count (it may come from the datamodule, not the hyperparameters)."""

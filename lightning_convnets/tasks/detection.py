@@ -208,6 +208,10 @@ class ObjectDetector(ConvNetTask):
             }
         )
 
+    def compile_modules(self) -> list[nn.Module]:
+        # training and evaluation call the network directly; forward() adds the decoding around it
+        return [self.detector]
+
     def _auto_size_divisor(self) -> int:
         needs = [self.detector.stride, max(self.backbone.reductions)]
         multiple = getattr(self.backbone, "multiple", None)
