@@ -49,6 +49,17 @@ FORBIDDEN: dict[str, set[str]] = {
     "batch": {"tasks", "callbacks", "datamodules", "backbones", "writers", "detection_writers", *GLUE},
     "writers": {"tasks", "callbacks", "datamodules", "backbones", *GLUE},
     "detection_writers": {"tasks", "callbacks", "datamodules", "backbones", *GLUE},
+    "checkpointing": {
+        "tasks",
+        "callbacks",
+        "datamodules",
+        "backbones",
+        "nn",
+        "writers",
+        "detection_writers",
+        "figures",
+        *GLUE,
+    },
 }
 
 
