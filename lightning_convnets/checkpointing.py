@@ -97,7 +97,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         [0.0]
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         """Write ``checkpoint`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options")
@@ -107,7 +109,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, path)
 
     def load_checkpoint(
-        self, path: Any, map_location: Any | None = lambda storage, loc: storage, weights_only: bool | None = None
+        self,
+        path: Any,
+        map_location: Any | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
     ) -> dict[str, Any]:
         """Load with ``weights_only=True`` unless ``weights_only=False`` is passed explicitly."""
         return super().load_checkpoint(
@@ -134,11 +139,14 @@ class AtomicModelCheckpoint(ModelCheckpoint):
     step trigger as exclusive of the epoch trigger, so its ``last.ckpt`` would lag behind a finished
     epoch by up to ``every_n_train_steps`` steps).
 
+    Another: without ``dirpath``, the files go to ``<logger save_dir>/<logger name>/checkpoints``, one
+    folder for all versions of a run (``ModelCheckpoint`` uses ``.../version_N/checkpoints``, and a new run
+    increments N, so ``--ckpt_path last`` would find nothing there and silently start from scratch).
+
     The configs use two of them: one keeping the best checkpoint of the monitored metric, and one
     (``save_last=True, save_top_k=0, every_n_train_steps=N``) writing ``last.ckpt`` every N optimizer
     steps and after each validation, so that ``lightning-convnets fit --config ... --ckpt_path last``
-    resumes a killed run. Give both a fixed ``dirpath``: the default folder lies under the logger's
-    ``version_N``, which a new run increments, so ``last`` would find nothing and start from scratch.
+    resumes a killed run.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -152,10 +160,36 @@ class AtomicModelCheckpoint(ModelCheckpoint):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Install :class:`AtomicCheckpointIO` on the strategy, then ``ModelCheckpoint.setup``."""
         install_atomic_io(trainer)
+        self._use_run_folder(trainer)
         super().setup(trainer, pl_module, stage)
 
+    def _use_run_folder(self, trainer: Trainer) -> None:
+        if self.dirpath is not None:
+            return
+        if trainer.loggers:
+            logger = trainer.loggers[0]
+            root = logger.save_dir or trainer.default_root_dir
+            name = logger.name
+            folder = (
+                os.path.join(str(root), str(name), "checkpoints")
+                if name
+                else os.path.join(str(root), "checkpoints")
+            )
+        else:
+            folder = os.path.join(trainer.default_root_dir, "checkpoints")
+        self.dirpath = os.path.realpath(os.path.expanduser(folder)) if _is_local(folder) else folder
+
+    def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
+        # Called by fit(ckpt_path="last") before setup: the folder must be the run folder already.
+        self._use_run_folder(trainer)
+        return super()._find_last_checkpoints(trainer)
+
     def _save_last_now(self, trainer: Trainer) -> None:
-        if self.save_last and self._every_n_train_steps >= 1 and not self._should_skip_saving_checkpoint(trainer):
+        if (
+            self.save_last
+            and self._every_n_train_steps >= 1
+            and not self._should_skip_saving_checkpoint(trainer)
+        ):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
