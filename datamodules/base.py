@@ -166,6 +166,8 @@ class ConvDataModule(LightningDataModule):
         drop_last: drop the last incomplete training batch.
         ignore_index: segmentation mask value meaning "no label".
         min_visibility, min_area: detection box dropping rule (see ``transforms.build_pipeline``).
+        allow_symlinks_outside_root: follow image symlinks that lead outside the data root (COCO
+            ``file_name`` entries); by default such a link is refused with a :class:`DataValidationError`.
         default_mean, default_std: the statistics used when ``mean``/``std`` are not given; ``None``:
             the class's ``default_mean``/``default_std`` attributes (ImageNet's; CIFAR-10's or the shapes
             generator's in those modules).
@@ -203,6 +205,7 @@ class ConvDataModule(LightningDataModule):
         ignore_index: int = 255,
         min_visibility: float = 0.3,
         min_area: float = 1.0,
+        allow_symlinks_outside_root: bool = False,
         default_mean: Sequence[float] | None = None,
         default_std: Sequence[float] | None = None,
     ) -> None:
@@ -236,6 +239,7 @@ class ConvDataModule(LightningDataModule):
         self.ignore_index = ignore_index
         self.min_visibility = min_visibility
         self.min_area = min_area
+        self.allow_symlinks_outside_root = allow_symlinks_outside_root
         self._class_names: list[str] | None = None
         self._shuffle_seed: int | None = None  # seed of the training order (drawn once, checkpointed)
         self._resume_position: tuple[int, int] | None = None  # (epoch, images consumed) from a checkpoint
