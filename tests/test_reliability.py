@@ -294,3 +294,89 @@ def test_datamodule_state_restores_the_split_seed_and_refuses_changed_classes(tm
     reordered = ImageFolderDataModule(str(root / "x"), class_names=["dog", "cat"], seed=3)
     with pytest.raises(DataValidationError, match="same entries, reordered"):
         reordered.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------- long run
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads /proc")
+def test_long_run_memory_flat_history_capped_file_descriptors_steady(tmp_path):
+    from lightning.pytorch import LightningModule
+    from lightning_convnets.callbacks import BatchNormDriftMonitor, GradientShatteringMonitor
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Tiny(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(
+                nn.Conv2d(3, 4, 3, padding=1),
+                nn.BatchNorm2d(4),
+                nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+                nn.Linear(4, 2),
+            )
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    samples = []
+
+    class Probe(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step % 100 == 0:
+                samples.append((trainer.global_step, _rss_bytes(), _open_fds()))
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 3, 8, 8), torch.randint(0, 2, (64,)))
+    loader = DataLoader(data, batch_size=2, shuffle=True, num_workers=2, persistent_workers=True)
+    cap = 50
+    monitors = [
+        ActivationVarianceMonitor(log_every_n_steps=5, max_history=cap),
+        BatchNormDriftMonitor(log_every_n_steps=5, max_history=cap),
+        GradientShatteringMonitor(every_n_steps=50, max_history=cap),
+    ]
+    steps = 3000
+    trainer = Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[*monitors, Probe()],
+        log_every_n_steps=5,
+    )
+    trainer.fit(Tiny(), loader)
+    assert trainer.global_step == steps
+    for monitor in monitors[:2]:  # 600 flushes each: at the cap (halved past it, then refilled)
+        assert len(monitor.history) == cap, (type(monitor).__name__, len(monitor.history))
+    assert 0 < len(monitors[2].history) <= cap  # 60 probes: halved once past the cap
+    warm = [s for s in samples if s[0] >= 600]  # after warm-up (allocator pools, first epochs of workers)
+    x = np.array([s[0] for s in warm], float)
+    rss = np.array([s[1] for s in warm], float) / 2**20
+    slope = np.polyfit(x, rss, 1)[0] * 1000  # MiB per 1000 steps
+    print(
+        f"RSS after warm-up: {rss[0]:.1f} -> {rss[-1]:.1f} MiB, slope {slope:.3f} MiB per 1000 steps; "
+        f"fds {[s[2] for s in warm][:3]} ... {[s[2] for s in warm][-3:]}"
+    )
+    assert abs(slope) < 2.0, slope  # a leak of 1 KiB per step would be ~1 MiB per 1000 steps
+    assert rss[-1] - rss[0] < 8.0
+    fds = [s[2] for s in warm]
+    assert max(fds) - min(fds) <= 2, fds
