@@ -213,12 +213,13 @@ def test_killed_quickstart_resumes_bit_identically_without_repeating_or_skipping
         worst[key.split("{")[0]] = max(
             _relative_gap(x, y)
             for ea, ec in zip(history_a, history_c)
-            for x, y in ((ea[k], ec[k]) for k in ea)
+            for x, y in ((ea[k], ec[k]) for k in ea if not k.endswith("_seconds"))
         )
     print("largest relative gap per monitor history:", worst)
     # Monitors that accumulate moments around a shift (ShiftedMoments: the activation and BatchNorm
     # monitors) re-centre it on the previous interval's mean; the shift is not in their checkpoint state,
     # so the resumed run's first interval uses the resumed batch's mean instead: the same statistics
-    # up to float rounding of the shifted sums. Every other number is bit-identical.
+    # up to float rounding of the shifted sums. Every other number is bit-identical, except wall-clock
+    # timings (the shattering probe's ``probe_seconds``), which no two runs share.
     for name, gap in worst.items():
         assert gap <= (1e-6 if name in SHIFTED else 0.0), (name, gap)
