@@ -73,7 +73,9 @@ def test_quickstart_config_has_the_promised_pieces():
         c["class_path"].rsplit(".", 1)[-1]: c.get("init_args", {}) for c in config["trainer"]["callbacks"]
     }
     checkpoints = [
-        c.get("init_args", {}) for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")
+        c.get("init_args", {})
+        for c in config["trainer"]["callbacks"]
+        if c["class_path"].endswith("ModelCheckpoint")
     ]
     assert any(c.get("monitor") == "val/acc" and c.get("mode") == "max" for c in checkpoints)
     assert any(c.get("save_last") and c.get("every_n_train_steps") for c in checkpoints)  # resumable

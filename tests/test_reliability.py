@@ -360,6 +360,7 @@ def test_long_run_memory_flat_history_capped_file_descriptors_steady(tmp_path):
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
         callbacks=[*monitors, Probe()],
         log_every_n_steps=5,
     )
