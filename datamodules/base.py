@@ -10,11 +10,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from .datasets import detection_collate
 from .io import DataValidationError
+from .sampling import ResumableSampler
 from .transforms import TransformSpec, build_pipeline
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -125,6 +128,19 @@ def carve_splits(
     return samples
 
 
+def describe_change(saved: Sequence[Any], now: Sequence[Any]) -> str:
+    """``"removed [...], added [...]"`` or ``"reordered"``: how ``now`` differs from ``saved``.
+
+    Example:
+        >>> describe_change(["cat", "dog"], ["cat", "dog", "fox"]), describe_change([1, 2], [2, 1])
+        ("added ['fox']", 'same entries, reordered')
+    """
+    removed = [c for c in saved if c not in now]
+    added = [c for c in now if c not in saved]
+    parts = ([f"removed {removed}"] if removed else []) + ([f"added {added}"] if added else [])
+    return ", ".join(parts) or "same entries, reordered"
+
+
 class ConvDataModule(LightningDataModule):
     """Base of every data module here: loaders, transforms, and the metadata tasks read.
 
@@ -150,6 +166,8 @@ class ConvDataModule(LightningDataModule):
         drop_last: drop the last incomplete training batch.
         ignore_index: segmentation mask value meaning "no label".
         min_visibility, min_area: detection box dropping rule (see ``transforms.build_pipeline``).
+        allow_symlinks_outside_root: follow image symlinks that lead outside the data root (COCO
+            ``file_name`` entries); by default such a link is refused with a :class:`DataValidationError`.
         default_mean, default_std: the statistics used when ``mean``/``std`` are not given; ``None``:
             the class's ``default_mean``/``default_std`` attributes (ImageNet's; CIFAR-10's or the shapes
             generator's in those modules).
@@ -187,6 +205,7 @@ class ConvDataModule(LightningDataModule):
         ignore_index: int = 255,
         min_visibility: float = 0.3,
         min_area: float = 1.0,
+        allow_symlinks_outside_root: bool = False,
         default_mean: Sequence[float] | None = None,
         default_std: Sequence[float] | None = None,
     ) -> None:
@@ -220,7 +239,11 @@ class ConvDataModule(LightningDataModule):
         self.ignore_index = ignore_index
         self.min_visibility = min_visibility
         self.min_area = min_area
+        self.allow_symlinks_outside_root = allow_symlinks_outside_root
         self._class_names: list[str] | None = None
+        self._shuffle_seed: int | None = None  # seed of the training order (drawn once, checkpointed)
+        self._resume_position: tuple[int, int] | None = None  # (epoch, images consumed) from a checkpoint
+        self.train_sampler: ResumableSampler | None = None
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
@@ -311,13 +334,89 @@ class ConvDataModule(LightningDataModule):
                 raise DataValidationError(f"{where}: the {split} split is empty")
             setattr(self, f"{split}_dataset", make_dataset(split, samples[split]))
 
+    # --------------------------------------------------------------------- checkpoint state (resume)
+    def identity_state(self) -> dict[str, Any]:
+        """What a resumed run must find unchanged: class names in label order (and, where the data has
+        them, ``category_ids``). Plain data only (checkpoints load with ``weights_only=True``)."""
+        state: dict[str, Any] = {"class_names": [str(n) for n in self.class_names]}
+        ids = getattr(self, "category_ids", None) if self.task == "detection" else None
+        if ids is not None:
+            state["category_ids"] = [int(i) for i in ids]
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state a resume needs: split seed, label mapping, class names, and the position in the
+        training order (epoch, images consumed) for an exact mid-epoch resume."""
+        state: dict[str, Any] = {"version": 1, "seed": int(self.seed), **self.identity_state()}
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and self._shuffle_seed is not None:
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            state["shuffle_seed"] = int(self._shuffle_seed)
+            state["epoch"] = int(trainer.current_epoch)
+            state["images_consumed"] = int(done) * self.batch_size
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the split seed and training position; refuse data whose classes changed.
+
+        Raises:
+            DataValidationError: naming the classes (or category ids) added, removed or reordered.
+        """
+        saved_seed = state_dict.get("seed")
+        if saved_seed is not None and int(saved_seed) != int(self.seed):
+            rank_zero_warn(
+                f"{type(self).__name__}: the checkpoint's split seed is {saved_seed}, this run's {self.seed}; "
+                f"using the checkpoint's (the splits are rebuilt so that they match the trained model's)"
+            )
+            self.seed = int(saved_seed)
+            built = [s for s in ("train", "val", "test") if getattr(self, f"{s}_dataset") is not None]
+            for split in built:
+                setattr(self, f"{split}_dataset", None)
+            if built:
+                self._build_datasets(built)
+        now = self.identity_state()
+        for key in ("class_names", "category_ids"):
+            if key in state_dict and key in now and list(state_dict[key]) != list(now[key]):
+                raise DataValidationError(
+                    f"{type(self).__name__}: the checkpoint was trained with {key} {list(state_dict[key])} but "
+                    f"the data now gives {now[key]} ({describe_change(list(state_dict[key]), now[key])}); a "
+                    f"resume needs the same {key} in the same order: restore the data, or start a new run"
+                )
+        if "shuffle_seed" in state_dict:
+            self._shuffle_seed = int(state_dict["shuffle_seed"])
+            self._resume_position = (int(state_dict["epoch"]), int(state_dict["images_consumed"]))
+
+    def _training_sampler(self, dataset: Dataset) -> ResumableSampler | None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and getattr(trainer, "world_size", 1) > 1:
+            return None  # Lightning's DistributedSampler (seeded per epoch) takes over
+        if self._shuffle_seed is None:
+            self._shuffle_seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        sampler = ResumableSampler(
+            len(dataset), self._shuffle_seed, seeded_indices=getattr(dataset, "accepts_seeded_index", False)
+        )
+        if self._resume_position is not None:
+            epoch, consumed = self._resume_position
+            self._resume_position = None
+            # Lightning may iterate the loader before it calls set_epoch (workers start eagerly): start
+            # at the epoch the resumed run continues, skipping what that epoch already consumed.
+            if consumed >= len(dataset):
+                sampler.set_epoch(epoch + 1)
+            else:
+                sampler.set_epoch(epoch)
+                sampler.resume(epoch, consumed)
+        self.train_sampler = sampler
+        return sampler
+
     def _loader(self, dataset: Dataset | None, split: str, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__} has no {split} split; call setup() first")
+        sampler = self._training_sampler(dataset) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,

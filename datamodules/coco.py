@@ -14,6 +14,7 @@ Rules (also in :class:`CocoDetectionDataModule`):
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 
 from .base import ConvDataModule, carve_splits
 from .datasets import DetectionDataset, DetectionRecord
-from .io import DataValidationError, verify_image
+from .io import DataValidationError, check_inside_root, verify_image
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -68,6 +69,7 @@ def load_coco_records(
     images_root: str | Path,
     verify_images: bool = True,
     category_ids: Sequence[int] | None = None,
+    allow_symlinks_outside_root: bool = False,
 ) -> tuple[list[DetectionRecord], list[int], list[str]]:
     """Parse and check a COCO json; return one record per image plus the label mapping.
 
@@ -76,6 +78,7 @@ def load_coco_records(
         images_root: the folder ``file_name`` entries are relative to.
         verify_images: also open every image header (PIL ``verify``) and compare its size with the json.
         category_ids: use this label order (e.g. restored from a checkpoint) instead of the json's.
+        allow_symlinks_outside_root: follow image symlinks that lead outside ``images_root``.
 
     Raises:
         DataValidationError: naming the file, image id or annotation id for: a missing/unreadable json,
@@ -101,9 +104,15 @@ def load_coco_records(
     records: dict[int, DetectionRecord] = {}
     for image in data["images"]:
         try:
-            image_id, file_name = int(image["id"]), str(image["file_name"])
+            image_id, file_name = int(image["id"]), image["file_name"]
         except (KeyError, TypeError, ValueError) as err:
-            raise DataValidationError(f"{path}: image entry {image!r} needs 'id' and 'file_name'") from err
+            raise DataValidationError(
+                f"{path}: image entry {image!r} needs an integer 'id' and a 'file_name'"
+            ) from err
+        if not isinstance(file_name, str) or not file_name:
+            raise DataValidationError(
+                f"{path}: image id {image_id} file_name {file_name!r} is not a file name"
+            )
         if image_id in records:
             raise DataValidationError(f"{path}: image id {image_id} appears twice")
         file_path = _inside(root, file_name)
@@ -113,7 +122,13 @@ def load_coco_records(
             )
         if not file_path.is_file():
             raise DataValidationError(f"{file_path}: missing image file (image id {image_id} in {path})")
+        check_inside_root(file_path, root, allow_symlinks_outside_root, f"image id {image_id} in {path}")
         width, height = image.get("width"), image.get("height")
+        for key, value in (("width", width), ("height", height)):
+            if value is not None and not (isinstance(value, int | float) and value > 0):
+                raise DataValidationError(
+                    f"{path}: image id {image_id} {key} {value!r} is not a positive number of pixels"
+                )
         if verify_images:
             size = verify_image(file_path)
             if width is not None and height is not None and size != (int(width), int(height)):
@@ -131,6 +146,8 @@ def load_coco_records(
     boxes: dict[int, list[list[float]]] = {i: [] for i in records}
     labels: dict[int, list[int]] = {i: [] for i in records}
     for ann in data.get("annotations") or []:
+        if not isinstance(ann, dict):
+            raise DataValidationError(f"{path}: annotation {ann!r} is not an object")
         ann_id = ann.get("id", "?")
         where = f"{path}: annotation id {ann_id}"
         image_id = ann.get("image_id")
@@ -142,7 +159,14 @@ def load_coco_records(
         bbox = ann.get("bbox")
         if not (isinstance(bbox, list | tuple) and len(bbox) == 4):
             raise DataValidationError(f"{where}: bbox {bbox!r} is not [x, y, width, height]")
-        x, y, w, h = (float(v) for v in bbox)
+        try:
+            x, y, w, h = (float(v) for v in bbox)
+        except (TypeError, ValueError) as err:
+            raise DataValidationError(
+                f"{where}: bbox {list(bbox)} holds a non-number; expected 4 numbers [x, y, width, height]"
+            ) from err
+        if not all(math.isfinite(v) for v in (x, y, w, h)):
+            raise DataValidationError(f"{where}: bbox {list(bbox)} holds NaN or infinity")
         if not (w > 0 and h > 0):
             raise DataValidationError(f"{where}: bbox {list(bbox)} has non-positive width or height")
         record = records[image_id]
@@ -238,12 +262,15 @@ class CocoDetectionDataModule(ConvDataModule):
 
     def _build_datasets(self, splits: Sequence[str]) -> None:
         images, annotations = self.sources["train"]
-        records = {"train": load_coco_records(annotations, images, self.verify_images, self.category_ids)[0]}
+        outside = self.allow_symlinks_outside_root
+        records = {
+            "train": load_coco_records(annotations, images, self.verify_images, self.category_ids, outside)[0]
+        }
         for split in ("val", "test"):
             source = self.sources[split]
             if source is not None:
                 records[split] = load_coco_records(
-                    source[1], source[0], self.verify_images, self.category_ids
+                    source[1], source[0], self.verify_images, self.category_ids, outside
                 )[0]
         carve_splits(records, self.fractions, self.seed)
 

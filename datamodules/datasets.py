@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from .io import DataValidationError, check_mask_values, load_image, load_mask
+from .sampling import SeededIndex
 
 
 class _SeededTransformMixin:
@@ -28,6 +29,18 @@ class _SeededTransformMixin:
 
     transform: Callable[..., dict[str, Any]] | None
     _seed_key: tuple[int, int] | None = None
+    # The training sampler (sampling.ResumableSampler) may hand out (index, augmentation seed) pairs.
+    accepts_seeded_index = True
+
+    def _take(self, index: int | SeededIndex) -> int:
+        """The plain index; seed the augmentations from a :class:`SeededIndex`, else per process."""
+        if isinstance(index, tuple):
+            index, seed = index
+            if self.transform is not None and hasattr(self.transform, "set_random_seed"):
+                self.transform.set_random_seed(int(seed))
+            return int(index)
+        self._reseed()
+        return index
 
     def _reseed(self) -> None:
         if self.transform is None or not hasattr(self.transform, "set_random_seed"):
@@ -66,8 +79,8 @@ class ClassificationDataset(_SeededTransformMixin, Dataset):
         """Label of every sample, in order."""
         return [label for _, label in self.samples]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        self._reseed()
+    def __getitem__(self, index: int | SeededIndex) -> tuple[torch.Tensor, int]:
+        index = self._take(index)
         path, label = self.samples[index]
         image = load_image(path, self.in_channels)
         if self.transform is not None:
@@ -103,8 +116,8 @@ class SegmentationDataset(_SeededTransformMixin, Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self._reseed()
+    def __getitem__(self, index: int | SeededIndex) -> tuple[torch.Tensor, torch.Tensor]:
+        index = self._take(index)
         image_path, mask_path = self.pairs[index]
         image = load_image(image_path, self.in_channels)
         mask = load_mask(mask_path)
@@ -157,8 +170,8 @@ class DetectionDataset(_SeededTransformMixin, Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        self._reseed()
+    def __getitem__(self, index: int | SeededIndex) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        index = self._take(index)
         record = self.records[index]
         image = load_image(record.path, self.in_channels)
         height, width = image.shape[:2]

@@ -25,8 +25,33 @@ def is_image_file(path: str | Path) -> bool:
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name (other files are ignored)."""
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and is_image_file(p))
+    """Image files directly inside ``folder``, sorted by name (other files are ignored).
+
+    Raises:
+        DataValidationError: for a directory named like an image (``cat.png/``): most likely an
+            unpacking accident, and never an image.
+    """
+    images = []
+    for path in sorted(Path(folder).iterdir()):
+        if not is_image_file(path):
+            continue
+        if path.is_dir():
+            raise DataValidationError(
+                f"{path}: a directory named like an image file; expected an image file (rename or remove it)"
+            )
+        if path.is_file():
+            images.append(path)
+    return images
+
+
+def check_inside_root(path: str | Path, root: str | Path, allow_outside: bool, what: str = "file") -> None:
+    """Raise when ``path`` (after following symlinks) lies outside ``root`` and that is not allowed."""
+    real, real_root = Path(path).resolve(), Path(root).resolve()
+    if not allow_outside and not real.is_relative_to(real_root):
+        raise DataValidationError(
+            f"{path}: {what} is a symlink to {real}, outside the data root {real_root}; expected files under "
+            "the root (pass allow_symlinks_outside_root=True to follow such links)"
+        )
 
 
 def verify_image(path: str | Path) -> tuple[int, int]:
@@ -41,6 +66,8 @@ def verify_image(path: str | Path) -> tuple[int, int]:
     path = Path(path)
     if not path.is_file():
         raise DataValidationError(f"{path}: image file not found")
+    if path.stat().st_size == 0:
+        raise DataValidationError(f"{path}: empty file (0 bytes); expected an image")
     try:
         with Image.open(path) as image:
             size = image.size

@@ -47,7 +47,7 @@ class _PilPairDataset(_SeededTransformMixin, Dataset):
         return len(self.base)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
-        self._reseed()
+        index = self._take(index)
         image, target = self.base[index]
         image = convert_channels(image, self.in_channels)
         if not self.segmentation:

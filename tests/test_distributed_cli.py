@@ -63,10 +63,14 @@ def _tiny(tmp_path: Path) -> list[str]:
 
 def _only_checkpoint(tmp_path: Path) -> dict:
     """Rank zero alone wrote: one version folder, holding the config, the events and the checkpoint."""
-    (version,) = (tmp_path / "logs" / "quickstart").iterdir()
+    run = tmp_path / "logs" / "quickstart"
+    (version,) = (p for p in run.iterdir() if p.name.startswith("version_"))
     assert version.name == "version_0"
     assert (version / "config.yaml").is_file() and list(version.glob("events.out.tfevents.*"))
-    (checkpoint,) = (version / "checkpoints").glob("*.ckpt")
+    # AtomicModelCheckpoint writes into the run folder shared by every version: best and last.
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "version_0"]
+    (checkpoint,) = (run / "checkpoints").glob("best*.ckpt")
+    assert [p.name for p in (run / "checkpoints").glob("last*.ckpt")] == ["last.ckpt"]
     return torch.load(checkpoint, weights_only=False)
 
 

@@ -104,8 +104,11 @@ def test_quickstart_config_on_two_ranks_matches_one_process(task, tmp_path, monk
     fit = ConvNetsCLI(args=["fit", *common, *ddp, _recorder(tmp_path / "fit")])
     best = fit.trainer.checkpoint_callback.best_model_path
     assert best and Path(best).is_file(), "the 2-rank fit saved no checkpoint"
-    # rank zero alone wrote logs and checkpoints: one version folder, the checkpoint inside it
-    versions = sorted(p.name for p in Path(best).parents[2].iterdir())
+    # rank zero alone wrote logs and checkpoints: one version folder; the checkpoints in it, or, with
+    # AtomicModelCheckpoint, in <save_dir>/<name>/checkpoints, shared by every version of the run
+    run = Path(best).parents[1]
+    run = run.parent if run.name.startswith("version_") else run
+    versions = sorted(p.name for p in run.iterdir() if p.name.startswith("version_"))
     assert versions == ["version_0"] and Path(best).parent.name == "checkpoints"
     for record in load_ranks(tmp_path / "fit", "fit"):
         assert record == {"samplers": {"train": "DistributedSampler"}, "world_size": 2}

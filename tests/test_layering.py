@@ -52,6 +52,17 @@ FORBIDDEN: dict[str, set[str]] = {
     # inference helpers the tasks call (tiled prediction, test-time augmentation): model-agnostic
     "tiling": {"tasks", "callbacks", "datamodules", "backbones", "writers", "detection_writers", *GLUE},
     "tta": {"tasks", "callbacks", "datamodules", "backbones", "writers", "detection_writers", *GLUE},
+    "checkpointing": {
+        "tasks",
+        "callbacks",
+        "datamodules",
+        "backbones",
+        "nn",
+        "writers",
+        "detection_writers",
+        "figures",
+        *GLUE,
+    },
 }
 
 

@@ -5,7 +5,7 @@ Importing this package also imports the prediction writers, so the CLI knows the
 """
 
 from lightning_convnets.detection_writers import CocoResultsWriter
-from lightning_convnets.tasks.base import ConvNetTask, WarmupCosineLR, resolve_backbone
+from lightning_convnets.tasks.base import ConvNetTask, NonFiniteLossError, WarmupCosineLR, resolve_backbone
 from lightning_convnets.tasks.classification import ImageClassifier
 from lightning_convnets.tasks.detection import ObjectDetector
 from lightning_convnets.tasks.segmentation import SemanticSegmenter
@@ -17,6 +17,7 @@ __all__ = [
     "ConvNetTask",
     "ImageClassifier",
     "MaskPNGWriter",
+    "NonFiniteLossError",
     "ObjectDetector",
     "SemanticSegmenter",
     "WarmupCosineLR",

@@ -13,14 +13,16 @@ import functools
 import importlib
 import inspect
 import math
+import random
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
@@ -30,6 +32,15 @@ from lightning_convnets.backbones import check_contract, create_backbone
 from lightning_convnets.batch import INPUT_KEYS
 
 BackboneSpec = str | dict[str, Any] | nn.Module
+NONFINITE_MODES = ("stop", "skip", "warn")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/Inf loss or gradient (``nonfinite="stop"``, or too many skipped steps).
+
+    The message names the optimizer step, the loss value and, when an ``ActivationVarianceMonitor`` is
+    attached, the first module whose output was non-finite.
+    """
 
 
 class WarmupCosineLR(LambdaLR):
@@ -162,6 +173,28 @@ def _check_compile_option(option: Any) -> None:
         raise ValueError(f"compile: unknown torch.compile arguments {unknown}; allowed: {sorted(allowed)}")
 
 
+def _rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and Python generator states, as plain data (weights-only loadable)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
 
 def _batch_size(images: Tensor | Sequence[Tensor]) -> int:
     # A tensor batch (N, C, H, W), or a list of images (detection).
@@ -221,6 +254,15 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
             ``{"backend": "aot_eager"}``): the network is compiled in place at setup
             (:meth:`torch.nn.Module.compile`, after the monitors' hooks exist), so checkpoints keep plain
             parameter names (no ``_orig_mod.``) and load with or without compilation.
+        nonfinite: what a NaN/Inf training loss or gradient does. ``"stop"`` (default): the fit ends with a
+            :class:`NonFiniteLossError` naming the step, the loss and (with an ``ActivationVarianceMonitor``)
+            the first non-finite module; no checkpoint is written after that step, so the last good one
+            stays. ``"skip"``: that optimizer step is dropped (weights and optimizer state untouched),
+            counted and logged as ``train/skipped_steps``; ``max_skipped_steps`` in a row stop the fit.
+            ``"warn"``: one warning, training goes on. ``"stop"`` and ``"warn"`` keep a flag on the device
+            and read it every ``log_every_n_steps`` (and before each checkpoint): no per-step host sync;
+            ``"skip"`` must decide before each optimizer step, so it reads one flag per step.
+        max_skipped_steps: consecutive skipped steps that stop the fit (``nonfinite="skip"``).
 
     Example:
         >>> from lightning_convnets import ImageClassifier  # a ConvNetTask
@@ -247,9 +289,15 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
         figure_every_n_epochs: int = 1,
         channels_last: bool = False,
         compile: bool | dict[str, Any] = False,
+        nonfinite: Literal["stop", "skip", "warn"] = "stop",
+        max_skipped_steps: int = 10,
     ) -> None:
         super().__init__()
         _check_compile_option(compile)
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        if max_skipped_steps < 1:
+            raise ValueError(f"max_skipped_steps must be >= 1, got {max_skipped_steps}")
         if isinstance(freeze_backbone, bool):
             pass
         elif not isinstance(freeze_backbone, int) or freeze_backbone < 0:
@@ -291,6 +339,8 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
         self.stage_loss = nn.ModuleDict({f"{s}_": MeanMetric() for s in ("train", "val", "test")})
         self.metrics = nn.ModuleDict()
         self.num_classes: int | None = None
+        self._reset_nonfinite_state()
+        self._rng_to_restore: dict[str, Any] | None = None
         if freeze_backbone is True:
             self._set_backbone_frozen(True)
         # Subclass arguments are in self.hparams already (save_hyperparameters reads every __init__ frame).
@@ -327,6 +377,11 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
             self._set_backbone_frozen(wanted)
             rank_zero_info(f"epoch {self.current_epoch}: backbone {'frozen' if wanted else 'unfrozen'}")
         self.train(True)  # re-apply eval-mode rules after a freeze change
+        if self._rng_to_restore is not None:
+            # A resumed run continues the random streams where the checkpoint left them (after the data
+            # loaders were made, which draw from them), so what follows draws the same numbers.
+            _set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
 
     # ------------------------------------------------------------------------ optimizer and scheduler
     def parameter_groups(self) -> list[dict[str, Any]]:
@@ -468,14 +523,24 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
                 module.compile(**kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the class count (it may come from the datamodule, not the hyperparameters)."""
-        checkpoint["lightning_convnets"] = {"num_classes": self.num_classes}
+        """Record the class count (it may come from the datamodule, not the hyperparameters), the random
+        generators' states and the skipped-step count; refuse to save after a non-finite step."""
+        if self.hparams.get("nonfinite", "stop") == "stop":
+            self._check_nonfinite()  # raises: the last good checkpoint stays as it is
+        checkpoint["lightning_convnets"] = {
+            "num_classes": self.num_classes,
+            "rng": _rng_state(),
+            "skipped_steps": self._nf_skipped,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Build the head for the checkpoint's class count before its weights load."""
         # Runs before the weights are loaded, so a head whose size came from the datamodule is rebuilt
         # here by load_from_checkpoint (no datamodule needed).
-        saved = (checkpoint.get("lightning_convnets") or {}).get("num_classes")
+        ours = checkpoint.get("lightning_convnets") or {}
+        self._rng_to_restore = ours.get("rng")
+        self._nf_skipped = int(ours.get("skipped_steps", 0))
+        saved = ours.get("num_classes")
         if saved is None:
             return
         if self.num_classes is None:
@@ -485,6 +550,23 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
                 f"the checkpoint was trained for {saved} classes but this {type(self).__name__} has "
                 f"{self.num_classes}; leave num_classes unset or set it to {saved}"
             )
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: Any,
+        map_location: Any = None,
+        hparams_file: Any = None,
+        strict: bool | None = None,
+        weights_only: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """``LightningModule.load_from_checkpoint`` with ``weights_only=True`` by default: a checkpoint
+        holding a pickled object of another class is refused (pass ``weights_only=False`` only for a
+        file you trust: unpickling can run code)."""
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location, hparams_file, strict, weights_only=weights_only, **kwargs
+        )
 
     def on_fit_start(self) -> None:
         """Log the parameter count and its ratio to the number of training examples."""
@@ -545,6 +627,7 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
         if loss is None:
             raise RuntimeError(f"{type(self).__name__}.shared_step returned no loss for a training batch")
         n = _batch_size(images)
+        self._note_loss(loss)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
         self.stage_loss["train_"].update(loss.detach(), n)
         if preds is not None:
@@ -566,6 +649,125 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """Evaluate a test batch (:meth:`evaluate_batch`)."""
         self.evaluate_batch(batch, batch_idx, "test")
+
+    # ------------------------------------------------------------------ non-finite loss or gradients
+    def _reset_nonfinite_state(self) -> None:
+        self._nf_pending: Tensor | None = None  # this optimizer step's micro-batches had a bad loss
+        self._nf_pending_loss: Tensor | None = None
+        self._nf_step: Tensor | None = None  # first bad optimizer step (-1: none), on the device
+        self._nf_loss: Tensor | None = None  # the loss at that step
+        self._nf_checked_step = -1
+        self._nf_skipped = 0
+        self._nf_consecutive = 0
+        self._nf_warned = False
+
+    def _note_loss(self, loss: Tensor) -> None:
+        value = loss.detach().float()
+        bad = ~torch.isfinite(value)
+        if self._nf_pending is None:
+            self._nf_pending, self._nf_pending_loss = bad, value
+        else:  # gradient accumulation: keep a non-finite micro-batch loss over later finite ones
+            self._nf_pending_loss = torch.where(bad | ~self._nf_pending, value, self._nf_pending_loss)
+            self._nf_pending = self._nf_pending | bad
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """Check the step's loss and gradients for NaN/Inf; ``"skip"`` drops the step here."""
+        if self._nf_pending is None:
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        bad = self._nf_pending
+        if grads:  # the norm of a tensor holding NaN/Inf is NaN/Inf: one fused pass over the gradients
+            bad = bad | ~torch.isfinite(torch.stack(torch._foreach_norm(grads)).float().sum())
+        loss, step = self._nf_pending_loss, self.trainer.global_step
+        self._nf_pending = self._nf_pending_loss = None
+        if self.hparams.get("nonfinite", "stop") == "skip":
+            self._skip_if_nonfinite(optimizer, bool(bad), step, loss)
+            return
+        if self._nf_step is None:
+            self._nf_step = torch.full((), -1, dtype=torch.int64, device=bad.device)
+            self._nf_loss = torch.zeros((), dtype=torch.float32, device=bad.device)
+        first = bad & (self._nf_step < 0)
+        self._nf_step = torch.where(first, torch.full_like(self._nf_step, step), self._nf_step)
+        self._nf_loss = torch.where(first, loss, self._nf_loss)
+
+    def _skip_if_nonfinite(self, optimizer: Optimizer, bad: bool, step: int, loss: Tensor) -> None:
+        if not bad:
+            self._nf_consecutive = 0
+            return
+        # No gradient, no update: the optimizer leaves these parameters and their state as they are.
+        optimizer.zero_grad(set_to_none=True)
+        self._nf_skipped += 1
+        self._nf_consecutive += 1
+        self.log("train/skipped_steps", float(self._nf_skipped), on_step=True, on_epoch=False)
+        rank_zero_warn(
+            f"{type(self).__name__}: optimizer step {step} skipped: non-finite loss or gradient (loss "
+            f"{float(loss):.6g}); {self._nf_consecutive} in a row, {self._nf_skipped} in all"
+        )
+        if self._nf_consecutive >= int(self.hparams.get("max_skipped_steps", 10)):
+            raise NonFiniteLossError(
+                f"{self._nf_consecutive} optimizer steps in a row had a non-finite loss or gradient (last: "
+                f"step {step}, loss {float(loss):.6g}){self._monitor_says()}; nonfinite='skip' stops after "
+                f"max_skipped_steps={self.hparams.get('max_skipped_steps', 10)}. Lower the learning rate or "
+                "add gradient clipping (trainer.gradient_clip_val)"
+            )
+
+    def _monitor_says(self) -> str:
+        """What an attached activation monitor found (duck-typed: any callback with ``nonfinite``)."""
+        trainer = self._trainer
+        for callback in getattr(trainer, "callbacks", []) if trainer is not None else []:
+            if hasattr(callback, "nonfinite") and not isinstance(callback, LightningModule):
+                found = callback.nonfinite
+                name = type(callback).__name__
+                if found:
+                    return (
+                        f"; {name}: the first non-finite activation came from module {found['layer']!r} "
+                        f"at step {found['step']}"
+                    )
+                return f"; {name}: no non-finite activation up to its last reduction"
+        return ""
+
+    def _check_nonfinite(self) -> None:
+        """Read the device flag (a host sync) and act on it: raise for ``"stop"``, warn for ``"warn"``."""
+        if self._nf_step is None:
+            return
+        step_t = self._nf_step
+        trainer = self._trainer
+        if trainer is not None and getattr(trainer, "world_size", 1) > 1:
+            steps = self.all_gather(step_t).reshape(-1)
+            bad = steps[steps >= 0]
+            step = int(bad.min()) if bad.numel() else -1
+        else:
+            step = int(step_t)
+        if step < 0:
+            return
+        loss = float(self._nf_loss) if int(step_t) == step else float("nan")
+        what = "loss" if not math.isfinite(loss) else "gradient (the loss was finite)"
+        message = (
+            f"{type(self).__name__}: non-finite training {what} at optimizer step {step}: loss {loss:.6g}"
+            f"{self._monitor_says()}"
+        )
+        if self.hparams.get("nonfinite", "stop") == "stop":
+            raise NonFiniteLossError(
+                f"{message}. The fit stops (nonfinite='stop'); checkpoints written before this step are "
+                "untouched. Lower the learning rate, add gradient clipping (trainer.gradient_clip_val), or "
+                "use nonfinite='skip'"
+            )
+        if not self._nf_warned:
+            self._nf_warned = True
+            rank_zero_warn(f"{message}; training goes on (nonfinite='warn')")
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Every ``log_every_n_steps`` optimizer steps, read the non-finite flag (``"stop"``/``"warn"``)."""
+        trainer = self.trainer
+        step = trainer.global_step
+        every = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
+        if step != self._nf_checked_step and step % every == 0:
+            self._nf_checked_step = step
+            self._check_nonfinite()
+
+    def on_train_end(self) -> None:
+        """A last read of the non-finite flag (the tail of the run after the last logging step)."""
+        self._check_nonfinite()
 
     # ----------------------------------------------------------------------------- epoch-end logging
     def epoch_metrics(self, stage: str) -> dict[str, Tensor]:
