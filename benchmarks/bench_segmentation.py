@@ -9,6 +9,7 @@ much more than CPU time), and the load average before and after.
     python benchmarks/bench_segmentation.py                       # all three, the configs' own epochs
     python benchmarks/bench_segmentation.py --models same valid --epochs 4
     python benchmarks/bench_segmentation.py --out benchmarks/results/segmentation_shapes
+    python benchmarks/bench_segmentation.py --merge a.json b.json c.json   # one table from separate runs
 
 Writes ``<out>.json`` and ``<out>.md`` (default ``benchmarks/results/segmentation_shapes``).
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -118,7 +118,8 @@ def to_markdown(rows: list[dict[str, Any]], threads: int) -> str:
         "",
         f"Epochs: {', '.join(map(str, epochs))}; torch threads: {threads}; same data (1000/200/200 generated "
         "64 px shapes images), same optimiser (AdamW, warmup-cosine), test on the best checkpoint (val mIoU).",
-        "Command: `python benchmarks/bench_segmentation.py " + " ".join(sys.argv[1:]) + "`",
+        "Command: `python benchmarks/bench_segmentation.py` (one process per model, run side by side: "
+        "`--models same`, `--models valid`, `--models smp`, then `--merge` of their json files).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -131,8 +132,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--epochs", type=int, default=None, help="override every config's max_epochs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "segmentation_shapes"))
+    parser.add_argument("--merge", nargs="+", default=None, help="only render the table of these json files")
     parser.add_argument("extra", nargs="*", help="extra CLI arguments for every model (after --)")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.merge:
+        rows = [row for path in args.merge for row in json.loads(Path(path).read_text())]
+        out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+        out.with_suffix(".md").write_text(to_markdown(rows, args.threads))
+        print(to_markdown(rows, args.threads))
+        return rows
 
     import torch
 
@@ -143,7 +152,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             row = run_one(name, args.epochs, Path(tmp), args.extra)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
     out.with_suffix(".md").write_text(to_markdown(rows, args.threads))
