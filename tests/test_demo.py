@@ -67,7 +67,7 @@ def test_summary_table_names_every_place_and_says_the_runs_are_shortened(tmp_pat
         "log_dir": str(logs),
         "figures": ["a.png", "b.png"],
         "predictions": [str(overlay), str(logs / "predictions" / "masks")],
-        "shortened": "2 epochs instead of 5",
+        "shortened": "3 epochs instead of 5",
     }
     text = demo.format_summary(
         [result, {**result, "task": "detection", "score": None, "shortened": ""}], 100.0
