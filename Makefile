@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# make demo TASK=classification|segmentation|detection runs one quickstart; empty or all: the three.
+TASK ?= all
 
 .PHONY: demo test bench zoo install clean
 
@@ -15,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m lightning_convnets.demo
+	$(BIN)/python -m lightning_convnets.demo --task "$(TASK)"
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -295,6 +295,9 @@ class ShapesDataModule(ConvDataModule):
         max_shapes: most shapes per image for segmentation (default 3) and detection (default 4).
         max_rotation: shapes are rotated uniformly in ``[-max_rotation, max_rotation]`` degrees; the
             default 20 keeps the quickstart learnable in a minute, 180 gives every orientation.
+        mirror_pad: segmentation only: pixels of mirrored context added on every side of each transformed
+            image (its mask gets ``ignore_index`` there), the paper's input for a valid-padding U-Net; with
+            the network's ``border`` the output covers the whole generated image. 0: none.
         seed: generation seed (same seed, same bytes).
         batch_size: examples per batch.
         verify_images: check every generated file in ``setup`` (off: the generator wrote them).
@@ -323,6 +326,7 @@ class ShapesDataModule(ConvDataModule):
         num_test: int | None = None,
         max_shapes: int | None = None,
         max_rotation: float = 20.0,
+        mirror_pad: int = 0,
         seed: int = 0,
         batch_size: int = 64,
         verify_images: bool = False,
@@ -350,6 +354,9 @@ class ShapesDataModule(ConvDataModule):
         self.num_test = defaults["num_test"] if num_test is None else num_test
         self.max_shapes = defaults["max_shapes"] if max_shapes is None else max_shapes
         self.max_rotation = float(max_rotation)
+        if mirror_pad < 0 or (mirror_pad and task != "segmentation"):
+            raise ValueError(f"mirror_pad must be >= 0 and is for task='segmentation' only, got {mirror_pad}")
+        self.mirror_pad = int(mirror_pad)
         if min(self.num_train, self.num_val, self.num_test) < 1 or self.max_shapes < 1:
             raise ValueError("num_train, num_val, num_test and max_shapes must be >= 1")
         self.data_dir: Path | None = None
@@ -413,6 +420,27 @@ class ShapesDataModule(ConvDataModule):
             pairs = scan_segmentation_folder(folder)
             if self.verify_images:
                 verify_pairs(pairs, self.num_classes, self.ignore_index)
+            if self.mirror_pad:
+                pipeline = _MirrorPad(pipeline, self.mirror_pad, self.ignore_index)
             return SegmentationDataset(pairs, self.num_classes, pipeline, self.in_channels, self.ignore_index)
         records, _, _ = load_coco_records(folder / "annotations.json", folder / "images", self.verify_images)
         return DetectionDataset(records, pipeline, self.in_channels)
+
+
+class _MirrorPad:
+    """Run ``pipeline``, then mirror-pad the image tensor by ``pad`` per side and pad its mask with ``ignore``."""
+
+    def __init__(self, pipeline: Any, pad: int, ignore: int) -> None:
+        self.pipeline, self.pad, self.ignore = pipeline, pad, ignore
+
+    def __call__(self, **data: Any) -> dict[str, Any]:
+        import torch
+        import torch.nn.functional as F
+
+        out = self.pipeline(**data)
+        image, mask, p = out["image"], torch.as_tensor(out["mask"]), [self.pad] * 4
+        if min(image.shape[-2:]) <= self.pad:
+            raise ValueError(f"mirror_pad={self.pad} needs images larger than that, got {tuple(image.shape)}")
+        out["image"] = F.pad(image[None], p, mode="reflect")[0]
+        out["mask"] = F.pad(mask, p, value=self.ignore)
+        return out

@@ -1,7 +1,8 @@
 """COCO-format detection results: the json that ``pycocotools``' ``COCO.loadRes`` and ``COCOeval`` read.
 
 Attached automatically by :class:`~lightning_convnets.tasks.detection.ObjectDetector` in ``predict`` when
-no other writer is configured.
+no other writer is configured. Next to the json it draws ``boxes_overlay.png``: the first images with their
+true boxes (dashed, when the batches carry targets) and the predicted boxes with class and score.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_convnets.writers import class_names_of, display_images, save_figure
 
 
 def detections_to_coco(
@@ -93,10 +97,15 @@ class CocoResultsWriter(BasePredictionWriter):
     without them the dataset index is used. Under DDP every rank's results are gathered and rank 0 writes
     the file. Note that ``pycocotools`` refuses an empty results list, which an empty file would be.
 
+    The overlay figure (``boxes_overlay.png`` next to the json) shows the first ``num_figure_images``
+    images with the detections scoring at least ``figure_score_threshold``.
+
     Args:
         output: json path (default: ``<trainer.log_dir>/predictions/coco_results.json``).
         category_ids: category id of each 0-based label.
         score_threshold: drop detections scoring below this.
+        num_figure_images: images in the overlay figure (0: no figure).
+        figure_score_threshold: lowest score drawn in the figure.
 
     Example:
         >>> trainer = Trainer(callbacks=[CocoResultsWriter("results.json")])  # doctest: +SKIP
@@ -104,22 +113,35 @@ class CocoResultsWriter(BasePredictionWriter):
     """
 
     def __init__(
-        self, output: str | None = None, category_ids: list[int] | None = None, score_threshold: float = 0.0
+        self,
+        output: str | None = None,
+        category_ids: list[int] | None = None,
+        score_threshold: float = 0.0,
+        num_figure_images: int = 6,
+        figure_score_threshold: float = 0.3,
     ) -> None:
         super().__init__(write_interval="batch")
         if output is not None and not str(output).endswith(".json"):
             raise ValueError(f"CocoResultsWriter: output must be a .json path, got {output!r}")
+        if num_figure_images < 0:
+            raise ValueError(f"CocoResultsWriter: num_figure_images must be >= 0, got {num_figure_images}")
         self.output = output
         self.category_ids = category_ids
         self.score_threshold = score_threshold
+        self.num_figure_images = num_figure_images
+        self.figure_score_threshold = figure_score_threshold
         self.path: Path | None = None
+        self.figure_path: Path | None = None
         self._results: list[dict[str, Any]] = []
         self._ids: list[int] | None = None
+        self._shown: list[tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray] | None]] = []
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         default = Path(trainer.log_dir or trainer.default_root_dir) / "predictions" / "coco_results.json"
         self.path = Path(self.output) if self.output else default
+        self.figure_path = None
         self._results = []
+        self._shown = []
         ids = self.category_ids
         if ids is None:
             ids = (getattr(pl_module, "hparams", {}) or {}).get("label_category_ids")
@@ -152,6 +174,31 @@ class CocoResultsWriter(BasePredictionWriter):
             kept.append({k: (v[keep] if k in ("boxes", "scores", "labels") else v) for k, v in det.items()})
         indices = list(batch_indices) if batch_indices is not None else None
         self._results.extend(detections_to_coco(kept, self._ids, indices))
+        self._keep_for_figure(pl_module, batch, prediction)
+
+    def _keep_for_figure(self, pl_module: pl.LightningModule, batch: Any, prediction: Sequence[dict]) -> None:
+        room = self.num_figure_images - len(self._shown)
+        if room <= 0 or not isinstance(batch, list | tuple) or not batch:
+            return
+        images, targets = batch[0], (batch[1] if len(batch) > 1 else None)
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            images = list(images)
+        if not isinstance(images, list | tuple) or not all(isinstance(i, torch.Tensor) for i in images):
+            return
+        if not isinstance(targets, list | tuple) or len(targets) != len(images):
+            targets = [None] * len(images)
+
+        def arrays(det: Any) -> dict[str, np.ndarray] | None:
+            if not isinstance(det, dict) or "boxes" not in det or "labels" not in det:
+                return None
+            out = {k: torch.as_tensor(det[k]).detach().float().cpu().numpy() for k in ("boxes", "labels")}
+            if "scores" in det:
+                out["scores"] = torch.as_tensor(det["scores"]).detach().float().cpu().numpy()
+            return out
+
+        for image, det, target in list(zip(images, prediction, targets))[:room]:
+            picture = display_images(pl_module, image[None])[0]
+            self._shown.append((picture, arrays(det) or {}, arrays(target)))
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         results = self._results
@@ -163,4 +210,62 @@ class CocoResultsWriter(BasePredictionWriter):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(results))
             rank_zero_info(f"{len(results)} COCO detections written to {self.path}")
+            if self._shown:
+                count = int(getattr(pl_module, "num_classes", 0) or 0)
+                names = class_names_of(trainer, count) if count else []
+                figure = plot_box_overlays(self._shown, names, self.figure_score_threshold)
+                self.figure_path = save_figure(figure, self.path.parent / "boxes_overlay.png")
+                rank_zero_info(f"overlay of {len(self._shown)} images' boxes written to {self.figure_path}")
         self._results = []
+        self._shown = []
+
+
+def plot_box_overlays(
+    rows: Sequence[tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray] | None]],
+    class_names: Sequence[str],
+    score_threshold: float = 0.3,
+) -> Any:
+    """A grid of images (``HxWx3`` in [0, 1]) with predicted boxes (solid, ``class score``; those scoring
+    below ``score_threshold`` left out) and true boxes (dashed white) when known. Boxes are ``xyxy``
+    pixels, labels 0-based indices into ``class_names`` (shown as numbers when out of range)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    cols = min(len(rows), 3)
+    lines = -(-len(rows) // cols)
+    fig, axes = plt.subplots(lines, cols, figsize=(3.0 * cols, 3.0 * lines), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (picture, det, truth) in zip(axes.flat, rows):
+        ax.imshow(picture)
+        for box in (truth or {}).get("boxes", np.zeros((0, 4))):
+            x0, y0, x1, y1 = box
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="white", ls="--", lw=1.0))
+        boxes = det.get("boxes", np.zeros((0, 4)))
+        labels = det.get("labels", np.zeros(len(boxes)))
+        scores = det.get("scores", np.ones(len(boxes)))
+        shown = 0
+        for box, label, score in zip(boxes, labels, scores):
+            if score < score_threshold:
+                continue
+            label = int(label)
+            name = class_names[label] if 0 <= label < len(class_names) else str(label)
+            x0, y0, x1, y1 = box
+            colour = cmap(label % 10)
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=colour, lw=1.5))
+            ax.text(
+                x0,
+                y0,
+                f"{name} {score:.2f}",
+                color="white",
+                fontsize=6,
+                va="bottom",
+                bbox={"facecolor": colour, "alpha": 0.8, "pad": 1, "lw": 0},
+            )
+            shown += 1
+        ax.set_title(
+            f"{shown} boxes >= {score_threshold:g}" + (" (dashed: true)" if truth else ""), fontsize=7
+        )
+    fig.tight_layout()
+    return fig

@@ -1,4 +1,5 @@
-"""Every config end to end through the CLI (in-process, tiny overrides), the demo, and the console script."""
+"""Every config end to end through the CLI (in-process, tiny overrides) and the console script (the demo:
+test_demo.py)."""
 
 from __future__ import annotations
 
@@ -83,28 +84,6 @@ def test_quickstart_config_has_the_promised_pieces():
     model = config["model"]["init_args"]
     assert model["backbone"].startswith("preact_resnet") and model["backbone_kwargs"]["stem"] == "cifar"
     assert config["data"]["class_path"].endswith("ShapesDataModule")
-
-
-def test_demo_fits_tests_and_reports_paths(tmp_path, capsys):
-    from lightning_convnets.demo import main
-
-    result = main([*_tiny(tmp_path), "--model.init_args.backbone_kwargs={stem: cifar, width: 4}"])
-    assert Path(result["best_checkpoint"]).is_file()
-    assert str(tmp_path) in result["log_dir"]
-    assert set(result["test_metrics"]) >= {"test/acc", "test/loss", "test/f1"}
-    out = capsys.readouterr().out
-    assert "best checkpoint" in out and result["best_checkpoint"] in out
-    # The figures went through the any-logger helper as PNGs next to the logs.
-    figures = list((Path(result["log_dir"]) / "figures").glob("*.png"))
-    assert any("confusion_matrix" in f.name for f in figures) and any("samples" in f.name for f in figures)
-
-
-def test_demo_uses_one_thread_only_on_a_busy_machine():
-    from lightning_convnets.demo import busy_machine_threads
-
-    assert busy_machine_threads(load=6.0, cores=2, env={}) == 1
-    assert busy_machine_threads(load=0.3, cores=2, env={}) is None
-    assert busy_machine_threads(load=6.0, cores=2, env={"OMP_NUM_THREADS": "2"}) is None
 
 
 def test_shapes_classification_config(tmp_path):
