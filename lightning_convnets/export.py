@@ -704,7 +704,7 @@ def export_cli(argv: Sequence[str]) -> Path:
     cli_args = [a for c in args.config for a in ("--config", c)] + rest
     cli = ConvNetsCLI(args=cli_args, run=False)
     model, datamodule = cli.model, cli.datamodule
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
     if "state_dict" not in checkpoint:
         raise ValueError(f"export: {ckpt} has no 'state_dict': is it a Lightning checkpoint?")
     model.on_load_checkpoint(checkpoint)  # rebuilds a head sized from the data (num_classes)

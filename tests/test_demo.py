@@ -132,9 +132,11 @@ def test_run_task_fits_tests_predicts_into_one_folder(tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     result = demo.run_task(task, [*_tiny(tmp_path), *TINY_MODELS[task]])
     log_dir = Path(result["log_dir"])
-    assert Path(result["best_checkpoint"]).is_file() and log_dir in Path(result["best_checkpoint"]).parents
+    # the checkpoints sit beside the version folders (<save_dir>/<name>/checkpoints: AtomicModelCheckpoint)
+    best = Path(result["best_checkpoint"])
+    assert best.is_file() and best.parent == log_dir.parent / "checkpoints"
     # test and predict wrote into the fit's folder: no second logger version, the fit's config kept.
-    assert [p.name for p in log_dir.parent.iterdir()] == [log_dir.name]
+    assert sorted(p.name for p in log_dir.parent.iterdir()) == ["checkpoints", log_dir.name]
     assert (log_dir / "config.yaml").is_file()
     metric = demo.QUICKSTARTS[task].metric
     assert result["metric"] == metric and result["score"] == result["test_metrics"][metric]
@@ -160,7 +162,7 @@ def test_run_task_fits_tests_predicts_into_one_folder(tmp_path, monkeypatch, cap
     }
 
     text = demo.format_summary([result])
-    assert task in text and "<logs>/checkpoints/" in text
+    assert task in text and "checkpoints/best" in text  # beside the version folder, shown relative
 
 
 def test_main_runs_the_chosen_task_and_prints_the_summary(tmp_path, monkeypatch, capsys):
