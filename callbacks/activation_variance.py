@@ -556,10 +556,32 @@ class ActivationVarianceMonitor(MonitorCallback):
 
     # ------------------------------------------------------------------ checkpointing
     def extra_state(self) -> dict[str, Any]:
-        return {"nonfinite": self.nonfinite}
+        # the moments' shifts and the interval's partial sums: a resumed run continues them exactly
+        moments = {
+            key: {"state": m.state.detach().cpu().clone(), "shift": m.shift.detach().cpu().clone()}
+            for key, m in self._moments.items()
+            if m.state is not None and m.shift is not None
+        }
+        return {"nonfinite": self.nonfinite, "moments": moments}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.nonfinite = state.get("nonfinite")
+        self._restored_moments = dict(state.get("moments") or {})
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Put restored moments (a resumed run) back, on the model's device."""
+        restored = getattr(self, "_restored_moments", None)
+        if not restored:
+            return
+        self._restored_moments = {}
+        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+        for key, saved in restored.items():
+            m = self._moments.get(key)
+            if m is None or m.state is not None or self._bank.ready:
+                continue
+            m.state = saved["state"].to(device, torch.float64)
+            m._rows = (m.state[0], m.state[1], m.state[2])
+            m.shift = saved["shift"].to(device)
 
 
 def _identity_aliases(model: nn.Module, targets: list[_Target]) -> dict[str, str]:

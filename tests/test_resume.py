@@ -104,9 +104,6 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-SHIFTED = {"ActivationVarianceMonitor", "BatchNormDriftMonitor"}
-
-
 def _relative_gap(x: float, y: float) -> float:
     if x == y or (math.isnan(x) and math.isnan(y)):
         return 0.0
@@ -216,10 +213,8 @@ def test_killed_quickstart_resumes_bit_identically_without_repeating_or_skipping
             for x, y in ((ea[k], ec[k]) for k in ea if not k.endswith("_seconds"))
         )
     print("largest relative gap per monitor history:", worst)
-    # Monitors that accumulate moments around a shift (ShiftedMoments: the activation and BatchNorm
-    # monitors) re-centre it on the previous interval's mean; the shift is not in their checkpoint state,
-    # so the resumed run's first interval uses the resumed batch's mean instead: the same statistics
-    # up to float rounding of the shifted sums. Every other number is bit-identical, except wall-clock
-    # timings (the shattering probe's ``probe_seconds``), which no two runs share.
+    # Every number is bit-identical (the activation monitor checkpoints its moments' shifts and the
+    # interval's partial sums), except wall-clock timings (the shattering probe's ``probe_seconds``),
+    # which no two runs share.
     for name, gap in worst.items():
-        assert gap <= (1e-6 if name in SHIFTED else 0.0), (name, gap)
+        assert gap == 0.0, (name, gap)
