@@ -343,7 +343,10 @@ def build_backbone_classifier(name: str, width: int) -> nn.Module:
 
     backbone = create_backbone(name, stem="cifar", width=width)
     return nn.Sequential(
-        _LastMap(backbone), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(backbone.out_channels[-1], CLASSES)
+        _LastMap(backbone),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(backbone.out_channels[-1], CLASSES),
     )
 
 
@@ -369,6 +372,68 @@ def _fit_steps(net_fn: Callable[[], nn.Module], data: DataLoader, callbacks: lis
     torch.manual_seed(0)
     trainer.fit(Classifier(net_fn()), data)
     return timer
+
+
+class CycleToggle(pl.Callback):
+    """Switches the monitors wholly on for two optimizer steps, off for the next two (``active``: every
+    Lightning hook of a monitor returns at once, its forward hooks record nothing), and times each step.
+    A cycle's on pair holds one step the activation monitor records (it samples one in two) and one it
+    does not, so the on pair costs what two steps cost at the defaults; the ratio of a cycle's on pair to
+    its off pair, neighbours in one fit, is immune to the drift between fits that dominates whole-run
+    comparisons here. Off steps still dispatch the monitors' forward hooks (each returns at once)."""
+
+    def __init__(self, monitors: list[Any], warmup: int) -> None:
+        self.monitors = monitors
+        self.warmup = warmup
+        self.cpu: list[float] = []
+        self._last: float | None = None
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int
+    ) -> None:
+        now = time.process_time()
+        if self._last is not None:
+            self.cpu.append(now - self._last)
+        self._last = now
+        step = trainer.global_step
+        on = step < self.warmup or (step - self.warmup) % 4 < 2
+        for monitor in self.monitors:
+            if monitor.failure is None:
+                monitor.active = on
+
+    def cycles(self) -> list[tuple[float, float]]:
+        """(on pair, off pair) CPU seconds of every full cycle after the warm-up."""
+        times = self.cpu[self.warmup :]
+        return [(times[i] + times[i + 1], times[i + 2] + times[i + 3]) for i in range(0, len(times) - 3, 4)]
+
+
+def run_cycles(
+    name: str,
+    size: int,
+    batch: int,
+    width: int,
+    make: Callable[[], list],
+    cycles: int,
+    warmup: int,
+    root: str,
+) -> dict[str, Any]:
+    """One fit with the monitors toggled by :class:`CycleToggle`; the median over cycles of on/off - 1."""
+    monitors = make()
+    toggle = CycleToggle(monitors, warmup)
+    steps = warmup + 4 * cycles + 1
+    data = _sized_data(batch, size, steps + 1)  # one epoch: no loader restart inside the timed steps
+    timer_fit = _fit_steps(
+        lambda: build_backbone_classifier(name, width), data, [toggle, *monitors], steps, root
+    )
+    del timer_fit
+    pairs = toggle.cycles()
+    ratios = [on / off - 1 for on, off in pairs]
+    return {
+        "overhead": statistics.median(ratios),
+        "ratios": ratios,
+        "step_off_ms": statistics.median(off for _, off in pairs) / 2 * 1e3,
+        "step_on_ms": statistics.median(on for on, _ in pairs) / 2 * 1e3,
+    }
 
 
 def monitor_state_bytes(monitors: list[Any]) -> int:
@@ -431,37 +496,20 @@ def _memory(name: str, size: int, batch: int, width: int, with_monitors: bool) -
 
 
 def run_sweep(specs: list[tuple[str, int, int, int]], width: int, steps: int, warmup: int, root: str) -> dict:
-    """Per network: rounds of fits without and with all three monitors at their defaults (and the shattering
-    monitor alone, which probes only at step 0, inside the warm-up), interleaved in this process (ABCCBA...),
-    each fit's median process-CPU time per step over the steps after the warm-up; the overhead is the
-    median over rounds of each round's ratio. Memory: the monitors' own tensors against the peak RSS growth
-    of a fit without them (each in a forked child)."""
+    """Per network: one fit with all three monitors at their defaults toggled on and off in 4-step
+    cycles (:class:`CycleToggle`), the median over cycles of (on pair / off pair - 1); the same with the
+    shattering monitor alone (it probes at step 0, in the warm-up, and every 200 steps: its between-probe
+    cost). Memory: the monitors' own tensors against the peak RSS growth of a fit without them (each in a
+    forked child). ``steps`` is the number of 4-step cycles."""
     monitors = available_monitors()
     rows = []
-    for name, size, batch, rounds in specs:
-        data = _sized_data(batch, size, max(2, (steps + warmup) // 4 + 1))
-        configs: dict[str, Callable[[], list]] = {
-            "none": lambda: [],
-            "all": lambda: [cls() for cls in monitors.values()],
-            "shattering": lambda: [monitors["gradient_shattering"]()],
-        }
-        medians: dict[str, list[float]] = {key: [] for key in configs}
-        for r in range(rounds):
-            order = list(configs) if r % 2 == 0 else list(reversed(configs))
-            for key in order:
-                timer = _fit_steps(
-                    lambda name=name: build_backbone_classifier(name, width),
-                    data,
-                    configs[key](),
-                    steps + warmup,
-                    root,
-                )
-                cpu = [b - a for a, b in itertools.pairwise(timer.cpu)][warmup:]
-                medians[key].append(statistics.median(cpu))
-        ratios = {
-            key: statistics.median(m / n - 1 for m, n in zip(medians[key], medians["none"]))
-            for key in ("all", "shattering")
-        }
+    for name, size, batch, _ in specs:
+        everything = run_cycles(
+            name, size, batch, width, lambda: [cls() for cls in monitors.values()], steps, warmup, root
+        )
+        shattering = run_cycles(
+            name, size, batch, width, lambda: [monitors["gradient_shattering"]()], steps, warmup, root
+        )
         without = _memory(name, size, batch, width, False)
         with_monitors = _memory(name, size, batch, width, True)
         row = {
@@ -469,12 +517,12 @@ def run_sweep(specs: list[tuple[str, int, int, int]], width: int, steps: int, wa
             "image_size": size,
             "batch": batch,
             "width": width,
-            "rounds": rounds,
-            "step_cpu_ms": statistics.median(medians["none"]) * 1e3,
-            "all_cpu_ms": statistics.median(medians["all"]) * 1e3,
-            "all_overhead": ratios["all"],
-            "all_overhead_per_round": [m / n - 1 for m, n in zip(medians["all"], medians["none"])],
-            "shattering_overhead": ratios["shattering"],
+            "cycles": len(everything["ratios"]),
+            "step_cpu_ms": everything["step_off_ms"],
+            "all_cpu_ms": everything["step_on_ms"],
+            "all_overhead": everything["overhead"],
+            "all_overhead_per_round": everything["ratios"],
+            "shattering_overhead": shattering["overhead"],
             "fit_rss_growth_mib": without["rss_growth_kib"] / 1024,
             "fit_rss_growth_with_monitors_mib": with_monitors["rss_growth_kib"] / 1024,
             "monitor_state_mib": with_monitors["monitor_bytes"] / 2**20,
@@ -482,10 +530,11 @@ def run_sweep(specs: list[tuple[str, int, int, int]], width: int, steps: int, wa
         }
         row["monitor_state_fraction"] = row["monitor_state_mib"] / max(row["fit_rss_growth_mib"], 1e-9)
         rows.append(row)
+        quartiles = statistics.quantiles(everything["ratios"], n=4)
         print(
             f"{name:18s} {size:3d}px step {row['step_cpu_ms']:7.1f} ms  all {row['all_overhead']:+.1%} "
-            f"({row['all_cpu_ms'] - row['step_cpu_ms']:+.1f} ms)  shattering between probes "
-            f"{row['shattering_overhead']:+.2%}  monitor state {row['monitor_state_mib']:.2f} MiB "
+            f"(quartiles {quartiles[0]:+.1%} .. {quartiles[2]:+.1%}, {row['cycles']} cycles)  shattering "
+            f"between probes {row['shattering_overhead']:+.2%}  monitor state {row['monitor_state_mib']:.2f} MiB "
             f"({row['monitor_state_fraction']:.2%} of the fit's {row['fit_rss_growth_mib']:.0f} MiB)  "
             f"load {row['load_average']:.1f}",
             flush=True,
@@ -497,21 +546,25 @@ def sweep_markdown(sweep: dict[str, Any], setup: dict[str, Any]) -> str:
     lines = [
         "## Depth sweep: all three monitors at their defaults",
         "",
-        f"`python benchmarks/bench_monitors.py --sweep` ({setup['steps']} timed steps after {setup['warmup']} "
-        f"warm-up per fit, fits without / with all three / with the shattering monitor alone interleaved in one "
-        f"process, {setup['threads']} thread(s), torch {setup['torch']}, lightning {setup['lightning']}, "
+        f"`python benchmarks/bench_monitors.py --sweep` (per network one fit of {setup['steps']} 4-step cycles "
+        f"after {setup['warmup']} warm-up steps: the monitors on for two steps, off for two; "
+        f"{setup['threads']} thread(s), torch {setup['torch']}, lightning {setup['lightning']}, "
         f"{setup['cpus']} CPUs; load average {setup['load_average_at_start'][0]:.1f} at start, "
         f"{setup['load_average_at_end'][0]:.1f} at end). CPU-stem networks of width {sweep['rows'][0]['width']}, "
-        "SGD; cost = median over rounds of (median CPU per step with / without - 1). The shattering monitor "
-        "probes at step 0 (warm-up) and every 200 steps, so its column is its cost between probes. Memory: "
-        "the monitors' own tensors against the peak RSS growth of a 6-step fit without them.",
+        "SGD; cost = median over cycles of (CPU of the on pair / CPU of the off pair - 1): the on pair holds one "
+        "step the activation monitor records and one it skips, as at its defaults. Off steps still dispatch "
+        "the monitors' forward hooks (each returns at once), so that part is not counted. The shattering "
+        "monitor (a separate fit) probes at step 0 (warm-up) and every 200 steps: its column is its cost "
+        "between probes. Memory: the monitors' own tensors against the peak RSS growth of a 6-step fit "
+        "without them.",
         "",
-        "| network | input | batch | step (ms CPU) | all three (ms) | all three (%) | per round | "
+        "| network | input | batch | step (ms CPU) | all three (ms) | all three (%) | cycles: quartiles | "
         "shattering between probes | monitor tensors (MiB) | fit peak growth (MiB) | share |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sweep["rows"]:
-        rounds = " ".join(f"{v:+.1%}" for v in r["all_overhead_per_round"])
+        q = statistics.quantiles(r["all_overhead_per_round"], n=4)
+        rounds = f"{q[0]:+.1%} .. {q[2]:+.1%} ({r['cycles']})"
         lines.append(
             f"| {r['model']} | {r['image_size']}x{r['image_size']} | {r['batch']} | {r['step_cpu_ms']:.1f} "
             f"| {r['all_cpu_ms'] - r['step_cpu_ms']:+.1f} | {r['all_overhead']:+.1%} | {rounds} "
@@ -531,7 +584,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--root", default="/tmp/bench_monitors_logs", help="trainer default_root_dir")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument(
-        "--sweep", action="store_true", help="depth sweep of all three monitors (ResNet-18..200, two 64x64 nets)"
+        "--sweep",
+        action="store_true",
+        help="depth sweep of all three monitors (ResNet-18..200, two 64x64 nets)",
     )
     parser.add_argument(
         "--model", nargs="+", default=None, help="with --sweep: backbone names to run (default: the sweep's)"
@@ -625,8 +680,8 @@ def _main_sweep(args: argparse.Namespace) -> dict[str, Any]:
     specs += [(name, 32, 16, 5) for name in args.model or () if name not in {s[0] for s in SWEEP}]
     if args.rounds:
         specs = [(name, size, batch, args.rounds) for name, size, batch, _ in specs]
-    steps = args.steps if args.steps != 100 else 25  # the issue's steps 5-30
-    warmup = args.warmup if args.warmup != 10 else 5
+    steps = args.steps if args.steps != 100 else 15  # 4-step cycles per fit
+    warmup = args.warmup if args.warmup != 10 else 6
     setup = {
         "steps": steps,
         "warmup": warmup,

@@ -1,33 +1,12 @@
 """The judging rules of the three monitors: what their measurements mean, as findings.
 
-The monitors *measure* (``activation_variance.py``, ``shattering.py``, ``batchnorm.py``), this module
-*judges*, and :mod:`lightning_convnets.callbacks.plots` *draws*. Every rule is one small function that
-takes plain numbers (a history entry, lists of per-layer values) and returns one
-:class:`~lightning_convnets.callbacks.core.Finding` or ``None``; thresholds are module constants (the
-defaults) passed as arguments, so a rule can be tested on synthetic numbers and reused without a monitor.
-Each finding carries a machine-readable ``kind`` (the ``KIND_*`` constants below): the diagnosis zoo
-(``benchmarks/diagnosis_zoo.py``) scores the rules on whether they name the right kind.
-
-Exponential versus linear variance growth
------------------------------------------
-A residual block adds its branch to its input: ``Var(h_{l+1}) ~ Var(h_l) + Var(F(h_l))``. What tells the
-regimes apart is how the *increment* ``Var(F(h_l))`` behaves along the depth, not how fast the total
-grows on average:
-
-* **exponential** (no normalisation, He init): the branch returns a variance proportional to the one it
-  receives, so the increments grow geometrically at the same rate as the level: ``log Var(F)`` against the
-  block index is a straight line with a positive slope.
-* **linear** (BatchNorm in the branch): the branch is normalised, so every block adds about the same
-  variance whatever it receives: the increments stay flat and the variance is a straight line in the block
-  index (per-block ratios decaying like ``(l + 1) / l``).
-
-:func:`variance_growth_shape` fits ``log(increment)`` against the block index by least squares; the
-increments are the measured branch variances ``Var(F(x))`` where the blocks expose them, else the rises of
-the block outputs between consecutive blocks of one stage. Stage boundaries are harmless: a projection
-shortcut resets the *level* (a BN net's variance drops back at each new stage), not the increments, and
-chain rises across a boundary are never used. Measured on our ResNets at initialisation (16x16 inputs,
-widths 8/16/64, 3 seeds): the branch variance grows 1.24x-1.90x per block without normalisation and
-0.88x-1.00x with BatchNorm (``benchmarks/results/diagnosis_zoo.md``).
+The monitors *measure*, this module *judges*, :mod:`lightning_convnets.callbacks.plots` *draws*. Every
+rule is one small function taking plain numbers and returning one
+:class:`~lightning_convnets.callbacks.core.Finding` (with a machine-readable ``kind``, the ``KIND_*``
+constants) or ``None``; thresholds are module constants passed as arguments. Start with
+:func:`variance_growth_shape` (exponential vs linear growth, told apart by the shape of the increments).
+The reasoning behind each rule is in ``docs/monitors.md``; the zoo that scores them is
+``benchmarks/diagnosis_zoo.py``.
 """
 
 from __future__ import annotations

@@ -1,21 +1,10 @@
 """Shattered gradients (Balduzzi et al. 2017, "The Shattered Gradients Problem").
 
-Walk along a line through input space, x(t) = x_a + t (x_b - x_a) for t in [0, 1], and record the
-directional derivative of the network's output, s(t) = d/dt f(x(t)) = <grad_x f(x(t)), x_b - x_a>. In a
-shallow network, or a healthy residual one, s(t) changes smoothly ("brown noise": neighbouring values are
-strongly correlated). In a deep feed-forward network it decorrelates into white noise: the gradient at one
-point says nothing about the gradient a step away, so gradient descent works with noise. The summary is
-the autocorrelation of s(t),
-
-    rho(k) = sum_t (s_t - mean)(s_{t+k} - mean) / sum_t (s_t - mean)^2,
-
-and in particular its value at lag 1, compared with the band +-1.96/sqrt(K) inside which white noise of K
-samples falls 95% of the time.
-
-:func:`shattering_profile` computes it once for any ``nn.Module``; it is an observer and leaves the model
-exactly as it found it (parameters, ``.grad``, BatchNorm buffers, train/eval flags, RNG state).
-:class:`GradientShatteringMonitor` runs it on a fixed probe line every few hundred training steps, logs
-the numbers, plots them and adds its verdict to the shared end-of-fit diagnosis.
+:func:`shattering_profile` walks a line of inputs x(t) = x_a + t (x_b - x_a), takes the directional
+derivative s(t) of the output by autograd and its autocorrelation rho(k); rho(1) inside the white-noise
+band +-1.96/sqrt(K) means shattered gradients. It leaves the model exactly as it found it.
+:class:`GradientShatteringMonitor` runs it on a fixed probe line every few hundred steps and finds the
+network, inputs and prediction of any LightningModule by itself. The method in full: ``docs/monitors.md``.
 """
 
 from __future__ import annotations

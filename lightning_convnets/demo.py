@@ -1,26 +1,11 @@
 """The demo (``make demo``): the three quickstarts on generated shapes, each fit, tested on its best
 checkpoint and run in ``predict``, then one summary table of what came out and where it is.
 
-For each task it runs, in this process, the equivalent of::
+The runs are shortened (see :data:`QUICKSTARTS`); ``--full`` runs the configs as shipped. Usage::
 
-    lightning-convnets fit     --config <config> <demo settings> <extra>
-    lightning-convnets test    --config <config> <demo settings> <extra> --ckpt_path <best checkpoint>
-    lightning-convnets predict --config <config> <demo settings> <extra> --ckpt_path <best checkpoint>
+    python -m lightning_convnets.demo [--task classification|segmentation|detection] [--full] [CLI args]
 
-``test`` and ``predict`` write into the fit's log folder, so one folder per task holds the TensorBoard
-events, the checkpoint, the figures (monitors, samples, test figures) and the predictions (class
-probabilities CSV; mask PNGs and ``masks_overlay.png``; COCO results json and ``boxes_overlay.png``).
-
-The demo runs are **shortened** (fewer epochs, see :data:`QUICKSTARTS`) so that the three fit in a few
-minutes on a 2-core CPU; ``--full`` runs the configs as shipped, which keep the promises their headers
-state. Usage::
-
-    python -m lightning_convnets.demo                        # all three, shortened
-    python -m lightning_convnets.demo --task segmentation    # one of them
-    python -m lightning_convnets.demo --full                 # the configs as shipped
-    python -m lightning_convnets.demo --task classification --trainer.max_epochs 1   # extra CLI arguments
-
-Configs are looked up next to the package (a source checkout) and then in the working directory.
+Start with :func:`run_task` (fit, test, predict of one quickstart) and :func:`format_summary`.
 """
 
 from __future__ import annotations

@@ -1,39 +1,10 @@
 """Export a trained task for deployment: ONNX (run by onnxruntime) or a ``torch.export`` program.
 
-What is exported is the **eval-mode network with BatchNorm folded into the convolutions**, as one graph
-with one input ``images`` (float32 ``[N, C, H, W]``, normalised exactly as in training):
+:func:`export_model` exports the eval-mode network with BatchNorm folded into the convolutions, one
+input ``images``, dynamic batch (and height/width where the network allows); :func:`export_cli` is the
+``lightning-convnets export`` subcommand. Outputs per task, formats and metadata: ``docs/export.md``.
 
-=====================  ==========================================================================
-task                   outputs
-=====================  ==========================================================================
-``ImageClassifier``    ``logits [N, num_classes]``; the class names are in the ONNX metadata
-``SemanticSegmenter``  ``logits [N, K, H, W]`` at the input size (bilinear, as ``predict`` does);
-                       valid-padding U-Nets output their centre crop (``border`` in the metadata)
-``ObjectDetector``     CenterNet: ``boxes [N, top_k, 4]`` (xyxy input pixels), ``scores [N, top_k]``
-                       (sorted, decreasing), ``labels [N, top_k]`` (int64, 0-based) from the 3x3
-                       max-pool peaks and top-K; keep ``scores >= score_threshold`` (metadata).
-                       torchvision families: ``torch.export`` where torch can trace them, else a
-                       clear :class:`ExportError`
-=====================  ==========================================================================
-
-The batch size is dynamic; height and width are dynamic too wherever the network allows it (the
-classifier's global pooling, fully-convolutional segmenters, CenterNet at multiples of its
-``size_divisor``); :func:`export_model` reports which dimensions stayed fixed.
-
-Formats:
-
-* ``"onnx"``: :func:`torch.onnx.export` with ``dynamo=True`` at opset :data:`DEFAULT_OPSET`, one
-  ``.onnx`` file (weights inside). Metadata (``onnxruntime``'s ``get_modelmeta().custom_metadata_map``):
-  ``task``, ``outputs``, ``class_names`` (JSON), ``fused_batchnorm``, ``dynamic_axes`` and, when known,
-  ``mean``/``std``, ``score_threshold``, ``threshold``.
-* ``"torch_export"``: a :func:`torch.export.export` program saved with :func:`torch.export.save`
-  (a ``.pt2`` file; ``torch.export.load(path).module()(images)`` runs it), the same metadata in the
-  archive's ``extra_files["metadata.json"]``.
-
-ONNX needs the optional ``export`` extra: ``pip install "lightning-convnets[export]"`` (``onnx``,
-``onnxruntime``, ``onnxscript``).
-
-Example:
+Example (not run as a doctest: it writes a file and needs onnx; ``tests/test_export.py`` runs it):
     >>> from lightning_convnets import ImageClassifier
     >>> task = ImageClassifier("resnet18", num_classes=3, backbone_kwargs={"width": 8})  # doctest: +SKIP
     >>> export_model(task, "onnx", torch.randn(2, 3, 64, 64), "classifier.onnx")  # doctest: +SKIP

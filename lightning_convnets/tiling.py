@@ -1,31 +1,10 @@
 """Prediction on images larger than the network's input: overlap-tile segmentation and tiled detection.
 
-Segmentation (:class:`TiledPredictor`), two strategies chosen from the network's ``border``:
-
-* **overlap-tile** (valid padding, ``border > 0``; the U-Net paper's strategy): the output is cut into
-  tiles; each tile is predicted from an input window ``border`` pixels larger on every side, with the
-  context missing at the image edges filled by mirroring the image. Window origins are aligned to the
-  network's total stride (``multiple``, ``2**depth`` for our U-Net) so that every pooling sees the same
-  grid as it would on the whole image: the stitched result equals, to float rounding, one forward of the
-  whole mirror-padded image (see :func:`mirror_pad`). Tiles do not need to overlap.
-* **blended tiles** (same padding, ``border == 0``): overlapping tiles, each tile's logits weighted by a
-  window (Gaussian, linear ramps or constant) and normalised by the summed weights. Tiles reach every
-  image edge: the last tile of a row or column is shifted inward (never zero-padding the image beyond
-  what the network saw in training). An image side shorter than the tile is mirrored up to the network's
-  ``multiple``.
-
-Memory stays bounded by the tile batch: windows are gathered from the image tile by tile, and the blended
-accumulator covers one strip of tile rows at a time (finished rows are reduced, e.g. to a class mask,
-and released). Beyond the input image and the returned output, the extra memory is a few tile batches.
-
-Detection (:class:`TiledDetector`): overlapping tiles, boxes mapped back to image coordinates; a box that
-touches a tile border lying inside the image is dropped (the object is cut there; with an overlap larger
-than the objects, a neighbouring tile holds it whole), and the rest are merged class-wise by NMS or
-weighted box fusion (:func:`merge_detections`).
-
-:func:`segmentation_logits` / :func:`detect` are what the tasks call from ``predict_step`` and
-``test_step`` (tiles and test-time augmentation from the task's ``tile_size``, ``tile_overlap``,
-``tile_batch_size`` and ``tta`` options).
+:class:`TiledPredictor` (segmentation) chooses overlap-tile with mirrored context for valid-padding
+networks (exact against one forward of the whole mirror-padded image) or blended overlapping tiles for
+same-padding ones; :class:`TiledDetector` merges the boxes of overlapping tiles (NMS or weighted box
+fusion). :func:`segmentation_logits` / :func:`detect` are what the tasks call. Memory stays bounded by
+the tile batch. The strategies in full: ``docs/tiling.md``.
 """
 
 from __future__ import annotations

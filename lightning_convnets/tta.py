@@ -1,21 +1,8 @@
 """Test-time augmentation: predict on flipped (and rescaled) copies, undo each transform, average.
 
-``tta`` specifications (the tasks' ``tta`` option):
-
-* ``"none"``: one plain forward;
-* ``"flip"``: the image and its horizontal mirror;
-* ``"flip+scales"``: both, at the scales 0.75, 1 and 1.25 (six views);
-* more precisely, ``+``-joined tokens: ``hflip`` (alias ``flip``), ``vflip``, ``scales`` (0.75, 1, 1.25)
-  or ``scales=0.5,1,2``; e.g. ``"flip+vflip"`` (four views: none, h, v, h+v).
-
-Per task (every view mapped back to the original frame exactly):
-
-* classification (:func:`classify_tta`): the mean of the views' probabilities (softmax, or sigmoid in
-  multi-label mode);
-* segmentation (:func:`segment_tta`): the mean of the views' logits after flipping back and resizing
-  back to the image size;
-* detection (:func:`detect_tta`): each view's boxes flipped back (``x -> W - x``) and divided by the
-  view's scale, then merged class-wise (weighted box fusion by default, or NMS).
+``tta`` is ``"none"``, ``"flip"``, ``"flip+scales"`` or ``+``-joined tokens (``hflip``, ``vflip``,
+``scales=0.5,1,2``). :func:`classify_tta` averages probabilities, :func:`segment_tta` logits mapped back,
+:func:`detect_tta` boxes mapped back and fused. Details: ``docs/tiling.md``.
 """
 
 from __future__ import annotations
