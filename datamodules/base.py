@@ -166,8 +166,9 @@ class ConvDataModule(LightningDataModule):
         drop_last: drop the last incomplete training batch.
         ignore_index: segmentation mask value meaning "no label".
         min_visibility, min_area: detection box dropping rule (see ``transforms.build_pipeline``).
-        allow_symlinks_outside_root: follow image symlinks that lead outside the data root (COCO
-            ``file_name`` entries); by default such a link is refused with a :class:`DataValidationError`.
+        allow_symlinks_outside_root: follow image (and mask) symlinks that lead outside the data root
+            (COCO ``file_name`` entries, image and mask folders); by default such a link is refused with a
+            :class:`DataValidationError`.
         default_mean, default_std: the statistics used when ``mean``/``std`` are not given; ``None``:
             the class's ``default_mean``/``default_std`` attributes (ImageNet's; CIFAR-10's or the shapes
             generator's in those modules).

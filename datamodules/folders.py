@@ -14,6 +14,7 @@ from .datasets import ClassificationDataset, SegmentationDataset
 from .io import (
     IMAGE_EXTENSIONS,
     DataValidationError,
+    check_inside_root,
     check_mask_values,
     list_images,
     load_mask,
@@ -167,6 +168,8 @@ class ImageFolderDataModule(ConvDataModule):
 
     def _build_datasets(self, splits: Sequence[str]) -> None:
         def make(split: str, samples: Sequence[tuple[Path, int]]) -> ClassificationDataset:
+            for path, _ in samples:
+                check_inside_root(path, self.root, self.allow_symlinks_outside_root, "image")
             if self.verify_images:
                 for path, _ in samples:
                     verify_image(path)
@@ -256,6 +259,9 @@ class SegmentationFolderDataModule(ConvDataModule):
         num_classes = self.num_classes
 
         def make(split: str, pairs: Sequence[tuple[Path, Path]]) -> SegmentationDataset:
+            for image, mask in pairs:
+                check_inside_root(image, self.root, self.allow_symlinks_outside_root, "image")
+                check_inside_root(mask, self.root, self.allow_symlinks_outside_root, "mask")
             if self.verify_images:
                 verify_pairs(pairs, num_classes, self.ignore_index)
             pipeline = self.pipeline(split == "train")

@@ -218,6 +218,21 @@ def test_symlink_leaving_the_root_is_refused_unless_allowed(tmp_path):
     assert len(allowed.train_dataset) == 2
 
 
+def test_symlink_leaving_the_root_of_an_image_folder_is_refused_unless_allowed(tmp_path):
+    root = _classes(tmp_path / "d")
+    outside = _png(tmp_path / "elsewhere" / "real.png", size=(32, 24))
+    class_dir = next(p for p in sorted(root.rglob("*")) if p.is_dir() and any(p.glob("*.png")))
+    os.symlink(outside, class_dir / "link.png")
+    refused = ImageFolderDataModule(str(root), image_size=16, val_fraction=0.0, test_fraction=0.0)
+    with pytest.raises(DataValidationError, match=r"link\.png: image is a symlink to .*outside the data root"):
+        refused.setup("fit")
+    allowed = ImageFolderDataModule(
+        str(root), image_size=16, val_fraction=0.0, test_fraction=0.0, allow_symlinks_outside_root=True
+    )
+    allowed.setup("fit")
+    assert outside in [p.resolve() for p, _ in allowed.train_dataset.samples]
+
+
 def test_empty_split_after_filtering(tmp_path):
     root = _classes(tmp_path / "d")
     # 6 images: a 1% validation share rounds to none.
