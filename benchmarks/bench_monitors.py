@@ -470,29 +470,31 @@ def monitor_state_bytes(monitors: list[Any]) -> int:
     return total
 
 
-def _memory_child(queue: Any, name: str, size: int, batch: int, width: int, with_monitors: bool) -> None:
-    torch.set_num_threads(_THREADS or 1)
-    try:
-        monitors = [cls() for cls in available_monitors().values()] if with_monitors else []
-        start = _rss_kib()
-        net = lambda: build_backbone_classifier(name, width)  # noqa: E731
-        _fit_steps(net, _sized_data(batch, size, 4), monitors, 6, "/tmp")
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        queue.put(("ok", {"rss_growth_kib": peak - start, "monitor_bytes": monitor_state_bytes(monitors)}))
-    except Exception as err:
-        queue.put(("error", f"{type(err).__name__}: {err}"))
+def step_memory_bytes(net: nn.Module, batch: int, size: int) -> int:
+    """What one training step of ``net`` must hold at its peak, counted exactly: the tensors autograd
+    saves for the backward (the activations), plus parameters, gradients and SGD momentum. (Process RSS
+    growth is no measure of it on CPU: the allocator reuses freed memory.)"""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randn(batch, 3, size, size)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x).sum()
+    return sum(seen.values()) + 3 * sum(p.numel() * p.element_size() for p in net.parameters())
 
 
-def _memory(name: str, size: int, batch: int, width: int, with_monitors: bool) -> dict[str, Any]:
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-    process = ctx.Process(target=_memory_child, args=(queue, name, size, batch, width, with_monitors))
-    process.start()
-    status, payload = queue.get()
-    process.join()
-    if status != "ok":
-        raise RuntimeError(f"bench_monitors: memory of {name}: {payload}")
-    return payload
+def _memory(name: str, size: int, batch: int, width: int, with_monitors: bool = True) -> dict[str, Any]:
+    """The monitors' own tensors after a 6-step fit, and the training step's memory (in this process)."""
+    torch.manual_seed(0)
+    monitors = [cls() for cls in available_monitors().values()]
+    _fit_steps(
+        lambda: build_backbone_classifier(name, width), _sized_data(batch, size, 6), monitors, 6, "/tmp"
+    )
+    step = step_memory_bytes(build_backbone_classifier(name, width), batch, size)
+    return {"monitor_bytes": monitor_state_bytes(monitors), "step_bytes": step}
 
 
 def run_sweep(specs: list[tuple[str, int, int, int]], width: int, steps: int, warmup: int, root: str) -> dict:
@@ -510,8 +512,7 @@ def run_sweep(specs: list[tuple[str, int, int, int]], width: int, steps: int, wa
         shattering = run_cycles(
             name, size, batch, width, lambda: [monitors["gradient_shattering"]()], steps, warmup, root
         )
-        without = _memory(name, size, batch, width, False)
-        with_monitors = _memory(name, size, batch, width, True)
+        memory = _memory(name, size, batch, width)
         row = {
             "model": name,
             "image_size": size,
@@ -523,19 +524,18 @@ def run_sweep(specs: list[tuple[str, int, int, int]], width: int, steps: int, wa
             "all_overhead": everything["overhead"],
             "all_overhead_per_round": everything["ratios"],
             "shattering_overhead": shattering["overhead"],
-            "fit_rss_growth_mib": without["rss_growth_kib"] / 1024,
-            "fit_rss_growth_with_monitors_mib": with_monitors["rss_growth_kib"] / 1024,
-            "monitor_state_mib": with_monitors["monitor_bytes"] / 2**20,
+            "step_memory_mib": memory["step_bytes"] / 2**20,
+            "monitor_state_mib": memory["monitor_bytes"] / 2**20,
             "load_average": os.getloadavg()[0],
         }
-        row["monitor_state_fraction"] = row["monitor_state_mib"] / max(row["fit_rss_growth_mib"], 1e-9)
+        row["monitor_state_fraction"] = row["monitor_state_mib"] / max(row["step_memory_mib"], 1e-9)
         rows.append(row)
         quartiles = statistics.quantiles(everything["ratios"], n=4)
         print(
             f"{name:18s} {size:3d}px step {row['step_cpu_ms']:7.1f} ms  all {row['all_overhead']:+.1%} "
             f"(quartiles {quartiles[0]:+.1%} .. {quartiles[2]:+.1%}, {row['cycles']} cycles)  shattering "
             f"between probes {row['shattering_overhead']:+.2%}  monitor state {row['monitor_state_mib']:.2f} MiB "
-            f"({row['monitor_state_fraction']:.2%} of the fit's {row['fit_rss_growth_mib']:.0f} MiB)  "
+            f"({row['monitor_state_fraction']:.2%} of the step's {row['step_memory_mib']:.0f} MiB)  "
             f"load {row['load_average']:.1f}",
             flush=True,
         )
@@ -555,11 +555,12 @@ def sweep_markdown(sweep: dict[str, Any], setup: dict[str, Any]) -> str:
         "step the activation monitor records and one it skips, as at its defaults. Off steps still dispatch "
         "the monitors' forward hooks (each returns at once), so that part is not counted. The shattering "
         "monitor (a separate fit) probes at step 0 (warm-up) and every 200 steps: its column is its cost "
-        "between probes. Memory: the monitors' own tensors against the peak RSS growth of a 6-step fit "
-        "without them.",
+        "between probes. Memory: the monitors' own tensors after a 6-step fit (statistics, scratch, "
+        "snapshots, the last interval's merged statistics, the probe line) against what the training step "
+        "holds at its peak (the activations autograd saves, parameters, gradients, momentum).",
         "",
         "| network | input | batch | step (ms CPU) | all three (ms) | all three (%) | cycles: quartiles | "
-        "shattering between probes | monitor tensors (MiB) | fit peak growth (MiB) | share |",
+        "shattering between probes | monitor tensors (MiB) | step memory (MiB) | share |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sweep["rows"]:
@@ -568,7 +569,7 @@ def sweep_markdown(sweep: dict[str, Any], setup: dict[str, Any]) -> str:
         lines.append(
             f"| {r['model']} | {r['image_size']}x{r['image_size']} | {r['batch']} | {r['step_cpu_ms']:.1f} "
             f"| {r['all_cpu_ms'] - r['step_cpu_ms']:+.1f} | {r['all_overhead']:+.1%} | {rounds} "
-            f"| {r['shattering_overhead']:+.2%} | {r['monitor_state_mib']:.2f} | {r['fit_rss_growth_mib']:.0f} "
+            f"| {r['shattering_overhead']:+.2%} | {r['monitor_state_mib']:.2f} | {r['step_memory_mib']:.0f} "
             f"| {r['monitor_state_fraction']:.2%} |"
         )
     return "\n".join(lines) + "\n"

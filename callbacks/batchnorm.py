@@ -9,6 +9,7 @@ logged key, what DDP's buffer broadcast does and the costs are in ``docs/monitor
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -423,8 +424,14 @@ class BatchNormDriftMonitor(MonitorCallback):
         total = self.layers[-1].offset + self.layers[-1].channels
         count = len(self.layers)
         f64 = dict(dtype=torch.float64, device=device)
-        self._old_mean = torch.zeros(total, **f64)
-        self._old_var = torch.ones(total, **f64)
+        # copies of running statistics keep their dtype (float32 values convert to float64 exactly where the
+        # arithmetic needs it): half the memory of float64 copies, the same numbers
+        stat_dtype = functools.reduce(
+            torch.promote_types, [lay.module.running_mean.dtype for lay in self.layers], torch.float32
+        )
+        self._stat_dtype = stat_dtype
+        self._old_mean = torch.zeros(total, dtype=stat_dtype, device=device)
+        self._old_var = torch.ones(total, dtype=stat_dtype, device=device)
         self._old_mean_views = [self._old_mean[lay.offset : lay.offset + lay.channels] for lay in self.layers]
         self._old_var_views = [self._old_var[lay.offset : lay.offset + lay.channels] for lay in self.layers]
         self._layer_index = torch.cat(
@@ -435,15 +442,26 @@ class BatchNormDriftMonitor(MonitorCallback):
         self._cumulative = torch.tensor([m is None for m in momenta], device=device)
         self._any_cumulative = any(m is None for m in momenta)
         self._momentum = torch.tensor([0.0 if m is None else float(m) for m in momenta], **f64)
-        # per-channel constants, so the per-batch arithmetic needs no gather (index ops are slow on CPU)
-        self._momentum_channel = self._momentum[self._layer_index]
-        self._cumulative_channel = self._cumulative[self._layer_index]
-        self._eps = torch.tensor([float(lay.module.eps) for lay in self.layers], **f64)[self._layer_index]
+        # per-channel constants, so the per-batch arithmetic needs no gather (index ops are slow on CPU);
+        # a constant shared by every layer (the usual case) is a 1-element vector that broadcasts: the same
+        # arithmetic without a vector per channel (1-D, not 0-d: a 0-d float64 tensor would not promote the
+        # float32 statistics it meets to float64)
+        epsilons = [float(lay.module.eps) for lay in self.layers]
+
+        def per_channel(values: list[float]) -> Tensor:
+            if len(set(values)) == 1:
+                return torch.tensor(values[:1], **f64)
+            return torch.tensor(values, **f64)[self._layer_index]
+
+        self._momentum_channel = per_channel([0.0 if m is None else float(m) for m in momenta])
+        self._cumulative_channel = self._cumulative[self._layer_index] if self._any_cumulative else None
+        self._eps = per_channel(epsilons)
         self._nbt_start = torch.zeros(count, **f64)
         self._sums = torch.zeros(count, len(_QUANTITIES), **f64)
         self._zmax = torch.zeros(count, **f64)
         self._forwards = torch.zeros(count, **f64)
-        self._start_mean, self._start_var = self._current()
+        mean, var = self._current()
+        self._start_mean, self._start_var = mean.to(stat_dtype), var.to(stat_dtype)
         self._elements_cache: dict[tuple[int, ...], Tensor] = {}
         # Layers whose running statistics are copied by the batch's first BN forward, all in one
         # _foreach_copy_, instead of two copies in each layer's pre-hook: decided after the first recorded

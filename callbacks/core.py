@@ -304,8 +304,8 @@ class MomentBank:
         self._s2: list[Tensor] = []
         self._shifts: list[Tensor] = []
         self._pending: list[float] = []  # elements per channel taken into the scratch this batch (0: none)
-        self._counts: dict[tuple[float, ...], Tensor] = {}
-        self._column_slot: Tensor | None = None
+        self._widths: Tensor | None = None  # channels per slot (int64, on the state's device)
+        self._ends: Tensor | None = None  # cumulative widths: the first column after each slot
 
     def add(self, key: str) -> ShiftedMoments:
         """A new moment (before :meth:`build`); its index is its slot."""
@@ -343,9 +343,8 @@ class MomentBank:
             self._s1.append(self.scratch[0, part])
             self._s2.append(self.scratch[1, part])
         self._pending = [0.0] * len(self.moments)
-        self._column_slot = torch.repeat_interleave(
-            torch.arange(len(self.moments)), torch.tensor(self.widths)
-        ).to(self.state.device)
+        self._widths = torch.tensor(self.widths, device=self.state.device)
+        self._ends = torch.cumsum(self._widths, 0)
         self.ready = True
         return True
 
@@ -381,12 +380,9 @@ class MomentBank:
         """Add this batch's scratch and counts to the float64 state (once per batch, a few ops)."""
         if not self.ready or not any(self._pending):
             return
-        key = tuple(self._pending)
-        counts = self._counts.get(key)
-        if counts is None:
-            per_slot = torch.tensor(key, dtype=torch.float64, device=self.state.device)
-            counts = self._counts[key] = per_slot[self._column_slot]
-        self.state[0].add_(counts)
+        per_slot = torch.tensor(self._pending, dtype=torch.float64, device=self.state.device)
+        # a transient per-channel vector, after the step's peak: nothing per channel is kept for it
+        self.state[0].add_(torch.repeat_interleave(per_slot, self._widths, output_size=self.state.shape[1]))
         self.state[1:].add_(self.scratch)
         self.scratch.zero_()
         self._pending = [0.0] * len(self.moments)
@@ -409,7 +405,9 @@ class MomentBank:
         if not self.ready:
             return None
         bad = ~torch.isfinite(self.state[1:]).all(0)
-        return torch.stack([bad.any().to(torch.long), self._column_slot[torch.argmax(bad.to(torch.uint8))]])
+        column = torch.argmax(bad.to(torch.uint8))
+        slot = torch.searchsorted(self._ends, column, right=True)
+        return torch.stack([bad.any().to(torch.long), slot])
 
 
 @dataclass
