@@ -614,6 +614,17 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
             return batch[0], (batch[1] if len(batch) > 1 else None)
         raise TypeError(f"cannot read images from a batch of type {type(batch).__name__}")
 
+    def _logging_step(self) -> bool:
+        """Whether the loggers write this training step (``Trainer(log_every_n_steps=...)``): values logged
+        with ``on_step=True, on_epoch=False`` on other steps are discarded by Lightning, and each
+        ``self.log`` call costs about a millisecond on a CPU. ``True`` outside a trainer."""
+        trainer = self._trainer
+        connector = getattr(trainer, "_logger_connector", None) if trainer is not None else None
+        try:
+            return bool(connector.should_update_logs) if connector is not None else True
+        except Exception:  # a Lightning version without it: log every step, as before
+            return True
+
     @abc.abstractmethod
     def shared_step(self, batch: Any, stage: str) -> tuple[Tensor | None, Any, Any, Any]:
         """Return ``(loss, predictions_for_metrics, targets_for_metrics, images)`` of a batch.

@@ -370,7 +370,7 @@ class ObjectDetector(ConvNetTask):
             detections = self.forward(images)
         if stage == "test" and tiling.uses_tiling_or_tta(self):  # metrics on tiles / TTA (loss: plain)
             detections = tiling.detect(self, images)
-        if train:
+        if train and self._logging_step():  # step-only values: on other steps Lightning would discard them
             self.log_dict(
                 {f"train/loss_{k}": v.detach() for k, v in parts.items()},
                 on_step=True,
