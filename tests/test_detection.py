@@ -198,3 +198,26 @@ def test_coco_results_map_labels_to_category_ids_and_pycocotools_accepts_them(tm
     assert evaluator.stats[0] == pytest.approx(1.0)  # perfect boxes: AP 1 over IoU 0.5:0.95
     with pytest.raises(ValueError, match="label 2 has no category id"):
         detections_to_coco([{**detections[0], "labels": torch.tensor([2])}], category_ids=[5, 9])
+
+
+@pytest.mark.timeout(60)
+def test_loss_parts_are_logged_on_the_steps_the_loggers_write(tmp_path):
+    import csv
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader
+
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    batches = DataLoader([(images, _targets())] * 5, batch_size=None)
+    model = ObjectDetector("hourglass", num_classes=3, backbone_kwargs=TINY_HOURGLASS)
+    trainer = pl.Trainer(
+        max_steps=5, log_every_n_steps=2, logger=CSVLogger(tmp_path), enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(model, train_dataloaders=batches)
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss_heatmap")]
+    # written on the logging steps (global steps 1 and 3 with log_every_n_steps=2), with finite values
+    assert [int(r["step"]) for r in rows] == [1, 3]
+    assert all(float(r["train/loss_heatmap"]) > 0 for r in rows)
