@@ -9,8 +9,29 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # otherwise: nothing hides behind the guard here
 os.environ.setdefault("LIGHTNING_CONVNETS_STRICT_MONITORS", "1")
 
+import pytest
 import torch
 
 # The tests use tiny models: on a 2-core CI machine two OpenMP threads spend more time waiting on each
 # other than computing (measured up to 7x slower), so the whole suite runs single-threaded.
 torch.set_num_threads(1)
+
+
+
+@pytest.fixture
+def class_count_error(tmp_path):
+    """The error a fit raises when a task's class count disagrees with its datamodule: the one check
+    (``ConvNetTask.check_datamodule``, run in ``setup``, before the first step)."""
+
+    def run(model, datamodule) -> str:
+        import lightning.pytorch as pl
+
+        trainer = pl.Trainer(
+            max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=tmp_path,
+        )  # fmt: skip
+        with pytest.raises(ValueError) as caught:
+            trainer.fit(model, datamodule)
+        return str(caught.value)
+
+    return run

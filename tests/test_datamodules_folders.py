@@ -140,13 +140,13 @@ def test_image_folder_bad_inputs_name_the_file(tmp_path):
         ImageFolderDataModule(str(split), **_kw()).setup("fit")
 
 
-def test_check_num_classes_and_bad_arguments(tmp_path):
+def test_check_num_classes_and_bad_arguments(tmp_path, class_count_error):
     _class_tree(tmp_path, per_class=2)
     dm = ImageFolderDataModule(str(tmp_path), **_kw())
     from lightning_convnets import ImageClassifier
 
     wrong = ImageClassifier("preact_resnet18", num_classes=10, backbone_kwargs={"stem": "cifar", "width": 4})
-    message = _class_count_error(wrong, dm, tmp_path)
+    message = class_count_error(wrong, dm)
     assert "built for 10 classes" in message and "data has 3 (cat, dog, fox)" in message
     with pytest.raises(ValueError, match="in_channels must be 1 or 3"):
         ImageFolderDataModule(str(tmp_path), in_channels=4)
@@ -308,15 +308,3 @@ def test_voc_wrapper_batches_on_a_tiny_fake_devkit(tmp_path):
     assert masks.shape == (2, 16, 16) and masks.dtype == torch.int64
     assert set(masks.unique().tolist()) <= {0, 15, 255}  # palette indices; 255 = ignore border
 
-
-def _class_count_error(model, datamodule, tmp_path):
-    """The one class-count check (ConvNetTask.check_datamodule, run in setup): the error a fit raises."""
-    import lightning.pytorch as pl
-
-    trainer = pl.Trainer(
-        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
-    )  # fmt: skip
-    with pytest.raises(ValueError) as caught:
-        trainer.fit(model, datamodule)
-    return str(caught.value)

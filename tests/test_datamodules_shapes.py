@@ -19,7 +19,7 @@ def _small(tmp_path, task, **kw):
     return ShapesDataModule(task=task, root=str(tmp_path), batch_size=4, **kw)
 
 
-def test_classification_batches_and_metadata(tmp_path):
+def test_classification_batches_and_metadata(tmp_path, class_count_error):
     dm = _small(tmp_path, "classification")
     # Known before setup: the tasks size their heads from it.
     assert dm.num_classes == 4 and dm.class_names == ["circle", "square", "triangle", "cross"]
@@ -39,7 +39,7 @@ def test_classification_batches_and_metadata(tmp_path):
     from lightning_convnets import ImageClassifier
 
     wrong = ImageClassifier("preact_resnet18", num_classes=5, backbone_kwargs={"stem": "cifar", "width": 4})
-    message = _class_count_error(wrong, dm, tmp_path)
+    message = class_count_error(wrong, dm)
     assert "num_classes is 4 but the model was built for 5 classes" in message
 
 
@@ -209,15 +209,3 @@ def test_small_cnn_learns_shapes(tmp_path):
         val_acc = (net(x_val).argmax(1) == y_val).float().mean().item()
     assert val_acc >= 0.9, f"val accuracy {val_acc:.3f}"
 
-
-def _class_count_error(model, datamodule, tmp_path):
-    """The one class-count check (ConvNetTask.check_datamodule, run in setup): the error a fit raises."""
-    import lightning.pytorch as pl
-
-    trainer = pl.Trainer(
-        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
-    )  # fmt: skip
-    with pytest.raises(ValueError) as caught:
-        trainer.fit(model, datamodule)
-    return str(caught.value)
