@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,19 +140,26 @@ def segment_tta(
         >>> torch.equal(segment_tta(lambda t: t * 2, x, "flip+vflip"), x * 2)
         True
     """
-    config = parse_tta(tta)
     size = tuple(images.shape[-2:])
+    config = parse_tta(tta)
+    count = len(config.views())
     total: Tensor | None = None
-    views = config.views()
-    for scale, hflip, vflip in views:
-        x = images
-        if scale != 1.0:
-            x = _resize(x, (_scaled_size(size[0], scale, multiple), _scaled_size(size[1], scale, multiple)))
+    for x, hflip, vflip in _view_inputs(images, config, multiple):  # one rescaled view alive at a time
         logits = _flip(dense(_flip(x, hflip, vflip)), hflip, vflip)
         logits = _resize(logits.float(), size)
         total = logits if total is None else total + logits
     assert total is not None
-    return total / len(views) if len(views) > 1 else total
+    return total / count if count > 1 else total
+
+
+def _view_inputs(images: Tensor, config: TTAConfig, multiple: int) -> Iterator[tuple[Tensor, bool, bool]]:
+    """``(input at the view's scale, hflip, vflip)`` for every view (the flips are left to the caller)."""
+    size = tuple(images.shape[-2:])
+    for scale, hflip, vflip in config.views():
+        x = images
+        if scale != 1.0:
+            x = _resize(x, (_scaled_size(size[0], scale, multiple), _scaled_size(size[1], scale, multiple)))
+        yield x, hflip, vflip
 
 
 @torch.no_grad()
@@ -171,18 +178,14 @@ def classify_tta(
         True
     """
     config = parse_tta(tta)
-    size = tuple(images.shape[-2:])
+    count = len(config.views())
     total: Tensor | None = None
-    views = config.views()
-    for scale, hflip, vflip in views:
-        x = images
-        if scale != 1.0:
-            x = _resize(x, (_scaled_size(size[0], scale, 1), _scaled_size(size[1], scale, 1)))
+    for x, hflip, vflip in _view_inputs(images, config, 1):
         logits = logits_fn(_flip(x, hflip, vflip)).float()
         probs = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
         total = probs if total is None else total + probs
     assert total is not None
-    return total / len(views)
+    return total / count
 
 
 def tta_logits(task: Any, images: Tensor) -> Tensor:
