@@ -52,6 +52,8 @@ FORBIDDEN: dict[str, set[str]] = {
     # inference helpers the tasks call (tiled prediction, test-time augmentation): model-agnostic
     "tiling": {"tasks", "callbacks", "datamodules", "backbones", "writers", "detection_writers", *GLUE},
     "tta": {"tasks", "callbacks", "datamodules", "backbones", "writers", "detection_writers", *GLUE},
+    # metrics the tasks log (torchmetrics Metric subclasses): model-agnostic
+    "metrics": {"tasks", "callbacks", "datamodules", "backbones", "writers", "detection_writers", *GLUE},
     "checkpointing": {
         "tasks",
         "callbacks",

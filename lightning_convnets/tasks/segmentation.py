@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
 
 from lightning_convnets import tiling
+from lightning_convnets.metrics import SegmentationMetrics
 from lightning_convnets.nn import center_crop, crop_offsets
 from lightning_convnets.nn.losses import CrossEntropyDiceLoss
 from lightning_convnets.tasks.base import BackboneSpec, ConvNetTask
@@ -140,23 +139,14 @@ class SemanticSegmenter(ConvNetTask):
             dice_weight=hp.dice_weight,
             class_weights=hp.class_weights,
         )
-        # Training metrics skip torchmetrics' input checks (8 torch.unique calls a step): the loss has
-        # already refused out-of-range targets by then.
+        # One confusion matrix per stage gives all four metrics (lightning_convnets.metrics). Training
+        # metrics skip the input checks (a host sync a step): the loss has refused out-of-range targets.
         self.metrics = nn.ModuleDict(
             {stage: self._make_metrics(self.num_classes, stage != "train_") for stage in _STAGES}
         )
 
-    def _make_metrics(self, num_classes: int, validate: bool = True) -> MetricCollection:
-        kw = {"ignore_index": self.ignore_index, "validate_args": validate}
-        return MetricCollection(
-            {
-                "miou": MulticlassJaccardIndex(num_classes, average="macro", **kw),
-                "iou": MulticlassJaccardIndex(num_classes, average="none", **kw),
-                "dice": MulticlassF1Score(num_classes, average="macro", **kw),
-                "pixel_acc": MulticlassAccuracy(num_classes, average="micro", **kw),
-            },
-            compute_groups=False,
-        )
+    def _make_metrics(self, num_classes: int, validate: bool = True) -> SegmentationMetrics:
+        return SegmentationMetrics(num_classes, ignore_index=self.ignore_index, validate_args=validate)
 
     # ------------------------------------------------------------------------------------- forward
     def forward(self, images: Tensor) -> list[Tensor]:
