@@ -221,3 +221,16 @@ def test_loss_parts_are_logged_on_the_steps_the_loggers_write(tmp_path):
     # written on the logging steps (global steps 1 and 3 with log_every_n_steps=2), with finite values
     assert [int(r["step"]) for r in rows] == [1, 3]
     assert all(float(r["train/loss_heatmap"]) > 0 for r in rows)
+
+
+def test_zero_area_boxes_are_dropped_from_the_targets_and_valid_ones_kept_as_given():
+
+    boxes = torch.tensor([[1.0, 1.0, 5.0, 6.0], [3.0, 3.0, 3.0, 8.0], [2.0, 2.0, 9.0, 2.0]])
+    target = {"boxes": boxes, "labels": torch.tensor([0, 1, 2]), "iscrowd": torch.tensor([0, 1, 0])}
+    cleaned = ObjectDetector._clean(target)
+    assert cleaned["boxes"].tolist() == [[1.0, 1.0, 5.0, 6.0]]
+    assert cleaned["labels"].tolist() == [0] and cleaned["iscrowd"].tolist() == [0]
+    valid = {"boxes": boxes[:1], "labels": torch.tensor([4])}
+    kept = ObjectDetector._clean(valid)
+    assert torch.equal(kept["boxes"], boxes[:1]) and kept["labels"].tolist() == [4]
+    assert kept["boxes"].dtype == torch.float32 and kept["labels"].dtype == torch.long

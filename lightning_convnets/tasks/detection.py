@@ -282,6 +282,11 @@ class ObjectDetector(ConvNetTask):
         labels = target["labels"].reshape(-1).long()
         # Zero-area boxes carry no object (and torchvision's losses refuse them).
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        if bool(keep.all()):  # the usual case: no copy (a boolean index syncs with the device anyway)
+            out = {"boxes": boxes, "labels": labels}
+            if "iscrowd" in target:
+                out["iscrowd"] = target["iscrowd"].reshape(-1)
+            return out
         out = {"boxes": boxes[keep], "labels": labels[keep]}
         if "iscrowd" in target:
             out["iscrowd"] = target["iscrowd"].reshape(-1)[keep]
