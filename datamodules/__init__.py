@@ -7,7 +7,7 @@ no download), ``torchvision_datasets.py``; ``transforms.py`` builds the albument
 The batch each task expects, the checks run in ``setup`` and the transform specs: ``docs/data.md``.
 """
 
-from .base import ConvDataModule
+from .base import ConvDataModule, auto_num_workers
 from .coco import CocoDetectionDataModule
 from .folders import ImageFolderDataModule, SegmentationFolderDataModule
 from .io import DataValidationError
@@ -24,5 +24,6 @@ __all__ = [
     "SegmentationFolderDataModule",
     "ShapesDataModule",
     "VOCSegmentationDataModule",
+    "auto_num_workers",
     "build_pipeline",
 ]

@@ -6,6 +6,7 @@ with ``**kwargs``), builds the loaders in one place and calls the subclass's ``_
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -141,6 +142,38 @@ def describe_change(saved: Sequence[Any], now: Sequence[Any]) -> str:
     return ", ".join(parts) or "same entries, reordered"
 
 
+def auto_num_workers(cpus: int | None = None, processes: int = 1) -> int:
+    """DataLoader workers for ``num_workers="auto"``: ``0`` when a training process has at most two CPUs of
+    its own, else ``min(8, cpus_per_process - 1)`` (one core stays with the training step).
+
+    Two CPUs are the line because a worker then takes one of the two cores the step's own threads use:
+    on a 2-core machine the shapes loaders' one worker made every task's step slower than no worker
+    (``benchmarks/bench_data.py``). The environment variable ``LIGHTNING_CONVNETS_NUM_WORKERS`` (an int)
+    overrides the rule.
+
+    Args:
+        cpus: CPUs this process may run on (default: its affinity set, else ``os.cpu_count()``).
+        processes: training processes sharing them (DDP ranks on this machine).
+
+    Example:
+        >>> auto_num_workers(cpus=2), auto_num_workers(cpus=4), auto_num_workers(cpus=64), auto_num_workers(16, 4)
+        (0, 3, 8, 3)
+    """
+    override = os.environ.get("LIGHTNING_CONVNETS_NUM_WORKERS")
+    if override is not None and cpus is None:
+        try:
+            value = int(override)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise ValueError(f"LIGHTNING_CONVNETS_NUM_WORKERS must be an int >= 0, got {override!r}")
+        return value
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cpus // max(1, processes)
+    return 0 if per_process <= 2 else min(8, per_process - 1)
+
+
 class ConvDataModule(LightningDataModule):
     """Base of every data module here: loaders, transforms, and the metadata tasks read.
 
@@ -152,9 +185,13 @@ class ConvDataModule(LightningDataModule):
 
     Args:
         batch_size: examples per batch (all splits).
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes, or ``"auto"`` (:func:`auto_num_workers`: none on a machine
+            of one or two CPUs, where a worker takes a core from the training step, else
+            ``min(8, cpus - 1)`` per training process; the environment variable
+            ``LIGHTNING_CONVNETS_NUM_WORKERS`` overrides it).
         pin_memory: pin host memory (useful with a GPU).
-        persistent_workers: keep workers between epochs (only when ``num_workers > 0``).
+        persistent_workers: keep workers between epochs; ``None``: whenever there are workers (they
+            start once, not at every epoch and validation).
         image_size: side of the square images the loaders return; ``None`` keeps file sizes.
         in_channels: 1 (grayscale) or 3 (RGB); files are converted on load.
         mean, std: normalisation statistics (0..1 scale), one per channel.
@@ -190,9 +227,9 @@ class ConvDataModule(LightningDataModule):
     def __init__(
         self,
         batch_size: int = 32,
-        num_workers: int = 0,
+        num_workers: int | Literal["auto"] = "auto",
         pin_memory: bool = False,
-        persistent_workers: bool = False,
+        persistent_workers: bool | None = None,
         image_size: int | None = None,
         in_channels: int = 3,
         mean: Sequence[float] | None = None,
@@ -217,8 +254,10 @@ class ConvDataModule(LightningDataModule):
         self.save_hyperparameters(ignore=["default_mean", "default_std", *_UNUSED_BY_TASK[self.task]])
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if num_workers != "auto" and (
+            isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
+        ):
+            raise ValueError(f"num_workers must be an int >= 0 or 'auto', got {num_workers!r}")
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
         if image_size is not None and image_size < 1:
@@ -409,18 +448,31 @@ class ConvDataModule(LightningDataModule):
         self.train_sampler = sampler
         return sampler
 
+    @property
+    def loader_workers(self) -> int:
+        """The worker processes the loaders use: ``num_workers``, with ``"auto"`` resolved for this machine
+        and the number of training processes on it (:func:`auto_num_workers`)."""
+        if self.num_workers != "auto":
+            return int(self.num_workers)
+        trainer = getattr(self, "trainer", None)
+        processes = 1
+        if trainer is not None:
+            processes = max(1, int(getattr(trainer, "num_devices", 1) or 1))
+        return auto_num_workers(processes=processes)
+
     def _loader(self, dataset: Dataset | None, split: str, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__} has no {split} split; call setup() first")
         sampler = self._training_sampler(dataset) if shuffle else None
+        workers = self.loader_workers
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle and sampler is None,
             sampler=sampler,
-            num_workers=self.num_workers,
+            num_workers=workers,
             pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            persistent_workers=workers > 0 and self.persistent_workers is not False,
             drop_last=self.drop_last and shuffle,
             collate_fn=detection_collate if self.task == "detection" else None,
         )

@@ -281,7 +281,7 @@ class SegmentationFolderDataModule(ConvDataModule):
         )
         dataset = ClassificationDataset([(p, -1) for p in paths], pipeline, self.in_channels)
         dataset.paths = paths  # the mask writer names each PNG after its image
-        return DataLoader(dataset, batch_size=1, num_workers=self.num_workers, collate_fn=_image_only)
+        return DataLoader(dataset, batch_size=1, num_workers=self.loader_workers, collate_fn=_image_only)
 
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict" and self.predict_dir is not None:

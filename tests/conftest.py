@@ -8,6 +8,9 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # every monitor in this suite is strict (re-raises instead of switching itself off) unless a test says
 # otherwise: nothing hides behind the guard here
 os.environ.setdefault("LIGHTNING_CONVNETS_STRICT_MONITORS", "1")
+# num_workers="auto" (the data modules' default) starts no worker processes in the suite on any machine:
+# tiny generated datasets, where workers would only add start-up time (the rule has its own tests)
+os.environ.setdefault("LIGHTNING_CONVNETS_NUM_WORKERS", "0")
 
 import pytest
 import torch

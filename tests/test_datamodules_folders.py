@@ -308,3 +308,36 @@ def test_voc_wrapper_batches_on_a_tiny_fake_devkit(tmp_path):
     assert masks.shape == (2, 16, 16) and masks.dtype == torch.int64
     assert set(masks.unique().tolist()) <= {0, 15, 255}  # palette indices; 255 = ignore border
 
+
+
+def test_auto_num_workers_rule_and_its_override(monkeypatch):
+    from lightning_convnets.datamodules import auto_num_workers
+
+    # a worker takes one of two cores from the step: none up to 2 CPUs per process, then cpus - 1, at most 8
+    assert [auto_num_workers(cpus=c) for c in (1, 2, 3, 4, 9, 64)] == [0, 0, 2, 3, 8, 8]
+    assert auto_num_workers(cpus=16, processes=4) == 3 and auto_num_workers(cpus=8, processes=4) == 0
+    monkeypatch.setenv("LIGHTNING_CONVNETS_NUM_WORKERS", "3")
+    assert auto_num_workers() == 3
+    monkeypatch.setenv("LIGHTNING_CONVNETS_NUM_WORKERS", "many")
+    with pytest.raises(ValueError, match="LIGHTNING_CONVNETS_NUM_WORKERS must be an int >= 0, got 'many'"):
+        auto_num_workers()
+
+
+def test_num_workers_auto_is_the_default_and_resolves_in_the_loaders(tmp_path, monkeypatch):
+    _class_tree(tmp_path, per_class=4)
+    monkeypatch.setenv("LIGHTNING_CONVNETS_NUM_WORKERS", "1")
+    dm = ImageFolderDataModule(str(tmp_path), **_kw())
+    assert dm.num_workers == "auto" and dm.hparams.num_workers == "auto"
+    dm.setup("fit")
+    train = dm.train_dataloader()
+    assert train.num_workers == 1 and train.persistent_workers  # persistent whenever there are workers
+    images, _ = next(iter(train))
+    assert images.shape[0] == 4
+    monkeypatch.setenv("LIGHTNING_CONVNETS_NUM_WORKERS", "0")
+    assert dm.val_dataloader().num_workers == 0 and not dm.val_dataloader().persistent_workers
+    no_keep = ImageFolderDataModule(str(tmp_path), num_workers=1, persistent_workers=False, **_kw())
+    no_keep.setup("fit")
+    assert not no_keep.train_dataloader().persistent_workers
+    for bad in (-1, "four", 1.5, True):
+        with pytest.raises(ValueError, match=r"num_workers must be an int >= 0 or 'auto', got"):
+            ImageFolderDataModule(str(tmp_path), num_workers=bad, **_kw())
