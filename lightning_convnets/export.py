@@ -17,7 +17,6 @@ import copy
 import json
 import math
 import warnings
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._pytree import tree_leaves
 
-from lightning_convnets.nn.fusion import find_conv_bn_pairs, fuse_conv_bn
+from lightning_convnets.nn.fusion import _same, fuse_for_inference
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -216,96 +213,6 @@ def default_example(task: nn.Module, batch_size: int = 2, size: int = 64) -> Ten
     divisor = int(getattr(task, "size_divisor", 1) or 1)
     size = math.ceil(size / divisor) * divisor
     return torch.randn(batch_size, channels, size, size)
-
-
-def _leaves(output: Any) -> list[Tensor]:
-    return [t for t in tree_leaves(output) if isinstance(t, Tensor)]
-
-
-def _same(a: Any, b: Any, tol: float) -> bool:
-    la, lb = _leaves(a), _leaves(b)
-    if len(la) != len(lb):
-        return False
-    for x, y in zip(la, lb):
-        if x.shape != y.shape:
-            return False
-        if x.is_floating_point():
-            scale = max(1.0, float(y.abs().max())) if y.numel() else 1.0
-            if not torch.allclose(x, y, rtol=0, atol=tol * scale):
-                return False
-        elif not torch.equal(x, y):
-            return False
-    return True
-
-
-def _runtime_conv_bn_pairs(model: nn.Module, example: Tensor) -> list[tuple[str, str]]:
-    """``(conv, bn)`` pairs seen in one forward pass: the BN's input is the very tensor the conv returned,
-    and each module runs once (models torch.fx cannot trace; outputs are checked afterwards)."""
-    names = {m: n for n, m in model.named_modules()}
-    calls: Counter[str] = Counter()
-    produced: dict[int, tuple[str, Tensor]] = {}
-    candidates: list[tuple[str, str]] = []
-    handles = []
-
-    def conv_hook(module: nn.Module, args: Any, output: Any) -> None:
-        calls[names[module]] += 1
-        if isinstance(output, Tensor):
-            produced[id(output)] = (names[module], output)
-
-    def bn_pre_hook(module: nn.Module, args: Any) -> None:
-        calls[names[module]] += 1
-        if args and isinstance(args[0], Tensor):
-            source = produced.get(id(args[0]))
-            if source is not None and source[1] is args[0]:
-                candidates.append((source[0], names[module]))
-
-    for module, _name in names.items():
-        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose2d):
-            handles.append(module.register_forward_hook(conv_hook))
-        elif isinstance(module, _BatchNorm):
-            handles.append(module.register_forward_pre_hook(bn_pre_hook))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [(c, b) for c, b in candidates if calls[c] == 1 and calls[b] == 1]
-
-
-def fuse_for_inference(model: nn.Module, example: Tensor, tol: float = 1e-5) -> tuple[nn.Module, int]:
-    """Fold every ``conv -> BatchNorm`` pair of an eval-mode ``model`` and check the outputs did not move.
-
-    Pairs come from :func:`lightning_convnets.nn.fusion.find_conv_bn_pairs` (torch.fx) when the model
-    traces, else from one forward pass on ``example`` (the BN's input is the conv's output tensor, each
-    module called once). Each fold is then verified on ``example``: a pair whose fold changes the outputs
-    by more than ``tol`` (relative to their largest magnitude) is left unfused.
-
-    Args:
-        model: an eval-mode module (not modified: a fused copy is returned).
-        example: an input batch.
-        tol: largest output change allowed, relative.
-
-    Returns:
-        ``(fused_model, number_of_folded_pairs)``.
-    """
-    try:
-        pairs = find_conv_bn_pairs(model)
-    except TypeError:
-        pairs = _runtime_conv_bn_pairs(model, example)
-    if not pairs:
-        return model, 0
-    with torch.no_grad():
-        reference = model(example)
-        fused = fuse_conv_bn(model, pairs=pairs)
-        if _same(fused(example), reference, tol):
-            return fused, len(pairs)
-        # Some named pair was not a pure conv -> BN chain (the conv output also feeds something else).
-        kept = [p for p in pairs if _same(fuse_conv_bn(model, pairs=[p])(example), reference, tol)]
-        fused = fuse_conv_bn(model, pairs=kept)
-        if not _same(fused(example), reference, tol):
-            return model, 0
-    return fused, len(kept)
 
 
 # ------------------------------------------------------------------------------------- metadata

@@ -9,12 +9,14 @@ its docstring and in ``docs/architecture.md``.
 from __future__ import annotations
 
 import abc
+import contextlib
+import copy
 import functools
 import importlib
 import inspect
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -24,12 +26,14 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 from torchmetrics import MeanMetric
 
 from lightning_convnets.backbones import check_contract, create_backbone
 from lightning_convnets.batch import INPUT_KEYS
+from lightning_convnets.nn.fusion import fuse_conv_bn, runtime_conv_bn_pairs, same_outputs
 
 BackboneSpec = str | dict[str, Any] | nn.Module
 NONFINITE_MODES = ("stop", "skip", "warn")
@@ -263,6 +267,12 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
             and read it every ``log_every_n_steps`` (and before each checkpoint): no per-step host sync;
             ``"skip"`` must decide before each optimizer step, so it reads one flag per step.
         max_skipped_steps: consecutive skipped steps that stop the fit (``nonfinite="skip"``).
+        fast_predict: ``trainer.predict`` runs a copy of the networks with every BatchNorm that directly
+            follows a convolution folded into it (2-3x the images/s of the unfused network on a CPU,
+            ``benchmarks/bench_inference.py``). The copy is made at the first predict batch and checked
+            there: each network's outputs equal the unfused ones within 1e-5 (relative to their largest
+            magnitude), else the unfused networks run (said once). It costs one more copy of the weights
+            during ``predict``; training, validation and test never use it. Off under ``compile``.
 
     Example:
         >>> from lightning_convnets import ImageClassifier  # a ConvNetTask
@@ -291,6 +301,7 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
         compile: bool | dict[str, Any] = False,
         nonfinite: Literal["stop", "skip", "warn"] = "stop",
         max_skipped_steps: int = 10,
+        fast_predict: bool = True,
     ) -> None:
         super().__init__()
         _check_compile_option(compile)
@@ -613,6 +624,92 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
         if isinstance(batch, list | tuple) and batch:
             return batch[0], (batch[1] if len(batch) > 1 else None)
         raise TypeError(f"cannot read images from a batch of type {type(batch).__name__}")
+
+    # ------------------------------------------------------------------ predict: BatchNorm folded
+    def on_predict_start(self) -> None:
+        """A new ``predict`` run: the fused copy is rebuilt from the current weights at its first batch."""
+        self._predict_fused = None
+
+    def on_predict_end(self) -> None:
+        """Drop the fused copy (its memory, and any chance of it outliving the weights it was made of)."""
+        self._predict_fused = None
+
+    @contextlib.contextmanager
+    def fused_for_predict(self, images: Any) -> Iterator[None]:
+        """Run the body with the BatchNorm-folded copy of the networks in place of the networks
+        (``fast_predict``; only inside ``trainer.predict``, in eval mode). ``images`` is what the task's
+        ``forward`` takes: the first batch builds and checks the copy."""
+        trainer = self._trainer
+        if (
+            not self.hparams.get("fast_predict", True)
+            or self.training
+            or trainer is None
+            or not getattr(trainer, "predicting", False)
+            or self.hparams.get("compile")
+        ):
+            yield
+            return
+        if getattr(self, "_predict_fused", None) is None:
+            self._predict_fused = self._build_predict_fused(images)
+        originals = {name: getattr(self, name) for name in self._predict_fused}
+        try:
+            for name, module in self._predict_fused.items():
+                setattr(self, name, module)
+            yield
+        finally:
+            for name, module in originals.items():
+                setattr(self, name, module)
+
+    @torch.no_grad()
+    def _build_predict_fused(self, images: Any) -> dict[str, nn.Module]:
+        """The task's networks (children holding BatchNorm) copied together (shared submodules stay shared)
+        with the ``conv -> BN`` pairs one forward of ``images`` shows folded, or ``{}`` when nothing folds
+        or a network's outputs moved by more than 1e-5."""
+        names = [n for n, c in self.named_children() if any(isinstance(m, _BatchNorm) for m in c.modules())]
+        if not names:
+            return {}
+        try:
+            pairs = [p for p in runtime_conv_bn_pairs(self, images) if p[0].split(".", 1)[0] in names]
+            if not pairs:
+                return {}
+            originals = nn.ModuleDict({n: getattr(self, n) for n in names}).eval()  # (eval already)
+            fused = fuse_conv_bn(copy.deepcopy(originals), pairs=pairs, inplace=True)
+            reference = self._network_outputs(originals, images)
+            for name, module in fused.items():
+                setattr(self, name, module)
+            try:
+                got = self._network_outputs(fused, images)
+            finally:
+                for name, module in originals.items():
+                    setattr(self, name, module)
+            moved = [n for n in names if not same_outputs(got.get(n), reference.get(n), 1e-5)]
+        except Exception as err:  # a network the folding cannot handle: predict runs it unfused
+            rank_zero_info(
+                f"{type(self).__name__}: fast_predict off for this run, BatchNorm folding failed "
+                f"({type(err).__name__}: {err}); predicting with the unfused networks"
+            )
+            return {}
+        if moved:
+            rank_zero_info(
+                f"{type(self).__name__}: fast_predict off for this run: folding BatchNorm changed the outputs "
+                f"of {moved} by more than 1e-5; predicting with the unfused networks"
+            )
+            return {}
+        return dict(fused.items())
+
+    def _network_outputs(self, networks: nn.ModuleDict, images: Any) -> dict[str, list[Any]]:
+        """Outputs of every network in ``networks`` (each call) during one ``forward`` of ``images``."""
+        outputs: dict[str, list[Any]] = {name: [] for name in networks}
+        handles = [
+            module.register_forward_hook(lambda _m, _a, out, name=name: outputs[name].append(out))
+            for name, module in networks.items()
+        ]
+        try:
+            self(images)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return outputs
 
     def _logging_step(self) -> bool:
         """Whether the loggers write this training step (``Trainer(log_every_n_steps=...)``): values logged

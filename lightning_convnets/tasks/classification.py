@@ -153,7 +153,8 @@ class ImageClassifier(ConvNetTask):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Class probabilities ``(N, num_classes)`` (softmax, or per-class sigmoid in multi-label mode)."""
         images, _ = self.unpack_batch(batch)
-        return classify_tta(self, images, self.hparams.get("tta", "none"), self.multilabel)
+        with self.fused_for_predict(images):
+            return classify_tta(self, images, self.hparams.get("tta", "none"), self.multilabel)
 
     def progress_bar_metrics_for(self, stage: str) -> set[str]:
         """Loss and accuracy."""

@@ -389,7 +389,8 @@ class ObjectDetector(ConvNetTask):
         (``[H, W]`` of the input); ``image_id`` and ``orig_size`` are passed through from the targets
         when the batch has them (the COCO writer uses them)."""
         images, targets = self._split_batch(batch)
-        detections = tiling.detect(self, images)  # self.forward, on tiles / with TTA when asked
+        with self.fused_for_predict(images):
+            detections = tiling.detect(self, images)  # self.forward, on tiles / with TTA when asked
         for i, det in enumerate(detections):
             det["image_size"] = torch.tensor(images[i].shape[-2:], dtype=torch.int64)
             if targets is not None:

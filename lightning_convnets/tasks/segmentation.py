@@ -215,10 +215,12 @@ class SemanticSegmenter(ConvNetTask):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Class-index masks ``(N, H, W)`` (int64) at the input size."""
         images, _ = self.unpack_batch(batch)
-        if tiling.uses_tiling_or_tta(self):
-            return self.to_mask(tiling.segmentation_logits(self, images))
+        with self.fused_for_predict(images):
+            if tiling.uses_tiling_or_tta(self):
+                return self.to_mask(tiling.segmentation_logits(self, images))
+            logits = self(images)[-1]
         size = tuple(images.shape[-2:])
-        logits, _ = self.align(self(images)[-1], None, size)
+        logits, _ = self.align(logits, None, size)
         pred = self.to_mask(logits)
         if pred.shape[-2:] == size:
             return pred
