@@ -372,6 +372,9 @@ class BatchNormDriftMonitor(MonitorCallback):
         self.layers: list[_Layer] = []
         self.syncs: list[dict[str, float]] = []  # {"step", "rank_spread_before"} per sync, newest last
         self._elements: list[int] = []  # batch elements per channel of each layer's last recorded call
+        # training forwards of each layer in the recorded batch (what num_batches_tracked counts: a
+        # training-mode BN with running statistics updates them once per forward), counted by the hooks
+        self._calls: list[int] = []
         self._dirty = False  # a training batch ran since the last sync
         self._buffers_ready = False
 
@@ -391,6 +394,7 @@ class BatchNormDriftMonitor(MonitorCallback):
             self.layers.append(_Layer(name, module, offset, module.num_features))
             offset += module.num_features
         self._elements = [0] * len(self.layers)
+        self._calls = [0] * len(self.layers)
         self._buffers_ready = False
         for index, layer in enumerate(self.layers):
             self.add_hook(layer.module, self._snapshot_hook(index), pre=True)
@@ -415,6 +419,8 @@ class BatchNormDriftMonitor(MonitorCallback):
                 self._old_var_views[index].copy_(module.running_var)
             x = args[0]
             self._elements[index] = x.numel() // max(x.shape[1] if x.dim() > 1 else 1, 1)
+            if module.training:  # an eval-mode call (train_only=False) leaves the running statistics alone
+                self._calls[index] += 1
 
         return hook
 
@@ -456,7 +462,8 @@ class BatchNormDriftMonitor(MonitorCallback):
         self._momentum_channel = per_channel([0.0 if m is None else float(m) for m in momenta])
         self._cumulative_channel = self._cumulative[self._layer_index] if self._any_cumulative else None
         self._eps = per_channel(epsilons)
-        self._nbt_start = torch.zeros(count, **f64)
+        self._nbt_start = torch.zeros(count, **f64)  # momentum=None layers: num_batches_tracked at batch start
+        self._masks: dict[tuple[bool, ...], Tensor] = {}  # which layers ran, as a float mask (cached: static)
         self._sums = torch.zeros(count, len(_QUANTITIES), **f64)
         self._zmax = torch.zeros(count, **f64)
         self._forwards = torch.zeros(count, **f64)
@@ -503,7 +510,7 @@ class BatchNormDriftMonitor(MonitorCallback):
         try:
             for batch in batches:
                 self._recording = True
-                self._nbt_start.copy_(self._nbt())
+                self._start_batch()
                 forward_fn(model, batch)
                 self._accumulate()
             self._recording = False
@@ -533,8 +540,13 @@ class BatchNormDriftMonitor(MonitorCallback):
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if self._recording and self._buffers_ready:
-            self._nbt_start.copy_(self._nbt())
+            self._start_batch()
             self._snapshot_pending = self._snapshot is not None and bool(self._snapshot[0])
+
+    def _start_batch(self) -> None:
+        self._calls = [0] * len(self.layers)
+        if self._any_cumulative:  # their momentum is 1 / num_batches_tracked: read it on the device
+            self._nbt_start.copy_(self._nbt())
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -549,7 +561,7 @@ class BatchNormDriftMonitor(MonitorCallback):
     def _plan_snapshot(self) -> None:
         """After the first recorded batch (one host read, once per run): the layers that ran exactly one
         training forward get their old statistics copied at batch start; the others keep the hook copy."""
-        once = ((self._nbt() - self._nbt_start) == 1).tolist()
+        once = [calls == 1 for calls in self._calls]
         self._copy_in_hook = [not single for single in once]
         chosen = [i for i, single in enumerate(once) if single]
         self._snapshot = (
@@ -561,12 +573,15 @@ class BatchNormDriftMonitor(MonitorCallback):
 
     def _accumulate(self) -> None:
         """Recover each layer's batch statistics from its update and add this batch's discrepancies."""
-        nbt = self._nbt()
-        called = (nbt - self._nbt_start) >= 1  # layers that ran a training forward in this batch
         idx = self._layer_index
         m = self._momentum_channel
         if self._any_cumulative:  # momentum=None: m = 1 / num_batches_tracked after the update
+            nbt = self._nbt()
             m = torch.where(self._cumulative_channel, (1.0 / nbt.clamp_min(1))[idx], m)
+        called = tuple(calls >= 1 for calls in self._calls)  # layers that ran a training forward
+        mask = self._masks.get(called)
+        if mask is None:  # the same layers run in nearly every batch: no host-to-device copy per step
+            mask = self._masks[called] = torch.tensor(called, dtype=torch.float64, device=idx.device)
         new_mean, new_var = self._current()
         old_mean, old_var = self._old_mean, self._old_var
         batch_mean = (new_mean - (1 - m) * old_mean) / m
@@ -587,7 +602,6 @@ class BatchNormDriftMonitor(MonitorCallback):
         per_channel = torch.stack([z.abs(), z * z, log_ratio, log_ratio.abs(), kl], dim=1)
         per_layer = torch.zeros_like(self._sums).index_add_(0, idx, per_channel) / self._channels[:, None]
         zmax = torch.zeros_like(self._zmax).scatter_reduce_(0, idx, z.abs(), "amax", include_self=True)
-        mask = called.to(per_layer.dtype)
         self._sums.add_(per_layer.nan_to_num(nan=0.0) * mask[:, None])
         self._zmax.copy_(torch.maximum(self._zmax, zmax.nan_to_num(nan=0.0) * mask))
         self._forwards.add_(mask)
