@@ -381,3 +381,19 @@ def test_long_run_memory_flat_history_capped_file_descriptors_steady(tmp_path):
     assert rss[-1] - rss[0] < 8.0
     fds = [s[2] for s in warm]
     assert max(fds) - min(fds) <= 2, fds
+
+
+def test_the_fused_nonfinite_check_sees_nan_and_inf_and_leaves_the_gradients_as_they_are():
+    from lightning_convnets.tasks.base import _any_nonfinite
+
+    torch.manual_seed(0)
+    grads = [torch.randn(3, 4) * 1e30, torch.randn(5), torch.randn(2, 2, 3)]
+    before = [g.clone() for g in grads]
+    assert not bool(_any_nonfinite(grads))  # huge but finite: no overflow of a norm or a sum
+    assert all(torch.equal(a, b) for a, b in zip(grads, before))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        grads[2][1, 0, 2] = bad
+        assert bool(_any_nonfinite(grads))
+        grads[2][1, 0, 2] = 0.0
+    mixed = [torch.randn(3, dtype=torch.float64), torch.tensor([1.0, float("nan")], dtype=torch.bfloat16)]
+    assert bool(_any_nonfinite(mixed)) and not bool(_any_nonfinite(mixed[:1]))
