@@ -8,9 +8,12 @@ quickstart's 2-stack hourglass, batch 16, 64x64):
   CSV logger), progress bar on, no checkpointing;
 * **plain**: ``for batch in loader: zero_grad; loss = <the same network and loss>; backward; step;
   scheduler.step()`` with the same network (an identical copy), loss functions, AdamW + WarmupCosineLR,
-  batches (the same tensors, through the same ``DataLoader``) and precision (fp32).
+  batches (the same tensors, through the same ``DataLoader``) and precision (fp32);
+* **bare Lightning**: the plain loop's loss as the ``training_step`` of a minimal ``LightningModule``
+  (no metric, no ``self.log``) in the same ``Trainer`` as the task: what Lightning itself costs (its loop,
+  hooks, progress bar), so that ``bare / task`` is what the library adds on top of Lightning.
 
-The two run interleaved in one process (ABAB..., ``--rounds`` rounds of ``--steps`` steps each, models
+The three run interleaved in one process (ABCABC..., ``--rounds`` rounds of ``--steps`` steps each, models
 continuing their training across rounds). A step is the interval between consecutive batch starts (it
 includes the loader, every hook and the optimizer); the first ``--skip`` of each round are dropped. Reported:
 the median over rounds of each round's median step, in process CPU time and wall time, and the mean step
@@ -98,6 +101,22 @@ def run_task(
     return stamps.stamps[:-1]  # the last stamp is on_train_end (after the epoch-end work)
 
 
+class BareModule(pl.LightningModule):
+    """The plain loop's loss, optimizer and per-batch schedule as a minimal LightningModule."""
+
+    def __init__(self, model: torch.nn.Module, config: common.TaskConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = common.plain_loss(config, model)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.loss_fn(batch)
+
+    def configure_optimizers(self) -> Any:
+        opt, sched = common.plain_optimizer(self.model, total_steps=10**6)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 def run_plain(model: torch.nn.Module, config: common.TaskConfig, batches: list[Any], state: dict) -> list:
     if "opt" not in state:
         state["opt"], state["sched"] = common.plain_optimizer(model, total_steps=10**6)
@@ -132,21 +151,23 @@ def bench(config: common.TaskConfig, steps: int, rounds: int, skip: int, root: s
     torch.manual_seed(0)
     task = config.build()
     plain = copy.deepcopy(task)  # identical network and loss modules
+    bare = BareModule(copy.deepcopy(task), config)
     batches = common.make_batches(config, steps)
     state: dict = {}
     rows: dict[str, dict[str, list[float]]] = {
-        "task": {"wall": [], "cpu": [], "wall_mean": []},
-        "plain": {"wall": [], "cpu": [], "wall_mean": []},
+        side: {"wall": [], "cpu": [], "wall_mean": []} for side in ("task", "plain", "lightning")
     }
+    sides = ("task", "plain", "lightning")
     for r in range(rounds):
-        # ABAB..., the order flipped every round so neither side always runs first
-        order = ("task", "plain") if r % 2 == 0 else ("plain", "task")
+        # ABCABC..., the order rotated every round so no side always runs first
+        order = sides[r % 3 :] + sides[: r % 3]
         for side in order:
-            stamps = (
-                run_task(task, batches, root, steps)
-                if side == "task"
-                else run_plain(plain, config, batches, state)
-            )
+            if side == "task":
+                stamps = run_task(task, batches, root, steps)
+            elif side == "lightning":
+                stamps = run_task(bare, batches, root, steps)
+            else:
+                stamps = run_plain(plain, config, batches, state)
             wall, cpu = common.intervals(stamps, skip)
             rows[side]["wall"].append(common.median(wall))
             rows[side]["cpu"].append(common.median(cpu))
@@ -162,6 +183,8 @@ def bench(config: common.TaskConfig, steps: int, rounds: int, skip: int, root: s
         "ratio_cpu": summary["plain"]["cpu"] / summary["task"]["cpu"],
         "ratio_wall": summary["plain"]["wall"] / summary["task"]["wall"],
         "ratio_wall_mean": summary["plain"]["wall_mean"] / summary["task"]["wall_mean"],
+        "ratio_cpu_lightning": summary["plain"]["cpu"] / summary["lightning"]["cpu"],
+        "ratio_cpu_task_vs_lightning": summary["lightning"]["cpu"] / summary["task"]["cpu"],
     }
 
 
@@ -172,18 +195,26 @@ def to_markdown(results: dict[str, Any]) -> str:
         "",
         f"Command: `{results['setup']['command']}`. Interleaved ABAB in one process; medians over rounds of",
         "per-round median steps (ms). Ratio = plain step / task step (throughput of the task relative to",
-        "the plain loop; 1.0 = free, goal >= 0.98).",
+        "the plain loop; 1.0 = free, goal >= 0.98). Bare Lightning: the plain loop's loss as the training_step",
+        "of a minimal LightningModule in the same Trainer (what Lightning itself costs).",
         "",
         "| task | batch | task CPU ms | plain CPU ms | ratio (CPU) | task wall ms | plain wall ms | ratio (wall) "
-        "| ratio (mean wall, incl. logging steps) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| ratio (mean wall, incl. logging steps) | bare Lightning CPU ms | plain / bare Lightning (CPU) "
+        "| bare Lightning / task (CPU) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in results["tasks"].items():
         t, p = row["median_step_s"]["task"], row["median_step_s"]["plain"]
+        bare = row["median_step_s"].get("lightning")
+        extra = (
+            f" {bare['cpu'] * 1e3:.1f} | {row['ratio_cpu_lightning']:.3f} | {row['ratio_cpu_task_vs_lightning']:.3f} |"
+            if bare
+            else " - | - | - |"
+        )
         lines.append(
             f"| {name} | {row['batch']}x{row['size']}² | {t['cpu'] * 1e3:.1f} | {p['cpu'] * 1e3:.1f} | "
             f"{row['ratio_cpu']:.3f} | {t['wall'] * 1e3:.1f} | {p['wall'] * 1e3:.1f} | {row['ratio_wall']:.3f} | "
-            f"{row['ratio_wall_mean']:.3f} |"
+            f"{row['ratio_wall_mean']:.3f} |" + extra
         )
     return "\n".join(lines) + "\n"
 
