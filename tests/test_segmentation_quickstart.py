@@ -107,20 +107,9 @@ def test_valid_config_predicts_masks_over_the_whole_image(in_tmp):
     assert (out.parent / "masks_overlay.png").is_file()
 
 
-# The valid U-Net does not keep the promise yet. Measured (4 epochs, batch 8, 1 thread, load ~8): test mIoU
-# 0.44 (cross 0.05) after 131 CPU-s, where the same-padding U-Net had 0.91; at 117k parameters it learns far
-# slower per epoch, and the wider or deeper valid networks that might cost 2-3x per image (104-156 px
-# mirrored inputs). strict: a pass turns this red, so the marker goes when a config keeps the promise.
-VALID_PROMISE_NOT_MET = pytest.mark.xfail(
-    strict=True, reason="valid U-Net: test mIoU < 0.90 after 3 CPU-minutes (measured, see the module comment)"
-)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # the promise is on CPU time; a shared machine stretches the wall time
-@pytest.mark.parametrize(
-    "name", ["shapes_unet.yaml", pytest.param("shapes_unet_valid.yaml", marks=VALID_PROMISE_NOT_MET)]
-)
+@pytest.mark.parametrize("name", ["shapes_unet.yaml", "shapes_unet_valid.yaml"])
 def test_segmentation_quickstart_keeps_its_promise(in_tmp, name):
     """As shipped: test mIoU >= 0.90 and every class >= 0.85 after at most 3 CPU-minutes of training.
 

@@ -90,6 +90,63 @@ def test_every_skip_crop_is_centred():
             assert torch.allclose(net(x.flip(dims))[0], out.flip(dims))
 
 
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_valid_unet_is_the_same_padding_unet_on_the_pixels_it_sees_whole(depth):
+    # With shared weights, the valid network must compute exactly the same-padding network's output on the
+    # pixels whose receptive field holds no zero padding, and output pixel (i, j) must be the one at input
+    # pixel (i + border, j + border): the pixel the task's centre-cropped target puts there. A crop off by one
+    # at any skip, a shifted up-convolution or a wrong border breaks the equality for every pooling phase.
+    torch.manual_seed(depth)
+    valid = UNet(width=2, depth=depth, padding="valid", norm="batch", upsample="transpose").double().eval()
+    for module in valid.modules():
+        if isinstance(module, nn.BatchNorm2d):  # non-trivial eval statistics and affine parameters
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(module.weight, 0.5, 1.5)
+            nn.init.uniform_(module.bias, -0.2, 0.2)
+    same = UNet(width=2, depth=depth, padding="same", norm="batch", upsample="transpose").double().eval()
+    same.load_state_dict(valid.state_dict())
+    step, b = 2**depth, valid.border
+    h = valid.valid_input_size(40)
+    w = h + step  # not square
+    out_h, out_w = valid.output_size((h, w))
+    margin = 2 * b + 2 * step  # the same network's zero padding never reaches the compared pixels
+    big_h, big_w = (-(-(s + 2 * margin) // step) * step for s in (h, w))
+    x = torch.randn(1, 3, big_h, big_w, dtype=torch.float64)
+    with torch.no_grad():
+        reference = same(x)[0]
+        matches = []
+        for o in range(margin, margin + step):  # every phase of the valid network's pooling grid
+            (out,) = valid(x[..., o : o + h, o : o + w])
+            assert out.shape[-2:] == (out_h, out_w) == (h - 2 * b, w - 2 * b)
+            window = reference[..., o + b : o + b + out_h, o + b : o + b + out_w]
+            matches.append(torch.allclose(out, window, rtol=0, atol=1e-10))
+    assert matches.count(True) == 1, matches  # one pooling phase: the one whose grids coincide
+
+
+def test_up_convolutions_get_he_init_so_both_halves_of_a_concatenation_start_at_one_scale():
+    # The paper's std sqrt(2/N): a 2x2 stride-2 up-convolution feeds each output pixel from one input
+    # pixel, N = in_channels. PyTorch's default for ConvTranspose2d is ~3.5x smaller, and the up-path then
+    # entered every concatenation at 0.4x the skip map's scale (the valid U-Net on shapes stalled at mIoU
+    # 0.42); with He init it enters at ~1.4x (a linear map of post-ReLU features next to post-ReLU ones).
+    torch.manual_seed(0)
+    for norm in ("none", "batch"):
+        net = UNet(width=16, depth=3, padding="valid", norm=norm, upsample="transpose")
+        for up in net.ups:
+            assert up.weight.std().item() == pytest.approx((2 / up.in_channels) ** 0.5, rel=0.1)
+            assert up.bias is None or not up.bias.any()
+    seen: dict[str, list[torch.Tensor]] = {"skip": [], "up": []}
+    for level in range(net.depth):
+        net.down[level].register_forward_hook(lambda m, i, o: seen["skip"].append(o))
+    for up in net.ups:
+        up.register_forward_hook(lambda m, i, o: seen["up"].append(o))
+    with torch.no_grad():
+        net(torch.randn(4, 3, net.valid_input_size(100), net.valid_input_size(100)))
+    for skip, up in zip(reversed(seen["skip"]), seen["up"]):  # coarse to fine, as the decoder goes
+        ratio = up.pow(2).mean().sqrt() / skip.pow(2).mean().sqrt()
+        assert 0.7 <= ratio.item() <= 2.5, f"up-path RMS / skip RMS = {ratio.item():.2f}"
+
+
 def test_valid_padding_size_errors_name_size_and_neighbours():
     net = UNet(in_channels=1, width=4, padding="valid")
     with pytest.raises(ValueError, match=r"570 px gives an odd side.*556 and 572"):
