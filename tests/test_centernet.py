@@ -180,3 +180,14 @@ def test_bad_labels_are_refused():
         encode_targets([torch.tensor([[0.0, 0.0, 8.0, 8.0]])], [torch.tensor([2])], 2, (4, 4))
     with pytest.raises(ValueError, match="shape"):
         encode_targets([torch.zeros(3)], [torch.zeros(0, dtype=torch.long)], 2, (4, 4))
+
+
+def test_decode_takes_channels_last_maps():
+    # a detector with channels_last=True (or predict's folded copy) hands the decoder NHWC-strided maps
+    torch.manual_seed(0)
+    heatmap, size, offset = torch.randn(2, 3, 8, 8), torch.rand(2, 2, 8, 8) * 4, torch.rand(2, 2, 8, 8)
+    expected = decode_detections(heatmap, size, offset, stride=4, top_k=10, score_threshold=0.0)
+    nhwc = [t.contiguous(memory_format=torch.channels_last) for t in (heatmap, size, offset)]
+    got = decode_detections(*nhwc, stride=4, top_k=10, score_threshold=0.0)
+    for a, b in zip(expected, got):
+        assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))

@@ -346,7 +346,7 @@ def decode_detections(
     prob = torch.sigmoid(heatmap.float())
     peaks = prob * (F.max_pool2d(prob, 3, stride=1, padding=1) == prob)
     k = min(top_k, classes * height * width)
-    scores, flat = peaks.view(batch, -1).topk(k, dim=1)
+    scores, flat = peaks.reshape(batch, -1).topk(k, dim=1)  # any memory format (channels-last heads)
     labels = flat // (height * width)
     cell = flat % (height * width)
     ys = (cell // width).float()
