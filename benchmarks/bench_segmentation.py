@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -97,7 +98,7 @@ def run_one(name: str, epochs: int | None, workdir: Path, extra: list[str]) -> d
     }
 
 
-def to_markdown(rows: list[dict[str, Any]], threads: int) -> str:
+def to_markdown(rows: list[dict[str, Any]], threads: int, command: str = "") -> str:
     """A table: model, mIoU, IoU per class, parameters, fit wall/CPU time, load average."""
     classes = list(rows[0]["iou"]) if rows else []
     head = ["model", "test mIoU", *(f"IoU {c}" for c in classes), "params", "fit wall s", "fit CPU s", "load"]
@@ -118,8 +119,8 @@ def to_markdown(rows: list[dict[str, Any]], threads: int) -> str:
         "",
         f"Epochs: {', '.join(map(str, epochs))}; torch threads: {threads}; same data (1000/200/200 generated "
         "64 px shapes images), same optimiser (AdamW, warmup-cosine), test on the best checkpoint (val mIoU).",
-        "Command: `python benchmarks/bench_segmentation.py` (one process per model, run side by side: "
-        "`--models same`, `--models valid`, `--models smp`, then `--merge` of their json files).",
+        f"Command: `{command or 'python benchmarks/bench_segmentation.py'}` (the models one after another in one "
+        "process; `--merge` renders one table from runs made separately).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -136,11 +137,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("extra", nargs="*", help="extra CLI arguments for every model (after --)")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    command = " ".join(["python benchmarks/bench_segmentation.py", *(argv if argv is not None else sys.argv[1:])])
     if args.merge:
         rows = [row for path in args.merge for row in json.loads(Path(path).read_text())]
         out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
-        out.with_suffix(".md").write_text(to_markdown(rows, args.threads))
-        print(to_markdown(rows, args.threads))
+        out.with_suffix(".md").write_text(to_markdown(rows, args.threads, command))
+        print(to_markdown(rows, args.threads, command))
         return rows
 
     import torch
@@ -154,8 +156,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             rows.append(row)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
-    out.with_suffix(".md").write_text(to_markdown(rows, args.threads))
-    print(to_markdown(rows, args.threads))
+    out.with_suffix(".md").write_text(to_markdown(rows, args.threads, command))
+    print(to_markdown(rows, args.threads, command))
     return rows
 
 
