@@ -188,6 +188,19 @@ def run_paired(model_name: str, key: str, steps: int, warmup: int, root: str) ->
     return result
 
 
+def run_cycles_defaults(model_name: str, steps: int, warmup: int, root: str) -> dict[str, Any]:
+    """Activation variance and BatchNorm drift together at their defaults, on/off in 4-step cycles
+    (:class:`CycleToggle`): each on pair holds one step the activation monitor records and one it skips,
+    as a default run does; the cost is the median over cycles of on pair / off pair - 1."""
+    monitors = [cls() for name, cls in available_monitors().items() if name != "gradient_shattering"]
+    toggle = CycleToggle(monitors, warmup)
+    cycles = max(1, steps // 4)
+    _fit_steps(lambda: build_model(model_name), make_data(steps), [toggle, *monitors], warmup + 4 * cycles + 1, root)
+    ratios = [on / off - 1 for on, off in toggle.cycles()]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {"cpu_overhead": statistics.median(ratios), "quartiles": [quartiles[0], quartiles[2]], "cycles": len(ratios)}
+
+
 def run_probe_cost(model_name: str, repeats: int = 3) -> dict[str, Any]:
     """Time of one default shattering probe on the model (CPU), to amortise over its every_n_steps."""
     from lightning_convnets.callbacks.shattering import DEFAULT_EVERY_N_STEPS, shattering_profile
@@ -302,6 +315,8 @@ def _child(
             result = run_paired(model_name, keys[0], steps, warmup, root)
         elif kind == "probe":
             result = run_probe_cost(model_name)
+        elif kind == "cycles":
+            result = run_cycles_defaults(model_name, steps, warmup, root)
         else:
             result = run_lightning(model_name, keys, steps, warmup, root)
         queue.put(("ok", result))
@@ -654,6 +669,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(
                 f"{model_name:5s} paired {key}: cpu {paired[key]['cpu_overhead']:+.1%} wall {paired[key]['wall_overhead']:+.1%}"
             )
+        cycles = run_isolated("cycles", model_name, [], 2 * args.steps, args.warmup, args.root)
+        print(f"{model_name:5s} activation variance + BatchNorm drift at defaults (cycles): {cycles['cpu_overhead']:+.1%}")
         if "gradient_shattering" in monitors:
             probe = run_isolated("probe", model_name, [], args.steps, args.warmup, args.root)
             for name in ("wall", "cpu"):
@@ -661,9 +678,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     probe["every_n_steps"] * base[f"{name}_median_s"]
                 )
             paired["gradient_shattering (probe amortised)"] = probe
+            cycles["with_probe"] = cycles["cpu_overhead"] + probe["cpu_amortised_overhead"]
             print(
                 f"{model_name:5s} shattering probe {probe['probe_cpu_median_s']:.2f} s cpu, amortised {probe['cpu_amortised_overhead']:+.2%}"
             )
+        paired["all three at defaults (cycles)"] = cycles
         results["paired"] = results.get("paired", {})
         results["paired"][model_name] = paired
     results["setup"]["load_average_at_end"] = os.getloadavg()
@@ -754,6 +773,17 @@ def to_markdown(results: dict[str, Any]) -> str:
                         "monitor's per-step hooks are nothing, its probe is the row below; an upper bound: the "
                         "activation monitor's recorded step counted at every step)"
                     )
+                if "quartiles" in row:
+                    probe = row.get("with_probe")
+                    lines.append(
+                        f"| {model_name} | activation variance + BatchNorm drift at their defaults, switched on for "
+                        f"two steps and off for two (one recorded step of the activation monitor per on pair) | "
+                        f"{row['cpu_overhead']:+.1%} | - | median of {row['cycles']} cycles, quartiles "
+                        f"{row['quartiles'][0]:+.1%} .. {row['quartiles'][1]:+.1%}"
+                        + (f"; all three with the shattering probe amortised: **{probe:+.1%}**" if probe is not None else "")
+                        + " |"
+                    )
+                    continue
                 if "cpu_overhead" in row:
                     detail = (
                         f"median CPU {row['cpu_median_on_s'] * 1e3:.1f} ms recorded / "
