@@ -294,10 +294,11 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
         max_skipped_steps: consecutive skipped steps that stop the fit (``nonfinite="skip"``).
         fast_predict: ``trainer.predict`` runs a copy of the networks with every BatchNorm that directly
             follows a convolution folded into it, its weights in the channels-last memory format (2-3x
-            the images/s of the unfused network on a CPU, ``benchmarks/bench_inference.py``). The copy is made at the first predict batch and checked
-            there: each network's outputs equal the unfused ones within 1e-5 (relative to their largest
-            magnitude), else the unfused networks run (said once). It costs one more copy of the weights
-            during ``predict``; training, validation and test never use it. Off under ``compile``.
+            the images/s of the unfused network on a CPU, ``benchmarks/bench_inference.py``). The copy is
+            made at the first predict batch and checked there: each network's outputs equal the unfused
+            ones within 1e-5 (relative to their largest magnitude), else the unfused networks run (said
+            once). It costs one more copy of the weights during ``predict``; training, validation and
+            test never use it. Off under ``compile``.
 
     Example:
         >>> from lightning_convnets import ImageClassifier  # a ConvNetTask
@@ -676,9 +677,15 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
             return
         if getattr(self, "_predict_fused", None) is None:
             self._predict_fused = self._build_predict_fused(images)
-        originals = {name: getattr(self, name) for name in self._predict_fused}
+        with self._networks_swapped(self._predict_fused):
+            yield
+
+    @contextlib.contextmanager
+    def _networks_swapped(self, networks: Mapping[str, nn.Module]) -> Iterator[None]:
+        """These modules in place of the task's children of the same names, the originals back on exit."""
+        originals = {name: getattr(self, name) for name in networks}
         try:
-            for name, module in self._predict_fused.items():
+            for name, module in networks.items():
                 setattr(self, name, module)
             yield
         finally:
@@ -702,13 +709,8 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
             if _is_image_batch(images):  # NHWC convolutions: the folded detector runs 1.7x faster again
                 fused = fused.to(memory_format=torch.channels_last)
             reference = self._network_outputs(originals, images)
-            for name, module in fused.items():
-                setattr(self, name, module)
-            try:
+            with self._networks_swapped(fused):
                 got = self._network_outputs(fused, images)
-            finally:
-                for name, module in originals.items():
-                    setattr(self, name, module)
             moved = [n for n in names if not same_outputs(got.get(n), reference.get(n), 1e-5)]
         except Exception as err:  # a network the folding cannot handle: predict runs it unfused
             rank_zero_info(
