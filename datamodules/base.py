@@ -147,8 +147,8 @@ def auto_num_workers(cpus: int | None = None, processes: int = 1) -> int:
     its own, else ``min(8, cpus_per_process - 1)`` (one core stays with the training step).
 
     Two CPUs are the line because a worker then takes one of the two cores the step's own threads use:
-    on a 2-core machine the shapes loaders' one worker made every task's step slower than no worker
-    (``benchmarks/bench_data.py``). The environment variable ``LIGHTNING_CONVNETS_NUM_WORKERS`` (an int)
+    on a 2-core machine one worker delivered fewer images/s than the main process for every task's
+    shapes loader, which alone ran 4-10x faster than the step (``benchmarks/bench_data.py``). The environment variable ``LIGHTNING_CONVNETS_NUM_WORKERS`` (an int)
     overrides the rule.
 
     Args:
