@@ -52,19 +52,7 @@ def loader_rate(dm: ShapesDataModule, batches: int) -> dict[str, float]:
 
 
 def step_rate(config: common.TaskConfig, steps: int) -> float:
-    torch.manual_seed(0)
-    model = config.build()
-    opt, sched = common.plain_optimizer(model, total_steps=10**6)
-    loss_fn = common.plain_loss(config, model)
-    batches = common.make_batches(config, steps + 2)
-    stamps = []
-    for batch in batches:
-        stamps.append(common.clock())
-        opt.zero_grad(set_to_none=True)
-        loss_fn(batch).backward()
-        opt.step()
-        sched.step()
-    stamps.append(common.clock())
+    stamps = common.plain_step_stamps(config, common.make_batches(config, steps + 2))
     wall, _ = common.intervals(stamps, 2)
     return config.batch / common.median(wall)
 

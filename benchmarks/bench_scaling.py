@@ -28,20 +28,8 @@ import torch
 
 
 def step_time(config: common.TaskConfig, batch: int, size: int, steps: int) -> dict[str, float]:
-    torch.manual_seed(0)
-    model = config.build()
-    opt, sched = common.plain_optimizer(model, total_steps=10**6)
-    loss_fn = common.plain_loss(config, model)
     batches = common.make_batches(config, 1, batch=batch, size=size) * (steps + 1)
-    stamps = []
-    for b in batches:
-        stamps.append(common.clock())
-        opt.zero_grad(set_to_none=True)
-        loss_fn(b).backward()
-        opt.step()
-        sched.step()
-    stamps.append(common.clock())
-    wall, cpu = common.intervals(stamps, 1)
+    wall, cpu = common.intervals(common.plain_step_stamps(config, batches), 1)
     cpu_s = common.median(cpu)
     return {
         "cpu_s": cpu_s,

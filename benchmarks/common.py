@@ -160,6 +160,24 @@ def plain_optimizer(model: nn.Module, total_steps: int) -> tuple[torch.optim.Opt
 
 
 # ---------------------------------------------------------------------------------------- timing
+def plain_step_stamps(config: TaskConfig, batches: list[Any]) -> list[tuple[float, float]]:
+    """A fresh task network trained by the plain loop (forward, loss, backward, AdamW, schedule) over
+    ``batches``: the clock at every batch start and once at the end (for :func:`intervals`)."""
+    torch.manual_seed(0)
+    model = config.build()
+    opt, sched = plain_optimizer(model, total_steps=10**6)
+    loss_fn = plain_loss(config, model)
+    stamps = []
+    for batch in batches:
+        stamps.append(clock())
+        opt.zero_grad(set_to_none=True)
+        loss_fn(batch).backward()
+        opt.step()
+        sched.step()
+    stamps.append(clock())
+    return stamps
+
+
 def clock() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
