@@ -390,18 +390,22 @@ def _fit_steps(net_fn: Callable[[], nn.Module], data: DataLoader, callbacks: lis
 
 
 class CycleToggle(pl.Callback):
-    """Switches the monitors wholly on for two optimizer steps, off for the next two (``active``: every
-    Lightning hook of a monitor returns at once, its forward hooks record nothing), and times each step.
-    A cycle's on pair holds one step the activation monitor records (it samples one in two) and one it
-    does not, so the on pair costs what two steps cost at the defaults; the ratio of a cycle's on pair to
-    its off pair, neighbours in one fit, is immune to the drift between fits that dominates whole-run
-    comparisons here. Off steps still dispatch the monitors' forward hooks (each returns at once)."""
+    """Switches the monitors wholly on for two optimizer steps, off for the next two, and times each step.
+
+    Off means what a run without the monitors does: every Lightning hook of a monitor returns at once
+    (``active``) and its forward hooks are taken out of the modules' hook dictionaries (put back, in
+    order, when the monitors switch on), so the on pair also pays the dispatch of every forward hook,
+    including the steps the activation monitor skips. A cycle's on pair holds one step the activation
+    monitor records (it samples one in two) and one it does not, so the on pair costs what two steps cost
+    at the defaults; the ratio of a cycle's on pair to its off pair, neighbours in one fit, is immune to
+    the drift between fits that dominates whole-run comparisons here."""
 
     def __init__(self, monitors: list[Any], warmup: int) -> None:
         self.monitors = monitors
         self.warmup = warmup
         self.cpu: list[float] = []
         self._last: float | None = None
+        self._parked: list[tuple[dict, int, Any]] | None = None  # forward hooks taken out while off
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int
@@ -415,11 +419,27 @@ class CycleToggle(pl.Callback):
         for monitor in self.monitors:
             if monitor.failure is None:
                 monitor.active = on
+        if on and self._parked is not None:
+            for hooks, key, fn in self._parked:
+                hooks[key] = fn
+            self._parked = None
+        elif not on and self._parked is None:
+            self._parked = [entry for monitor in self.monitors for entry in _park_hooks(monitor)]
 
     def cycles(self) -> list[tuple[float, float]]:
         """(on pair, off pair) CPU seconds of every full cycle after the warm-up."""
         times = self.cpu[self.warmup :]
         return [(times[i] + times[i + 1], times[i + 2] + times[i + 3]) for i in range(0, len(times) - 3, 4)]
+
+
+def _park_hooks(monitor: Any) -> list[tuple[dict, int, Any]]:
+    """Take a monitor's forward hooks out of their modules' hook dictionaries: ``(dict, id, hook)``."""
+    parked = []
+    for handle in getattr(monitor, "_handles", []):
+        hooks = handle.hooks_dict_ref()
+        if hooks is not None and handle.id in hooks:
+            parked.append((hooks, handle.id, hooks.pop(handle.id)))
+    return parked
 
 
 def run_cycles(
@@ -567,8 +587,9 @@ def sweep_markdown(sweep: dict[str, Any], setup: dict[str, Any]) -> str:
         f"{setup['cpus']} CPUs; load average {setup['load_average_at_start'][0]:.1f} at start, "
         f"{setup['load_average_at_end'][0]:.1f} at end). CPU-stem networks of width {sweep['rows'][0]['width']}, "
         "SGD; cost = median over cycles of (CPU of the on pair / CPU of the off pair - 1): the on pair holds one "
-        "step the activation monitor records and one it skips, as at its defaults. Off steps still dispatch "
-        "the monitors' forward hooks (each returns at once), so that part is not counted. The shattering "
+        "step the activation monitor records and one it skips, as at its defaults. Off steps run without the "
+        "monitors' forward hooks (taken out of the modules for them), so the cost includes dispatching every "
+        "hook, on the steps the activation monitor skips too. The shattering "
         "monitor (a separate fit) probes at step 0 (warm-up) and every 200 steps: its column is its cost "
         "between probes. Memory: the monitors' own tensors after a 6-step fit (statistics, scratch, "
         "snapshots, the last interval's merged statistics, the probe line) against what the training step "

@@ -292,9 +292,12 @@ class ActivationVarianceMonitor(MonitorCallback):
         self._aliases = _identity_aliases(pl_module, self.targets)
         out: Callable[..., Any] = lambda a, o: o  # noqa: E731
         for index, target in enumerate(self.targets):
-            self._hook(target.module, [(f"{index}/out", out)])
             shortcut_key = f"{index}/shortcut"
             measure_shortcut = shortcut_key not in self._aliases
+            if target.add is not None and target.sum_is_output:
+                self._hook_sum_output(index, target.module, target.add, measure_shortcut)
+                continue
+            self._hook(target.module, [(f"{index}/out", out)])
             if target.add is not None:
                 selects = [(f"{index}/branch", lambda a, o: a[1])]
                 if measure_shortcut:
@@ -309,28 +312,71 @@ class ActivationVarianceMonitor(MonitorCallback):
                 elif measure_shortcut:
                     self._hook(target.module, [(shortcut_key, lambda a: a[0])], pre=True)
 
+    def _slots(self, selects: list[tuple[str, Callable[..., Any]]]) -> list[tuple[int, ShiftedMoments, Any]]:
+        """A moment in the bank per ``(key, select)``: ``(slot, moments, select)``."""
+        slots = []
+        for key, select in selects:
+            self._moments[key] = self._bank.add(key)
+            self._slot_target.append(int(key.split("/", 1)[0]))
+            slots.append((len(self._bank.keys) - 1, self._moments[key], select))
+        return slots
+
+    def _record(self, slot: int, moments: ShiftedMoments, x: Any) -> None:
+        """Add the tensor ``x`` to a moment: the bank's four ops, else the moment's own update."""
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            return
+        state = moments.state
+        # a module reused at another width (e.g. one ReLU module called on 64 and 128 channels):
+        # keep the first width only; shapes are static, so this is no host sync
+        if state is not None and (x.dim() >= 2 and x.shape[1] != state.shape[1]):
+            return
+        if not self._bank.take(slot, x):
+            moments.update(x)
+
+    def _hook_sum_output(self, index: int, block: nn.Module, add: nn.Module, measure_shortcut: bool) -> None:
+        """A pre-activation block returns its :class:`ResidualAdd`'s sum: measure its output in the add's
+        hook, one forward hook per block instead of two (each hooked module costs a few microseconds of
+        dispatch per forward, recorded or not). Until the first recorded eager forward has shown that the
+        block returns that very tensor, the block keeps its own hook for ``out``; a block that returns
+        something else keeps it for good. The same tensors are measured either way."""
+        out_slot, out_moments, _ = self._slots([(f"{index}/out", None)])[0]
+        selects = [(f"{index}/branch", lambda a, o: a[1])]
+        if measure_shortcut:
+            selects.append((f"{index}/shortcut", lambda a, o: a[0]))
+        slots = self._slots(selects)
+        record = self._record
+        merged = False
+        last_sum: list[Any] = [None]  # the add's output in this forward, until the block hook compares
+
+        def add_hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if self.is_recording(mod):
+                for slot, moments, select in slots:
+                    record(slot, moments, select(args, output))
+                if merged:
+                    record(out_slot, out_moments, output)
+                elif not torch.compiler.is_compiling():
+                    last_sum[0] = output
+
+        def block_hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            nonlocal merged
+            if merged or not self.is_recording(mod):
+                return
+            record(out_slot, out_moments, output)
+            if output is last_sum[0] and not torch.compiler.is_compiling():
+                merged = True  # from the next forward on, the add's hook measures the output
+                block_handle.remove()
+            last_sum[0] = None
+
+        self.add_hook(add, add_hook)
+        self.add_hook(block, block_hook)
+        block_handle = self._handles[-1]
+
     def _hook(
         self, module: nn.Module, selects: list[tuple[str, Callable[..., Any]]], pre: bool = False
     ) -> None:
         """One hook on ``module`` feeding one :class:`ShiftedMoments` per ``(key, select)``."""
-        slots = []
-        bank = self._bank
-        for key, select in selects:
-            self._moments[key] = bank.add(key)
-            self._slot_target.append(int(key.split("/", 1)[0]))
-            slots.append((len(bank.keys) - 1, self._moments[key], select))
-
-        def record(slot: int, moments: ShiftedMoments, x: Any) -> None:
-            if not isinstance(x, Tensor) or not x.is_floating_point():
-                return
-            state = moments.state
-            # a module reused at another width (e.g. one ReLU module called on 64 and 128 channels):
-            # keep the first width only; shapes are static, so this is no host sync
-            if state is not None and (x.dim() >= 2 and x.shape[1] != state.shape[1]):
-                return
-            if not bank.take(slot, x):  # the bank's four ops, else the moment's own update
-                moments.update(x)
-
+        slots = self._slots(selects)
+        record = self._record
         if pre:
 
             def pre_hook(mod: nn.Module, args: tuple[Any, ...]) -> None:

@@ -423,3 +423,73 @@ def _without_bank(attach, monitor):
         monitor._bank_allowed = False
 
     return wrapped
+
+
+class _TwoHooksPerBlock(ActivationVarianceMonitor):
+    """The hooks as they were before issue 16: a pre-activation block's output measured in a hook of its own
+    next to its ResidualAdd's hook."""
+
+    def _hook_sum_output(self, index, block, add, measure_shortcut):
+        self._hook(block, [(f"{index}/out", lambda a, o: o)])
+        selects = [(f"{index}/branch", lambda a, o: a[1])]
+        if measure_shortcut:
+            selects.append((f"{index}/shortcut", lambda a, o: a[0]))
+        self._hook(add, selects)
+
+
+class _ScaledPreAct(PreActBasicBlock):
+    """A user's pre-activation block (``preact = True``, a ResidualAdd) that does not return the sum."""
+
+    def forward(self, x):
+        return 0.5 * super().forward(x)
+
+
+def test_one_hook_per_preact_block_logs_exactly_what_two_hooks_log(tmp_path):
+    """Issue 16: a pre-activation block's output is measured in its ResidualAdd's hook once the first
+    recorded forward showed the block returns the sum (one forward hook per block instead of two); a
+    block that returns something else keeps its own hook. Every logged number bit-identical to the two
+    hooks per block, on a preact ResNet-50 followed by a block that scales its sum."""
+
+    class Deep(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = create_backbone("preact_resnet50", stem="cifar", width=4)
+            width = self.net.out_channels[-1]
+            self.tail = _ScaledPreAct(width, width)
+            self.head = nn.Linear(self.net.out_channels[-1], 3)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            features = self.tail(self.net(x)[-1]).mean((2, 3))
+            return nn.functional.cross_entropy(self.head(features), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def run(cls):
+        pl.seed_everything(0, verbose=False)
+        monitor = cls(log_every_n_steps=2)
+        x, y = torch.randn(24, 3, 16, 16) * 3 + 1, torch.randint(0, 3, (24,))
+        trainer = pl.Trainer(
+            max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=tmp_path, callbacks=[monitor],
+        )  # fmt: skip
+        model = Deep()
+        trainer.fit(model, DataLoader(list(zip(x, y)), batch_size=4))
+        return monitor, model
+
+    (merged, model), (two, _) = run(ActivationVarianceMonitor), run(_TwoHooksPerBlock)
+    assert len(merged.history) == len(two.history) == 3 and len(merged.history[0]) > 100
+    assert merged.history == two.history
+    assert "activation_variance/tail/var" in merged.history[-1]
+    # after the fit (hooks removed at teardown), count what a second fit would dispatch: re-attach
+    merged.attach(None, model)
+    blocks = [t for t in merged.targets if t.sum_is_output]
+    assert len(blocks) == 17  # 16 bottlenecks + the tail
+    with torch.no_grad():
+        merged._recording = True
+        model.train()
+        model.tail(model.net(torch.randn(4, 3, 16, 16))[-1])
+    hooked = [m for m in model.modules() if m._forward_hooks]
+    assert len(hooked) == 17 + 1 + 1  # one per preact block, plus the stem, plus the tail's own block hook
+    merged.remove_hooks()

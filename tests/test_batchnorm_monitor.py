@@ -523,3 +523,84 @@ def test_batch_start_snapshot_logs_exactly_what_the_per_layer_copies_log(tmp_pat
     assert hooked[-1] and not any(hooked[:-1])  # the twice-called layer (defined last) keeps its hook copy
     assert len(fast) == len(slow) == 3 and len(fast[0]) > 100
     assert fast == slow
+
+
+class _ReferenceAccumulate(BatchNormDriftMonitor):
+    """The per-batch arithmetic as it was before the depth-cost work (issue 16): two concatenations cast to
+    float64, the five quantities stacked per channel and summed per layer with ``index_add_``. The
+    monitor's faster path must log exactly what this logs."""
+
+    def _accumulate(self) -> None:
+        idx = self._layer_index
+        m = self._momentum_channel
+        if self._any_cumulative:
+            nbt = self._nbt()
+            m = torch.where(self._cumulative_channel, (1.0 / nbt.clamp_min(1))[idx], m)
+        mask = torch.tensor([c >= 1 for c in self._calls], dtype=torch.float64)
+        new_mean = torch.cat([lay.module.running_mean for lay in self.layers]).double()
+        new_var = torch.cat([lay.module.running_var for lay in self.layers]).double()
+        batch_mean = (new_mean - (1 - m) * self._old_mean) / m
+        batch_var_unbiased = ((new_var - (1 - m) * self._old_var) / m).clamp_min(0)
+        factors = [(n - 1) / n if n > 1 else 1.0 for n in self._elements]
+        batch_var = batch_var_unbiased * torch.tensor(factors, dtype=torch.float64)[idx]
+        scale = self._old_var + self._eps
+        z = (batch_mean - self._old_mean) / scale.sqrt()
+        ratio = (batch_var + self._eps) / scale
+        log_ratio = ratio.log()
+        kl = 0.5 * (ratio - 1 - log_ratio + z * z)
+        per_channel = torch.stack([z.abs(), z * z, log_ratio, log_ratio.abs(), kl], dim=1)
+        per_layer = torch.zeros_like(self._sums).index_add_(0, idx, per_channel) / self._channels[:, None]
+        zmax = torch.zeros_like(self._zmax).scatter_reduce_(0, idx, z.abs(), "amax", include_self=True)
+        self._sums.add_(per_layer.nan_to_num(nan=0.0) * mask[:, None])
+        self._zmax.copy_(torch.maximum(self._zmax, zmax.nan_to_num(nan=0.0) * mask))
+        self._forwards.add_(mask)
+
+
+class _IndexAddPath(BatchNormDriftMonitor):
+    """The per-layer sums as on a GPU (``index_add_``, no ``segment_reduce``)."""
+
+    def _allocate(self) -> None:
+        super()._allocate()
+        self._lengths = None
+
+
+@pytest.mark.parametrize("monitor_cls", [BatchNormDriftMonitor, _IndexAddPath], ids=["segments", "index_add"])
+def test_per_batch_arithmetic_logs_exactly_what_the_reference_logs_on_a_deep_net(tmp_path, monitor_cls):
+    """Issue 16: the per-batch path (flat buffers, one segment reduction per quantity on the CPU, index_add_
+    elsewhere) against the plain reference on a preact ResNet-50 with mixed momenta (one cumulative layer)
+    and a layer left out of some batches: every logged number bit-identical."""
+    from lightning_convnets.backbones import create_backbone
+
+    class Net(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = create_backbone("preact_resnet50", stem="cifar", width=4)
+            self.net.layer2[1].bn1.momentum = None  # cumulative average
+            self.net.layer3[0].bn2.momentum = 0.5
+            self.side = nn.BatchNorm2d(3)  # runs on even batches only
+            self.head = nn.Linear(self.net.out_channels[-1], 3)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            if batch_idx % 2 == 0:
+                x = self.side(x)
+            return nn.functional.cross_entropy(self.head(self.net(x)[-1].mean((2, 3))), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def history(cls: type[BatchNormDriftMonitor]) -> list[dict[str, float]]:
+        pl.seed_everything(0, verbose=False)
+        monitor = cls(log_every_n_steps=2)
+        x, y = torch.randn(32, 3, 16, 16) * 2 + 1, torch.randint(0, 3, (32,))
+        x[:4, 0] = 5.0  # a constant channel in the first batch: zero batch variance
+        trainer = pl.Trainer(
+            max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=tmp_path, callbacks=[monitor],
+        )  # fmt: skip
+        trainer.fit(Net(), DataLoader(list(zip(x, y)), batch_size=4))
+        return monitor.history
+
+    fast, reference = history(monitor_cls), history(_ReferenceAccumulate)
+    assert len(fast) == len(reference) == 3 and len(fast[0]) > 100
+    assert fast == reference
