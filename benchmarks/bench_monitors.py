@@ -392,13 +392,14 @@ def _fit_steps(net_fn: Callable[[], nn.Module], data: DataLoader, callbacks: lis
 class CycleToggle(pl.Callback):
     """Switches the monitors wholly on for two optimizer steps, off for the next two, and times each step.
 
-    Off means what a run without the monitors does: every Lightning hook of a monitor returns at once
-    (``active``) and its forward hooks are taken out of the modules' hook dictionaries (put back, in
-    order, when the monitors switch on), so the on pair also pays the dispatch of every forward hook,
-    including the steps the activation monitor skips. A cycle's on pair holds one step the activation
-    monitor records (it samples one in two) and one it does not, so the on pair costs what two steps cost
-    at the defaults; the ratio of a cycle's on pair to its off pair, neighbours in one fit, is immune to
-    the drift between fits that dominates whole-run comparisons here."""
+    Off means what a run without the monitors does: at the end of the step before, the monitors leave
+    ``trainer.callbacks`` (Lightning calls no hook of theirs) and their forward hooks are taken out of the
+    modules' hook dictionaries; both are put back, in order, for the next on step. So the on pair pays
+    everything the monitors add, including dispatching their forward hooks on the step the activation
+    monitor skips. Put this callback first. A cycle's on pair holds one step the activation monitor
+    records (it samples one in two) and one it does not, so the on pair costs what two steps cost at the
+    defaults; the ratio of a cycle's on pair to its off pair, neighbours in one fit, is immune to the drift
+    between fits that dominates whole-run comparisons here."""
 
     def __init__(self, monitors: list[Any], warmup: int) -> None:
         self.monitors = monitors
@@ -406,6 +407,10 @@ class CycleToggle(pl.Callback):
         self.cpu: list[float] = []
         self._last: float | None = None
         self._parked: list[tuple[dict, int, Any]] | None = None  # forward hooks taken out while off
+        self._callbacks: list[pl.Callback] | None = None  # the full list while off
+
+    def _on(self, step: int) -> bool:
+        return step < self.warmup or (step - self.warmup) % 4 < 2
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int
@@ -414,17 +419,20 @@ class CycleToggle(pl.Callback):
         if self._last is not None:
             self.cpu.append(now - self._last)
         self._last = now
-        step = trainer.global_step
-        on = step < self.warmup or (step - self.warmup) % 4 < 2
-        for monitor in self.monitors:
-            if monitor.failure is None:
-                monitor.active = on
-        if on and self._parked is not None:
-            for hooks, key, fn in self._parked:
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        on = self._on(trainer.global_step)  # the next step's (the optimizer has stepped)
+        if on and self._callbacks is not None:
+            for hooks, key, fn in self._parked or []:
                 hooks[key] = fn
-            self._parked = None
-        elif not on and self._parked is None:
+            trainer.callbacks = self._callbacks  # a new list object: the loop now running keeps the old one
+            self._parked = self._callbacks = None
+        elif not on and self._callbacks is None:
             self._parked = [entry for monitor in self.monitors for entry in _park_hooks(monitor)]
+            self._callbacks = trainer.callbacks
+            trainer.callbacks = [c for c in trainer.callbacks if all(c is not m for m in self.monitors)]
 
     def cycles(self) -> list[tuple[float, float]]:
         """(on pair, off pair) CPU seconds of every full cycle after the warm-up."""
@@ -587,9 +595,10 @@ def sweep_markdown(sweep: dict[str, Any], setup: dict[str, Any]) -> str:
         f"{setup['cpus']} CPUs; load average {setup['load_average_at_start'][0]:.1f} at start, "
         f"{setup['load_average_at_end'][0]:.1f} at end). CPU-stem networks of width {sweep['rows'][0]['width']}, "
         "SGD; cost = median over cycles of (CPU of the on pair / CPU of the off pair - 1): the on pair holds one "
-        "step the activation monitor records and one it skips, as at its defaults. Off steps run without the "
-        "monitors' forward hooks (taken out of the modules for them), so the cost includes dispatching every "
-        "hook, on the steps the activation monitor skips too. The shattering "
+        "step the activation monitor records and one it skips, as at its defaults. Off steps run as without the "
+        "monitors (out of the trainer's callbacks, their forward hooks out of the modules), so the cost includes "
+        "Lightning calling their hooks and the dispatch of every forward hook, on the steps the activation "
+        "monitor skips too. The shattering "
         "monitor (a separate fit) probes at step 0 (warm-up) and every 200 steps: its column is its cost "
         "between probes. Memory: the monitors' own tensors after a 6-step fit (statistics, scratch, "
         "snapshots, the last interval's merged statistics, the probe line) against what the training step "

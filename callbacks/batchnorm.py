@@ -23,6 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_convnets.batch import batch_inputs
 
+from . import core as _core
 from . import diagnosis, plots
 from .core import (
     Finding,
@@ -405,8 +406,11 @@ class BatchNormDriftMonitor(MonitorCallback):
         return "restrict the monitor to plain BatchNorm layers, or leave it out for this model"
 
     def _snapshot_hook(self, index: int) -> Callable[..., None]:
+        core_module = _core  # the pause counter is read from its module at each call
+
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            if not self.is_recording(module) or not self._buffers_ready:
+            # is_recording() inlined (this runs on every BN forward): train_only, so a training-mode call
+            if not (self._recording and module.training and self._buffers_ready) or core_module._PAUSED:
                 return
             if self._snapshot_pending:  # the batch's first BN forward: no layer has updated yet (and DDP
                 # has broadcast rank 0's buffers, which it does inside its forward, after batch start)
@@ -418,9 +422,9 @@ class BatchNormDriftMonitor(MonitorCallback):
                 self._old_mean_views[index].copy_(module.running_mean)
                 self._old_var_views[index].copy_(module.running_var)
             x = args[0]
-            self._elements[index] = x.numel() // max(x.shape[1] if x.dim() > 1 else 1, 1)
-            if module.training:  # an eval-mode call (train_only=False) leaves the running statistics alone
-                self._calls[index] += 1
+            shape = x.shape
+            self._elements[index] = x.numel() // shape[1] if len(shape) > 1 and shape[1] else x.numel()
+            self._calls[index] += 1  # a training-mode forward updates the running statistics once
 
         return hook
 
@@ -436,8 +440,11 @@ class BatchNormDriftMonitor(MonitorCallback):
             torch.promote_types, [lay.module.running_mean.dtype for lay in self.layers], torch.float32
         )
         self._stat_dtype = stat_dtype
-        self._old_mean = torch.zeros(total, dtype=stat_dtype, device=device)
-        self._old_var = torch.ones(total, dtype=stat_dtype, device=device)
+        # the statistics before the batch's update, means then variances: the two rows of one tensor, so
+        # the arithmetic shared by means and variances runs once on both
+        self._old = torch.ones(2, total, dtype=stat_dtype, device=device)
+        self._old[0].zero_()
+        self._old_mean, self._old_var = self._old[0], self._old[1]
         self._old_mean_views = [self._old_mean[lay.offset : lay.offset + lay.channels] for lay in self.layers]
         self._old_var_views = [self._old_var[lay.offset : lay.offset + lay.channels] for lay in self.layers]
         self._layer_index = torch.cat(
@@ -463,13 +470,11 @@ class BatchNormDriftMonitor(MonitorCallback):
         self._cumulative_channel = self._cumulative[self._layer_index] if self._any_cumulative else None
         self._eps = per_channel(epsilons)
         self._keep = 1 - self._momentum_channel  # the old statistics' weight in the update
-        # the running statistics gathered into reused flat buffers (their own dtype; no float64 copy)
-        self._new_mean = torch.empty(total, dtype=stat_dtype, device=device)
-        self._new_var = torch.empty(total, dtype=stat_dtype, device=device)
         # segment_reduce on the CPU (2x faster than index_add_ there, the same sums); index_add_ elsewhere:
         # segment_reduce checks its lengths with host reads (a sync per call on a GPU), and MPS lacks it
         lengths = [lay.channels for lay in self.layers]
         self._lengths = torch.tensor(lengths) if device.type == "cpu" else None
+        self._lengths_by_rows: dict[int, Tensor] = {}
         self._nbt_start = torch.zeros(count, **f64)  # momentum=None layers: num_batches_tracked at batch start
         self._masks: dict[tuple[bool, ...], Tensor] = {}  # which layers ran, as a float mask (cached: static)
         self._sums = torch.zeros(count, len(_QUANTITIES), **f64)
@@ -582,10 +587,11 @@ class BatchNormDriftMonitor(MonitorCallback):
     def _accumulate(self) -> None:
         """Recover each layer's batch statistics from its update and add this batch's discrepancies.
 
-        About 30 small ops on one flat vector per step whatever the depth: the running statistics are
-        gathered by one concatenation each into reused buffers of their own dtype (the float64 arithmetic
-        promotes them exactly), and each quantity is summed per layer by one segment reduction over the
-        layers' contiguous channel ranges on the CPU (the same sequential float64 sums as ``index_add_``)."""
+        About 30 small ops on flat vectors per step whatever the depth: the running statistics are gathered
+        by one concatenation each in their own dtype (the float64 arithmetic promotes them exactly), the
+        intermediates are written in place into one transient block, and the five quantities are summed per
+        layer by one segment reduction over the layers' contiguous channel ranges on the CPU (the same
+        sequential float64 sums as ``index_add_``)."""
         idx = self._layer_index
         m, keep = self._momentum_channel, self._keep
         if self._any_cumulative:  # momentum=None: m = 1 / num_batches_tracked after the update
@@ -596,11 +602,11 @@ class BatchNormDriftMonitor(MonitorCallback):
         mask = self._masks.get(called)
         if mask is None:  # the same layers run in nearly every batch: no host-to-device copy per step
             mask = self._masks[called] = torch.tensor(called, dtype=torch.float64, device=idx.device)
-        new_mean = torch.cat([lay.module.running_mean for lay in self.layers], out=self._new_mean)
-        new_var = torch.cat([lay.module.running_var for lay in self.layers], out=self._new_var)
-        old_mean, old_var = self._old_mean, self._old_var
-        batch_mean = (new_mean - keep * old_mean) / m
-        batch_var_unbiased = ((new_var - keep * old_var) / m).clamp_min(0)
+        # the running statistics after the update, means then variances, in their own dtype
+        new = torch.cat(
+            [lay.module.running_mean for lay in self.layers] + [lay.module.running_var for lay in self.layers]
+        )
+        old_mean, old_var, eps = self._old_mean, self._old_var, self._eps
         elements = tuple(self._elements)
         correction = self._elements_cache.get(elements)
         if correction is None:  # (n - 1) / n per channel; shapes are static, so this is cached
@@ -608,26 +614,40 @@ class BatchNormDriftMonitor(MonitorCallback):
             correction = self._elements_cache[elements] = torch.tensor(
                 factors, dtype=torch.float64, device=idx.device
             )[idx]
-        batch_var = batch_var_unbiased * correction
-        scale = old_var + self._eps
-        z = (batch_mean - old_mean) / scale.sqrt()
-        ratio = (batch_var + self._eps) / scale
-        log_ratio = ratio.log()
-        z_abs, z_sq = z.abs(), z * z
-        kl = 0.5 * (ratio - 1 - log_ratio + z_sq)
-        per_layer = torch.stack(
-            [self._per_layer_sum(q) for q in (z_abs, z_sq, log_ratio, log_ratio.abs(), kl)], dim=1
-        ) / self._channels[:, None]
+        # One transient float64 block for every intermediate (freed on return, after the step's peak):
+        # the same elementwise ops as the formulas in the comments, written in place with out=.
+        work = torch.empty(10, new.shape[0] // 2, dtype=torch.float64, device=idx.device)
+        batch, z, scale, root = work[5:7], work[7], work[8], work[9]
+        batch_mean, batch_var = batch[0], batch[1]
+        # batch_mean = (new_mean - keep * old_mean) / m; batch_var = (new_var - keep * old_var) / m
+        torch.div(torch.sub(new.view(2, -1), torch.mul(keep, self._old, out=batch), out=batch), m, out=batch)
+        batch_var.clamp_min_(0).mul_(correction)  # then biased: (n - 1) / n
+        torch.add(old_var, eps, out=scale)  # scale = old_var + eps
+        torch.div(torch.sub(batch_mean, old_mean, out=z), torch.sqrt(scale, out=root), out=z)  # z-shift
+        ratio = batch_var.add_(eps).div_(scale)  # (batch_var + eps) / scale
+        # per channel: |z|, z^2, log ratio, |log ratio|, kl = 0.5 * (ratio - 1 - log ratio + z^2)
+        quantities = work[:5]
+        z_abs, z_sq = torch.abs(z, out=work[0]), torch.mul(z, z, out=work[1])
+        log_ratio = torch.log(ratio, out=work[2])
+        torch.abs(log_ratio, out=work[3])
+        torch.sub(ratio, 1, out=work[4]).sub_(log_ratio).add_(z_sq).mul_(0.5)
+        per_layer = self._per_layer_sums(quantities) / self._channels[:, None]
         zmax = torch.zeros_like(self._zmax).scatter_reduce_(0, idx, z_abs, "amax", include_self=True)
-        self._sums.add_(per_layer.nan_to_num(nan=0.0) * mask[:, None])
-        self._zmax.copy_(torch.maximum(self._zmax, zmax.nan_to_num(nan=0.0) * mask))
+        self._sums.add_(per_layer.nan_to_num(nan=0.0).mul_(mask[:, None]))
+        torch.maximum(self._zmax, zmax.nan_to_num(nan=0.0).mul_(mask), out=self._zmax)
         self._forwards.add_(mask)
 
-    def _per_layer_sum(self, values: Tensor) -> Tensor:
-        """Sum of ``values`` (one per channel) over each layer's channels, in channel order."""
+    def _per_layer_sums(self, quantities: Tensor) -> Tensor:
+        """``[layers, q]``: the sum of each row of ``quantities`` (``[q, channels]``) over each layer's
+        channels, in channel order (one segment reduction on the CPU)."""
         if self._lengths is not None:
-            return torch.segment_reduce(values, "sum", lengths=self._lengths)
-        return torch.zeros_like(self._zmax).index_add_(0, self._layer_index, values)
+            rows = quantities.shape[0]
+            lengths = self._lengths_by_rows.get(rows)
+            if lengths is None:
+                lengths = self._lengths_by_rows[rows] = self._lengths.repeat(rows)
+            return torch.segment_reduce(quantities.reshape(-1), "sum", lengths=lengths).view(rows, -1).t()
+        zeros = torch.zeros(len(self.layers), quantities.shape[0], dtype=quantities.dtype, device=quantities.device)
+        return zeros.index_add_(0, self._layer_index, quantities.t())
 
     # ------------------------------------------------------------------ reduction
     def _use_cross_rank(self, trainer: pl.Trainer | None) -> bool:

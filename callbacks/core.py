@@ -306,6 +306,8 @@ class MomentBank:
         self._pending: list[float] = []  # elements per channel taken into the scratch this batch (0: none)
         self._widths: Tensor | None = None  # channels per slot (int64, on the state's device)
         self._ends: Tensor | None = None  # cumulative widths: the first column after each slot
+        self._counts: Tensor | None = None  # per channel: elements per channel of the last fold's batch
+        self._counts_key: tuple[float, ...] = ()
 
     def add(self, key: str) -> ShiftedMoments:
         """A new moment (before :meth:`build`); its index is its slot."""
@@ -380,9 +382,14 @@ class MomentBank:
         """Add this batch's scratch and counts to the float64 state (once per batch, a few ops)."""
         if not self.ready or not any(self._pending):
             return
-        per_slot = torch.tensor(self._pending, dtype=torch.float64, device=self.state.device)
-        # a transient per-channel vector, after the step's peak: nothing per channel is kept for it
-        self.state[0].add_(torch.repeat_interleave(per_slot, self._widths, output_size=self.state.shape[1]))
+        pending = tuple(self._pending)
+        if pending == self._counts_key and self._counts is not None:  # the usual case: the shapes repeat
+            counts = self._counts
+        else:
+            per_slot = torch.tensor(pending, dtype=torch.float64, device=self.state.device)
+            counts = torch.repeat_interleave(per_slot, self._widths, output_size=self.state.shape[1])
+            self._counts, self._counts_key = counts, pending  # one per-channel vector: the last batch's
+        self.state[0].add_(counts)
         self.state[1:].add_(self.scratch)
         self.scratch.zero_()
         self._pending = [0.0] * len(self.moments)
@@ -888,14 +895,43 @@ class MonitorCallback(Callback):
         An exception inside the hook switches the monitor off (or is raised with ``strict=True``); the
         forward it observed goes on untouched."""
 
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return hook(*args, **kwargs)
-            except Exception as err:
-                if self.strict:
-                    raise
-                self.fail(f"forward {'pre-' if pre else ''}hook on {type(module).__name__}", err, None)
-                return None
+        def failed(err: Exception) -> None:
+            self.fail(f"forward {'pre-' if pre else ''}hook on {type(module).__name__}", err, None)
+
+        # fixed signatures where they suffice: a hook runs on every forward of a hooked module, and packing
+        # *args/**kwargs is a measurable part of it on networks with hundreds of hooked modules
+        if with_kwargs:
+
+            def guarded(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return hook(*args, **kwargs)
+                except Exception as err:
+                    if self.strict:
+                        raise
+                    failed(err)
+                    return None
+
+        elif pre:
+
+            def guarded(mod: nn.Module, args: Any) -> Any:
+                try:
+                    return hook(mod, args)
+                except Exception as err:
+                    if self.strict:
+                        raise
+                    failed(err)
+                    return None
+
+        else:
+
+            def guarded(mod: nn.Module, args: Any, output: Any) -> Any:  # type: ignore[misc]
+                try:
+                    return hook(mod, args, output)
+                except Exception as err:
+                    if self.strict:
+                        raise
+                    failed(err)
+                    return None
 
         if pre:
             handle = module.register_forward_pre_hook(guarded, with_kwargs=with_kwargs)
@@ -1106,8 +1142,8 @@ class MonitorCallback(Callback):
     def state_key(self) -> str:
         # distinct per monitor kind and interval, so several monitors (or two of one kind with other
         # settings) can share a checkpoint
-        return self._generate_state_key(
-            monitor=self.monitor_name, every=self.log_every_n_steps, sample=self.sample_every_n_steps
+        return _cached_state_key(
+            self, monitor=self.monitor_name, every=self.log_every_n_steps, sample=self.sample_every_n_steps
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -1126,3 +1162,14 @@ class MonitorCallback(Callback):
 for _name in _GUARDED_HOOKS & set(vars(MonitorCallback)):
     setattr(MonitorCallback, _name, _guard(_name, vars(MonitorCallback)[_name]))
 del _name
+
+
+def _cached_state_key(callback: Callback, **key: Any) -> str:
+    """``callback._generate_state_key(**key)``, formatted once per distinct ``key``: Lightning reads
+    ``state_key`` around every callback hook call (several per step and callback), and formatting it costs
+    about a microsecond each time."""
+    values = tuple(key.values())
+    cached = callback.__dict__.get("_state_key_cache")
+    if cached is None or cached[0] != values:
+        cached = callback.__dict__["_state_key_cache"] = (values, callback._generate_state_key(**key))
+    return cached[1]

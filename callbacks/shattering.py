@@ -29,6 +29,7 @@ from .core import (
     Finding,
     MonitorCallback,
     MonitorConfigError,
+    _cached_state_key,
     observers_paused,
 )
 
@@ -840,7 +841,8 @@ class GradientShatteringMonitor(MonitorCallback):
     @property
     def state_key(self) -> str:
         # two shattering monitors (e.g. one per bn_mode) can share a checkpoint
-        return self._generate_state_key(
+        return _cached_state_key(
+            self,
             monitor=self.monitor_name,
             every=self.every_n_steps,
             bn_mode=self.bn_mode,
