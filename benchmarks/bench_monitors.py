@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -440,6 +441,36 @@ class CycleToggle(pl.Callback):
         return [(times[i] + times[i + 1], times[i + 2] + times[i + 3]) for i in range(0, len(times) - 3, 4)]
 
 
+class HookTimer:
+    """Process CPU time spent inside a monitor's own Lightning hooks, per optimizer step: what the monitor
+    itself does on a step, measured directly (the on/off difference of a monitor that does almost nothing
+    between its probes is noise of a few tenths of a percent)."""
+
+    def __init__(self) -> None:
+        self.per_step: dict[int, float] = {}
+
+    def watch(self, monitor: Any) -> Any:
+        for name in dir(type(monitor)):
+            if name.startswith("on_") and callable(getattr(monitor, name)):
+                setattr(monitor, name, self._timed(getattr(monitor, name)))
+        return monitor
+
+    def _timed(self, hook: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(trainer: Any, *args: Any, **kwargs: Any) -> Any:
+            start = time.process_time()
+            try:
+                return hook(trainer, *args, **kwargs)
+            finally:
+                step = int(getattr(trainer, "global_step", -1))
+                self.per_step[step] = self.per_step.get(step, 0.0) + time.process_time() - start
+
+        return timed
+
+    def median_step_ms(self) -> float:
+        """Median over the steps the monitor ran on (a probe step is one outlier among them)."""
+        return statistics.median(self.per_step.values()) * 1e3 if self.per_step else math.nan
+
+
 def _park_hooks(monitor: Any) -> list[tuple[dict, int, Any]]:
     """Take a monitor's forward hooks out of their modules' hook dictionaries: ``(dict, id, hook)``."""
     parked = []
@@ -552,9 +583,18 @@ def run_sweep(specs: list[tuple[str, int, int, int]], width: int, steps: int, wa
         everything = run_cycles(
             name, size, batch, width, lambda: [cls() for cls in monitors.values()], steps, warmup, root
         )
+        hook_timer = HookTimer()
         shattering = run_cycles(
-            name, size, batch, width, lambda: [monitors["gradient_shattering"]()], steps, warmup, root
+            name,
+            size,
+            batch,
+            width,
+            lambda timer=hook_timer: [timer.watch(monitors["gradient_shattering"]())],
+            steps,
+            warmup,
+            root,
         )
+        own_ms = hook_timer.median_step_ms()
         memory = _memory(name, size, batch, width)
         row = {
             "model": name,
@@ -567,6 +607,8 @@ def run_sweep(specs: list[tuple[str, int, int, int]], width: int, steps: int, wa
             "all_overhead": everything["overhead"],
             "all_overhead_per_round": everything["ratios"],
             "shattering_overhead": shattering["overhead"],
+            "shattering_own_ms": own_ms,
+            "shattering_own_fraction": own_ms / max(shattering["step_off_ms"], 1e-9),
             "step_memory_mib": memory["step_bytes"] / 2**20,
             "monitor_state_mib": memory["monitor_bytes"] / 2**20,
             "load_average": os.getloadavg()[0],
@@ -577,7 +619,7 @@ def run_sweep(specs: list[tuple[str, int, int, int]], width: int, steps: int, wa
         print(
             f"{name:18s} {size:3d}px step {row['step_cpu_ms']:7.1f} ms  all {row['all_overhead']:+.1%} "
             f"(quartiles {quartiles[0]:+.1%} .. {quartiles[2]:+.1%}, {row['cycles']} cycles)  shattering "
-            f"between probes {row['shattering_overhead']:+.2%}  monitor state {row['monitor_state_mib']:.2f} MiB "
+            f"between probes {row['shattering_overhead']:+.2%} (own hooks {row['shattering_own_fraction']:.3%})  monitor state {row['monitor_state_mib']:.2f} MiB "
             f"({row['monitor_state_fraction']:.2%} of the step's {row['step_memory_mib']:.0f} MiB)  "
             f"load {row['load_average']:.1f}",
             flush=True,
@@ -599,14 +641,16 @@ def sweep_markdown(sweep: dict[str, Any], setup: dict[str, Any]) -> str:
         "monitors (out of the trainer's callbacks, their forward hooks out of the modules), so the cost includes "
         "Lightning calling their hooks and the dispatch of every forward hook, on the steps the activation "
         "monitor skips too. The shattering "
-        "monitor (a separate fit) probes at step 0 (warm-up) and every 200 steps: its column is its cost "
-        "between probes. Memory: the monitors' own tensors after a 6-step fit (statistics, scratch, "
+        "monitor (a separate fit) probes at step 0 (warm-up) and every 200 steps: its columns are its cost "
+        "between probes, as the same on/off difference (noise of a few tenths of a percent around its true "
+        "cost) and as the CPU time inside its own hooks per step (median, measured directly), both against "
+        "the step. Memory: the monitors' own tensors after a 6-step fit (statistics, scratch, "
         "snapshots, the last interval's merged statistics, the probe line) against what the training step "
         "holds at its peak (the activations autograd saves, parameters, gradients, momentum).",
         "",
         "| network | input | batch | step (ms CPU) | all three (ms) | all three (%) | cycles: quartiles | "
-        "shattering between probes | monitor tensors (MiB) | step memory (MiB) | share |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "shattering between probes | its own hooks | monitor tensors (MiB) | step memory (MiB) | share |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sweep["rows"]:
         q = statistics.quantiles(r["all_overhead_per_round"], n=4)
@@ -614,7 +658,7 @@ def sweep_markdown(sweep: dict[str, Any], setup: dict[str, Any]) -> str:
         lines.append(
             f"| {r['model']} | {r['image_size']}x{r['image_size']} | {r['batch']} | {r['step_cpu_ms']:.1f} "
             f"| {r['all_cpu_ms'] - r['step_cpu_ms']:+.1f} | {r['all_overhead']:+.1%} | {rounds} "
-            f"| {r['shattering_overhead']:+.2%} | {r['monitor_state_mib']:.2f} | {r['step_memory_mib']:.0f} "
+            f"| {r['shattering_overhead']:+.2%} | {r.get('shattering_own_fraction', math.nan):.3%} | {r['monitor_state_mib']:.2f} | {r['step_memory_mib']:.0f} "
             f"| {r['monitor_state_fraction']:.2%} |"
         )
     return "\n".join(lines) + "\n"

@@ -306,7 +306,7 @@ class MomentBank:
         self._pending: list[float] = []  # elements per channel taken into the scratch this batch (0: none)
         self._widths: Tensor | None = None  # channels per slot (int64, on the state's device)
         self._ends: Tensor | None = None  # cumulative widths: the first column after each slot
-        self._counts: Tensor | None = None  # per channel: elements per channel of the last fold's batch
+        self._counts: Tensor | None = None  # per slot: elements per channel in the last fold's batch
         self._counts_key: tuple[float, ...] = ()
 
     def add(self, key: str) -> ShiftedMoments:
@@ -383,13 +383,11 @@ class MomentBank:
         if not self.ready or not any(self._pending):
             return
         pending = tuple(self._pending)
-        if pending == self._counts_key and self._counts is not None:  # the usual case: the shapes repeat
-            counts = self._counts
-        else:
-            per_slot = torch.tensor(pending, dtype=torch.float64, device=self.state.device)
-            counts = torch.repeat_interleave(per_slot, self._widths, output_size=self.state.shape[1])
-            self._counts, self._counts_key = counts, pending  # one per-channel vector: the last batch's
-        self.state[0].add_(counts)
+        if pending != self._counts_key or self._counts is None:  # a new pattern of shapes (rare)
+            self._counts = torch.tensor(pending, dtype=torch.float64, device=self.state.device)
+            self._counts_key = pending
+        # a transient per-channel vector, after the step's peak: nothing per channel is kept for it
+        self.state[0].add_(torch.repeat_interleave(self._counts, self._widths, output_size=self.state.shape[1]))
         self.state[1:].add_(self.scratch)
         self.scratch.zero_()
         self._pending = [0.0] * len(self.moments)
