@@ -337,8 +337,9 @@ class ActivationVarianceMonitor(MonitorCallback):
         """A pre-activation block returns its :class:`ResidualAdd`'s sum: measure its output in the add's
         hook, one forward hook per block instead of two (each hooked module costs a few microseconds of
         dispatch per forward, recorded or not). Until the first recorded eager forward has shown that the
-        block returns that very tensor, the block keeps its own hook for ``out``; a block that returns
-        something else keeps it for good. The same tensors are measured either way."""
+        block called its add once and returned that very tensor, the block keeps its own hook for ``out``;
+        a block that returns something else (or calls its add twice) keeps it for good. The same tensors
+        are measured either way."""
         out_slot, out_moments, _ = self._slots([(f"{index}/out", None)])[0]
         selects = [(f"{index}/branch", lambda a, o: a[1])]
         if measure_shortcut:
@@ -346,7 +347,8 @@ class ActivationVarianceMonitor(MonitorCallback):
         slots = self._slots(selects)
         record = self._record
         merged = False
-        last_sum: list[Any] = [None]  # the add's output in this forward, until the block hook compares
+        # the add's output and its number of calls in this forward, until the block hook compares
+        last_sum: list[Any] = [None, 0]
 
         def add_hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if self.is_recording(mod):
@@ -356,16 +358,18 @@ class ActivationVarianceMonitor(MonitorCallback):
                     record(out_slot, out_moments, output)
                 elif not torch.compiler.is_compiling():
                     last_sum[0] = output
+                    last_sum[1] += 1
 
         def block_hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             nonlocal merged
             if merged or not self.is_recording(mod):
                 return
             record(out_slot, out_moments, output)
-            if output is last_sum[0] and not torch.compiler.is_compiling():
+            # one add call whose output the block returned: only then is "the add's output" the block's
+            if last_sum[1] == 1 and output is last_sum[0] and not torch.compiler.is_compiling():
                 merged = True  # from the next forward on, the add's hook measures the output
                 block_handle.remove()
-            last_sum[0] = None
+            last_sum[0], last_sum[1] = None, 0
 
         self.add_hook(add, add_hook)
         self.add_hook(block, block_hook)

@@ -444,11 +444,21 @@ class _ScaledPreAct(PreActBasicBlock):
         return 0.5 * super().forward(x)
 
 
+class _TwoSumsPreAct(PreActBasicBlock):
+    """A pre-activation block that calls its ResidualAdd twice and returns the second sum: the first sum
+    is not the block's output, so measuring "the add's output" would count it too."""
+
+    def forward(self, x):
+        once = super().forward(x)
+        return self.add(once, self.conv2(self.relu(self.bn2(self.conv1(self.relu(self.bn1(once)))))))
+
+
 def test_one_hook_per_preact_block_logs_exactly_what_two_hooks_log(tmp_path):
     """Issue 16: a pre-activation block's output is measured in its ResidualAdd's hook once the first
     recorded forward showed the block returns the sum (one forward hook per block instead of two); a
     block that returns something else keeps its own hook. Every logged number bit-identical to the two
-    hooks per block, on a preact ResNet-50 followed by a block that scales its sum."""
+    hooks per block, on a preact ResNet-50 followed by a block that scales its sum and one that calls its
+    add twice."""
 
     class Deep(pl.LightningModule):
         def __init__(self) -> None:
@@ -456,11 +466,12 @@ def test_one_hook_per_preact_block_logs_exactly_what_two_hooks_log(tmp_path):
             self.net = create_backbone("preact_resnet50", stem="cifar", width=4)
             width = self.net.out_channels[-1]
             self.tail = _ScaledPreAct(width, width)
+            self.twice = _TwoSumsPreAct(width, width)
             self.head = nn.Linear(self.net.out_channels[-1], 3)
 
         def training_step(self, batch, batch_idx):
             x, y = batch
-            features = self.tail(self.net(x)[-1]).mean((2, 3))
+            features = self.twice(self.tail(self.net(x)[-1])).mean((2, 3))
             return nn.functional.cross_entropy(self.head(features), y)
 
         def configure_optimizers(self):
@@ -482,14 +493,15 @@ def test_one_hook_per_preact_block_logs_exactly_what_two_hooks_log(tmp_path):
     assert len(merged.history) == len(two.history) == 3 and len(merged.history[0]) > 100
     assert merged.history == two.history
     assert "activation_variance/tail/var" in merged.history[-1]
+    assert "activation_variance/twice/var" in merged.history[-1]
     # after the fit (hooks removed at teardown), count what a second fit would dispatch: re-attach
     merged.attach(None, model)
     blocks = [t for t in merged.targets if t.sum_is_output]
-    assert len(blocks) == 17  # 16 bottlenecks + the tail
+    assert len(blocks) == 18  # 16 bottlenecks, the tail, the block with two sums
     with torch.no_grad():
         merged._recording = True
         model.train()
-        model.tail(model.net(torch.randn(4, 3, 16, 16))[-1])
+        model.twice(model.tail(model.net(torch.randn(4, 3, 16, 16))[-1]))
     hooked = [m for m in model.modules() if m._forward_hooks]
-    assert len(hooked) == 17 + 1 + 1  # one per preact block, plus the stem, plus the tail's own block hook
+    assert len(hooked) == 18 + 1 + 2  # one per preact block, the stem, and the two blocks' own hooks
     merged.remove_hooks()
