@@ -571,7 +571,18 @@ def _memory(name: str, size: int, batch: int, width: int, with_monitors: bool = 
     return {"monitor_bytes": monitor_state_bytes(monitors), "step_bytes": step}
 
 
-def run_sweep(specs: list[tuple[str, int, int, int]], width: int, steps: int, warmup: int, root: str) -> dict:
+class NoOpMonitor(pl.Callback):
+    """A callback that does nothing, toggled like a monitor: the null run of the on/off method."""
+
+    failure = None
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+
+
+def run_sweep(
+    specs: list[tuple[str, int, int, int]], width: int, steps: int, warmup: int, root: str, null: bool = False
+) -> dict:
     """Per network: one fit with all three monitors at their defaults toggled on and off in 4-step
     cycles (:class:`CycleToggle`), the median over cycles of (on pair / off pair - 1); the same with the
     shattering monitor alone (it probes at step 0, in the warm-up, and every 200 steps: its between-probe
@@ -596,6 +607,11 @@ def run_sweep(specs: list[tuple[str, int, int, int]], width: int, steps: int, wa
         )
         own_ms = hook_timer.median_step_ms()
         memory = _memory(name, size, batch, width)
+        nothing = (
+            run_cycles(name, size, batch, width, lambda: [NoOpMonitor() for _ in range(3)], steps, warmup, root)
+            if null
+            else None
+        )
         row = {
             "model": name,
             "image_size": size,
@@ -608,6 +624,7 @@ def run_sweep(specs: list[tuple[str, int, int, int]], width: int, steps: int, wa
             "all_overhead_per_round": everything["ratios"],
             "shattering_overhead": shattering["overhead"],
             "shattering_own_ms": own_ms,
+            "null_overhead": nothing["overhead"] if nothing else None,
             "shattering_own_fraction": own_ms / max(shattering["step_off_ms"], 1e-9),
             "step_memory_mib": memory["step_bytes"] / 2**20,
             "monitor_state_mib": memory["monitor_bytes"] / 2**20,
@@ -655,10 +672,13 @@ def sweep_markdown(sweep: dict[str, Any], setup: dict[str, Any]) -> str:
     for r in sweep["rows"]:
         q = statistics.quantiles(r["all_overhead_per_round"], n=4)
         rounds = f"{q[0]:+.1%} .. {q[2]:+.1%} ({r['cycles']})"
+        if r.get("null_overhead") is not None:  # --null: the same method on three no-op callbacks
+            rounds += f"; null run {r['null_overhead']:+.1%}"
         lines.append(
             f"| {r['model']} | {r['image_size']}x{r['image_size']} | {r['batch']} | {r['step_cpu_ms']:.1f} "
             f"| {r['all_cpu_ms'] - r['step_cpu_ms']:+.1f} | {r['all_overhead']:+.1%} | {rounds} "
-            f"| {r['shattering_overhead']:+.2%} | {r.get('shattering_own_fraction', math.nan):.3%} | {r['monitor_state_mib']:.2f} | {r['step_memory_mib']:.0f} "
+            f"| {r['shattering_overhead']:+.2%} | {r.get('shattering_own_fraction', math.nan):.3%} "
+            f"| {r['monitor_state_mib']:.2f} | {r['step_memory_mib']:.0f} "
             f"| {r['monitor_state_fraction']:.2%} |"
         )
     return "\n".join(lines) + "\n"
@@ -683,6 +703,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--width", type=int, default=8, help="with --sweep: backbone width")
     parser.add_argument("--rounds", type=int, default=None, help="with --sweep: rounds per network")
+    parser.add_argument(
+        "--null",
+        action="store_true",
+        help="with --sweep: also a null run per network (three no-op callbacks toggled like the monitors)",
+    )
     args = parser.parse_args(argv)
     global _THREADS
     _THREADS = args.threads  # applied in each forked child (setting it here could start OpenMP pre-fork)
@@ -785,7 +810,7 @@ def _main_sweep(args: argparse.Namespace) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "load_average_at_start": os.getloadavg(),
     }
-    sweep = run_sweep(specs, args.width, steps, warmup, args.root)
+    sweep = run_sweep(specs, args.width, steps, warmup, args.root, null=args.null)
     setup["load_average_at_end"] = os.getloadavg()
     results = {"setup": setup, **sweep}
     args.out.mkdir(parents=True, exist_ok=True)
