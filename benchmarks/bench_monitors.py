@@ -29,6 +29,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -648,7 +649,8 @@ def sweep_markdown(sweep: dict[str, Any], setup: dict[str, Any]) -> str:
     lines = [
         "## Depth sweep: all three monitors at their defaults",
         "",
-        f"`python benchmarks/bench_monitors.py --sweep` (per network one fit of {setup['steps']} 4-step cycles "
+        f"`{setup.get('command', 'python benchmarks/bench_monitors.py --sweep')}` (per network one fit of "
+        f"{setup['steps']} 4-step cycles "
         f"after {setup['warmup']} warm-up steps: the monitors on for two steps, off for two; "
         f"{setup['threads']} thread(s), torch {setup['torch']}, lightning {setup['lightning']}, "
         f"{setup['cpus']} CPUs; load average {setup['load_average_at_start'][0]:.1f} at start, "
@@ -709,6 +711,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="with --sweep: also a null run per network (three no-op callbacks toggled like the monitors)",
     )
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     global _THREADS
     _THREADS = args.threads  # applied in each forked child (setting it here could start OpenMP pre-fork)
     if args.sweep:
@@ -809,6 +812,7 @@ def _main_sweep(args: argparse.Namespace) -> dict[str, Any]:
         "threads": args.threads or 1,
         "cpus": os.cpu_count(),
         "load_average_at_start": os.getloadavg(),
+        "command": " ".join(["python benchmarks/bench_monitors.py", *(args.argv or ["--sweep"])]),
     }
     sweep = run_sweep(specs, args.width, steps, warmup, args.root, null=args.null)
     setup["load_average_at_end"] = os.getloadavg()
