@@ -15,7 +15,8 @@ Usage::
     .venv/bin/python benchmarks/bench_monitors.py                 # full run (a few minutes)
     .venv/bin/python benchmarks/bench_monitors.py --steps 30 --models ours   # quick look
 
-Writes ``benchmarks/results/monitors.json`` and ``benchmarks/results/monitors.md``.
+Writes ``benchmarks/results/monitors.json`` and ``benchmarks/results/monitors.md``; ``--sweep`` writes
+``monitors_depth.{json,md}`` and puts its table into ``monitors.md`` as the last section.
 """
 
 from __future__ import annotations
@@ -791,9 +792,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "monitors.json").write_text(json.dumps(results, indent=2))
-    (args.out / "monitors.md").write_text(to_markdown(results))
+    _write_keeping_sweep(args.out / "monitors.md", to_markdown(results))
     print(to_markdown(results))
     return results
+
+
+_SWEEP_TITLE = "## Depth sweep: all three monitors at their defaults"
+
+
+def _write_keeping_sweep(path: Path, text: str, sweep_table: str | None = None) -> None:
+    """Write ``text`` to ``path`` with the depth-sweep section last: ``sweep_table`` if given, else the
+    section already in the file (so the summary run and the sweep each refresh their own part)."""
+    old = path.read_text() if path.exists() else ""
+    if sweep_table is None and _SWEEP_TITLE in old:
+        sweep_table = old[old.index(_SWEEP_TITLE) :]
+    if _SWEEP_TITLE in text:
+        text = text[: text.index(_SWEEP_TITLE)]
+    body = text.rstrip("\n") + "\n"
+    if sweep_table:
+        body += "\n" + sweep_table.rstrip("\n") + "\n"
+    path.write_text(body)
 
 
 def _main_sweep(args: argparse.Namespace) -> dict[str, Any]:
@@ -821,6 +839,8 @@ def _main_sweep(args: argparse.Namespace) -> dict[str, Any]:
     (args.out / "monitors_depth.json").write_text(json.dumps(results, indent=2))
     table = sweep_markdown(sweep, setup)
     (args.out / "monitors_depth.md").write_text("# Monitor overhead along the depth (CPU)\n\n" + table)
+    summary = args.out / "monitors.md"  # the depth sweep also goes into the summary, as its last section
+    _write_keeping_sweep(summary, summary.read_text() if summary.exists() else "# Monitor overhead (CPU)\n", table)
     print(table)
     return results
 
