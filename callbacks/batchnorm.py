@@ -406,11 +406,9 @@ class BatchNormDriftMonitor(MonitorCallback):
         return "restrict the monitor to plain BatchNorm layers, or leave it out for this model"
 
     def _snapshot_hook(self, index: int) -> Callable[..., None]:
-        core_module = _core  # the pause counter is read from its module at each call
-
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             # is_recording() inlined (this runs on every BN forward): train_only, so a training-mode call
-            if not (self._recording and module.training and self._buffers_ready) or core_module._PAUSED:
+            if not (self._recording and module.training and self._buffers_ready) or _core._PAUSED:
                 return
             if self._snapshot_pending:  # the batch's first BN forward: no layer has updated yet (and DDP
                 # has broadcast rank 0's buffers, which it does inside its forward, after batch start)
@@ -472,9 +470,8 @@ class BatchNormDriftMonitor(MonitorCallback):
         self._keep = 1 - self._momentum_channel  # the old statistics' weight in the update
         # segment_reduce on the CPU (2x faster than index_add_ there, the same sums); index_add_ elsewhere:
         # segment_reduce checks its lengths with host reads (a sync per call on a GPU), and MPS lacks it
-        lengths = [lay.channels for lay in self.layers]
-        self._lengths = torch.tensor(lengths) if device.type == "cpu" else None
-        self._lengths_by_rows: dict[int, Tensor] = {}
+        lengths = torch.tensor([lay.channels for lay in self.layers]).repeat(len(_QUANTITIES))
+        self._lengths = lengths if device.type == "cpu" else None  # one run of the layers per quantity
         self._nbt_start = torch.zeros(count, **f64)  # momentum=None layers: num_batches_tracked at batch start
         self._masks: dict[tuple[bool, ...], Tensor] = {}  # which layers ran, as a float mask (cached: static)
         self._sums = torch.zeros(count, len(_QUANTITIES), **f64)
@@ -638,14 +635,11 @@ class BatchNormDriftMonitor(MonitorCallback):
         self._forwards.add_(mask)
 
     def _per_layer_sums(self, quantities: Tensor) -> Tensor:
-        """``[layers, q]``: the sum of each row of ``quantities`` (``[q, channels]``) over each layer's
-        channels, in channel order (one segment reduction on the CPU)."""
+        """``[layers, 5]``: the sum of each row of ``quantities`` (``[5, channels]``, one row per logged
+        quantity) over each layer's channels, in channel order (one segment reduction on the CPU)."""
         if self._lengths is not None:
             rows = quantities.shape[0]
-            lengths = self._lengths_by_rows.get(rows)
-            if lengths is None:
-                lengths = self._lengths_by_rows[rows] = self._lengths.repeat(rows)
-            return torch.segment_reduce(quantities.reshape(-1), "sum", lengths=lengths).view(rows, -1).t()
+            return torch.segment_reduce(quantities.reshape(-1), "sum", lengths=self._lengths).view(rows, -1).t()
         zeros = torch.zeros(len(self.layers), quantities.shape[0], dtype=quantities.dtype, device=quantities.device)
         return zeros.index_add_(0, self._layer_index, quantities.t())
 
