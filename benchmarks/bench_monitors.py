@@ -576,11 +576,6 @@ def _memory(name: str, size: int, batch: int, width: int, with_monitors: bool = 
 class NoOpMonitor(pl.Callback):
     """A callback that does nothing, toggled like a monitor: the null run of the on/off method."""
 
-    failure = None
-
-    def __init__(self) -> None:
-        self._handles: list[Any] = []
-
 
 def run_sweep(
     specs: list[tuple[str, int, int, int]], width: int, steps: int, warmup: int, root: str, null: bool = False
@@ -626,8 +621,8 @@ def run_sweep(
             "all_overhead_per_round": everything["ratios"],
             "shattering_overhead": shattering["overhead"],
             "shattering_own_ms": own_ms,
-            "null_overhead": nothing["overhead"] if nothing else None,
             "shattering_own_fraction": own_ms / max(shattering["step_off_ms"], 1e-9),
+            "null_overhead": nothing["overhead"] if nothing else None,
             "step_memory_mib": memory["step_bytes"] / 2**20,
             "monitor_state_mib": memory["monitor_bytes"] / 2**20,
             "load_average": os.getloadavg()[0],
@@ -648,7 +643,7 @@ def run_sweep(
 
 def sweep_markdown(sweep: dict[str, Any], setup: dict[str, Any]) -> str:
     lines = [
-        "## Depth sweep: all three monitors at their defaults",
+        _SWEEP_TITLE,
         "",
         f"`{setup.get('command', 'python benchmarks/bench_monitors.py --sweep')}` (per network one fit of "
         f"{setup['steps']} 4-step cycles "
