@@ -512,10 +512,13 @@ def run_cycles(
     }
 
 
-def monitor_state_bytes(monitors: list[Any]) -> int:
+def monitor_state_bytes(monitors: list[Any], model: nn.Module | None = None) -> int:
     """Bytes of every tensor the monitors hold (statistics, scratch, snapshots, probe line), each storage
-    counted once."""
+    counted once; the model's own parameters and buffers (which a monitor may reference, e.g. the BN
+    running statistics it copies from) are the step's memory, not the monitors'."""
     seen: set[int] = set()
+    if model is not None:
+        seen.update(t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()])
     total = 0
 
     def visit(obj: Any, depth: int) -> None:
@@ -566,11 +569,15 @@ def _memory(name: str, size: int, batch: int, width: int, with_monitors: bool = 
     """The monitors' own tensors after a 6-step fit, and the training step's memory (in this process)."""
     torch.manual_seed(0)
     monitors = [cls() for cls in available_monitors().values()]
-    _fit_steps(
-        lambda: build_backbone_classifier(name, width), _sized_data(batch, size, 6), monitors, 6, "/tmp"
-    )
+    nets: list[nn.Module] = []
+
+    def build() -> nn.Module:
+        nets.append(build_backbone_classifier(name, width))
+        return nets[-1]
+
+    _fit_steps(build, _sized_data(batch, size, 6), monitors, 6, "/tmp")
     step = step_memory_bytes(build_backbone_classifier(name, width), batch, size)
-    return {"monitor_bytes": monitor_state_bytes(monitors), "step_bytes": step}
+    return {"monitor_bytes": monitor_state_bytes(monitors, nets[0]), "step_bytes": step}
 
 
 class NoOpMonitor(pl.Callback):
