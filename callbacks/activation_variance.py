@@ -351,14 +351,17 @@ class ActivationVarianceMonitor(MonitorCallback):
         last_sum: list[Any] = [None, 0]
 
         def add_hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if self.is_recording(mod):
-                for slot, moments, select in slots:
-                    record(slot, moments, select(args, output))
-                if merged:
-                    record(out_slot, out_moments, output)
-                elif not torch.compiler.is_compiling():
-                    last_sum[0] = output
-                    last_sum[1] += 1
+            try:  # registered unwrapped (guard=False): it runs on every forward of every block
+                if self.is_recording(mod):
+                    for slot, moments, select in slots:
+                        record(slot, moments, select(args, output))
+                    if merged:
+                        record(out_slot, out_moments, output)
+                    elif not torch.compiler.is_compiling():
+                        last_sum[0] = output
+                        last_sum[1] += 1
+            except Exception as err:
+                self.hook_error(mod, err)
 
         def block_hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             nonlocal merged
@@ -371,7 +374,7 @@ class ActivationVarianceMonitor(MonitorCallback):
                 block_handle.remove()
             last_sum[0], last_sum[1] = None, 0
 
-        self.add_hook(add, add_hook)
+        self.add_hook(add, add_hook, guard=False)
         self.add_hook(block, block_hook)
         block_handle = self._handles[-1]
 
@@ -384,19 +387,25 @@ class ActivationVarianceMonitor(MonitorCallback):
         if pre:
 
             def pre_hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
-                if self.is_recording(mod) and args:
-                    for slot, moments, select in slots:
-                        record(slot, moments, select(args))
+                try:  # registered unwrapped (guard=False): one frame less on every forward
+                    if self.is_recording(mod) and args:
+                        for slot, moments, select in slots:
+                            record(slot, moments, select(args))
+                except Exception as err:
+                    self.hook_error(mod, err, pre=True)
 
-            self.add_hook(module, pre_hook, pre=True)
+            self.add_hook(module, pre_hook, pre=True, guard=False)
         else:
 
             def hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-                if self.is_recording(mod):
-                    for slot, moments, select in slots:
-                        record(slot, moments, select(args, output))
+                try:  # registered unwrapped (guard=False): one frame less on every forward
+                    if self.is_recording(mod):
+                        for slot, moments, select in slots:
+                            record(slot, moments, select(args, output))
+                except Exception as err:
+                    self.hook_error(mod, err)
 
-            self.add_hook(module, hook)
+            self.add_hook(module, hook, guard=False)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -420,8 +429,11 @@ class ActivationVarianceMonitor(MonitorCallback):
         # produced NaN/Inf in this step. A handful of tensor ops per step, no host sync.
         if self._bank.ready:  # one flat buffer: no concatenation per batch
             state = self._bank.state
-            if state.device.type == "cpu" and bool(torch.isfinite(state[1:]).all()):
-                return  # on the CPU a host read costs nothing: skip the search when every state is finite
+            # on the CPU a host read costs nothing: skip the search when every state is finite, which their
+            # total tells in one op (NaN or Inf in any entry makes it non-finite; a finite total cannot
+            # overflow from float32 data, and if it did the search would merely find nothing)
+            if state.device.type == "cpu" and math.isfinite(float(state[1:].sum())):
+                return
             found = self._bank.first_nonfinite_slot()
             if self._nf_code is None:
                 self._nf_code = torch.full((), _NO_NONFINITE, dtype=torch.float64, device=found.device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -44,6 +45,11 @@ __all__ = ["BatchNormDriftMonitor", "batchnorm_layers", "pool_running_stats", "r
 
 SyncMode = Literal["broadcast", "pooled"]
 _QUANTITIES = ("abs_z", "z2", "log_var_ratio", "abs_log_var_ratio", "kl")
+# the ring of recorded batches holds as many as fit in this share of the BN layers' input bytes (1 to 8)
+_RING_SHARE = 0.0075
+_GET_MEAN, _GET_VAR = operator.itemgetter("running_mean"), operator.itemgetter("running_var")
+_GET_MOMENTUM, _GET_EPS = operator.attrgetter("momentum"), operator.attrgetter("eps")
+_CACHE_CAP = 16  # cached per-pattern vectors (masks, variance corrections): bounded when shapes vary
 
 
 def batchnorm_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
@@ -320,6 +326,7 @@ class BatchNormDriftMonitor(MonitorCallback):
     """
 
     monitor_name = "batchnorm"
+    _ring_cap = 8  # most recorded batches processed together (tests lower it to exercise partial rings)
 
     def __init__(
         self,
@@ -398,7 +405,7 @@ class BatchNormDriftMonitor(MonitorCallback):
         self._calls = [0] * len(self.layers)
         self._buffers_ready = False
         for index, layer in enumerate(self.layers):
-            self.add_hook(layer.module, self._snapshot_hook(index), pre=True)
+            self.add_hook(layer.module, self._snapshot_hook(index), pre=True, guard=False)
 
     def failure_hint(self, hook: str, error: BaseException) -> str:
         if "recalibrat" in str(error) or hook == "on_validation_start":
@@ -406,88 +413,130 @@ class BatchNormDriftMonitor(MonitorCallback):
         return "restrict the monitor to plain BatchNorm layers, or leave it out for this model"
 
     def _snapshot_hook(self, index: int) -> Callable[..., None]:
+        # registered unwrapped (guard=False: it runs on every BN forward), so it guards its own body
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            # is_recording() inlined (this runs on every BN forward): train_only, so a training-mode call
-            if not (self._recording and module.training and self._buffers_ready) or _core._PAUSED:
-                return
-            if self._snapshot_pending:  # the batch's first BN forward: no layer has updated yet (and DDP
-                # has broadcast rank 0's buffers, which it does inside its forward, after batch start)
-                self._snapshot_pending = False
-                old_means, old_vars, means, variances = self._snapshot
-                torch._foreach_copy_(old_means, means)
-                torch._foreach_copy_(old_vars, variances)
-            if self._copy_in_hook[index]:  # else the batch's first BN forward copied it with the others
-                self._old_mean_views[index].copy_(module.running_mean)
-                self._old_var_views[index].copy_(module.running_var)
-            x = args[0]
-            shape = x.shape
-            self._elements[index] = x.numel() // shape[1] if len(shape) > 1 and shape[1] else x.numel()
-            self._calls[index] += 1  # a training-mode forward updates the running statistics once
+            try:
+                # is_recording() inlined: train_only, so a training-mode call
+                if not (self._recording and module.training and self._buffers_ready) or _core._PAUSED:
+                    return
+                if self._snapshot_pending:  # the batch's first BN forward: no layer has updated yet (and DDP
+                    # has broadcast rank 0's buffers, which it does inside its forward, after batch start)
+                    self._snapshot_pending = False
+                    old_means, old_vars, means, variances = self._snapshot
+                    torch._foreach_copy_(old_means, means)
+                    torch._foreach_copy_(old_vars, variances)
+                if self._copy_in_hook[index]:  # else the batch's first BN forward copied it with the others
+                    self._old_mean_views[index].copy_(module.running_mean)
+                    self._old_var_views[index].copy_(module.running_var)
+                x = args[0]
+                shape = x.shape
+                self._elements[index] = x.numel() // shape[1] if len(shape) > 1 and shape[1] else x.numel()
+                self._calls[index] += 1  # a training-mode forward updates the running statistics once
+            except Exception as err:
+                self.hook_error(module, err, pre=True)
 
         return hook
 
     def _allocate(self) -> None:
         """On-device buffers, once the model sits on its device (``on_train_start``)."""
         device = self.layers[0].module.running_mean.device
-        total = self.layers[-1].offset + self.layers[-1].channels
         count = len(self.layers)
         f64 = dict(dtype=torch.float64, device=device)
-        # copies of running statistics keep their dtype (float32 values convert to float64 exactly where the
-        # arithmetic needs it): half the memory of float64 copies, the same numbers
-        stat_dtype = functools.reduce(
-            torch.promote_types, [lay.module.running_mean.dtype for lay in self.layers], torch.float32
-        )
-        self._stat_dtype = stat_dtype
-        # the statistics before the batch's update, means then variances: the two rows of one tensor, so
-        # the arithmetic shared by means and variances runs once on both
-        self._old = torch.ones(2, total, dtype=stat_dtype, device=device)
-        self._old[0].zero_()
-        self._old_mean, self._old_var = self._old[0], self._old[1]
-        self._old_mean_views = [self._old_mean[lay.offset : lay.offset + lay.channels] for lay in self.layers]
-        self._old_var_views = [self._old_var[lay.offset : lay.offset + lay.channels] for lay in self.layers]
-        self._layer_index = torch.cat(
-            [torch.full((lay.channels,), i, dtype=torch.long) for i, lay in enumerate(self.layers)]
-        ).to(device)
+        self._total = self.layers[-1].offset + self.layers[-1].channels
+        self._layer_lengths = torch.tensor([lay.channels for lay in self.layers], device=device)
+        self._index: Tensor | None = None  # channel -> layer, built when an index op needs it
         self._channels = torch.tensor([float(lay.channels) for lay in self.layers], **f64)
-        momenta = [lay.module.momentum for lay in self.layers]
-        self._cumulative = torch.tensor([m is None for m in momenta], device=device)
-        self._any_cumulative = any(m is None for m in momenta)
-        self._momentum = torch.tensor([0.0 if m is None else float(m) for m in momenta], **f64)
-        # per-channel constants, so the per-batch arithmetic needs no gather (index ops are slow on CPU);
-        # a constant shared by every layer (the usual case) is a 1-element vector that broadcasts: the same
-        # arithmetic without a vector per channel (1-D, not 0-d: a 0-d float64 tensor would not promote the
-        # float32 statistics it meets to float64)
-        epsilons = [float(lay.module.eps) for lay in self.layers]
-
-        def per_channel(values: list[float]) -> Tensor:
-            if len(set(values)) == 1:
-                return torch.tensor(values[:1], **f64)
-            return torch.tensor(values, **f64)[self._layer_index]
-
-        self._momentum_channel = per_channel([0.0 if m is None else float(m) for m in momenta])
-        self._cumulative_channel = self._cumulative[self._layer_index] if self._any_cumulative else None
-        self._eps = per_channel(epsilons)
-        self._keep = 1 - self._momentum_channel  # the old statistics' weight in the update
         # segment_reduce on the CPU (2x faster than index_add_ there, the same sums); index_add_ elsewhere:
         # segment_reduce checks its lengths with host reads (a sync per call on a GPU), and MPS lacks it
-        lengths = torch.tensor([lay.channels for lay in self.layers]).repeat(len(_QUANTITIES))
-        self._lengths = lengths if device.type == "cpu" else None  # one run of the layers per quantity
-        self._nbt_start = torch.zeros(count, **f64)  # momentum=None layers: num_batches_tracked at batch start
-        self._masks: dict[tuple[bool, ...], Tensor] = {}  # which layers ran, as a float mask (cached: static)
+        self._lengths = self._layer_lengths if device.type == "cpu" else None
+        self._repeated_lengths: dict[int, Tensor] = {}
+        self._masks: dict[tuple[bool, ...], Tensor] = {}  # which layers ran, as a float mask (static shapes)
+        self._factors: dict[tuple[int, ...], Tensor] = {}  # (n - 1) / n per layer, per pattern of shapes
         self._sums = torch.zeros(count, len(_QUANTITIES), **f64)
         self._zmax = torch.zeros(count, **f64)
         self._forwards = torch.zeros(count, **f64)
+        self._bind()
         mean, var = self._current()
-        self._start_mean, self._start_var = mean.to(stat_dtype), var.to(stat_dtype)
-        self._elements_cache: dict[tuple[int, ...], Tensor] = {}
+        self._start_mean, self._start_var = mean.to(self._stat_dtype), var.to(self._stat_dtype)
         # Layers whose running statistics are copied by the batch's first BN forward, all in one
         # _foreach_copy_, instead of two copies in each layer's pre-hook: decided after the first recorded
         # batch, for the layers that ran exactly one training forward in it (a layer called twice per
         # forward keeps its hook copy).
         self._copy_in_hook = [True] * count
-        self._snapshot: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]] | None = None
+        self._chosen: list[int] | None = None
         self._snapshot_pending = False
+        self._ring_planned = False
+        self._make_ring(1)
         self._buffers_ready = True
+
+    def _bind(self) -> None:
+        """What the per-batch arithmetic reads from the layers: their running-statistic tensors, momenta
+        and epsilons, as flat per-channel constants. Rebound when a layer's buffers are replaced or its
+        momentum changes during the fit (``StochasticWeightAveraging`` does both)."""
+        device = self._channels.device
+        f64 = dict(dtype=torch.float64, device=device)
+        self._modules = modules = [lay.module for lay in self.layers]
+        self._means = [bn.running_mean for bn in modules]
+        self._vars = [bn.running_var for bn in modules]
+        self._buffer_dicts = [bn._buffers for bn in modules]
+        self._momenta, self._epsilons = [bn.momentum for bn in modules], [bn.eps for bn in modules]
+        # copies of running statistics keep their dtype (float32 values convert to float64 exactly where the
+        # arithmetic needs it): half the memory of float64 copies, the same numbers
+        self._stat_dtype = functools.reduce(torch.promote_types, [m.dtype for m in self._means], torch.float32)
+        momenta = self._momenta
+        self._any_cumulative = any(m is None for m in momenta)
+
+        # per-channel constants, so the per-batch arithmetic needs no gather (index ops are slow on CPU);
+        # a constant shared by every layer (the usual case) is a 1-element vector that broadcasts: the same
+        # arithmetic without a vector per channel (1-D, not 0-d: a 0-d float64 tensor would not promote the
+        # float32 statistics it meets to float64)
+        def per_channel(values: list[float]) -> Tensor:
+            if len(set(values)) == 1:
+                return torch.tensor(values[:1], **f64)
+            return self._expand(torch.tensor(values, **f64))
+
+        self._momentum_channel = per_channel([0.0 if m is None else float(m) for m in momenta])
+        cumulative = torch.tensor([m is None for m in momenta], device=device)
+        self._cumulative_channel = self._expand(cumulative) if self._any_cumulative else None
+        self._eps = per_channel([float(bn.eps) for bn in modules])
+        self._keep = 1 - self._momentum_channel  # the old statistics' weight in the update
+
+    def _rebind_if_changed(self) -> None:
+        """Once per recorded batch: rebind (after processing what the ring holds, with the constants it was
+        recorded under) if a layer's buffers were replaced or its momentum or epsilon changed. The checks
+        iterate in C (``map``): a Python loop over the layers costs more than the rest of the batch's work."""
+        dicts, modules = self._buffer_dicts, self._modules
+        if (
+            all(map(operator.is_, map(_GET_MEAN, dicts), self._means))
+            and all(map(operator.is_, map(_GET_VAR, dicts), self._vars))
+            and list(map(_GET_MOMENTUM, modules)) == self._momenta
+            and list(map(_GET_EPS, modules)) == self._epsilons
+        ):
+            return
+        self._flush_ring()
+        dtype = self._stat_dtype
+        self._bind()
+        self._copy_in_hook = [True] * len(self.layers)  # the batch-start copy lists hold the old buffers
+        self._chosen, self._slot_snapshots = None, None
+        if self._stat_dtype != dtype:
+            self._make_ring(len(self._ring_meta))
+        else:
+            self._use_slot(0)
+
+    def _expand(self, per_layer: Tensor) -> Tensor:
+        """A per-layer vector (or ``[n, layers]``) repeated over each layer's channels."""
+        return torch.repeat_interleave(per_layer, self._layer_lengths, dim=-1, output_size=self._total)
+
+    @property
+    def _layer_index(self) -> Tensor:
+        """Channel -> layer (int64): kept on accelerators (their per-batch sums use it), made on demand on
+        the CPU (used once per logging interval there)."""
+        if self._index is not None:
+            return self._index
+        index = self._expand(torch.arange(len(self.layers), device=self._channels.device))
+        if self._lengths is None:
+            self._index = index
+        return index
 
     @torch.no_grad()
     def measure(
@@ -550,13 +599,13 @@ class BatchNormDriftMonitor(MonitorCallback):
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if self._recording and self._buffers_ready:
+            self._rebind_if_changed()
             self._start_batch()
+            self._use_slot(self._filled)  # this batch's old statistics go into the ring's next slot
             self._snapshot_pending = self._snapshot is not None and bool(self._snapshot[0])
 
     def _start_batch(self) -> None:
         self._calls = [0] * len(self.layers)
-        if self._any_cumulative:  # their momentum is 1 / num_batches_tracked: read it on the device
-            self._nbt_start.copy_(self._nbt())
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -564,84 +613,175 @@ class BatchNormDriftMonitor(MonitorCallback):
         self._dirty = True
         if self._recording and self._buffers_ready:
             self._accumulate()
-            if self._snapshot is None:
+            if not self._ring_planned:
+                self._plan_ring()
+            if self._chosen is None:
                 self._plan_snapshot()
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    # ------------------------------------------------------------------ the ring of recorded batches
+    def _make_ring(self, size: int) -> None:
+        """The statistics of up to ``size`` recorded batches (old means, old variances, new means, new
+        variances: ``[size, 4, channels]`` in the statistics' dtype), processed together when it is full
+        or when the interval is packed. The per-batch work is then one concatenation; the ~30 small ops of
+        the arithmetic run once per ring, on ``size`` times longer vectors, with the same result per
+        batch (the elementwise ops are the same per element, the per-layer sums are the same sums, and the
+        interval's sums add the batches one by one, in order)."""
+        ring = torch.zeros(size, 4, self._total, dtype=self._stat_dtype, device=self._channels.device)
+        ring[:, 1].fill_(1.0)  # a layer that has not run yet: unit old variance (masked out anyway)
+        self._ring = ring
+        self._ring_meta: list[tuple[tuple[bool, ...], tuple[int, ...]] | None] = [None] * size
+        self._ring_nbt: Tensor | None = None  # [size, layers] num_batches_tracked, for momentum=None layers
+        self._filled = 0
+        self._slots = []
+        for k in range(size):
+            old_mean, old_var = ring[k, 0], ring[k, 1]
+            self._slots.append(
+                (
+                    ring[k, :2],
+                    [old_mean[lay.offset : lay.offset + lay.channels] for lay in self.layers],
+                    [old_var[lay.offset : lay.offset + lay.channels] for lay in self.layers],
+                    ring[k, 2:].view(-1),
+                )
+            )
+        self._slot_snapshots = self._snapshot_lists() if self._chosen is not None else None
+        self._use_slot(0)
+
+    def _use_slot(self, k: int) -> None:
+        old, self._old_mean_views, self._old_var_views, self._new = self._slots[k]
+        self._old, self._old_mean, self._old_var = old, old[0], old[1]
+        self._snapshot = self._slot_snapshots[k] if self._slot_snapshots is not None else None
+
+    def _snapshot_lists(self) -> list[tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]]:
+        chosen = self._chosen or []
+        means, variances = [self._means[i] for i in chosen], [self._vars[i] for i in chosen]
+        return [([mv[i] for i in chosen], [vv[i] for i in chosen], means, variances) for _, mv, vv, _ in self._slots]
+
+    def _plan_ring(self) -> None:
+        """After the first recorded batch (the ring is empty then): as many batches as fit in
+        ``_RING_SHARE`` of the bytes of the BN layers' inputs (4 bytes per element), 1 to ``_ring_cap``."""
+        self._ring_planned = True
+        inputs = 4 * sum(n * lay.channels for n, lay in zip(self._elements, self.layers))
+        per_batch = 4 * self._total * self._ring.element_size()
+        size = max(1, min(self._ring_cap, int(_RING_SHARE * inputs // per_batch)))
+        if size != len(self._ring_meta) and self._filled == 0:
+            self._make_ring(size)
 
     def _plan_snapshot(self) -> None:
         """After the first recorded batch (one host read, once per run): the layers that ran exactly one
         training forward get their old statistics copied at batch start; the others keep the hook copy."""
         once = [calls == 1 for calls in self._calls]
         self._copy_in_hook = [not single for single in once]
-        chosen = [i for i, single in enumerate(once) if single]
-        self._snapshot = (
-            [self._old_mean_views[i] for i in chosen],
-            [self._old_var_views[i] for i in chosen],
-            [self.layers[i].module.running_mean for i in chosen],
-            [self.layers[i].module.running_var for i in chosen],
-        )
+        self._chosen = [i for i, single in enumerate(once) if single]
+        self._slot_snapshots = self._snapshot_lists()
+        self._snapshot = self._slot_snapshots[self._filled]
 
     def _accumulate(self) -> None:
-        """Recover each layer's batch statistics from its update and add this batch's discrepancies.
+        """Record this batch: its running statistics after the update (one concatenation into the ring),
+        which layers ran and on how many elements. A full ring is processed at once."""
+        k = self._filled
+        torch.cat(self._means + self._vars, out=self._new)
+        self._ring_meta[k] = (tuple(calls >= 1 for calls in self._calls), tuple(self._elements))
+        if self._any_cumulative:  # their momentum is 1 / num_batches_tracked after the update
+            if self._ring_nbt is None:
+                self._ring_nbt = torch.zeros(len(self._ring_meta), len(self.layers), dtype=torch.float64,
+                                             device=self._ring.device)  # fmt: skip
+            self._ring_nbt[k].copy_(self._nbt())
+        self._filled = k + 1
+        if self._filled == len(self._ring_meta):
+            self._flush_ring()
 
-        About 30 small ops on flat vectors per step whatever the depth: the running statistics are gathered
-        by one concatenation each in their own dtype (the float64 arithmetic promotes them exactly), the
-        intermediates are written in place into one transient block, and the five quantities are summed per
-        layer by one segment reduction over the layers' contiguous channel ranges on the CPU (the same
-        sequential float64 sums as ``index_add_``)."""
-        idx = self._layer_index
+    def _flush_ring(self) -> None:
+        """Recover each recorded batch's statistics from its update and add its discrepancies, in order.
+
+        About 30 small ops on ``[batches, channels]`` blocks whatever the depth: the float64 arithmetic
+        promotes the stored statistics exactly, the intermediates are written in place into one transient
+        block, and the five quantities are summed per layer by one segment reduction over the layers'
+        contiguous channel ranges on the CPU (the same sequential float64 sums as ``index_add_``)."""
+        n = self._filled
+        if n == 0:
+            return
+        self._filled = 0
+        ring, metas = self._ring[:n], self._ring_meta[:n]
+        old, new = ring[:, :2].transpose(0, 1), ring[:, 2:].transpose(0, 1)  # [2, n, channels]
         m, keep = self._momentum_channel, self._keep
         if self._any_cumulative:  # momentum=None: m = 1 / num_batches_tracked after the update
-            nbt = self._nbt()
-            m = torch.where(self._cumulative_channel, (1.0 / nbt.clamp_min(1))[idx], m)
+            m = torch.where(self._cumulative_channel, self._expand(1.0 / self._ring_nbt[:n].clamp_min(1)), m)
             keep = 1 - m
-        called = tuple(calls >= 1 for calls in self._calls)  # layers that ran a training forward
-        mask = self._masks.get(called)
-        if mask is None:  # the same layers run in nearly every batch: no host-to-device copy per step
-            mask = self._masks[called] = torch.tensor(called, dtype=torch.float64, device=idx.device)
-        # the running statistics after the update, means then variances, in their own dtype
-        new = torch.cat(
-            [lay.module.running_mean for lay in self.layers] + [lay.module.running_var for lay in self.layers]
-        )
-        old_mean, old_var, eps = self._old_mean, self._old_var, self._eps
-        elements = tuple(self._elements)
-        correction = self._elements_cache.get(elements)
-        if correction is None:  # (n - 1) / n per channel; shapes are static, so this is cached
-            factors = [(n - 1) / n if n > 1 else 1.0 for n in elements]
-            correction = self._elements_cache[elements] = torch.tensor(
-                factors, dtype=torch.float64, device=idx.device
-            )[idx]
+        mask = self._per_batch([called for called, _ in metas], self._mask)  # [layers] or [n, layers]
+        correction = self._expand(self._per_batch([elements for _, elements in metas], self._factor))
         # One transient float64 block for every intermediate (freed on return, after the step's peak):
         # the same elementwise ops as the formulas in the comments, written in place with out=.
-        work = torch.empty(10, new.shape[0] // 2, dtype=torch.float64, device=idx.device)
-        batch, z, scale, root = work[5:7], work[7], work[8], work[9]
-        batch_mean, batch_var = batch[0], batch[1]
+        work = torch.empty(10, n, self._total, dtype=torch.float64, device=ring.device)
+        rows = work.unbind(0)
+        batch, z, scale, root = work[5:7], rows[7], rows[8], rows[9]
+        batch_mean, batch_var = rows[5], rows[6]
+        old_mean, old_var, eps = ring[:, 0], ring[:, 1], self._eps
         # batch_mean = (new_mean - keep * old_mean) / m; batch_var = (new_var - keep * old_var) / m
-        torch.div(torch.sub(new.view(2, -1), torch.mul(keep, self._old, out=batch), out=batch), m, out=batch)
+        torch.div(torch.sub(new, torch.mul(keep, old, out=batch), out=batch), m, out=batch)
         batch_var.clamp_min_(0).mul_(correction)  # then biased: (n - 1) / n
         torch.add(old_var, eps, out=scale)  # scale = old_var + eps
         torch.div(torch.sub(batch_mean, old_mean, out=z), torch.sqrt(scale, out=root), out=z)  # z-shift
         ratio = batch_var.add_(eps).div_(scale)  # (batch_var + eps) / scale
         # per channel: |z|, z^2, log ratio, |log ratio|, kl = 0.5 * (ratio - 1 - log ratio + z^2)
-        quantities = work[:5]
-        z_abs, z_sq = torch.abs(z, out=work[0]), torch.mul(z, z, out=work[1])
-        log_ratio = torch.log(ratio, out=work[2])
-        torch.abs(log_ratio, out=work[3])
-        torch.sub(ratio, 1, out=work[4]).sub_(log_ratio).add_(z_sq).mul_(0.5)
-        per_layer = self._per_layer_sums(quantities) / self._channels[:, None]
-        zmax = torch.zeros_like(self._zmax).scatter_reduce_(0, idx, z_abs, "amax", include_self=True)
-        self._sums.add_(per_layer.nan_to_num(nan=0.0).mul_(mask[:, None]))
-        torch.maximum(self._zmax, zmax.nan_to_num(nan=0.0).mul_(mask), out=self._zmax)
-        self._forwards.add_(mask)
+        z_abs, z_sq = torch.abs(z, out=rows[0]), torch.mul(z, z, out=rows[1])
+        log_ratio = torch.log(ratio, out=rows[2])
+        torch.abs(log_ratio, out=rows[3])
+        torch.sub(ratio, 1, out=rows[4]).sub_(log_ratio).add_(z_sq).mul_(0.5)
+        per_layer = self._per_layer(work[:5], "sum").permute(1, 2, 0) / self._channels[:, None]  # [n, layers, 5]
+        per_layer = per_layer.nan_to_num_(nan=0.0).mul_(mask[..., None])
+        for k in range(n):  # the interval's sums add the batches one by one, in order
+            self._sums.add_(per_layer[k])
+        zmax = self._per_layer(z_abs[None], "amax")[0].nan_to_num_(nan=0.0).mul_(mask)  # [n, layers]
+        torch.maximum(self._zmax, zmax.amax(0), out=self._zmax)
+        self._forwards.add_(mask.sum(0) if mask.dim() == 2 else mask * n)
 
-    def _per_layer_sums(self, quantities: Tensor) -> Tensor:
-        """``[layers, 5]``: the sum of each row of ``quantities`` (``[5, channels]``, one row per logged
-        quantity) over each layer's channels, in channel order (one segment reduction on the CPU)."""
+    def _per_batch(self, keys: list[Any], make: Callable[[Any], Tensor]) -> Tensor:
+        """The per-layer vector of each batch's ``key``: one vector when they are all alike (the usual
+        case), else ``[n, layers]``."""
+        if all(key == keys[0] for key in keys):
+            return make(keys[0])
+        return torch.stack([make(key) for key in keys])
+
+    def _mask(self, called: tuple[bool, ...]) -> Tensor:
+        mask = self._masks.get(called)
+        if mask is None:  # the same layers run in nearly every batch: no host-to-device copy per step
+            if len(self._masks) >= _CACHE_CAP:
+                self._masks.clear()
+            mask = self._masks[called] = torch.tensor(called, dtype=torch.float64, device=self._channels.device)
+        return mask
+
+    def _factor(self, elements: tuple[int, ...]) -> Tensor:
+        factor = self._factors.get(elements)
+        if factor is None:  # (n - 1) / n per layer; shapes are static in most runs (bounded cache otherwise)
+            if len(self._factors) >= _CACHE_CAP:
+                self._factors.clear()
+            factors = [(n - 1) / n if n > 1 else 1.0 for n in elements]
+            factor = self._factors[elements] = torch.tensor(factors, dtype=torch.float64, device=self._channels.device)
+        return factor
+
+    def _per_layer(self, quantities: Tensor, reduce: str) -> Tensor:
+        """``[rows, n, layers]``: each ``[rows, n, channels]`` row reduced (``"sum"`` or ``"amax"``) over each
+        layer's channels, in channel order (one segment reduction on the CPU, index ops elsewhere)."""
+        rows, n, _ = quantities.shape
+        layers = len(self.layers)
         if self._lengths is not None:
-            rows = quantities.shape[0]
-            return torch.segment_reduce(quantities.reshape(-1), "sum", lengths=self._lengths).view(rows, -1).t()
-        zeros = torch.zeros(len(self.layers), quantities.shape[0], dtype=quantities.dtype, device=quantities.device)
-        return zeros.index_add_(0, self._layer_index, quantities.t())
+            lengths = self._repeated_lengths.get(rows * n)
+            if lengths is None:
+                lengths = self._repeated_lengths[rows * n] = self._lengths.repeat(rows * n)
+            kind = "sum" if reduce == "sum" else "max"
+            reduced = torch.segment_reduce(quantities.reshape(-1), kind, lengths=lengths, unsafe=True)
+            return reduced.view(rows, n, layers)
+        index = self._layer_index
+        if n > 1:  # one index per (batch, layer)
+            index = (index + torch.arange(n, device=index.device)[:, None] * layers).reshape(-1)
+        flat = quantities.permute(1, 2, 0).reshape(n * self._total, rows)
+        zeros = torch.zeros(n * layers, rows, dtype=quantities.dtype, device=quantities.device)
+        if reduce == "sum":
+            return zeros.index_add_(0, index, flat).view(n, layers, rows).permute(2, 0, 1)
+        return zeros.scatter_reduce_(0, index[:, None].expand_as(flat), flat, "amax", include_self=True).view(
+            n, layers, rows
+        ).permute(2, 0, 1)
 
     # ------------------------------------------------------------------ reduction
     def _use_cross_rank(self, trainer: pl.Trainer | None) -> bool:
@@ -652,6 +792,7 @@ class BatchNormDriftMonitor(MonitorCallback):
     def pack(self, trainer: pl.Trainer | None, pl_module: nn.Module, packer: StatsPacker) -> None:
         if not self._buffers_ready:
             return
+        self._flush_ring()
         device = self._sums.device
         new_mean, new_var = self._current()
         scale = self._start_var + self._eps

@@ -307,6 +307,7 @@ class MomentBank:
         self._widths: Tensor | None = None  # channels per slot (int64, on the state's device)
         self._ends: Tensor | None = None  # cumulative widths: the first column after each slot
         self._counts: Tensor | None = None  # per slot: elements per channel in the last fold's batch
+        self._stale = False  # the scratch still holds the last fold's sums (not zeroed: all were taken)
         self._counts_key: tuple[float, ...] = ()
 
     def add(self, key: str) -> ShiftedMoments:
@@ -388,8 +389,17 @@ class MomentBank:
             self._counts_key = pending
         # a transient per-channel vector, after the step's peak: nothing per channel is kept for it
         self.state[0].add_(torch.repeat_interleave(self._counts, self._widths, output_size=self.state.shape[1]))
-        self.state[1:].add_(self.scratch)
-        self.scratch.zero_()
+        if all(pending):  # every slot's scratch holds this batch's sums, and the next take overwrites it
+            self.state[1:].add_(self.scratch)
+            self._stale = True
+        else:  # a slot not taken must add zeros: clear what an earlier batch left in it, then everything
+            if self._stale:
+                for slot in (i for i, p in enumerate(pending) if not p):
+                    self._s1[slot].zero_()
+                    self._s2[slot].zero_()
+            self.state[1:].add_(self.scratch)
+            self.scratch.zero_()
+            self._stale = False
         self._pending = [0.0] * len(self.moments)
 
     def reset(self) -> None:
@@ -887,14 +897,22 @@ class MonitorCallback(Callback):
         *,
         pre: bool = False,
         with_kwargs: bool = False,
+        guard: bool = True,
     ) -> None:
         """Register a forward (or forward-pre) hook on ``module``, under the guard; removed at teardown.
 
         An exception inside the hook switches the monitor off (or is raised with ``strict=True``); the
-        forward it observed goes on untouched."""
+        forward it observed goes on untouched. ``guard=False`` registers ``hook`` as it is: for hooks that
+        run on every forward of many modules and guard their own body (``try`` around it, the exception to
+        :meth:`hook_error`), one Python frame less per forward."""
 
         def failed(err: Exception) -> None:
-            self.fail(f"forward {'pre-' if pre else ''}hook on {type(module).__name__}", err, None)
+            self.hook_error(module, err, pre)
+
+        if not guard:
+            register = module.register_forward_pre_hook if pre else module.register_forward_hook
+            self._handles.append(register(hook, with_kwargs=with_kwargs))
+            return
 
         # fixed signatures where they suffice: a hook runs on every forward of a hooked module, and packing
         # *args/**kwargs is a measurable part of it on networks with hundreds of hooked modules
@@ -904,8 +922,6 @@ class MonitorCallback(Callback):
                 try:
                     return hook(*args, **kwargs)
                 except Exception as err:
-                    if self.strict:
-                        raise
                     failed(err)
                     return None
 
@@ -915,8 +931,6 @@ class MonitorCallback(Callback):
                 try:
                     return hook(mod, args)
                 except Exception as err:
-                    if self.strict:
-                        raise
                     failed(err)
                     return None
 
@@ -926,8 +940,6 @@ class MonitorCallback(Callback):
                 try:
                     return hook(mod, args, output)
                 except Exception as err:
-                    if self.strict:
-                        raise
                     failed(err)
                     return None
 
@@ -938,6 +950,13 @@ class MonitorCallback(Callback):
         self._handles.append(handle)
 
     # ----------------------------------------------------------------------------- the guard
+    def hook_error(self, module: nn.Module, error: Exception, pre: bool = False) -> None:
+        """What a guarded forward hook does with an exception from its body: re-raise it with
+        ``strict=True``, else switch the monitor off (:meth:`fail`)."""
+        if self.strict:
+            raise error
+        self.fail(f"forward {'pre-' if pre else ''}hook on {type(module).__name__}", error, None)
+
     def failure_hint(self, hook: str, error: BaseException) -> str:
         """The option that would avoid ``error`` (monitors override it); ends the guard's warning."""
         return "report it with the model's structure if it looks like a bug of the monitor"

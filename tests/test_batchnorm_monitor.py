@@ -564,11 +564,17 @@ class _IndexAddPath(BatchNormDriftMonitor):
         self._lengths = None
 
 
-@pytest.mark.parametrize("monitor_cls", [BatchNormDriftMonitor, _IndexAddPath], ids=["segments", "index_add"])
-def test_per_batch_arithmetic_logs_exactly_what_the_reference_logs_on_a_deep_net(tmp_path, monitor_cls):
-    """Issue 16: the per-batch path (flat buffers, one segment reduction per quantity on the CPU, index_add_
-    elsewhere) against the plain reference on a preact ResNet-50 with mixed momenta (one cumulative layer)
-    and a layer left out of some batches: every logged number bit-identical."""
+@pytest.mark.parametrize(
+    ("monitor_cls", "ring"),
+    [(BatchNormDriftMonitor, 1), (BatchNormDriftMonitor, 3), (BatchNormDriftMonitor, 8), (_IndexAddPath, 3)],
+    ids=["segments-ring1", "segments-ring3", "segments-ring8", "index_add-ring3"],
+)
+def test_per_batch_arithmetic_logs_exactly_what_the_reference_logs_on_a_deep_net(tmp_path, monitor_cls, ring):
+    """Issue 16: the per-batch path (flat buffers, batches recorded into a ring and processed together, one
+    segment reduction per quantity on the CPU, index_add_ elsewhere) against the plain per-batch reference
+    on a preact ResNet-50 with mixed momenta (one cumulative layer) and a layer left out of some batches:
+    every logged number bit-identical. Ring sizes 1, 3 and 8 over 12 steps logged every 5: full rings,
+    rings cut short by the logging interval, and batches with different layers run in one ring."""
     from lightning_convnets.backbones import create_backbone
 
     class Net(pl.LightningModule):
@@ -589,18 +595,74 @@ def test_per_batch_arithmetic_logs_exactly_what_the_reference_logs_on_a_deep_net
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    def history(cls: type[BatchNormDriftMonitor]) -> list[dict[str, float]]:
+    def history(cls: type[BatchNormDriftMonitor]) -> tuple[list[dict[str, float]], int]:
         pl.seed_everything(0, verbose=False)
-        monitor = cls(log_every_n_steps=2)
-        x, y = torch.randn(32, 3, 16, 16) * 2 + 1, torch.randint(0, 3, (32,))
+        monitor = cls(log_every_n_steps=5)
+
+        def plan_ring() -> None:  # this ring size, whatever the planner would pick for such small inputs
+            monitor._ring_planned = True
+            monitor._make_ring(ring)
+
+        monitor._plan_ring = plan_ring
+        x, y = torch.randn(48, 3, 16, 16) * 2 + 1, torch.randint(0, 3, (48,))
         x[:4, 0] = 5.0  # a constant channel in the first batch: zero batch variance
         trainer = pl.Trainer(
-            max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            max_steps=12, logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, default_root_dir=tmp_path, callbacks=[monitor],
         )  # fmt: skip
         trainer.fit(Net(), DataLoader(list(zip(x, y)), batch_size=4))
-        return monitor.history
+        return monitor.history, len(monitor._ring_meta)
 
-    fast, reference = history(monitor_cls), history(_ReferenceAccumulate)
-    assert len(fast) == len(reference) == 3 and len(fast[0]) > 100
+    (fast, size), (reference, _) = history(monitor_cls), history(_ReferenceAccumulate)
+    assert size == ring
+    assert len(fast) == len(reference) == 3 and len(fast[0]) > 100  # steps 5, 10 and the end (12)
     assert fast == reference
+
+
+def test_stochastic_weight_averaging_replacing_the_buffers_is_followed(tmp_path):
+    """Lightning's StochasticWeightAveraging replaces every BN layer's running-statistic tensors and sets
+    momentum=None for its extra BN-update epoch: the monitor rebinds to the new tensors and momenta, so the
+    z-shift it recovers there matches the z-shift measured directly on the layer's inputs."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    class Net(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+            self.head = nn.Linear(3, 2)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.head(self.bn(x)), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    expected: list[tuple[int, float]] = []  # (epoch, z^2 mean) of every training batch, measured directly
+
+    class Direct(Callback):
+        def on_train_start(self, trainer, pl_module):
+            def measure(module, args):
+                if module.training:
+                    expected.append((trainer.current_epoch, _exact_discrepancy(module, args[0])["z2"]))
+
+            pl_module.bn.register_forward_pre_hook(measure)
+
+    pl.seed_everything(0, verbose=False)
+    x = torch.randn(32, 3) * 2 + torch.tensor([1.0, -3.0, 5.0])
+    y = torch.randint(0, 2, (32,))
+    monitor = BatchNormDriftMonitor(log_every_n_steps=4)  # 4 batches per epoch: one interval per epoch
+    trainer = pl.Trainer(
+        max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[Direct(), monitor, StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1)],
+    )  # fmt: skip
+    trainer.fit(Net(), DataLoader(TensorDataset(x, y), batch_size=8))
+    last_epoch = max(epoch for epoch, _ in expected)
+    assert last_epoch == 2  # SWA's extra epoch, with fresh buffers and momentum=None
+    assert trainer.lightning_module.bn.momentum is not None  # SWA restored the momentum at the end
+    swa_epoch = [z2 for epoch, z2 in expected if epoch == last_epoch]
+    assert len(swa_epoch) == 4
+    logged = monitor.history[-1]
+    assert logged["step"] == trainer.global_step
+    assert logged["batchnorm/bn/z_shift"] == pytest.approx(math.sqrt(sum(swa_epoch) / 4), rel=1e-4)
