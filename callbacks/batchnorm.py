@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -47,8 +46,6 @@ SyncMode = Literal["broadcast", "pooled"]
 _QUANTITIES = ("abs_z", "z2", "log_var_ratio", "abs_log_var_ratio", "kl")
 # the ring of recorded batches holds as many as fit in this share of the BN layers' input bytes (1 to 8)
 _RING_SHARE = 0.0075
-_GET_MEAN, _GET_VAR = operator.itemgetter("running_mean"), operator.itemgetter("running_var")
-_GET_MOMENTUM, _GET_EPS = operator.attrgetter("momentum"), operator.attrgetter("eps")
 _CACHE_CAP = 16  # cached per-pattern vectors (masks, variance corrections): bounded when shapes vary
 
 
@@ -425,9 +422,18 @@ class BatchNormDriftMonitor(MonitorCallback):
                     old_means, old_vars, means, variances = self._snapshot
                     torch._foreach_copy_(old_means, means)
                     torch._foreach_copy_(old_vars, variances)
-                if self._copy_in_hook[index]:  # else the batch's first BN forward copied it with the others
-                    self._old_mean_views[index].copy_(module.running_mean)
-                    self._old_var_views[index].copy_(module.running_var)
+                buffers = module._buffers
+                if (
+                    buffers["running_mean"] is not self._means[index]
+                    or buffers["running_var"] is not self._vars[index]
+                    or module.momentum is not self._momenta[index]
+                ):  # replaced tensors or a new momentum (StochasticWeightAveraging): rebind at batch end
+                    self._rebind_pending = True
+                    self._old_mean_views[index].copy_(buffers["running_mean"])
+                    self._old_var_views[index].copy_(buffers["running_var"])
+                elif self._copy_in_hook[index]:  # else the batch's first BN forward copied it with the others
+                    self._old_mean_views[index].copy_(buffers["running_mean"])
+                    self._old_var_views[index].copy_(buffers["running_var"])
                 x = args[0]
                 shape = x.shape
                 self._elements[index] = x.numel() // shape[1] if len(shape) > 1 and shape[1] else x.numel()
@@ -465,21 +471,22 @@ class BatchNormDriftMonitor(MonitorCallback):
         self._copy_in_hook = [True] * count
         self._chosen: list[int] | None = None
         self._snapshot_pending = False
+        self._rebind_pending = False
         self._ring_planned = False
         self._make_ring(1)
         self._buffers_ready = True
 
     def _bind(self) -> None:
         """What the per-batch arithmetic reads from the layers: their running-statistic tensors, momenta
-        and epsilons, as flat per-channel constants. Rebound when a layer's buffers are replaced or its
-        momentum changes during the fit (``StochasticWeightAveraging`` does both)."""
+        and epsilons, as flat per-channel constants. Rebound when a layer's hook sees its tensors replaced
+        or its momentum changed during the fit (``StochasticWeightAveraging`` does both); ``eps`` is read
+        here, at binding."""
         device = self._channels.device
         f64 = dict(dtype=torch.float64, device=device)
-        self._modules = modules = [lay.module for lay in self.layers]
+        modules = [lay.module for lay in self.layers]
         self._means = [bn.running_mean for bn in modules]
         self._vars = [bn.running_var for bn in modules]
-        self._buffer_dicts = [bn._buffers for bn in modules]
-        self._momenta, self._epsilons = [bn.momentum for bn in modules], [bn.eps for bn in modules]
+        self._momenta = [bn.momentum for bn in modules]
         # copies of running statistics keep their dtype (float32 values convert to float64 exactly where the
         # arithmetic needs it): half the memory of float64 copies, the same numbers
         self._stat_dtype = functools.reduce(torch.promote_types, [m.dtype for m in self._means], torch.float32)
@@ -501,27 +508,21 @@ class BatchNormDriftMonitor(MonitorCallback):
         self._eps = per_channel([float(bn.eps) for bn in modules])
         self._keep = 1 - self._momentum_channel  # the old statistics' weight in the update
 
-    def _rebind_if_changed(self) -> None:
-        """Once per recorded batch: rebind (after processing what the ring holds, with the constants it was
-        recorded under) if a layer's buffers were replaced or its momentum or epsilon changed. The checks
-        iterate in C (``map``): a Python loop over the layers costs more than the rest of the batch's work."""
-        dicts, modules = self._buffer_dicts, self._modules
-        if (
-            all(map(operator.is_, map(_GET_MEAN, dicts), self._means))
-            and all(map(operator.is_, map(_GET_VAR, dicts), self._vars))
-            and list(map(_GET_MOMENTUM, modules)) == self._momenta
-            and list(map(_GET_EPS, modules)) == self._epsilons
-        ):
-            return
+    def _rebind(self) -> None:
+        """A layer's hook saw replaced tensors or a new momentum in this batch (whose old statistics it
+        copied from the live tensors): process what the ring holds with the constants it was recorded
+        under, then rebind, and move this batch's old statistics to the first slot."""
+        self._rebind_pending = False
+        current = self._old.clone()
         self._flush_ring()
         dtype = self._stat_dtype
         self._bind()
-        self._copy_in_hook = [True] * len(self.layers)  # the batch-start copy lists hold the old buffers
+        self._copy_in_hook = [True] * len(self.layers)  # the batch-start copy lists hold the old tensors
         self._chosen, self._slot_snapshots = None, None
         if self._stat_dtype != dtype:
             self._make_ring(len(self._ring_meta))
-        else:
-            self._use_slot(0)
+        self._use_slot(0)
+        self._old.copy_(current)
 
     def _expand(self, per_layer: Tensor) -> Tensor:
         """A per-layer vector (or ``[n, layers]``) repeated over each layer's channels."""
@@ -599,7 +600,6 @@ class BatchNormDriftMonitor(MonitorCallback):
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if self._recording and self._buffers_ready:
-            self._rebind_if_changed()
             self._start_batch()
             self._use_slot(self._filled)  # this batch's old statistics go into the ring's next slot
             self._snapshot_pending = self._snapshot is not None and bool(self._snapshot[0])
@@ -679,6 +679,8 @@ class BatchNormDriftMonitor(MonitorCallback):
     def _accumulate(self) -> None:
         """Record this batch: its running statistics after the update (one concatenation into the ring),
         which layers ran and on how many elements. A full ring is processed at once."""
+        if self._rebind_pending:
+            self._rebind()
         k = self._filled
         torch.cat(self._means + self._vars, out=self._new)
         self._ring_meta[k] = (tuple(calls >= 1 for calls in self._calls), tuple(self._elements))
