@@ -423,6 +423,12 @@ class ActivationVarianceMonitor(MonitorCallback):
             self._track_nonfinite(self._batch_step)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        # the forward is over: the bank's reused difference buffer goes before the backward's peak
+        bank = getattr(self, "_bank", None)  # none before attach, or when the monitor stepped aside
+        if bank is not None:
+            bank.release()
+
     def _track_nonfinite(self, step: int) -> None:
         # Every state was finite after the previous step (or this code would have fired then), so the
         # first non-finite entry, in target order, of all states concatenated is the first module that

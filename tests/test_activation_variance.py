@@ -509,3 +509,49 @@ def test_one_hook_per_preact_block_logs_exactly_what_two_hooks_log(tmp_path):
     hooked = [m for m in model.modules() if m._forward_hooks]
     assert len(hooked) == 18 + 1 + 2  # one per preact block, the stem, and the two blocks' own hooks
     merged.remove_hooks()
+
+
+def test_large_activations_reuse_one_difference_buffer_and_log_exactly_the_same(tmp_path):
+    """Issue 16: on the CPU, activations of 2^20 elements or more reuse one ``x - K`` buffer across
+    consecutive takes (a fresh 8 MiB tensor costs more in page faults than the arithmetic); two such
+    shapes (stages 1 and 2 at 128x128, batch 8) and a smaller one after them: every logged number equals
+    the per-tensor path's, and no buffer is left once the forward is over."""
+    from lightning_convnets.callbacks.core import _REUSE_ELEMENTS
+
+    class Wide(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = ResNet(PreActBasicBlock, [1, 1, 1, 1], stem="cifar", width=16)
+            self.head = nn.Linear(self.net.out_channels[-1], 3)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.head(self.net(x)[-1].mean((2, 3))), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    sizes: list[int] = []
+
+    def history(fast: bool) -> list[dict[str, float]]:
+        pl.seed_everything(0, verbose=False)
+        monitor = ActivationVarianceMonitor(log_every_n_steps=2, sample_every_n_steps=1)
+        if not fast:
+            monitor.attach = _without_bank(monitor.attach, monitor)
+        x, y = torch.randn(24, 3, 128, 128) * 2 + 1, torch.randint(0, 3, (24,))
+        trainer = pl.Trainer(
+            max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=tmp_path,
+        )  # fmt: skip
+        trainer.callbacks.append(monitor)
+        module = Wide()
+        if fast:
+            module.net.register_forward_hook(lambda m, a, o: sizes.extend(t.numel() for t in o))
+        trainer.fit(module, DataLoader(list(zip(x, y)), batch_size=8))
+        assert monitor._bank.ready is fast and monitor._bank._buffer is None
+        return monitor.history
+
+    fast, slow = history(True), history(False)
+    assert sum(n >= _REUSE_ELEMENTS for n in sizes[:3]) == 2 and sizes[2] < _REUSE_ELEMENTS  # two large shapes
+    assert len(fast) == len(slow) == 2 and len(fast[0]) > 20
+    assert fast == slow
