@@ -470,6 +470,9 @@ class ActivationVarianceMonitor(MonitorCallback):
 
     # ------------------------------------------------------------------ reduction
     def pack(self, trainer: pl.Trainer | None, pl_module: nn.Module, packer: StatsPacker) -> None:
+        bank = getattr(self, "_bank", None)
+        if bank is not None:
+            bank.settle()  # the folded batches' counts (deferred by fold)
         for key, moments in self._moments.items():
             packer.running(key, moments)
         if packer.entries:
@@ -628,6 +631,9 @@ class ActivationVarianceMonitor(MonitorCallback):
     # ------------------------------------------------------------------ checkpointing
     def extra_state(self) -> dict[str, Any]:
         # the moments' shifts and the interval's partial sums: a resumed run continues them exactly
+        bank = getattr(self, "_bank", None)  # none before attach, or when the monitor stepped aside
+        if bank is not None:
+            bank.settle()
         moments = {
             key: {"state": m.state.detach().cpu().clone(), "shift": m.shift.detach().cpu().clone()}
             for key, m in self._moments.items()

@@ -175,10 +175,6 @@ class RunningMoments:
         return self.state[2] / self.state[0].clamp_min(1)
 
 
-# tensors of at least this many elements (4 MiB of float32) reuse MomentBank's difference buffer (CPU)
-_REUSE_ELEMENTS = 2**20
-
-
 class ShiftedMoments:
     """Per-channel moments for hot paths: float64 sums of shifted data, ``n``, ``sum(x - K)`` and
     ``sum((x - K)^2)``, around a per-channel shift ``K`` (the first batch's mean, re-centred on the
@@ -275,9 +271,10 @@ class MomentBank:
     one float64 ``[3, total]`` buffer (each moment's ``state`` becomes a view of it) and the shifts into one
     float32 vector. From then on :meth:`take` reduces a tensor with four ops into a float32 scratch row
     (``sum(x - K)`` and ``sum((x - K)^2)``, written in place with ``out=``) and :meth:`fold` adds the whole
-    scratch and the counts to the float64 state once per batch. The float32 sums and the float64 additions
-    are the same values in the same order as :meth:`ShiftedMoments.update`'s, so the results are
-    bit-identical. A tensor the bank cannot take (float64 data, a second call of the same module before
+    scratch to the float64 state once per batch; the counts (integers, exact in float64 in any order)
+    are added when :meth:`settle` is called, before the moments are read. The float32 sums and the
+    float64 additions are the same values in the same order as :meth:`ShiftedMoments.update`'s, so the
+    results are bit-identical. A tensor the bank cannot take (float64 data, a second call of the same module before
     the fold, a non-batched tensor, tracing under ``torch.compile``) goes through the moment's own
     ``update`` instead, after its pending scratch is folded.
 
@@ -290,7 +287,7 @@ class MomentBank:
         True
         >>> bank.take(0, torch.tensor([[5.0]])), bank.take(1, torch.zeros(1, 2, 4))
         (True, True)
-        >>> bank.fold()
+        >>> bank.fold(); bank.settle()  # settle: the counts of the folded batches, before reading
         >>> a.mean, a.var
         (tensor([3.], dtype=torch.float64), tensor([2.6667], dtype=torch.float64))
     """
@@ -310,10 +307,12 @@ class MomentBank:
         self._pending: list[float] = []  # elements per channel taken into the scratch this batch (0: none)
         self._widths: Tensor | None = None  # channels per slot (int64, on the state's device)
         self._ends: Tensor | None = None  # cumulative widths: the first column after each slot
-        self._counts: Tensor | None = None  # per slot: elements per channel in the last fold's batch
         self._stale = False  # the scratch still holds the last fold's sums (not zeroed: all were taken)
-        self._buffer: Tensor | None = None  # x - K of large CPU tensors, reused within a forward
-        self._counts_key: tuple[float, ...] = ()
+        self._buffer: Tensor | None = None  # flat x - K of contiguous CPU tensors, reused within a forward
+        # folded batches not yet in the count row, per pattern of elements per channel (one per slot): the
+        # counts are integers (exact in float64 up to 2^53), so adding them later, at :meth:`settle`, gives
+        # the same numbers as adding them at every fold, without two ops per batch
+        self._unsettled: dict[tuple[float, ...], int] = {}
 
     def add(self, key: str) -> ShiftedMoments:
         """A new moment (before :meth:`build`); its index is its slot."""
@@ -367,16 +366,20 @@ class MomentBank:
         x = x.detach()
         dims = (0, *range(2, x.dim()))
         shift = self._shifts[slot]
-        if x.numel() >= _REUSE_ELEMENTS and x.device.type == "cpu" and x.is_contiguous():
-            # a large difference tensor allocated afresh is mapped afresh: its page faults cost more than
-            # the arithmetic (2.5x on 8 MiB after a training step); reuse one while the shape repeats
-            buffer, dtype = self._buffer, torch.promote_types(x.dtype, shift.dtype)
-            if buffer is None or buffer.shape != x.shape or buffer.dtype != dtype:
+        if x.device.type == "cpu" and x.is_contiguous():
+            # A difference tensor allocated afresh lands on memory that is cold or mapped afresh (page
+            # faults: 2.5x the arithmetic on 8 MiB after a training step, 10-20% on a few hundred KiB).
+            # One flat buffer is reused while the sizes stay within a factor of two (a stage's blocks); it
+            # shrinks with the stages, so the forward's tail holds only the last stage's size.
+            numel, buffer = x.numel(), self._buffer
+            dtype = torch.promote_types(x.dtype, shift.dtype)
+            if buffer is None or not numel <= buffer.numel() < 2 * numel or buffer.dtype != dtype:
                 self._buffer = None  # the old one is freed before the new one is made
-                buffer = self._buffer = torch.empty(x.shape, dtype=dtype)
-            d = torch.sub(x, shift, out=buffer)  # the values and layout of x - shift (x is contiguous)
+                buffer = self._buffer = torch.empty(numel, dtype=dtype)
+            # the values and layout of x - shift (x is contiguous, and so is the buffer's prefix)
+            d = torch.sub(x, shift, out=buffer[:numel].view(x.shape))
         else:
-            self._buffer = None  # kept only across consecutive large tensors (a stage's blocks)
+            self._buffer = None
             d = x - shift
         torch.sum(d, dim=dims, out=self._s1[slot])
         torch.sum(d.square_(), dim=dims, out=self._s2[slot])
@@ -400,16 +403,15 @@ class MomentBank:
         self._pending[slot] = 0.0
 
     def fold(self) -> None:
-        """Add this batch's scratch and counts to the float64 state (once per batch, a few ops)."""
+        """Add this batch's scratch to the float64 state (once per batch: one op when every slot was taken);
+        its counts wait for :meth:`settle`."""
         self._buffer = None
         if not self.ready or not any(self._pending):
             return
         pending = tuple(self._pending)
-        if pending != self._counts_key or self._counts is None:  # a new pattern of shapes (rare)
-            self._counts = torch.tensor(pending, dtype=torch.float64, device=self.state.device)
-            self._counts_key = pending
-        # a transient per-channel vector, after the step's peak: nothing per channel is kept for it
-        self.state[0].add_(torch.repeat_interleave(self._counts, self._widths, output_size=self.state.shape[1]))
+        self._unsettled[pending] = self._unsettled.get(pending, 0) + 1
+        if len(self._unsettled) > 16:  # shapes that keep changing: keep the bookkeeping bounded
+            self.settle()
         if all(pending):  # every slot's scratch holds this batch's sums, and the next take overwrites it
             self.state[1:].add_(self.scratch)
             self._stale = True
@@ -423,12 +425,27 @@ class MomentBank:
             self._stale = False
         self._pending = [0.0] * len(self.moments)
 
+    def settle(self) -> None:
+        """Add the folded batches' counts to the count row (:meth:`fold` defers them): call it before
+        reading the moments (``count``, ``mean``, ``m2``, ``var``, ``state``)."""
+        if not self._unsettled:
+            return
+        counts = torch.tensor(
+            [[n * c for c in pending] for pending, n in self._unsettled.items()],
+            dtype=torch.float64,
+            device=self.state.device,
+        ).sum(0)  # integers: exact in any order
+        self._unsettled = {}
+        # a transient per-channel vector (after the step's peak): nothing per channel is kept for it
+        self.state[0].add_(torch.repeat_interleave(counts, self._widths, output_size=self.state.shape[1]))
+
     def reset(self) -> None:
         """:meth:`ShiftedMoments.reset` of every moment at once (the same arithmetic, vectorised)."""
         if not self.ready:
             for m in self.moments:
                 m.reset()
             return
+        self.settle()
         count = self.state[0]
         mean = self.shift.double() + self.state[1] / count.clamp_min(1)
         usable = torch.isfinite(mean) & (count > 0)

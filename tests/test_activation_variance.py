@@ -3,6 +3,7 @@ bf16 + accumulation, torch.compile, resume, non-finite detection, and that obser
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import lightning.pytorch as pl
@@ -511,17 +512,17 @@ def test_one_hook_per_preact_block_logs_exactly_what_two_hooks_log(tmp_path):
     merged.remove_hooks()
 
 
-def test_large_activations_reuse_one_difference_buffer_and_log_exactly_the_same(tmp_path):
-    """Issue 16: on the CPU, activations of 2^20 elements or more reuse one ``x - K`` buffer across
-    consecutive takes (a fresh 8 MiB tensor costs more in page faults than the arithmetic); two such
-    shapes (stages 1 and 2 at 128x128, batch 8) and a smaller one after them: every logged number equals
-    the per-tensor path's, and no buffer is left once the forward is over."""
-    from lightning_convnets.callbacks.core import _REUSE_ELEMENTS
+def test_activations_reuse_one_difference_buffer_per_size_class_and_log_exactly_the_same(tmp_path):
+    """Issue 16: on the CPU the bank writes ``x - K`` into one flat buffer, reused while the sizes stay
+    within a factor of two (a fresh tensor per take costs page faults and cold cache lines: more than the
+    arithmetic on 8 MiB); a smaller stage gets a smaller buffer (the old one freed first). Stages at
+    128x128, batch 8: every logged number equals the per-tensor path's, each stage allocates once per
+    forward, and no buffer is left once the forward is over."""
 
     class Wide(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = ResNet(PreActBasicBlock, [1, 1, 1, 1], stem="cifar", width=16)
+            self.net = ResNet(PreActBasicBlock, [2, 2, 1, 1], stem="cifar", width=16)
             self.head = nn.Linear(self.net.out_channels[-1], 3)
 
         def training_step(self, batch, batch_idx):
@@ -531,7 +532,7 @@ def test_large_activations_reuse_one_difference_buffer_and_log_exactly_the_same(
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    sizes: list[int] = []
+    takes: list[tuple[int, torch.Tensor, int]] = []  # (elements taken, the buffer (kept: no address reuse), its size)
 
     def history(fast: bool) -> list[dict[str, float]]:
         pl.seed_everything(0, verbose=False)
@@ -544,14 +545,36 @@ def test_large_activations_reuse_one_difference_buffer_and_log_exactly_the_same(
             enable_model_summary=False, default_root_dir=tmp_path,
         )  # fmt: skip
         trainer.callbacks.append(monitor)
-        module = Wide()
         if fast:
-            module.net.register_forward_hook(lambda m, a, o: sizes.extend(t.numel() for t in o))
-        trainer.fit(module, DataLoader(list(zip(x, y)), batch_size=8))
+            attach = monitor.attach
+
+            def spying_attach(trainer, pl_module):
+                attach(trainer, pl_module)
+                bank, take = monitor._bank, monitor._bank.take
+
+                def spy(slot, t):
+                    taken = take(slot, t)
+                    if taken:
+                        takes.append((t.numel(), bank._buffer, bank._buffer.numel()))
+                    return taken
+
+                bank.take = spy
+
+            monitor.attach = spying_attach
+        trainer.fit(Wide(), DataLoader(list(zip(x, y)), batch_size=8))
         assert monitor._bank.ready is fast and monitor._bank._buffer is None
         return monitor.history
 
     fast, slow = history(True), history(False)
-    assert sum(n >= _REUSE_ELEMENTS for n in sizes[:3]) == 2 and sizes[2] < _REUSE_ELEMENTS  # two large shapes
     assert len(fast) == len(slow) == 2 and len(fast[0]) > 20
     assert fast == slow
+    # the last forward's takes: one buffer per size class, as large as the class's largest tensor
+    last = takes[len(takes) // 2 :]  # two bank forwards (the first batch builds the bank)
+    assert len(takes) % 2 == 0 and [n for n, _, _ in last] == [n for n, _, _ in takes[: len(takes) // 2]]
+    classes = sorted({n for n, _, _ in last}, reverse=True)
+    assert len(classes) >= 3 and classes[0] >= 2**20  # 4 MiB tensors at stage 1
+    for n, _, size in last:
+        assert n <= size < 2 * n
+    buffers = [buffer for _, buffer, _ in last]
+    changes = sum(a is not b for a, b in itertools.pairwise(buffers))
+    assert changes == len({size for _, _, size in last}) - 1  # one allocation per class, in stage order

@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import Logger
 from lightning_convnets.callbacks.core import (
     Diagnosis,
     Finding,
+    MomentBank,
     MonitorCallback,
     RunningMoments,
     ShiftedMoments,
@@ -54,6 +55,51 @@ def test_moments_reset_and_bf16_inputs(kind):
     moments.update(torch.tensor([[1.0, 2.0], [3.0, 6.0]], dtype=torch.bfloat16))
     torch.testing.assert_close(moments.mean, torch.tensor([2.0, 4.0], dtype=torch.float64))
     torch.testing.assert_close(moments.var, torch.tensor([1.0, 4.0], dtype=torch.float64))
+
+
+def test_moment_bank_deferred_counts_and_reused_buffer_match_per_tensor_moments():
+    """The bank's fast path (one reused difference buffer, counts settled only when read, at most 16
+    waiting patterns) gives the bits of ShiftedMoments.update, through shapes that keep changing, a slot
+    that sits batches out, a second call of a module within a batch, and resets in between."""
+    gen = torch.Generator().manual_seed(0)
+    bank = MomentBank()
+    fast = [bank.add("a"), bank.add("b")]
+    slow = [ShiftedMoments(), ShiftedMoments()]
+
+    def batch(step: int) -> list[torch.Tensor]:
+        # three batch sizes (many batches per pattern), then 23 (more patterns than the bank lets wait)
+        n = 1 + step % 3 if step < 30 else 1 + step % 23
+        return [torch.randn(n, 3, 5, 5, generator=gen) * 4 + 2, torch.randn(n, 4, 9, generator=gen) - 7]
+
+    waiting = []  # patterns whose counts wait for settle, after each batch
+    for step in range(60):
+        xs = batch(step)
+        calls = [(0, xs[0]), (1, xs[1])] if step % 5 else [(0, xs[0])]  # slot 1 sits every 5th batch out
+        if step % 7 == 3:
+            calls.append((0, xs[0] * 0.5))  # the same module called twice in one batch
+        for slot, x in calls:
+            if not bank.take(slot, x):
+                fast[slot].update(x)
+            slow[slot].update(x)
+        bank.fold()
+        if not bank.ready:
+            bank.build()
+        waiting.append(len(bank._unsettled))
+        if step in (20, 41):  # an interval's end: settle, compare, re-centre
+            bank.settle()
+            for f, s in zip(fast, slow):
+                assert torch.equal(f.state, s.state)
+            bank.reset()
+            for s in slow:
+                s.reset()
+            for f, s in zip(fast, slow):
+                assert torch.equal(f.shift, s.shift)
+    assert max(waiting) == 16 and min(waiting[2:]) == 0  # counts wait between reads, bounded by a settle
+    bank.settle()
+    assert not bank._unsettled
+    for f, s in zip(fast, slow):
+        assert torch.equal(f.state, s.state) and torch.equal(f.count, s.count)
+        assert torch.equal(f.var, s.var)
 
 
 def test_packer_merges_ranks_like_the_union():
