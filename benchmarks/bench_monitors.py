@@ -473,6 +473,23 @@ class HookTimer:
         return statistics.median(self.per_step.values()) * 1e3 if self.per_step else math.nan
 
 
+def _timed_probe(
+    probe: Callable[[nn.Module], Any], toggle: CycleToggle, start: int, end: int, out: list[float]
+) -> Callable[[nn.Module], Any]:
+    """``probe``, its CPU time appended to ``out`` when it runs inside the timed steps ``[start, end)``
+    (the step in progress is the number of steps the toggle has timed)."""
+
+    def timed(pl_module: nn.Module) -> Any:
+        begin = time.process_time()
+        try:
+            return probe(pl_module)
+        finally:
+            if start <= len(toggle.cpu) < end:
+                out.append(time.process_time() - begin)
+
+    return timed
+
+
 def _park_hooks(monitor: Any) -> list[tuple[dict, int, Any]]:
     """Take a monitor's forward hooks out of their modules' hook dictionaries: ``(dict, id, hook)``."""
     parked = []
@@ -496,6 +513,12 @@ def run_cycles(
     """One fit with the monitors toggled by :class:`CycleToggle`; the median over cycles of on/off - 1."""
     monitors = make()
     toggle = CycleToggle(monitors, warmup)
+    probes: list[float] = []  # CPU seconds of each shattering probe inside the timed cycles
+    every = 0
+    for monitor in monitors:
+        if type(monitor).__name__ == "GradientShatteringMonitor":
+            monitor.probe = _timed_probe(monitor.probe, toggle, warmup, warmup + 4 * cycles, probes)
+            every = monitor.every_n_steps
     steps = warmup + 4 * cycles + 1
     data = _sized_data(batch, size, steps + 1)  # one epoch: no loader restart inside the timed steps
     timer_fit = _fit_steps(
@@ -504,8 +527,15 @@ def run_cycles(
     del timer_fit
     pairs = toggle.cycles()
     ratios = [on / off - 1 for on, off in pairs]
+    step_off = statistics.median(off for _, off in pairs) / 2
     return {
         "overhead": statistics.median(ratios),
+        # every cycle's CPU together, the logging steps' flushes included, the probes' CPU taken out (their
+        # own column): what a long run pays between probes on average
+        "amortised": (sum(on for on, _ in pairs) - sum(probes)) / sum(off for _, off in pairs) - 1,
+        # a probe's CPU spread over the steps between probes
+        "probe_amortised": statistics.fmean(probes) / (every * step_off) if probes else None,
+        "probes": probes,
         "ratios": ratios,
         "step_off_ms": statistics.median(off for _, off in pairs) / 2 * 1e3,
         "step_on_ms": statistics.median(on for on, _ in pairs) / 2 * 1e3,
@@ -625,6 +655,9 @@ def run_sweep(
             "step_cpu_ms": everything["step_off_ms"],
             "all_cpu_ms": everything["step_on_ms"],
             "all_overhead": everything["overhead"],
+            "all_overhead_amortised": everything["amortised"],
+            "probe_amortised": everything["probe_amortised"],
+            "probes_cpu_s": everything["probes"],
             "all_overhead_per_round": everything["ratios"],
             "shattering_overhead": shattering["overhead"],
             "shattering_own_ms": own_ms,
@@ -639,6 +672,7 @@ def run_sweep(
         quartiles = statistics.quantiles(everything["ratios"], n=4)
         print(
             f"{name:18s} {size:3d}px step {row['step_cpu_ms']:7.1f} ms  all {row['all_overhead']:+.1%} "
+            f"(amortised {row['all_overhead_amortised']:+.1%}, probe {row['probe_amortised'] or 0:+.1%}) "
             f"(quartiles {quartiles[0]:+.1%} .. {quartiles[2]:+.1%}, {row['cycles']} cycles)  shattering "
             f"between probes {row['shattering_overhead']:+.2%} (own hooks {row['shattering_own_fraction']:.3%})  monitor state {row['monitor_state_mib']:.2f} MiB "
             f"({row['monitor_state_fraction']:.2%} of the step's {row['step_memory_mib']:.0f} MiB)  "
@@ -662,7 +696,10 @@ def sweep_markdown(sweep: dict[str, Any], setup: dict[str, Any]) -> str:
         "step the activation monitor records and one it skips, as at its defaults. Off steps run as without the "
         "monitors (out of the trainer's callbacks, their forward hooks out of the modules), so the cost includes "
         "Lightning calling their hooks and the dispatch of every forward hook, on the steps the activation "
-        "monitor skips too. The shattering "
+        "monitor skips too. Amortised: the CPU of all on pairs over that of all off pairs - 1, the logging steps' "
+        "flushes (one cycle in 25 at the default interval of 50 steps) and the BatchNorm ring's (every few "
+        "recorded batches) included, which the median leaves out, and the shattering probe's CPU taken out: "
+        "the probe column is a probe's CPU (timed directly) over the 200 steps' CPU between probes. The shattering "
         "monitor (a separate fit) probes at step 0 (warm-up) and every 200 steps: its columns are its cost "
         "between probes, as the same on/off difference (noise of a few tenths of a percent around its true "
         "cost) and as the CPU time inside its own hooks per step (median, measured directly), both against "
@@ -670,9 +707,9 @@ def sweep_markdown(sweep: dict[str, Any], setup: dict[str, Any]) -> str:
         "snapshots, the last interval's merged statistics, the probe line) against what the training step "
         "holds at its peak (the activations autograd saves, parameters, gradients, momentum).",
         "",
-        "| network | input | batch | step (ms CPU) | all three (ms) | all three (%) | cycles: quartiles | "
+        "| network | input | batch | step (ms CPU) | all three (ms) | all three (%) | amortised (%) | probe, amortised | cycles: quartiles | "
         "shattering between probes | its own hooks | monitor tensors (MiB) | step memory (MiB) | share |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sweep["rows"]:
         q = statistics.quantiles(r["all_overhead_per_round"], n=4)
@@ -681,7 +718,9 @@ def sweep_markdown(sweep: dict[str, Any], setup: dict[str, Any]) -> str:
             rounds += f"; null run {r['null_overhead']:+.1%}"
         lines.append(
             f"| {r['model']} | {r['image_size']}x{r['image_size']} | {r['batch']} | {r['step_cpu_ms']:.1f} "
-            f"| {r['all_cpu_ms'] - r['step_cpu_ms']:+.1f} | {r['all_overhead']:+.1%} | {rounds} "
+            f"| {r['all_cpu_ms'] - r['step_cpu_ms']:+.1f} | {r['all_overhead']:+.1%} "
+            f"| {r.get('all_overhead_amortised', math.nan):+.1%} "
+            f"| {r['probe_amortised'] if r.get('probe_amortised') is not None else math.nan:+.1%} | {rounds} "
             f"| {r['shattering_overhead']:+.2%} | {r.get('shattering_own_fraction', math.nan):.3%} "
             f"| {r['monitor_state_mib']:.2f} | {r['step_memory_mib']:.0f} "
             f"| {r['monitor_state_fraction']:.2%} |"
