@@ -404,30 +404,37 @@ def test_flat_bank_logs_exactly_what_the_per_tensor_path_logs_on_a_deep_net(tmp_
 
     def history(fast: bool) -> list[dict[str, float]]:
         pl.seed_everything(0, verbose=False)
-        monitor = ActivationVarianceMonitor(log_every_n_steps=2, sample_every_n_steps=1)
-        if not fast:
-            monitor.attach = _without_bank(monitor.attach, monitor)
         x, y = torch.randn(24, 3, 16, 16) * 3 + 1, torch.randint(0, 3, (24,))
-        trainer = pl.Trainer(
-            max_steps=5, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-        )  # fmt: skip
-        trainer.callbacks.append(monitor)
-        trainer.fit(Deep(), DataLoader(list(zip(x, y)), batch_size=2))
-        assert monitor._bank.ready is fast
-        return monitor.history
+        return _bank_history(Deep, x, y, 2, fast, tmp_path, max_steps=5, accumulate_grad_batches=2).history
 
     fast, slow = history(True), history(False)
     assert len(fast) == len(slow) == 3 and len(fast[0]) > 100
     assert fast == slow
 
 
-def _without_bank(attach, monitor):
-    def wrapped(trainer, pl_module):
-        attach(trainer, pl_module)
-        monitor._bank_allowed = False
+def _bank_history(module_cls, x, y, batch_size, fast, root, spy=None, **trainer_args):
+    """A fit of ``module_cls()`` on ``(x, y)`` with an activation monitor recording every step and logging
+    every two, through the flat bank (``fast``) or the per-tensor path; ``spy(monitor)`` runs after attach.
+    Returns the monitor."""
+    monitor = ActivationVarianceMonitor(log_every_n_steps=2, sample_every_n_steps=1)
+    attach = monitor.attach
 
-    return wrapped
+    def attach_then(trainer, pl_module):
+        attach(trainer, pl_module)
+        if not fast:
+            monitor._bank_allowed = False
+        if spy is not None:
+            spy(monitor)
+
+    monitor.attach = attach_then
+    trainer = pl.Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=root, **trainer_args,
+    )  # fmt: skip
+    trainer.callbacks.append(monitor)
+    trainer.fit(module_cls(), DataLoader(list(zip(x, y)), batch_size=batch_size))
+    assert monitor._bank.ready is fast
+    return monitor
 
 
 class _TwoHooksPerBlock(ActivationVarianceMonitor):
@@ -534,35 +541,23 @@ def test_activations_reuse_one_difference_buffer_per_size_class_and_log_exactly_
 
     takes: list[tuple[int, torch.Tensor, int]] = []  # (elements taken, the buffer (kept: no address reuse), its size)
 
+    def spy_on_takes(monitor):
+        bank, take = monitor._bank, monitor._bank.take
+
+        def spy(slot, t):
+            taken = take(slot, t)
+            if taken:
+                takes.append((t.numel(), bank._buffer, bank._buffer.numel()))
+            return taken
+
+        bank.take = spy
+
     def history(fast: bool) -> list[dict[str, float]]:
         pl.seed_everything(0, verbose=False)
-        monitor = ActivationVarianceMonitor(log_every_n_steps=2, sample_every_n_steps=1)
-        if not fast:
-            monitor.attach = _without_bank(monitor.attach, monitor)
         x, y = torch.randn(24, 3, 128, 128) * 2 + 1, torch.randint(0, 3, (24,))
-        trainer = pl.Trainer(
-            max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, default_root_dir=tmp_path,
-        )  # fmt: skip
-        trainer.callbacks.append(monitor)
-        if fast:
-            attach = monitor.attach
-
-            def spying_attach(trainer, pl_module):
-                attach(trainer, pl_module)
-                bank, take = monitor._bank, monitor._bank.take
-
-                def spy(slot, t):
-                    taken = take(slot, t)
-                    if taken:
-                        takes.append((t.numel(), bank._buffer, bank._buffer.numel()))
-                    return taken
-
-                bank.take = spy
-
-            monitor.attach = spying_attach
-        trainer.fit(Wide(), DataLoader(list(zip(x, y)), batch_size=8))
-        assert monitor._bank.ready is fast and monitor._bank._buffer is None
+        spy = spy_on_takes if fast else None
+        monitor = _bank_history(Wide, x, y, 8, fast, tmp_path, spy=spy, max_steps=3)
+        assert monitor._bank._buffer is None
         return monitor.history
 
     fast, slow = history(True), history(False)
