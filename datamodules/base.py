@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -16,8 +17,8 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from .datasets import detection_collate
-from .io import DataValidationError
+from .datasets import ImageListDataset, detection_collate
+from .io import DataValidationError, scan_predict_folder
 from .sampling import ResumableSampler
 from .transforms import TransformSpec, build_pipeline
 
@@ -206,6 +207,19 @@ class ConvDataModule(LightningDataModule):
         allow_symlinks_outside_root: follow image (and mask) symlinks that lead outside the data root
             (COCO ``file_name`` entries, image and mask folders); by default such a link is refused with a
             :class:`DataValidationError`.
+        predict_dir: a folder of new images (any sizes, no labels) that ``predict`` reads instead of the
+            test split: every image file directly inside it, sorted by name (other files are skipped,
+            subfolders not searched), each checked in ``setup``, with the test split's ``mean``/``std`` and
+            ``eval_transforms``. A missing or empty folder or an unreadable file raises a
+            :class:`DataValidationError` naming it. The training data is not read (the shapes are not
+            generated); only the class names are needed. Detection batches carry ``image_id`` (the
+            file's position in the sorted folder) and ``orig_size`` (the file's height, width).
+        predict_resize: bring the ``predict_dir`` images to ``image_size`` like the test split (``True``)
+            or keep each file's size (``False``); ``None``: resize for classification, keep the size for
+            segmentation and detection (masks and boxes then come out in the file's pixels; for images
+            much larger than the training ones set the model's ``tile_size``). Images kept at their size
+            are batched ``batch_size`` at a time when they all share one size (detection: always, as
+            lists), else one per batch.
         default_mean, default_std: the statistics used when ``mean``/``std`` are not given; ``None``:
             the class's ``default_mean``/``default_std`` attributes (ImageNet's; CIFAR-10's or the shapes
             generator's in those modules).
@@ -244,6 +258,8 @@ class ConvDataModule(LightningDataModule):
         min_visibility: float = 0.3,
         min_area: float = 1.0,
         allow_symlinks_outside_root: bool = False,
+        predict_dir: str | None = None,
+        predict_resize: bool | None = None,
         default_mean: Sequence[float] | None = None,
         default_std: Sequence[float] | None = None,
     ) -> None:
@@ -280,6 +296,9 @@ class ConvDataModule(LightningDataModule):
         self.min_visibility = min_visibility
         self.min_area = min_area
         self.allow_symlinks_outside_root = allow_symlinks_outside_root
+        self.predict_dir = Path(predict_dir).expanduser() if predict_dir is not None else None
+        self.predict_resize = predict_resize
+        self._predict_batch_size = batch_size
         self._class_names: list[str] | None = None
         self._shuffle_seed: int | None = None  # seed of the training order (drawn once, checkpointed)
         self._resume_position: tuple[int, int] | None = None  # (epoch, images consumed) from a checkpoint
@@ -287,6 +306,7 @@ class ConvDataModule(LightningDataModule):
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
+        self.predict_dataset: ImageListDataset | None = None
 
     # ----------------------------------------------------------------- metadata the tasks read
     @property
@@ -327,13 +347,14 @@ class ConvDataModule(LightningDataModule):
         raise NotImplementedError
 
     # ----------------------------------------------------------------------- transforms, loaders
-    def pipeline(self, train: bool) -> Callable[..., dict[str, Any]]:
-        """The albumentations pipeline for the training (``train=True``) or evaluation splits."""
+    def pipeline(self, train: bool, keep_size: bool = False) -> Callable[..., dict[str, Any]]:
+        """The albumentations pipeline for the training (``train=True``) or evaluation splits;
+        ``keep_size=True`` leaves out the resize to ``image_size``."""
         return build_pipeline(
             self.train_transforms if train else self.eval_transforms,
             kind=self.task,
             train=train,
-            image_size=self.image_size,
+            image_size=None if keep_size else self.image_size,
             mean=self.mean,
             std=self.std,
             resize=self.resize,
@@ -343,7 +364,8 @@ class ConvDataModule(LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
-        """Index and check the files of the splits ``stage`` needs (idempotent)."""
+        """Index and check the files of the splits ``stage`` needs (idempotent); for ``predict``, the
+        ``predict_dir`` images when given, else the test split."""
         needed = {
             "fit": ("train", "val"),
             "validate": ("val",),
@@ -351,9 +373,49 @@ class ConvDataModule(LightningDataModule):
             "predict": ("test",),
             None: ("train", "val", "test"),
         }.get(stage, ("train", "val", "test"))
+        if stage == "predict" and self.predict_dir is not None:
+            needed = ()
+            if self.predict_dataset is None:
+                self.predict_dataset = self.build_predict_dataset()
         missing = [s for s in needed if getattr(self, f"{s}_dataset") is None]
         if missing:
             self._build_datasets(missing)
+        self._record_num_classes()
+
+    def _record_num_classes(self) -> None:
+        # A num_classes argument left None (the count is read from the data) is recorded as the count found:
+        # the task records the count it uses too, and Lightning refuses to log module and datamodule
+        # hyperparameters that share a key with different values (None against 5).
+        if "num_classes" in self.hparams and self.hparams["num_classes"] is None:
+            self.save_hyperparameters({"num_classes": self.num_classes})
+
+    def build_predict_dataset(self) -> ImageListDataset:
+        """The :class:`ImageListDataset` of ``predict_dir`` (see the ``predict_dir`` and ``predict_resize``
+        arguments); also decides its batch size.
+
+        Raises:
+            DataValidationError: naming ``predict_dir`` when it is unset, missing or holds no image, or the
+                file that is unreadable; for segmentation, naming two images that share a file stem (their
+                predicted masks would be written to the same ``<stem>.png``).
+        """
+        if self.predict_dir is None:
+            raise DataValidationError(f"{type(self).__name__}: predict_dir is not set")
+        found = scan_predict_folder(self.predict_dir, "predict_dir")
+        paths = [path for path, _ in found]
+        if self.task == "segmentation":
+            stems: dict[str, Path] = {}
+            for path in paths:
+                if path.stem in stems:
+                    raise DataValidationError(
+                        f"{path}: predict_dir holds two images with the stem {path.stem!r} ({stems[path.stem].name}); "
+                        "their masks would both be written to the same file: rename one"
+                    )
+                stems[path.stem] = path
+        resize = self.task == "classification" if self.predict_resize is None else bool(self.predict_resize)
+        same_size = (resize and self.image_size is not None) or len({size for _, size in found}) == 1
+        self._predict_batch_size = self.batch_size if same_size or self.task == "detection" else 1
+        pipeline = self.pipeline(train=False, keep_size=not resize)
+        return ImageListDataset(paths, pipeline, self.in_channels, detection=self.task == "detection")
 
     def _build_datasets(self, splits: Sequence[str]) -> None:
         raise NotImplementedError
@@ -460,14 +522,16 @@ class ConvDataModule(LightningDataModule):
             processes = max(1, int(getattr(trainer, "num_devices", 1) or 1))
         return auto_num_workers(processes=processes)
 
-    def _loader(self, dataset: Dataset | None, split: str, shuffle: bool) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset | None, split: str, shuffle: bool, batch_size: int | None = None
+    ) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__} has no {split} split; call setup() first")
         sampler = self._training_sampler(dataset) if shuffle else None
         workers = self.loader_workers
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=batch_size or self.batch_size,
             shuffle=shuffle and sampler is None,
             sampler=sampler,
             num_workers=workers,
@@ -490,5 +554,12 @@ class ConvDataModule(LightningDataModule):
         return self._loader(self.test_dataset, "test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        """Loader of the test split (prediction runs over it)."""
-        return self._loader(self.test_dataset, "test", shuffle=False)
+        """Loader of the ``predict_dir`` images when given (built here if ``setup`` has not run), else of
+        the test split."""
+        if self.predict_dir is None:
+            return self._loader(self.test_dataset, "test", shuffle=False)
+        if self.predict_dataset is None:
+            self.predict_dataset = self.build_predict_dataset()
+        return self._loader(
+            self.predict_dataset, "predict", shuffle=False, batch_size=self._predict_batch_size
+        )

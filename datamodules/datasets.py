@@ -1,4 +1,5 @@
-"""torch Datasets over files on disk: labelled images, image/mask pairs, COCO detection records.
+"""torch Datasets over files on disk: labelled images, image/mask pairs, COCO detection records, and the
+unlabelled images of a predict folder.
 
 They hold lists of paths (built and checked by the data modules) and decode one example per
 ``__getitem__``, so the same code serves the generated shapes and real datasets.
@@ -131,6 +132,71 @@ class SegmentationDataset(_SeededTransformMixin, Dataset):
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         return image, torch.as_tensor(np.asarray(mask)).long()
+
+
+class ImageListDataset(Dataset):
+    """Unlabelled images for ``predict``: the files of a folder, in order, without targets.
+
+    An item is the transformed image (``float32 [C, H, W]``); with ``detection=True`` it is
+    ``(image, target)`` where ``target`` holds no boxes (``boxes`` ``[0, 4]``, ``labels`` ``[0]``) but the
+    ``image_id`` (the file's position in ``paths``) and ``orig_size`` (``[height, width]`` of the file),
+    so that detections can be mapped back to the file's pixels and file. ``paths`` names the files (the
+    prediction writers name their rows and masks after them).
+
+    Args:
+        paths: the image files.
+        transform: an albumentations pipeline ending in ``ToTensorV2`` (called with ``image=``, plus empty
+            ``bboxes``/``labels`` for detection).
+        in_channels: 1 or 3; images are converted on load.
+        detection: return ``(image, target)`` pairs (the detection batch convention) instead of images.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from PIL import Image
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> Image.new("RGB", (5, 4)).save(folder / "a.png")
+        >>> dataset = ImageListDataset([folder / "a.png"])
+        >>> dataset[0].shape, dataset.paths[0].name
+        (torch.Size([3, 4, 5]), 'a.png')
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        transform: Callable[..., dict[str, Any]] | None = None,
+        in_channels: int = 3,
+        detection: bool = False,
+    ) -> None:
+        self.paths = [Path(p) for p in paths]
+        self.transform = transform
+        self.in_channels = in_channels
+        self.detection = detection
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Any:
+        path = self.paths[index]
+        image = load_image(path, self.in_channels)
+        height, width = image.shape[:2]
+        if self.transform is not None:
+            if self.detection:
+                no_boxes = np.zeros((0, 4), np.float32)
+                image = self.transform(image=image, bboxes=no_boxes, labels=np.zeros((0,), np.int64))["image"]
+            else:
+                image = self.transform(image=image)["image"]
+        if not isinstance(image, torch.Tensor):
+            image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
+        if not self.detection:
+            return image
+        target = {
+            "boxes": torch.zeros((0, 4), dtype=torch.float32),
+            "labels": torch.zeros((0,), dtype=torch.int64),
+            "image_id": torch.tensor(index, dtype=torch.int64),
+            "orig_size": torch.tensor([height, width], dtype=torch.int64),
+        }
+        return image, target
 
 
 @dataclass

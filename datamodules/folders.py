@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import DataLoader
 
 from .base import ConvDataModule, carve_splits
 from .datasets import ClassificationDataset, SegmentationDataset
@@ -20,7 +19,6 @@ from .io import (
     load_mask,
     verify_image,
 )
-from .transforms import build_pipeline
 
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 
@@ -37,6 +35,18 @@ def _require_dir(path: Path, what: str) -> None:
         raise DataValidationError(f"{path}: {what} not found")
     if not path.is_dir():
         raise DataValidationError(f"{path}: {what} is not a directory")
+
+
+def _dataset_root(module: ImageFolderDataModule | SegmentationFolderDataModule) -> Path:
+    """``module.root``, checked: a directory."""
+    if module.root is None:
+        raise DataValidationError(
+            f"{type(module).__name__}: root is not set; the training, validation and test images (and the "
+            "class names unless given) are read from the dataset folder: pass root (only predict with "
+            "predict_dir and the class names given works without it)"
+        )
+    _require_dir(module.root, "dataset root")
+    return module.root
 
 
 def class_folders(folder: Path) -> list[str]:
@@ -114,7 +124,8 @@ class ImageFolderDataModule(ConvDataModule):
     Batches: ``(images float32 [N, C, H, W] normalised, labels int64 [N])``.
 
     Args:
-        root: the dataset folder.
+        root: the dataset folder; ``None`` only to predict ``predict_dir`` images with ``class_names``
+            given.
         class_names: fix the classes and their order (default: sorted training folder names).
         val_fraction: share of training images held out for validation when there is no val folder.
         test_fraction: same for the test split (0 means no test split).
@@ -131,7 +142,7 @@ class ImageFolderDataModule(ConvDataModule):
 
     def __init__(
         self,
-        root: str,
+        root: str | None = None,
         class_names: list[str] | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
@@ -139,7 +150,7 @@ class ImageFolderDataModule(ConvDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(image_size=image_size, **kwargs)
-        self.root = Path(root).expanduser()
+        self.root = Path(root).expanduser() if root is not None else None
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self._fixed_classes = class_names is not None
@@ -149,8 +160,8 @@ class ImageFolderDataModule(ConvDataModule):
             self._class_names = list(class_names)
 
     def _train_dir(self) -> Path:
-        _require_dir(self.root, "dataset root")
-        return _find_split_dir(self.root, "train") or self.root
+        root = _dataset_root(self)
+        return _find_split_dir(root, "train") or root
 
     def _resolve_class_names(self) -> Sequence[str]:
         return class_folders(self._train_dir())
@@ -188,15 +199,13 @@ class SegmentationFolderDataModule(ConvDataModule):
     Batches: ``(images float32 [N, C, H, W] normalised, masks int64 [N, H, W])``.
 
     Args:
-        root: the dataset folder.
+        root: the dataset folder; ``None`` only to predict ``predict_dir`` images with ``class_names``
+            or ``num_classes`` given.
         class_names: names in index order; or give ``num_classes`` (names ``class_0``...); with neither,
             the classes are inferred as ``0..max mask value`` (ignoring ``ignore_index``) in ``setup``.
         num_classes: number of classes when names are not given.
         ignore_index: mask value meaning "no label" (also the fill of padded mask areas).
         images_dir, masks_dir: the subfolder names.
-        predict_dir: a folder of images (no masks, any sizes) that ``predict`` reads at full resolution,
-            without resize, one image per batch (pair it with the model's ``tile_size``); default: the
-            test split at ``image_size``.
         val_fraction, test_fraction: shares carved from training pairs for splits without a folder.
         image_size: output side in pixels.
         batch_size: pairs per batch.
@@ -210,13 +219,12 @@ class SegmentationFolderDataModule(ConvDataModule):
 
     def __init__(
         self,
-        root: str,
+        root: str | None = None,
         class_names: list[str] | None = None,
         num_classes: int | None = None,
         ignore_index: int = 255,
         images_dir: str = "images",
         masks_dir: str = "masks",
-        predict_dir: str | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         image_size: int | None = 256,
@@ -224,9 +232,8 @@ class SegmentationFolderDataModule(ConvDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(image_size=image_size, batch_size=batch_size, ignore_index=ignore_index, **kwargs)
-        self.root = Path(root).expanduser()
+        self.root = Path(root).expanduser() if root is not None else None
         self.images_dir, self.masks_dir = images_dir, masks_dir
-        self.predict_dir = Path(predict_dir).expanduser() if predict_dir is not None else None
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         if class_names is not None and num_classes is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} entries but num_classes={num_classes}")
@@ -236,11 +243,11 @@ class SegmentationFolderDataModule(ConvDataModule):
             self._class_names = [f"class_{i}" for i in range(num_classes)]
 
     def _split_pairs(self) -> dict[str, list[tuple[Path, Path]]]:
-        _require_dir(self.root, "dataset root")
-        train_dir = _find_split_dir(self.root, "train")
-        pairs = {"train": scan_segmentation_folder(train_dir or self.root, self.images_dir, self.masks_dir)}
+        root = _dataset_root(self)
+        train_dir = _find_split_dir(root, "train")
+        pairs = {"train": scan_segmentation_folder(train_dir or root, self.images_dir, self.masks_dir)}
         for split in ("val", "test"):
-            folder = _find_split_dir(self.root, split) if train_dir is not None else None
+            folder = _find_split_dir(root, split) if train_dir is not None else None
             if folder is not None:
                 pairs[split] = scan_segmentation_folder(folder, self.images_dir, self.masks_dir)
         return carve_splits(pairs, {"val": self.val_fraction, "test": self.test_fraction}, self.seed)
@@ -268,29 +275,6 @@ class SegmentationFolderDataModule(ConvDataModule):
             return SegmentationDataset(pairs, num_classes, pipeline, self.in_channels, self.ignore_index)
 
         self.assign_datasets(splits, self._split_pairs(), make, self.root)
-
-    def predict_dataloader(self) -> DataLoader:
-        if self.predict_dir is None:
-            return super().predict_dataloader()
-        _require_dir(self.predict_dir, "predict_dir")
-        paths = list_images(self.predict_dir)
-        if not paths:
-            raise DataValidationError(f"{self.predict_dir}: predict_dir holds no images")
-        pipeline = build_pipeline(
-            "none", kind="segmentation", train=False, image_size=None, mean=self.mean, std=self.std
-        )
-        dataset = ClassificationDataset([(p, -1) for p in paths], pipeline, self.in_channels)
-        dataset.paths = paths  # the mask writer names each PNG after its image
-        return DataLoader(dataset, batch_size=1, num_workers=self.loader_workers, collate_fn=_image_only)
-
-    def setup(self, stage: str | None = None) -> None:
-        if stage == "predict" and self.predict_dir is not None:
-            return  # predict_dataloader reads predict_dir itself
-        super().setup(stage)
-
-
-def _image_only(batch: list[tuple[Any, int]]) -> Any:
-    return batch[0][0][None]  # one full-resolution image per batch: (1, C, H, W)
 
 
 def verify_pairs(pairs: Sequence[tuple[Path, Path]], num_classes: int, ignore_index: int | None) -> None:

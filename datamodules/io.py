@@ -44,6 +44,32 @@ def list_images(folder: str | Path) -> list[Path]:
     return images
 
 
+def scan_predict_folder(folder: str | Path, what: str = "predict_dir") -> list[tuple[Path, tuple[int, int]]]:
+    """``(path, (width, height))`` of the image files directly inside ``folder``, sorted by name, each
+    checked with :func:`verify_image`. Files without an image extension are skipped; subfolders are not
+    searched.
+
+    Raises:
+        DataValidationError: naming ``what`` and ``folder`` when it is missing, not a directory or holds no
+            image file (listing its subfolders, if any, since a class-per-folder tree is a likely mix-up),
+            or naming the file that is unreadable.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise DataValidationError(f"{folder}: {what} not found; expected a folder of images")
+    if not folder.is_dir():
+        raise DataValidationError(f"{folder}: {what} is not a directory; expected a folder of images")
+    images = list_images(folder)
+    if not images:
+        subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        inside = f"; it has subfolders {subfolders[:10]}, which are not searched" if subfolders else ""
+        raise DataValidationError(
+            f"{folder}: {what} holds no images (expected files ending in {', '.join(IMAGE_EXTENSIONS)} directly "
+            f"inside it{inside})"
+        )
+    return [(path, verify_image(path)) for path in images]
+
+
 def check_inside_root(path: str | Path, root: str | Path, allow_outside: bool, what: str = "file") -> None:
     """Raise when ``path`` (after following symlinks) lies outside ``root`` and that is not allowed."""
     real, real_root = Path(path).resolve(), Path(root).resolve()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image, ImageDraw
 
 from .base import ConvDataModule
@@ -395,7 +396,11 @@ class ShapesDataModule(ConvDataModule):
         return len(self.train_dataset)  # type: ignore[arg-type]
 
     def prepare_data(self) -> None:
-        """Generate the dataset into the cache if it is not there yet."""
+        """Generate the dataset into the cache if it is not there yet (not for a ``predict`` of
+        ``predict_dir``, which reads no shapes)."""
+        trainer = getattr(self, "trainer", None)
+        if self.predict_dir is not None and trainer is not None and trainer.state.fn == TrainerFn.PREDICTING:
+            return
         self.data_dir = ensure_shapes(self.root, self.generation_params)
 
     def _build_datasets(self, splits: Sequence[str]) -> None:
