@@ -16,7 +16,11 @@ carrying a pickled object of an unknown class is refused instead of running its 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
+import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +31,21 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
-__all__ = ["AtomicCheckpointIO", "AtomicModelCheckpoint", "atomic_torch_save"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "AtomicModelCheckpoint",
+    "CheckpointMismatchError",
+    "atomic_torch_save",
+    "describe_checkpoint",
+    "find_last_checkpoint",
+    "read_checkpoint",
+    "weights_mismatch",
+]
 
 TEMP_MARKER = ".tmp-"
+_NOT_EMPTY = r"Checkpoint directory .* exists and is not empty"
+_DIRPATH_CHANGED = r"The dirpath has changed from"
+_LAST = re.compile(r"^last(-v?\d+)?\.ckpt$")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -139,9 +155,12 @@ class AtomicModelCheckpoint(ModelCheckpoint):
     step trigger as exclusive of the epoch trigger, so its ``last.ckpt`` would lag behind a finished
     epoch by up to ``every_n_train_steps`` steps).
 
-    Another: without ``dirpath``, the files go to ``<logger save_dir>/<logger name>/checkpoints``, one
-    folder for all versions of a run (``ModelCheckpoint`` uses ``.../version_N/checkpoints``, and a new run
-    increments N, so ``--ckpt_path last`` would find nothing there and silently start from scratch).
+    Another: without ``dirpath`` the files go where ``ModelCheckpoint`` puts them, the run's own folder
+    ``<save_dir>/<name>/version_N/checkpoints``, so a run's best checkpoint is never confused with another
+    run's. A resume continues its run in that folder (``lightning-convnets fit --ckpt_path last`` finds
+    the newest ``last*.ckpt`` of every version with :func:`find_last_checkpoint` and continues that
+    version), so Lightning's "Checkpoint directory ... exists and is not empty" warning, meant for a
+    folder that several runs share, is not raised for a per-run folder.
 
     The configs use two of them: one keeping the best checkpoint of the monitored metric, and one
     (``save_last=True, save_top_k=0, every_n_train_steps=N``) writing ``last.ckpt`` every N optimizer
@@ -160,29 +179,26 @@ class AtomicModelCheckpoint(ModelCheckpoint):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Install :class:`AtomicCheckpointIO` on the strategy, then ``ModelCheckpoint.setup``."""
         install_atomic_io(trainer)
-        self._use_run_folder(trainer)
-        super().setup(trainer, pl_module, stage)
-
-    def _use_run_folder(self, trainer: Trainer) -> None:
+        self._fitting = stage == "fit"
         if self.dirpath is not None:
+            super().setup(trainer, pl_module, stage)
             return
-        if trainer.loggers:
-            logger = trainer.loggers[0]
-            root = logger.save_dir or trainer.default_root_dir
-            name = logger.name
-            folder = (
-                os.path.join(str(root), str(name), "checkpoints")
-                if name
-                else os.path.join(str(root), "checkpoints")
-            )
-        else:
-            folder = os.path.join(trainer.default_root_dir, "checkpoints")
-        self.dirpath = os.path.realpath(os.path.expanduser(folder)) if _is_local(folder) else folder
+        # The per-version folder holds this run's files only: it is non-empty exactly when the run
+        # resumes itself, which is no reason to warn.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NOT_EMPTY, category=UserWarning)
+            super().setup(trainer, pl_module, stage)
 
-    def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
-        # Called by fit(ckpt_path="last") before setup: the folder must be the run folder already.
-        self._use_run_folder(trainer)
-        return super()._find_last_checkpoints(trainer)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``ModelCheckpoint.load_state_dict``; outside ``fit`` (``test``/``predict --ckpt_path``, which run
+        in a version folder of their own) without the "dirpath has changed" warning: nothing of the
+        callback's state is used there."""
+        if getattr(self, "_fitting", True):
+            super().load_state_dict(state_dict)
+            return
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_DIRPATH_CHANGED, category=UserWarning)
+            super().load_state_dict(state_dict)
 
     def _save_last_now(self, trainer: Trainer) -> None:
         if (
@@ -224,3 +240,117 @@ def install_atomic_io(trainer: Trainer) -> bool:
         "its checkpoint writes are left as they are (not made atomic)"
     )
     return False
+
+
+# ------------------------------------------------------------------------------ finding and checking
+def find_last_checkpoint(folders: Iterable[str | os.PathLike]) -> Path | None:
+    """The most recently written ``last*.ckpt`` (``last.ckpt``, ``last-v1.ckpt``...) in ``folders``.
+
+    Folders may be glob patterns (``lightning_logs/quickstart/version_*/checkpoints``); missing ones are
+    skipped. ``lightning-convnets fit --ckpt_path last`` resolves ``last`` with it over the run's version
+    folders; in Python: ``trainer.fit(model, ckpt_path=find_last_checkpoint([...]))`` (``None`` starts from
+    scratch).
+
+    Example:
+        >>> import tempfile, time
+        >>> root = Path(tempfile.mkdtemp())
+        >>> for version in ("version_0", "version_1"):
+        ...     (root / version / "checkpoints").mkdir(parents=True)
+        ...     atomic_torch_save({}, root / version / "checkpoints" / "last.ckpt")
+        ...     time.sleep(0.01)
+        >>> find_last_checkpoint([root / "version_*" / "checkpoints"]).parent.parent.name
+        'version_1'
+    """
+    found: list[Path] = []
+    for folder in folders:
+        for match in glob.glob(os.path.expanduser(str(folder))):
+            if os.path.isdir(match):
+                found.extend(p for p in Path(match).iterdir() if _LAST.match(p.name) and p.is_file())
+    if not found:
+        return None
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, str(p)))
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint on the CPU, ``weights_only=True``, memory-mapped where the file allows it (reading
+    its hyperparameters then costs no copy of the weights)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model asked for (another task, another backbone); the message says
+    in one line what the checkpoint holds and what was asked for."""
+
+
+def _short(class_path: Any) -> str:
+    return str(class_path).rsplit(".", 1)[-1]
+
+
+def _backbone_text(backbone: Any) -> str:
+    if isinstance(backbone, Mapping):
+        if "class_path" in backbone:
+            return _short(backbone["class_path"])
+        if "name" in backbone:
+            return repr(backbone["name"])
+    if isinstance(backbone, str):
+        return repr(backbone)
+    if backbone is None:
+        return "a module instance (not recorded in its hyperparameters)"
+    return type(backbone).__name__
+
+
+def describe_checkpoint(checkpoint: Mapping[str, Any]) -> tuple[str | None, Any, str]:
+    """``(task class name or None, backbone hyperparameter or None, one-phrase description)``.
+
+    The task comes from the ``_class_path`` LightningCLI records (or the ``lightning_convnets.task`` entry a
+    task may record); the backbone from the ``backbone`` hyperparameter (absent for a module instance).
+
+    Example:
+        >>> describe_checkpoint({"hyper_parameters": {"_class_path": "pkg.ImageClassifier", "backbone": "unet"}})
+        ('ImageClassifier', 'unet', "an ImageClassifier with backbone 'unet'")
+    """
+    hparams = checkpoint.get("hyper_parameters") or {}
+    ours = checkpoint.get("lightning_convnets") or {}
+    class_path = hparams.get("_class_path") or ours.get("task")
+    task = _short(class_path) if class_path else None
+    backbone = hparams.get("backbone", ours.get("backbone"))
+    article = "an" if task and task[0] in "AEIOU" else "a"
+    what = f"{article} {task}" if task else "a model of an unrecorded task"
+    return task, backbone, f"{what} with backbone {_backbone_text(backbone)}"
+
+
+def weights_mismatch(module: torch.nn.Module, state_dict: Mapping[str, Any], prefix: str = "") -> str | None:
+    """``None`` when ``state_dict``'s entries under ``prefix`` have exactly ``module``'s names and shapes,
+    else a short summary (counts and the first difference).
+
+    Example:
+        >>> net = torch.nn.Linear(2, 3)
+        >>> weights_mismatch(net, {"weight": torch.zeros(3, 2), "bias": torch.zeros(3)}) is None
+        True
+        >>> weights_mismatch(net, {"weight": torch.zeros(4, 2), "bias": torch.zeros(4)})
+        '2 of another shape (first: bias [4] in the checkpoint, [3] here)'
+    """
+    mine = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    theirs = {
+        k[len(prefix):]: tuple(getattr(v, "shape", ()))
+        for k, v in state_dict.items()
+        if k.startswith(prefix)
+    }
+    missing = sorted(set(mine) - set(theirs))
+    unexpected = sorted(set(theirs) - set(mine))
+    shapes = sorted(k for k in set(mine) & set(theirs) if mine[k] != theirs[k])
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (first: {prefix}{missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (first: {prefix}{unexpected[0]})")
+    if shapes:
+        k = shapes[0]
+        parts.append(
+            f"{len(shapes)} of another shape (first: {prefix}{k} {list(theirs[k])} in the checkpoint, "
+            f"{list(mine[k])} here)"
+        )
+    return "; ".join(parts) or None

@@ -36,6 +36,7 @@ __all__ = [
     "fuse_for_inference",
     "inference_module",
     "onnx_runner",
+    "read_metadata",
     "same_detections",
 ]
 
@@ -218,13 +219,13 @@ def default_example(task: nn.Module, batch_size: int = 2, size: int = 64) -> Ten
 # ------------------------------------------------------------------------------------- metadata
 def _metadata(
     task: nn.Module, graph: nn.Module, fused: int, extra: Mapping[str, Any] | None
-) -> dict[str, str]:
+) -> dict[str, Any]:
     num_classes = int(task.num_classes)
     meta: dict[str, Any] = {
         "producer": "lightning_convnets.export",
         "task": type(task).__name__,
         "input": "images float32 [N, C, H, W], normalised as in training",
-        "outputs": ",".join(graph.output_names),
+        "outputs": list(graph.output_names),
         "num_classes": num_classes,
         "class_names": task.class_names(num_classes),
         "fused_batchnorm": fused,
@@ -240,7 +241,29 @@ def _metadata(
         if hp.get("label_category_ids") is not None:
             meta["label_category_ids"] = list(hp.label_category_ids)
     meta.update(dict(extra or {}))
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    # Plain JSON values (numbers stay numbers): fail here, not in a reader, on a value JSON cannot hold.
+    return json.loads(json.dumps(meta))
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of an exported file, with its JSON types (numbers, lists, strings, booleans).
+
+    ``.onnx``: the model's ``metadata_props`` (each value is JSON text, as ONNX stores strings only);
+    ``.pt2``: the archive's ``extra_files["metadata.json"]`` (one JSON object). Keys: ``docs/export.md``.
+
+    Example (not run as a doctest: it needs an exported file):
+        >>> meta = read_metadata("detector.pt2")  # doctest: +SKIP
+        >>> keep = scores >= meta["score_threshold"]  # doctest: +SKIP
+    """
+    path = Path(path)
+    if path.suffix == ".onnx":
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        return {p.key: json.loads(p.value) for p in model.metadata_props}
+    extra = {"metadata.json": ""}
+    torch.export.load(path, extra_files=extra)
+    return json.loads(extra["metadata.json"])
 
 
 # ---------------------------------------------------------------------------------------- export
@@ -350,12 +373,13 @@ def export_model(
         example: an input batch ``[N, C, H, W]`` (float; normalised like training data) that fixes the
             channel count and, where the network needs it, the size; default: two random 64x64 images.
             A batch of one is exported as two (the batch stays dynamic).
-        path: output file; default ``<task>.onnx`` / ``<task>.pt2`` in the working directory. Parent
-            directories are created.
+        path: output file; default ``<task>.onnx`` / ``<task>.pt2`` in the working directory. Its folder
+            must exist (it is not created).
         fuse: fold BatchNorm into the convolutions (checked on ``example``; see
             :func:`fuse_for_inference`).
         opset: ONNX opset (``format="onnx"``).
-        metadata: extra string-able entries for the metadata (e.g. the datamodule's ``mean``/``std``).
+        metadata: extra entries for the metadata, JSON values (e.g. the datamodule's ``mean``/``std``);
+            read them back typed with :func:`read_metadata`.
         check: run the exported model on ``example`` and compare with the eager one (1e-4 relative);
             ONNX is checked with onnxruntime when it is installed.
 
@@ -364,6 +388,7 @@ def export_model(
 
     Raises:
         ValueError: unknown ``format``, malformed ``example``, or a head that is not built.
+        FileNotFoundError: the folder of ``path`` does not exist.
         TypeError: ``task`` is not one of the three tasks.
         ExportError: the network cannot be traced for ``format`` (torchvision detectors in ONNX...),
             or the exported outputs differ from the eager ones.
@@ -396,7 +421,10 @@ def export_model(
     if fuse:
         graph, fused = fuse_for_inference(graph, example)
     out = Path(path) if path is not None else Path(type(task).__name__.lower() + _SUFFIX[format])
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.parent.is_dir():
+        raise FileNotFoundError(
+            f"export: the folder of path {out} does not exist ({out.parent}); create it first"
+        )
     with torch.no_grad():
         reference = graph(example)
     if format == "torch_export":
@@ -404,7 +432,7 @@ def export_model(
         meta = _metadata(task, graph, fused, metadata)
         input_shape = [n.meta["val"].shape for n in program.graph.nodes if n.op == "placeholder"][-1]
         dims = _static_dims(list(input_shape))
-        meta["static_dims"] = json.dumps(dims)
+        meta["static_dims"] = dims
         torch.export.save(program, out, extra_files={"metadata.json": json.dumps(meta)})
         if check:
             _check_outputs(torch.export.load(out).module(), example, reference, task, format)
@@ -437,10 +465,10 @@ def export_model(
         )
     dims = _static_dims(list(program.model.graph.inputs[0].shape))
     meta = _metadata(task, graph, fused, metadata)
-    meta["static_dims"] = json.dumps(dims)
-    meta["opset"] = str(opset)
+    meta["static_dims"] = dims
+    meta["opset"] = int(opset)
     for key, value in meta.items():
-        program.model.metadata_props[key] = value
+        program.model.metadata_props[key] = json.dumps(value)
     program.save(str(out))
     if check:
         try:
@@ -545,9 +573,12 @@ checkpoint.
                             [other LightningCLI arguments, e.g. --model.init_args.top_k 50]
 
 The config is read by the same LightningCLI as fit/test/predict (model and data are built, nothing
-runs); the checkpoint's weights are loaded into the model. The example images that fix the traced
+runs) and, as with `test --ckpt_path`, the model's architecture comes from the checkpoint's saved
+hyperparameters while prediction options (top_k, score_threshold, threshold) given in the config or
+on the command line win; the checkpoint's weights are loaded into the model. A checkpoint of another
+task or backbone than the config's is refused in one line. The example images that fix the traced
 shapes are random, image_size x image_size (default: the data module's image_size, else 64).
-The output defaults to the checkpoint's path with .onnx / .pt2. The data module's class names,
+The output defaults to the checkpoint's path with .onnx / .pt2; the folder of --output must exist. The data module's class names,
 mean and std go into the metadata.
 """
 
@@ -563,6 +594,12 @@ def export_cli(argv: Sequence[str]) -> Path:
     """
     import argparse
 
+    from lightning_convnets.checkpointing import (
+        CheckpointMismatchError,
+        describe_checkpoint,
+        read_checkpoint,
+        weights_mismatch,
+    )
     from lightning_convnets.cli import ConvNetsCLI
 
     parser = argparse.ArgumentParser(
@@ -580,12 +617,21 @@ def export_cli(argv: Sequence[str]) -> Path:
     if not ckpt.is_file():
         raise FileNotFoundError(f"export: --ckpt_path {ckpt} is not a file")
     cli_args = [a for c in args.config for a in ("--config", c)] + rest
-    cli = ConvNetsCLI(args=cli_args, run=False)
+    # Built as `test --ckpt_path` builds it: the architecture from the checkpoint's hyperparameters, the
+    # prediction options (top_k, score_threshold, threshold...) from the config and the command line.
+    cli = ConvNetsCLI(args=cli_args, run=False, ckpt_path=ckpt)
     model, datamodule = cli.model, cli.datamodule
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(ckpt)
     if "state_dict" not in checkpoint:
         raise ValueError(f"export: {ckpt} has no 'state_dict': is it a Lightning checkpoint?")
     model.on_load_checkpoint(checkpoint)  # rebuilds a head sized from the data (num_classes)
+    problem = weights_mismatch(model, checkpoint["state_dict"])
+    if problem is not None:
+        _, _, holds = describe_checkpoint(checkpoint)
+        raise CheckpointMismatchError(
+            f"export: --ckpt_path {ckpt} holds {holds} whose weights do not fit the "
+            f"{type(model).__name__} built from the config ({problem})"
+        )
     model.load_state_dict(checkpoint["state_dict"])
     metadata: dict[str, Any] = {"checkpoint": ckpt.name}
     for key in ("mean", "std"):

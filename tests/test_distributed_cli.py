@@ -67,10 +67,10 @@ def _only_checkpoint(tmp_path: Path) -> dict:
     (version,) = (p for p in run.iterdir() if p.name.startswith("version_"))
     assert version.name == "version_0"
     assert (version / "config.yaml").is_file() and list(version.glob("events.out.tfevents.*"))
-    # AtomicModelCheckpoint writes into the run folder shared by every version: best and last.
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "version_0"]
-    (checkpoint,) = (run / "checkpoints").glob("best*.ckpt")
-    assert [p.name for p in (run / "checkpoints").glob("last*.ckpt")] == ["last.ckpt"]
+    # AtomicModelCheckpoint writes into the run's own version folder: best and last.
+    assert sorted(p.name for p in run.iterdir()) == ["version_0"]
+    (checkpoint,) = (version / "checkpoints").glob("best*.ckpt")
+    assert [p.name for p in (version / "checkpoints").glob("last*.ckpt")] == ["last.ckpt"]
     return torch.load(checkpoint, weights_only=False)
 
 

@@ -15,6 +15,7 @@ from lightning_convnets.export import (
     export_model,
     fuse_for_inference,
     inference_module,
+    read_metadata,
     same_detections,
 )
 
@@ -143,13 +144,17 @@ def test_onnx_classifier_metadata_and_batchnorm_folded(tmp_path):
         task, "onnx", torch.randn(2, 3, 32, 32), tmp_path / "c.onnx", metadata={"mean": [0.5]}
     )
     model = onnx.load(str(path))
-    meta = {p.key: p.value for p in model.metadata_props}
-    assert json.loads(meta["class_names"]) == ["0", "1", "2", "3"]
+    # ONNX stores strings: every value is JSON text, and read_metadata gives them back typed
+    raw = {p.key: p.value for p in model.metadata_props}
+    assert {k: json.loads(v) for k, v in raw.items()} == read_metadata(path)
+    meta = read_metadata(path)
+    assert meta["class_names"] == ["0", "1", "2", "3"]
     assert meta["task"] == "ImageClassifier"
-    assert meta["outputs"] == "logits"
-    assert json.loads(meta["mean"]) == [0.5]
+    assert meta["outputs"] == ["logits"]
+    assert meta["mean"] == [0.5]
+    assert meta["opset"] == 18 and meta["static_dims"] == []  # batch, height and width all dynamic
     # post-activation ResNet-18: every BatchNorm follows a conv, so none is left in the graph
-    assert int(meta["fused_batchnorm"]) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in task.modules())
+    assert meta["fused_batchnorm"] == sum(isinstance(m, torch.nn.BatchNorm2d) for m in task.modules())
     assert not [n for n in model.graph.node if n.op_type == "BatchNormalization"]
     assert [i.name for i in model.graph.input] == ["images"]
     assert [o.name for o in model.graph.output] == ["logits"]
@@ -255,11 +260,10 @@ def test_cli_export_reads_the_config_and_checkpoint(tmp_path):
     torch.save({"state_dict": trained.state_dict(), "lightning_convnets": {"num_classes": 4}}, ckpt)
     main(["export", "--config", str(config), "--ckpt_path", str(ckpt), "--format", "torch_export"])
     out = tmp_path / "best.pt2"
-    extra = {"metadata.json": ""}
-    program = torch.export.load(out, extra_files=extra)
-    meta = json.loads(extra["metadata.json"])
-    assert json.loads(meta["class_names"]) == ["circle", "square", "triangle", "cross"]
-    assert len(json.loads(meta["mean"])) == 3
+    program = torch.export.load(out)
+    meta = read_metadata(out)
+    assert meta["class_names"] == ["circle", "square", "triangle", "cross"]
+    assert len(meta["mean"]) == 3 and all(isinstance(v, float) for v in meta["mean"])
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(images), trained(images), rtol=0, atol=TOL)
@@ -272,3 +276,57 @@ def test_cli_export_missing_checkpoint_is_a_clear_error(tmp_path):
     config.write_text(CONFIG)
     with pytest.raises(FileNotFoundError, match=r"--ckpt_path .*nope\.ckpt is not a file"):
         main(["export", "--config", str(config), "--ckpt_path", str(tmp_path / "nope.ckpt")])
+
+
+def test_pt2_metadata_values_are_typed(tmp_path):
+    # docs/export.md: keep `scores >= score_threshold`; the threshold must be a number, not "0.05"
+    task = _detector()
+    path = export_model(task, "torch_export", torch.randn(2, 3, 64, 64), tmp_path / "d.pt2")
+    extra = {"metadata.json": ""}
+    torch.export.load(path, extra_files=extra)
+    meta = json.loads(extra["metadata.json"])
+    assert meta == read_metadata(path)
+    assert isinstance(meta["score_threshold"], float) and isinstance(meta["top_k"], int)
+    assert isinstance(meta["num_classes"], int) and isinstance(meta["static_dims"], list)
+    assert meta["task"] == "ObjectDetector" and meta["outputs"] == ["boxes", "scores", "labels"]
+    _, scores, _ = torch.export.load(path).module()(torch.randn(2, 3, 64, 64))
+    kept = scores >= meta["score_threshold"]
+    assert kept.dtype == torch.bool
+    # every key docs/export.md lists is in the file
+    documented = {"task", "outputs", "class_names", "fused_batchnorm", "static_dims", "num_classes"}
+    assert documented <= set(meta)
+
+
+def test_export_refuses_a_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"the folder of path .*does not exist"):
+        export_model(_classifier(), "torch_export", None, tmp_path / "no" / "such" / "c.pt2")
+    assert not (tmp_path / "no").exists()
+
+
+def _one_line_error(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message and len(message) < 600, message
+    return message
+
+
+def test_cli_export_of_another_tasks_checkpoint_is_one_line(tmp_path):
+    from lightning_convnets.checkpointing import CheckpointMismatchError
+    from lightning_convnets.cli import main
+
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG)
+    detector = _detector()
+    # as the CLI saves it: the task's class path among the hyperparameters
+    hparams = {"_class_path": "lightning_convnets.tasks.ObjectDetector", "backbone": "resnet18"}
+    ckpt = tmp_path / "detector.ckpt"
+    torch.save({"state_dict": detector.state_dict(), "hyper_parameters": hparams}, ckpt)
+    with pytest.raises(CheckpointMismatchError) as caught:
+        main(["export", "--config", str(config), "--ckpt_path", str(ckpt)])
+    message = _one_line_error(caught)
+    assert "holds an ObjectDetector with backbone 'resnet18'" in message
+    assert "the config asks for an ImageClassifier with backbone 'resnet18'" in message
+    # saved from Python (no class path recorded): the weights still say it in one line
+    torch.save({"state_dict": detector.state_dict()}, ckpt)
+    with pytest.raises(CheckpointMismatchError) as caught:
+        main(["export", "--config", str(config), "--ckpt_path", str(ckpt)])
+    assert "do not fit" in _one_line_error(caught)

@@ -164,7 +164,7 @@ def test_killed_quickstart_resumes_bit_identically_without_repeating_or_skipping
             proc.kill()
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    (last_b,) = (killed / "lightning_logs" / "quickstart" / "checkpoints").glob("last*.ckpt")
+    (last_b,) = (killed / "lightning_logs" / "quickstart" / "version_0" / "checkpoints").glob("last*.ckpt")
     resumed_from = torch.load(last_b, weights_only=True)["global_step"]
     assert resumed_from == 50, resumed_from  # the config's every_n_train_steps, mid-epoch 1 (40 steps/epoch)
     before_kill = [r for r in _records(killed) if "step" in r and r["step"] < resumed_from]
@@ -192,8 +192,8 @@ def test_killed_quickstart_resumes_bit_identically_without_repeating_or_skipping
         assert len(seen) == NUM_TRAIN, (epoch, len(seen))
 
     # Final state: weights bit-identical; optimizer, scheduler and monitor histories equal.
-    (last_a,) = (straight / "lightning_logs" / "quickstart" / "checkpoints").glob("last*.ckpt")
-    (last_c,) = (killed / "lightning_logs" / "quickstart" / "checkpoints").glob("last*.ckpt")
+    (last_a,) = (straight / "lightning_logs" / "quickstart" / "version_0" / "checkpoints").glob("last*.ckpt")
+    (last_c,) = (killed / "lightning_logs" / "quickstart" / "version_0" / "checkpoints").glob("last*.ckpt")
     a, c = torch.load(last_a, weights_only=True), torch.load(last_c, weights_only=True)
     assert a["global_step"] == c["global_step"] == EPOCHS * NUM_TRAIN // BATCH
     assert _equal(a["state_dict"], c["state_dict"], "state_dict") == []
