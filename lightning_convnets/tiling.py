@@ -21,8 +21,10 @@ from torch import Tensor, nn
 __all__ = [
     "TiledDetector",
     "TiledPredictor",
+    "check_image",
     "check_prediction_options",
     "detect",
+    "example_input",
     "merge_detections",
     "mirror_pad",
     "network_geometry",
@@ -165,6 +167,47 @@ def _call_dense(model: Callable[[Tensor], Any], x: Tensor) -> Tensor:
     return out
 
 
+def _expected_channels(model: Any) -> int | None:
+    """Input channels of the model's first convolution (``None``: not a module, or no convolution)."""
+    if isinstance(model, nn.Module):
+        for layer in model.modules():
+            if isinstance(layer, nn.Conv2d):
+                return int(layer.in_channels)
+    return None
+
+
+def check_image(image: Tensor, model: Any, what: str, dims: tuple[int, ...] = (3, 4)) -> None:
+    """Raise a ``ValueError`` naming ``image``'s shape and the expected one unless it is ``(C, H, W)`` or
+    ``(N, C, H, W)`` (as ``dims`` allows) with the channels the model's first convolution takes.
+
+    Args:
+        image: the image (or batch) given to tiled prediction.
+        model: the network (its first ``nn.Conv2d`` gives the channel count; none: any count).
+        what: who is asking, for the message (``"TiledPredictor.predict"``...).
+        dims: the accepted numbers of dimensions: 3 (one image), 4 (a batch).
+
+    Example:
+        >>> check_image(torch.zeros(3, 64, 64), nn.Conv2d(3, 8, 3), "tiling")
+        >>> check_image(torch.zeros(64, 64, 3), nn.Conv2d(3, 8, 3), "tiling")
+        Traceback (most recent call last):
+        ...
+        ValueError: tiling: the image has shape (64, 64, 3); expected (3, H, W) or (N, 3, H, W) (channels first, 3 channels as the network's first convolution takes). It looks channels-last (..., H, W, C): image.permute(2, 0, 1)
+    """
+    if not isinstance(image, Tensor):
+        raise TypeError(f"{what}: expected an image tensor, got {type(image).__name__}")
+    channels = _expected_channels(model)
+    c = "C" if channels is None else str(channels)
+    shapes = " or ".join({3: f"({c}, H, W)", 4: f"(N, {c}, H, W)"}[d] for d in dims)
+    if image.ndim in dims and (channels is None or image.shape[-3] == channels):
+        return
+    message = f"{what}: the image has shape {tuple(image.shape)}; expected {shapes} (channels first"
+    message += ")" if channels is None else f", {channels} channels as the network's first convolution takes)"
+    if channels is not None and image.ndim in (3, 4) and image.shape[-1] == channels:
+        permute = "(2, 0, 1)" if image.ndim == 3 else "(0, 3, 1, 2)"
+        message += f". It looks channels-last (..., H, W, C): image.permute{permute}"
+    raise ValueError(message)
+
+
 def _model_device(model: Any) -> torch.device | None:
     if isinstance(model, nn.Module):
         for p in model.parameters():
@@ -299,15 +342,23 @@ class TiledPredictor:
                 ``lambda l: l.argmax(0)``), so that full-size logits are never held; its output
                 ``(..., h, w)`` is what is returned, stitched.
         """
+        check_image(image, self.model, "TiledPredictor.predict")
         if image.ndim == 4:
             return torch.stack([self.predict(im, reduce) for im in image])
-        if image.ndim != 3:
-            raise ValueError(
-                f"TiledPredictor.predict expects (C, H, W) or (N, C, H, W), got {tuple(image.shape)}"
-            )
         if self.mode == "overlap-tile":
             return self._overlap_tile(image, reduce)
         return self._blend(image, reduce)
+
+    def first_window(self, image: Tensor) -> Tensor:
+        """The input window of the first tile of ``image`` ``(C, H, W)``: what the network's first forward
+        sees (mirror-padded context included under overlap-tile)."""
+        h, w = image.shape[-2:]
+        b = self.geometry.border
+        th_in, _, ys = self._axis(h)
+        tw_in, _, xs = self._axis(w)
+        rows = reflect_indices(ys[0] - b, th_in, h, image.device)
+        cols = reflect_indices(xs[0] - b, tw_in, w, image.device)
+        return image.index_select(-2, rows).index_select(-1, cols)
 
     def _forward(self, windows: list[Tensor]) -> Tensor:
         batch = torch.stack(windows)
@@ -566,8 +617,7 @@ class TiledDetector:
     @torch.no_grad()
     def __call__(self, image: Tensor) -> dict[str, Tensor]:
         """Detections of one ``[C, H, W]`` image in its own pixel coordinates."""
-        if image.ndim != 3:
-            raise ValueError(f"TiledDetector expects one [C, H, W] image, got {tuple(image.shape)}")
+        check_image(image, self.detector, "TiledDetector", dims=(3,))
         h, w = image.shape[-2:]
         tiles = self.tiles(h, w)
         kept: list[dict[str, Tensor]] = []
@@ -645,6 +695,7 @@ def segmentation_logits(task: Any, images: Tensor) -> Tensor:
     from lightning_convnets.tta import segment_tta
 
     tile_size, overlap, batch, tta = _options(task)
+    check_image(images, task, f"{type(task).__name__} (tiled / TTA prediction)", dims=(4,))
     geometry = network_geometry(task)
     h, w = images.shape[-2:]
     if tile_size is None and geometry.border > 0:
@@ -665,11 +716,36 @@ def segmentation_logits(task: Any, images: Tensor) -> Tensor:
     return segment_tta(dense, images, tta, multiple=1 if tile_size is not None else geometry.multiple)
 
 
+def example_input(task: Any, images: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
+    """One input as the task's network sees it under its tiling options: the first tile (window) of the
+    first image when the task predicts on tiles, else the first image, as a batch of one (a tensor for a
+    segmentation batch, a list for detection). ``fast_predict`` builds and checks its folded copy on it:
+    a whole image may have a size the network refuses that its tiles never have."""
+    tile_size, overlap, batch, _ = _options(task)
+    if isinstance(images, Tensor):
+        check_image(images, task, f"{type(task).__name__} (prediction)", dims=(4,))
+        geometry = network_geometry(task)
+        if tile_size is None and geometry.border > 0:
+            tile_size = max(images.shape[-2:])
+        if tile_size is None:
+            return images[:1]
+        tiler = TiledPredictor(task, tile_size, overlap, batch, geometry=geometry)
+        return tiler.first_window(images[0])[None]
+    images = list(images)
+    if tile_size is None or not images:
+        return images[:1]
+    tiler = TiledDetector(task, tile_size, overlap, batch, multiple=int(getattr(task, "size_divisor", 1)))
+    y, x, th, tw = tiler.tiles(*images[0].shape[-2:])[0]
+    return [images[0][:, y : y + th, x : x + tw]]
+
+
 def detect(task: Any, images: Sequence[Tensor]) -> Detections:
     """Detections of a detection task under its tiling / TTA options (one dict per image)."""
     from lightning_convnets.tta import detect_tta
 
     tile_size, overlap, batch, tta = _options(task)
+    for image in images:
+        check_image(image, task, f"{type(task).__name__} (tiled / TTA detection)", dims=(3,))
     top_k = int(task.hparams.get("top_k") or 100)
     if tile_size is not None:
         tiler = TiledDetector(

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
-from ddp_utils import ddp_env, load_ranks  # noqa: F401  (ddp_env: a fixture, used through pytestmark)
+from ddp_utils import ddp_env, dump, load_ranks  # noqa: F401  (ddp_env: a fixture, used through pytestmark)
 
 from lightning_convnets.cli import ConvNetsCLI
 
@@ -82,6 +85,36 @@ def _recorder(folder: Path) -> str:
     return f"--trainer.callbacks+={json.dumps(spec)}"
 
 
+class WarningRecorder(pl.Callback):
+    """Record, per rank, every warning raised from ``setup`` to the end of training or testing
+    (``fit-warnings`` / ``test-warnings``, read back with ``load_ranks``)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self._context: Any = None
+        self._caught: list[warnings.WarningMessage] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._context = warnings.catch_warnings(record=True)
+        self._caught = self._context.__enter__()
+        warnings.simplefilter("always")
+
+    def _dump(self, name: str) -> None:
+        self._context.__exit__(None, None, None)
+        dump(self.folder, name, [str(w.message) for w in self._caught])
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._dump("fit-warnings")
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._dump("test-warnings")
+
+
+def _warnings(folder: Path) -> str:
+    spec = {"class_path": "test_distributed_tasks.WarningRecorder", "init_args": {"folder": str(folder)}}
+    return f"--trainer.callbacks+={json.dumps(spec)}"
+
+
 def _close(a, b) -> bool:
     if isinstance(a, torch.Tensor):
         return a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6)
@@ -101,7 +134,7 @@ def test_quickstart_config_on_two_ranks_matches_one_process(task, tmp_path, monk
     monkeypatch.chdir(tmp_path)  # anything written relative to the working directory stays in tmp_path
     common = _common(tmp_path, task)
     ddp = ["--trainer.devices=2", "--trainer.strategy=ddp_fork"]
-    fit = ConvNetsCLI(args=["fit", *common, *ddp, _recorder(tmp_path / "fit")])
+    fit = ConvNetsCLI(args=["fit", *common, *ddp, _recorder(tmp_path / "fit"), _warnings(tmp_path / "warned")])
     best = fit.trainer.checkpoint_callback.best_model_path
     assert best and Path(best).is_file(), "the 2-rank fit saved no checkpoint"
     # rank zero alone wrote logs and checkpoints: one version folder; the checkpoints in it, or, with
@@ -114,7 +147,9 @@ def test_quickstart_config_on_two_ranks_matches_one_process(task, tmp_path, monk
         assert record == {"samplers": {"train": "DistributedSampler"}, "world_size": 2}
 
     common += TEST_BATCH
-    distributed = ConvNetsCLI(args=["test", *common, *ddp, "--ckpt_path", best, _recorder(tmp_path / "ddp")])
+    distributed = ConvNetsCLI(
+        args=["test", *common, *ddp, "--ckpt_path", best, _recorder(tmp_path / "ddp"), _warnings(tmp_path / "warned")]
+    )
     single = ConvNetsCLI(
         args=["test", *common, "--trainer.devices=1", "--ckpt_path", best, _recorder(tmp_path / "one")]
     )
@@ -138,6 +173,11 @@ def test_quickstart_config_on_two_ranks_matches_one_process(task, tmp_path, monk
     # the same metrics: torchmetrics synced the ranks' states before computing
     got = {k: float(v) for k, v in distributed.trainer.callback_metrics.items() if k.startswith("test/")}
     want = {k: float(v) for k, v in single.trainer.callback_metrics.items() if k.startswith("test/")}
+    # the epoch metrics are logged as values torchmetrics has synced already (LoggedValue): Lightning has no
+    # reason to ask for sync_dist on any rank, in fit (train and val) or test
+    for stage in ("fit", "test"):
+        caught = [m for rank in load_ranks(tmp_path / "warned", f"{stage}-warnings") for m in rank]
+        assert not [m for m in caught if "sync_dist" in m], (stage, caught)
     headline = TASKS[task][2]
     assert headline in want and got.keys() == want.keys(), (sorted(got), sorted(want))
     for key, value in want.items():

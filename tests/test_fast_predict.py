@@ -76,7 +76,7 @@ def test_outputs_that_move_turn_fast_predict_off_with_one_message(monkeypatch):
     images = torch.randn(4, 3, 32, 32)
     task = _task("classifier")
     said = []
-    monkeypatch.setattr(base, "same_outputs", lambda a, b, tol: False)
+    monkeypatch.setattr(base, "_outputs_agree", lambda a, b, eps: False)
     monkeypatch.setattr(base, "rank_zero_info", said.append)
     probabilities = torch.cat(_predict(task, images))
     messages = [m for m in said if "fast_predict off" in m]
@@ -91,3 +91,85 @@ def test_training_and_manual_calls_never_use_the_copy():
     task.eval()
     with task.fused_for_predict(torch.randn(2, 3, 32, 32)):  # outside trainer.predict: a no-op
         assert getattr(task, "_predict_fused", None) is None
+
+
+def _shift_batchnorm(task, seed: int = 0):
+    """BatchNorm statistics and affine parameters far from the identity (as after training)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in task.modules():
+            if isinstance(m, _BatchNorm):
+                m.running_mean.normal_(0, 1, generator=g)
+                m.running_var.uniform_(0.05, 3, generator=g)
+                m.weight.uniform_(0.5, 2, generator=g)
+                m.bias.normal_(0, 0.5, generator=g)
+    return task
+
+
+def _built(monkeypatch) -> list:
+    built = []
+    original_build = base.ConvNetTask._build_predict_fused
+    monkeypatch.setattr(
+        base.ConvNetTask, "_build_predict_fused", lambda self, x: built.append((x, original_build(self, x))) or built[-1][1]
+    )
+    return built
+
+
+def test_quickstart_network_folds_except_where_a_convolution_output_has_two_readers(monkeypatch):
+    # the quickstart's pre-activation ResNet: the stem's output feeds the first block's BatchNorm and its
+    # identity shortcut; folding that BN into the stem would change what the shortcut reads (by percents),
+    # which turned fast_predict off for the whole network
+    torch.manual_seed(0)
+    kw = {"num_classes": 4, "backbone_kwargs": {"stem": "cifar", "width": 8}}
+    slow = _shift_batchnorm(ImageClassifier("preact_resnet18", fast_predict=False, **kw))
+    fast = ImageClassifier("preact_resnet18", **kw)
+    fast.load_state_dict(slow.state_dict())
+    said = []
+    monkeypatch.setattr(base, "rank_zero_info", said.append)
+    built = _built(monkeypatch)
+    images = torch.randn(6, 3, 32, 32)
+    expected, got = torch.cat(_predict(slow, images)), torch.cat(_predict(fast, images))
+    assert not [m for m in said if "fast_predict off" in m], said
+    ((_, fused),) = built
+    assert isinstance(fused["backbone"].layer1[0].bn1, _BatchNorm)  # the two-reader pair stays unfused
+    assert _bn_count(fused["backbone"]) == _bn_count(slow.backbone) - 8  # each of the 8 blocks' conv1 -> bn2
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    fast.eval()
+    pairs = base.runtime_conv_bn_pairs(fast, images[:1])
+    assert ("backbone.conv1", "backbone.layer1.0.bn1") in pairs
+    readers = fast._conv_output_readers(images[:1])
+    assert readers["backbone.conv1"] == 2 and readers["backbone.layer1.0.conv1"] == 1
+
+
+def test_the_check_runs_on_a_tile_under_tiled_prediction(monkeypatch):
+    # a U-Net of depth 5 takes sides that are multiples of 32: the whole 100 x 72 image is not, its tiles are
+    torch.manual_seed(0)
+    task = _shift_batchnorm(
+        SemanticSegmenter("unet", num_classes=3, backbone_kwargs={"width": 4, "depth": 5, "norm": "batch"}, tile_size=64)
+    )
+    slow = SemanticSegmenter(
+        "unet", num_classes=3, backbone_kwargs={"width": 4, "depth": 5, "norm": "batch"}, tile_size=64, fast_predict=False
+    )
+    slow.load_state_dict(task.state_dict())
+    said = []
+    monkeypatch.setattr(base, "rank_zero_info", said.append)
+    built = _built(monkeypatch)
+    images = torch.randn(2, 3, 100, 72)
+    masks, expected = torch.cat(_predict(task, images)), torch.cat(_predict(slow, images))
+    assert not [m for m in said if "fast_predict off" in m], said
+    ((example, fused),) = built
+    assert example.shape == (1, 3, 64, 64) and fused  # one tile window, and the copy was made
+    assert masks.shape == (2, 100, 72) and (masks == expected).float().mean() > 0.999
+
+
+def test_the_tolerance_follows_the_dtype_and_the_outputs_scale():
+    eps32, eps64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
+    y = torch.linspace(-3, 3, 50)
+    assert base._outputs_agree(y + 3 * 64 * eps32, y, eps32)  # 64 epsilons of the largest value (3)
+    assert not base._outputs_agree(y + 3e-3, y, eps32)  # a wrong fold: 1e-3 of the scale
+    y64 = y.double()
+    assert not base._outputs_agree(y64 + 3 * 64 * eps32, y64, eps64)  # float32 rounding is too much in float64
+    small = y * 1e-6  # relative to the outputs' own scale (no floor at 1)
+    assert not base._outputs_agree(small + 1e-8, small, eps32) and base._outputs_agree(small * (1 + 1e-6), small, eps32)
+    assert not base._outputs_agree([y.long()], [y.long() + 1], eps32)  # integers: exact
+    assert base._outputs_agree({"a": [y]}, {"a": [y]}, eps32) and not base._outputs_agree([y], [y, y], eps32)

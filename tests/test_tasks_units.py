@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -355,7 +357,7 @@ def test_class_count_mismatch_fails_before_training(tmp_path):
 def test_checkpoint_round_trip_with_registry_name_and_inferred_classes(tmp_path):
     model = ImageClassifier("_test_tinynet", backbone_kwargs={"width": 3}, num_classes=None)
     trainer = _fit(model, tmp_path)
-    assert model.num_classes == 3 and model.hparams.num_classes is None  # taken from the datamodule
+    assert model.num_classes == 3 and model.hparams.num_classes == 3  # taken from the datamodule and recorded
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
     restored = ImageClassifier.load_from_checkpoint(path)  # no datamodule: the count comes from the file
@@ -459,3 +461,125 @@ def test_binary_segmentation_has_one_channel_and_two_class_metrics(tmp_path):
     metrics = trainer.callback_metrics
     assert {"val/miou", "val/iou/bg", "val/iou/fg", "val/dice", "val/pixel_acc"} <= set(metrics)
     assert set(model.predict_step(images, 0).unique().tolist()) <= {0, 1}
+
+
+# ------------------------------------------------------------------------- pretrained weights, offline
+VOC_UNET = Path(__file__).resolve().parents[1] / "configs" / "segmentation" / "voc_unet.yaml"
+WEIGHTS_NULL = "--model.init_args.backbone_kwargs.encoder_kwargs.weights"
+
+
+def _voc_unet(tmp_path, *extra: str):
+    from lightning_convnets.cli import ConvNetsCLI
+
+    return ConvNetsCLI(
+        args=["--config", str(VOC_UNET), f"--data.init_args.root={tmp_path}", "--trainer.logger=false", *extra],
+        run=False,
+    )
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """No cached weights, and every download fails as it does without a network."""
+    import urllib.error
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    def unreachable(url, *args, **kwargs):
+        raise urllib.error.URLError(OSError(101, "Network is unreachable"))
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
+
+
+def test_voc_unet_as_shipped_offline_says_in_one_line_that_the_weights_could_not_be_downloaded(tmp_path, offline):
+    from lightning_convnets.backbones.weights import WeightsDownloadError
+
+    with pytest.raises((ValueError, WeightsDownloadError)) as caught:  # (jsonargparse wraps it: ValueError)
+        _voc_unet(tmp_path)
+    error = caught.value
+    while not isinstance(error, WeightsDownloadError) and error.__cause__ is not None:
+        error = error.__cause__
+    assert isinstance(error, WeightsDownloadError), caught.value
+    message = str(error)
+    assert "\n" not in message and "could not be downloaded" in message and "Network is unreachable" in message
+    assert f"{WEIGHTS_NULL}=null" in message  # how to train from scratch
+    assert error.__cause__ is None and error.__suppress_context__  # no urllib traceback chained under it
+    # and the option it names works, offline
+    cli = _voc_unet(tmp_path, f"{WEIGHTS_NULL}=null")
+    assert cli.model.backbone.encoder.weights is None
+
+
+@pytest.mark.parametrize("form", ["dotted", "dict"])
+def test_weights_null_on_the_command_line_trains_from_scratch(tmp_path, offline, form):
+    # the config's comment: "null trains from scratch"
+    extra = [WEIGHTS_NULL, "null"] if form == "dotted" else ["--model.init_args.backbone_kwargs.encoder_kwargs", "{weights: null}"]
+    cli = _voc_unet(tmp_path, *extra)
+    assert cli.model.backbone.encoder.weights is None and cli.model.backbone.encoder.mean is None
+
+
+def test_jsonargparse_still_turns_a_nested_null_into_the_string_none():
+    # ConvNetTask maps backbone_kwargs' "None" strings back to None (base._none_strings_to_none) because of
+    # this; when it fails, jsonargparse keeps the None and the adapter can go
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(_KwargsHolder, "model")
+    parsed = parser.parse_args(
+        [f"--model={__name__}._KwargsHolder", "--model.options={a: {w: x}}", "--model.options.a.w", "null"]
+    )
+    assert parsed.model.init_args.options == {"a": {"w": "None"}}
+
+
+class _KwargsHolder:
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        self.options = options
+
+
+# ---------------------------------------------------------------- training metrics without host reads
+def test_classification_metrics_equal_torchmetrics():
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+    from lightning_convnets.metrics import ClassificationMetrics
+
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        k = int(torch.randint(2, 12, (1,), generator=g))
+        ours = ClassificationMetrics(k, top_k=5 if k > 5 else None)
+        acc, f1 = MulticlassAccuracy(k, average="micro"), MulticlassF1Score(k, average="macro")
+        top5 = MulticlassAccuracy(k, top_k=5, average="micro") if k > 5 else None
+        for _ in range(3):
+            n = int(torch.randint(1, 20, (1,), generator=g))
+            scores, target = torch.randn(n, k, generator=g), torch.randint(0, max(1, k - 2), (n,), generator=g)
+            for metric in (ours, acc, f1, *([top5] if top5 else [])):
+                metric.update(scores, target)
+        got = ours.compute()
+        torch.testing.assert_close(got["acc"], acc.compute())
+        torch.testing.assert_close(got["f1"], f1.compute())  # classes absent from both left out of the mean
+        if top5 is not None:
+            torch.testing.assert_close(got["acc_top5"], top5.compute())
+        else:
+            assert "acc_top5" not in got
+    with pytest.raises(ValueError, match=r"expected scores \(N, 3\) and targets \(N,\)"):
+        ClassificationMetrics(3).update(torch.zeros(2, 4), torch.zeros(2))
+
+
+def test_batch_mean_weights_batches_and_leaves_nan_out_as_mean_metric_did():
+    from torchmetrics import MeanMetric
+
+    from lightning_convnets.metrics import BatchMean
+
+    ours, theirs = BatchMean(), MeanMetric()
+    for value, n in ((1.0, 4), (float("nan"), 8), (3.0, 2)):
+        ours.update(torch.tensor(value), n)
+    for value, n in ((1.0, 4), (3.0, 2)):
+        theirs.update(torch.tensor(value), n)
+    assert float(ours.compute()) == pytest.approx(float(theirs.compute())) == pytest.approx(5 / 3)
+
+
+def test_classifier_training_metrics_skip_the_input_checks_and_evaluation_keeps_them():
+    from lightning_convnets.metrics import ClassificationMetrics
+
+    model = ImageClassifier(TinyNet(), num_classes=7)
+    assert isinstance(model.metrics["train_"], ClassificationMetrics) and model.metrics["train_"].top_k == 5
+    assert all(m.validate_args for m in model.metrics["val_"].values())
+    multilabel = ImageClassifier(TinyNet(), num_classes=3, multilabel=True)
+    assert not any(m.validate_args for m in multilabel.metrics["train_"].values())

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
+from lightning_convnets import tiling
 from lightning_convnets.backbones import create_backbone
 from lightning_convnets.tasks import ObjectDetector, SemanticSegmenter
 from lightning_convnets.tiling import (
@@ -225,7 +226,7 @@ def test_tiled_predictor_rejects_bad_options() -> None:
         TiledPredictor(net, tile_size=16, batch_size=0)
     with pytest.raises(ValueError, match="window"):
         TiledPredictor(net, tile_size=16, window="hann")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+    with pytest.raises(ValueError, match=r"the image has shape \(8, 8\); expected \(3, H, W\) or \(N, 3, H, W\)"):
         TiledPredictor(net, tile_size=16).predict(torch.rand(8, 8))
     with pytest.raises(ValueError, match="tile_overlap"):
         SemanticSegmenter(
@@ -341,3 +342,43 @@ def test_object_detector_tiles_through_predict_step() -> None:
     )
     assert torch.equal(det["boxes"], expected["boxes"]) and torch.equal(det["labels"], expected["labels"])
     assert (det["boxes"][:, 2] <= 72 + 1e-4).all() and (det["boxes"][:, 3] <= 80 + 1e-4).all()
+
+
+# ------------------------------------------------------------------------------- bad image shapes
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        ((1, 1, 100, 80), r"the image has shape \(1, 1, 100, 80\); expected \(N, 3, H, W\) \(channels first, 3 channels"),
+        ((3, 300, 128, 16), r"the image has shape \(3, 300, 128, 16\); expected \(N, 3, H, W\)"),
+        ((2, 100, 80, 3), r"shape \(2, 100, 80, 3\).*It looks channels-last \(\.\.\., H, W, C\): image\.permute\(0, 3, 1, 2\)"),
+    ],
+    ids=["one-channel", "wrong-layout", "hwc"],
+)
+def test_tiled_segmentation_names_the_image_shape_and_what_was_expected(shape, expected, tmp_path, monkeypatch):
+    import lightning.pytorch as pl
+
+    monkeypatch.chdir(tmp_path)
+    task = SemanticSegmenter("unet", num_classes=2, backbone_kwargs={"width": 2, "depth": 2}, tile_size=32)
+    with pytest.raises(ValueError, match=expected):  # the image's shape, never the tile batch's
+        tiling.segmentation_logits(task.eval(), torch.rand(*shape))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=expected):  # the same through predict (fast_predict's check included)
+        trainer.predict(task, torch.utils.data.DataLoader(torch.rand(*shape), batch_size=shape[0]))
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        ((1, 100, 80), r"the image has shape \(1, 100, 80\); expected \(3, H, W\) \(channels first, 3 channels"),
+        ((100, 80, 3), r"the image has shape \(100, 80, 3\).*channels-last.*image\.permute\(2, 0, 1\)"),
+    ],
+    ids=["one-channel", "hwc"],
+)
+def test_tiled_detection_names_the_image_shape_and_what_was_expected(shape, expected):
+    task = ObjectDetector(
+        "hourglass", num_classes=2, backbone_kwargs={"num_stacks": 1, "order": 2, "width": 8}, tile_size=32
+    ).eval()
+    with pytest.raises(ValueError, match=expected):
+        tiling.detect(task, [torch.rand(*shape)])
+    with pytest.raises(ValueError, match=expected):
+        TiledDetector(task, tile_size=32)(torch.rand(*shape))

@@ -1,4 +1,5 @@
-"""Looking up torchvision's pretrained weights by name, for every backbone that can load them."""
+"""Looking up torchvision's pretrained weights by name, for every backbone that can load them, and telling a
+failed download (offline) apart from other errors."""
 
 from __future__ import annotations
 
@@ -10,6 +11,49 @@ class UnknownWeightsError(KeyError, ValueError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class WeightsDownloadError(RuntimeError):
+    """Pretrained weights could not be downloaded (no network, a proxy, a server error).
+
+    The message says what failed, where the weights are cached once downloaded and which option trains
+    from scratch instead.
+    """
+
+
+def download_failure(error: BaseException) -> BaseException | None:
+    """The network error behind ``error`` (itself, or along its ``__cause__`` / ``__context__`` chain) when
+    it is a failed download: ``urllib``'s ``URLError`` (torchvision and ``torch.hub`` offline), a
+    connection or timeout error, or the Hugging Face hub's offline errors (timm, smp); else ``None``.
+
+    Example:
+        >>> import urllib.error
+        >>> try:
+        ...     try:
+        ...         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+        ...     except urllib.error.URLError as err:
+        ...         raise RuntimeError("loading failed") from err
+        ... except RuntimeError as outer:
+        ...     print(download_failure(outer))
+        <urlopen error [Errno -3] Temporary failure in name resolution>
+        >>> download_failure(ValueError("unknown weights")) is None
+        True
+    """
+    import urllib.error
+
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, urllib.error.URLError | ConnectionError | TimeoutError):
+            return current
+        kind = type(current)
+        if kind.__module__.startswith("huggingface_hub") and (
+            "LocalEntryNotFound" in kind.__name__ or "Offline" in kind.__name__
+        ):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def torchvision_weights(model_name: str, weights: Any, where: str) -> Any:

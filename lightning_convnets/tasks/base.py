@@ -16,7 +16,9 @@ import importlib
 import inspect
 import math
 import random
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -29,14 +31,55 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
-from torchmetrics import MeanMetric
 
 from lightning_convnets.backbones import check_contract, create_backbone
+from lightning_convnets.backbones.weights import WeightsDownloadError, download_failure
 from lightning_convnets.batch import INPUT_KEYS
-from lightning_convnets.nn.fusion import fuse_conv_bn, runtime_conv_bn_pairs, same_outputs
+from lightning_convnets.metrics import BatchMean, LoggedValue
+from lightning_convnets.nn.fusion import fuse_conv_bn, runtime_conv_bn_pairs
 
 BackboneSpec = str | dict[str, Any] | nn.Module
 NONFINITE_MODES = ("stop", "skip", "warn")
+
+
+#: fast_predict's check: a folded network's outputs may differ from the unfused ones by this many units of
+#: rounding (the machine epsilon of the dtype the check runs in) times each output's largest magnitude.
+#: Folding changes only where rounding happens (``(w * s) @ x`` for ``s * (w @ x)``): measured 5 to 40
+#: epsilons (under 5e-6 relative in float32) on the tasks' networks (the trained quickstart ResNet, ResNets,
+#: U-Nets, hourglasses with BatchNorm statistics far from the identity). 1024 epsilons is 1.2e-4 relative
+#: in float32; a wrong fold (a convolution whose output another layer also reads) moves outputs by percents.
+FOLD_TOLERANCE_EPS = 1024
+
+
+def _float_leaves(output: Any) -> list[Tensor]:
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        return [t for v in output.values() for t in _float_leaves(v)]
+    if isinstance(output, list | tuple):
+        return [t for v in output for t in _float_leaves(v)]
+    return []
+
+
+def _outputs_agree(got: Any, want: Any, eps: float) -> bool:
+    """Whether two (nested) outputs hold the same tensors: floating ones within
+    ``FOLD_TOLERANCE_EPS * eps`` times the largest magnitude of each ``want`` tensor, the others exactly."""
+    a, b = _float_leaves(got), _float_leaves(want)
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        if not x.is_floating_point():
+            if not torch.equal(x, y):
+                return False
+            continue
+        if not y.numel():
+            continue
+        scale = y.abs().max().clamp_min(torch.finfo(y.dtype).tiny)
+        if not bool(((x - y).abs().max() <= FOLD_TOLERANCE_EPS * eps * scale).item()):
+            return False
+    return True
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -139,6 +182,52 @@ def resolve_backbone(spec: BackboneSpec, **kwargs: Any) -> nn.Module:
     return backbone
 
 
+def _none_strings_to_none(value: Any) -> Any:
+    """``value`` with every string ``"None"`` inside dicts and lists turned into ``None``.
+
+    jsonargparse (4.53) turns a ``null`` given on the command line for a key inside a dict argument of a
+    subclass (``--model.init_args.backbone_kwargs.encoder_kwargs.weights null``) into the string
+    ``"None"``; no backbone option takes that string, and ``null`` (from scratch) is what was meant.
+    ``tests/test_tasks_units.py`` fails once jsonargparse keeps the ``None``.
+    """
+    if isinstance(value, Mapping):
+        return {k: _none_strings_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_none_strings_to_none(v) for v in value]
+    return None if isinstance(value, str) and value == "None" else value
+
+
+_WEIGHT_OPTIONS = {"weights": "null", "encoder_weights": "null", "pretrained": "false"}
+
+
+def _weight_options(kwargs: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``path=value`` of every option in ``kwargs`` (nested) that asks for pretrained weights, with the
+    value that turns it off (``weights=null``, ``pretrained=false``)."""
+    found = []
+    for key, value in kwargs.items():
+        if isinstance(value, Mapping):
+            found += _weight_options(value, f"{prefix}{key}.")
+        elif key in _WEIGHT_OPTIONS and value not in (None, False):
+            found.append(f"{prefix}{key}={_WEIGHT_OPTIONS[key]}")
+    return found
+
+
+def _download_message(task: str, failure: BaseException, kwargs: Mapping[str, Any]) -> str:
+    """One line: which download failed, where weights are cached, how to train from scratch."""
+    reason = getattr(failure, "reason", None) or failure
+    options = _weight_options(kwargs)
+    scratch = (
+        " or ".join(f"--model.init_args.backbone_kwargs.{o}" for o in options)
+        if options
+        else "the backbone's weights option set to null (pretrained: false)"
+    )
+    return (
+        f"{task}: the backbone's pretrained weights could not be downloaded ({type(failure).__name__}: "
+        f"{reason}). Connect once to download them (torchvision caches them under "
+        f"{Path(torch.hub.get_dir()) / 'checkpoints'}, timm/smp under the Hugging Face cache), or train from scratch with {scratch}"
+    )
+
+
 def _first_conv_in_channels(module: nn.Module) -> int | None:
     for layer in module.modules():
         if isinstance(layer, nn.Conv2d):
@@ -212,6 +301,27 @@ def _is_image_batch(images: Any) -> bool:
     return isinstance(images, list | tuple) and bool(images) and all(
         isinstance(i, Tensor) and i.dim() == 3 for i in images
     )
+
+
+def _first_device_type(value: Any) -> str:
+    leaves = _float_leaves(value)
+    return leaves[0].device.type if leaves else "cpu"
+
+
+def _autocast_off(example: Any) -> Any:
+    """A context without autocast on the example's device (the check compares in one dtype)."""
+    return torch.autocast(_first_device_type(example), enabled=False)
+
+
+def _requiring_grad(value: Any) -> Any:
+    """Floating tensors of ``value`` as fresh leaves requiring grad (so that every layer has a graph
+    node, frozen weights or not); copies, so that tensors made under ``inference_mode`` (``predict``'s)
+    can enter a graph."""
+    if isinstance(value, Tensor):
+        return value.detach().clone().requires_grad_() if value.is_floating_point() else value.clone()
+    if isinstance(value, list | tuple):
+        return type(value)(_requiring_grad(v) for v in value)
+    return value
 
 
 def _any_nonfinite(tensors: list[Tensor]) -> Tensor:
@@ -295,9 +405,11 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
         fast_predict: ``trainer.predict`` runs a copy of the networks with every BatchNorm that directly
             follows a convolution folded into it, its weights in the channels-last memory format (2-3x
             the images/s of the unfused network on a CPU, ``benchmarks/bench_inference.py``). The copy is
-            made at the first predict batch and checked there: each network's outputs equal the unfused
-            ones within 1e-5 (relative to their largest magnitude), else the unfused networks run (said
-            once). It costs one more copy of the weights during ``predict``; training, validation and
+            made at the first predict batch (on its first image, or first tile under tiled prediction) and
+            checked there: a BatchNorm is folded only into a convolution whose output it alone reads, and
+            each network's outputs equal the unfused ones within 1024 machine epsilons of the networks'
+            dtype (1.2e-4 in float32, autocast off) relative to each output's largest magnitude, else the
+            unfused networks run (said once). It costs one more copy of the weights during ``predict``; training, validation and
             test never use it. Off under ``compile``.
 
     Example:
@@ -363,17 +475,24 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
             self.remove_ignored_hparams(drop)
             for key in drop:
                 getattr(self, "_hparams_initial", {}).pop(key, None)
-        kwargs = dict(backbone_kwargs or {})
+        kwargs = _none_strings_to_none(dict(backbone_kwargs or {}))
         if isinstance(backbone, str) or (isinstance(backbone, Mapping) and "class_path" not in backbone):
             # Registry builders all take in_channels; an arbitrary class_path class may not.
             kwargs.setdefault("in_channels", in_channels)
-        self.backbone = resolve_backbone(backbone, **kwargs)
+        try:
+            self.backbone = resolve_backbone(backbone, **kwargs)
+        except Exception as err:
+            failure = download_failure(err)
+            if failure is None:
+                raise
+            raise WeightsDownloadError(_download_message(type(self).__name__, failure, kwargs)) from None
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self._backbone_frozen = False
         self._samples: dict[str, tuple[Tensor, Tensor, Tensor | None]] = {}
         # Keys carry a trailing underscore: ModuleDict refuses names of Module methods such as "train".
-        self.stage_loss = nn.ModuleDict({f"{s}_": MeanMetric() for s in ("train", "val", "test")})
+        # BatchMean: the loss summed on the device (no per-batch NaN check on the host, as MeanMetric's)
+        self.stage_loss = nn.ModuleDict({f"{s}_": BatchMean() for s in ("train", "val", "test")})
         self.metrics = nn.ModuleDict()
         self.num_classes: int | None = None
         self._reset_nonfinite_state()
@@ -537,10 +656,13 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
                     f"{type(self).__name__}: num_classes was not given and the datamodule "
                     f"({type(self.datamodule).__name__}) has no num_classes attribute to take it from"
                 )
-            # Not written back into hparams: Lightning refuses to log module and datamodule hparams that
-            # share a key with different values (the datamodule may hold num_classes=None). The count
-            # travels in the checkpoint instead (on_save_checkpoint / on_load_checkpoint).
             self._build(int(count))
+            # Recorded as if given (hparams and hparams_initial), so the checkpoint says how many classes it
+            # predicts, and Lightning, which refuses to log module and datamodule hparams sharing a key with
+            # different values, sees the count a datamodule given num_classes holds (ours record the count
+            # found for a num_classes left None, at their setup). A datamodule keeping None keeps ours None.
+            if getattr(self.datamodule, "hparams_initial", {}).get("num_classes", count) is not None:
+                self.save_hyperparameters({"num_classes": int(count)})
         self.check_datamodule()
         if self.hparams.get("channels_last"):
             self.to(memory_format=torch.channels_last)
@@ -695,23 +817,31 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
     @torch.no_grad()
     def _build_predict_fused(self, images: Any) -> dict[str, nn.Module]:
         """The task's networks (children holding BatchNorm) copied together (shared submodules stay shared)
-        with the ``conv -> BN`` pairs one forward of ``images`` shows folded, or ``{}`` when nothing folds
-        or a network's outputs moved by more than 1e-5."""
+        with the ``conv -> BN`` pairs one forward of ``images`` shows folded (a pair only where the BN is
+        the convolution output's sole reader), or ``{}`` when nothing folds or a network's outputs moved
+        by more than rounding allows (:data:`FOLD_TOLERANCE_EPS`). The check runs on the first image of
+        ``images`` (the tasks pass a tile under tiled prediction), without autocast, in the networks'
+        dtype."""
         names = [n for n, c in self.named_children() if any(isinstance(m, _BatchNorm) for m in c.modules())]
         if not names:
             return {}
+        example = images[:1]
         try:
-            pairs = [p for p in runtime_conv_bn_pairs(self, images) if p[0].split(".", 1)[0] in names]
+            with _autocast_off(example):
+                # first (before any inference-mode forward could leave a cached tensor the graph refuses)
+                readers = self._conv_output_readers(example)
+                pairs = [
+                    (conv, bn)
+                    for conv, bn in runtime_conv_bn_pairs(self, example)
+                    if conv.split(".", 1)[0] in names and readers.get(conv) == 1
+                ]
             if not pairs:
                 return {}
             originals = nn.ModuleDict({n: getattr(self, n) for n in names}).eval()  # (eval already)
             fused = fuse_conv_bn(copy.deepcopy(originals), pairs=pairs, inplace=True)
-            if _is_image_batch(images):  # NHWC convolutions: the folded detector runs 1.7x faster again
+            if _is_image_batch(example):  # NHWC convolutions: the folded detector runs 1.7x faster again
                 fused = fused.to(memory_format=torch.channels_last)
-            reference = self._network_outputs(originals, images)
-            with self._networks_swapped(fused):
-                got = self._network_outputs(fused, images)
-            moved = [n for n in names if not same_outputs(got.get(n), reference.get(n), 1e-5)]
+            moved = self._folding_moved(originals, fused, example)
         except Exception as err:  # a network the folding cannot handle: predict runs it unfused
             rank_zero_info(
                 f"{type(self).__name__}: fast_predict off for this run, BatchNorm folding failed "
@@ -721,10 +851,65 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
         if moved:
             rank_zero_info(
                 f"{type(self).__name__}: fast_predict off for this run: folding BatchNorm changed the outputs "
-                f"of {moved} by more than 1e-5; predicting with the unfused networks"
+                f"of {sorted(moved)} by more than {FOLD_TOLERANCE_EPS} x the rounding of their dtype "
+                f"({moved}) relative to the outputs' scale; predicting with the unfused networks"
             )
             return {}
         return dict(fused.items())
+
+    def _folding_moved(self, originals: nn.ModuleDict, fused: nn.ModuleDict, example: Any) -> dict[str, str]:
+        """``{network: dtype}`` of the networks whose folded outputs differ from the unfused ones by more
+        than rounding in the dtype they run in (autocast off: a mixed-precision rounding would hide a
+        wrong fold)."""
+        with _autocast_off(example):
+            reference = self._network_outputs(originals, example)
+            with self._networks_swapped(fused):
+                got = self._network_outputs(fused, example)
+        moved = {}
+        for name in originals:
+            dtype = next((p.dtype for p in originals[name].parameters() if p.is_floating_point()), torch.float32)
+            if not _outputs_agree(got.get(name), reference.get(name), torch.finfo(dtype).eps):
+                moved[name] = str(dtype).replace("torch.", "")
+        return moved
+
+    def _conv_output_readers(self, example: Any) -> dict[str, int]:
+        """How many operations read each convolution's output in one forward of ``example``, counted in
+        its autograd graph. A BatchNorm folds into a convolution only when it is the one reader: folding
+        it into a convolution whose output another layer also reads (a pre-activation ResNet's stem feeds
+        its first block's BatchNorm and its identity shortcut) would change what that layer reads."""
+        produced: dict[str, Any] = {}
+
+        def hook(name: str) -> Any:
+            def record(_module: nn.Module, _args: Any, output: Any) -> None:
+                if isinstance(output, Tensor) and output.grad_fn is not None:
+                    produced[name] = output.grad_fn
+
+            return record
+
+        handles = [
+            module.register_forward_hook(hook(name))
+            for name, module in self.named_modules()
+            if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose2d)
+        ]
+        try:
+            with torch.inference_mode(False), torch.enable_grad():  # (predict runs in inference mode)
+                outputs = self(_requiring_grad(example))
+        finally:
+            for handle in handles:
+                handle.remove()
+        readers: Counter[Any] = Counter()
+        stack = [t.grad_fn for t in _float_leaves(outputs) if t.grad_fn is not None]
+        seen: set[int] = set()
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            for parent, _ in node.next_functions:
+                if parent is not None:
+                    readers[parent] += 1
+                    stack.append(parent)
+        return {name: readers[node] for name, node in produced.items()}
 
     def _network_outputs(self, networks: nn.ModuleDict, images: Any) -> dict[str, list[Any]]:
         """Outputs of every network in ``networks`` (each call) during one ``forward`` of ``images``."""
@@ -765,7 +950,10 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
             raise RuntimeError(f"{type(self).__name__}.shared_step returned no loss for a training batch")
         n = _batch_size(images)
         self._note_loss(loss)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
+        if self._logging_step():
+            # Only where the loggers write: the progress bar reads every value it shows on the host at
+            # every step (a device sync), and Lightning would discard the value on the other steps.
+            self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
         self.stage_loss["train_"].update(loss.detach(), n)
         if preds is not None:
             self.metrics["train_"].update(preds, target)
@@ -921,12 +1109,27 @@ class ConvNetTask(LightningModule, metaclass=abc.ABCMeta):
         values = self.epoch_metrics(stage)
         self.stage_loss[f"{stage}_"].reset()
         self.metrics[f"{stage}_"].reset()
-        prog_bar = {k: v for k, v in values.items() if k in self.progress_bar_metrics_for(stage)}
-        rest = {k: v for k, v in values.items() if k not in prog_bar}
-        if prog_bar:
-            self.log_dict(prog_bar, prog_bar=True, sync_dist=False)
-        if rest:
-            self.log_dict(rest, prog_bar=False, sync_dist=False)
+        prog_bar = self.progress_bar_metrics_for(stage)
+        for name, value in values.items():
+            # Handed to Lightning as a Metric (LoggedValue) rather than a tensor: the value is already the
+            # same on every rank, and Lightning would otherwise ask for sync_dist=True under DDP.
+            holder, attribute = self._logged_value(name)
+            holder.update(torch.as_tensor(value))
+            self.log(name, holder, prog_bar=name in prog_bar, metric_attribute=attribute)
+
+    def _logged_value(self, name: str) -> tuple[LoggedValue, str]:
+        """The :class:`~lightning_convnets.metrics.LoggedValue` that carries ``name`` to ``self.log`` (made at
+        its first use) and its attribute path (``self.log`` needs it for a Metric made after the first)."""
+        holders = self.__dict__.get("_logged_holders")
+        if holders is None:
+            holders = self._logged_holders = {}
+            self.logged_values = nn.ModuleDict()  # no parameters, no saved state: checkpoints unchanged
+        if name not in holders:
+            key = f"v{len(holders)}"  # metric names hold '.' and '/', which module names may not
+            self.logged_values[key] = LoggedValue()
+            holders[name] = key
+        key = holders[name]
+        return self.logged_values[key], f"logged_values.{key}"
 
     def compute_metrics(self, stage: str) -> dict[str, Tensor]:
         """Scalar metrics of ``stage`` as ``{"<stage>/<name>": value}`` (per-class entries flattened)."""

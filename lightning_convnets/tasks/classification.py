@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassConfusionMatrix,
@@ -17,6 +17,7 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
+from lightning_convnets.metrics import ClassificationMetrics
 from lightning_convnets.nn.heads import ClassificationHead
 from lightning_convnets.tasks.base import BackboneSpec, ConvNetTask
 from lightning_convnets.tta import classify_tta, parse_tta, tta_logits
@@ -95,7 +96,12 @@ class ImageClassifier(ConvNetTask):
         self.head = ClassificationHead(self.backbone.out_channels[-1], num_classes, dropout=hp.dropout)
         weight = None if hp.class_weights is None else torch.as_tensor(hp.class_weights, dtype=torch.float32)
         self.register_buffer("class_weight", weight, persistent=False)
-        self.metrics = nn.ModuleDict({stage: self._make_metrics(num_classes) for stage in _STAGES})
+        # Training metrics skip torchmetrics' input checks (host reads of the batch every step): the
+        # single-label loss refuses class indices out of range, and validation (the sanity check comes
+        # before the first training step) and test keep the checks.
+        self.metrics = nn.ModuleDict(
+            {stage: self._make_metrics(num_classes, validate=stage != "train_") for stage in _STAGES}
+        )
         self.confusion = nn.ModuleDict(
             {}
             if self.multilabel
@@ -104,21 +110,26 @@ class ImageClassifier(ConvNetTask):
             }
         )
 
-    def _make_metrics(self, num_classes: int) -> MetricCollection:
+    def _make_metrics(self, num_classes: int, validate: bool = True) -> Metric | MetricCollection:
+        if not self.multilabel and not validate:
+            # one confusion matrix, no host read per batch (torchmetrics' bincount reads one on a GPU)
+            return ClassificationMetrics(num_classes, top_k=5 if num_classes > 5 else None)
         if self.multilabel:
             thr = self.hparams.threshold
             return MetricCollection(
                 {
-                    "acc": MultilabelAccuracy(num_classes, threshold=thr, average="micro"),
-                    "f1": MultilabelF1Score(num_classes, threshold=thr, average="macro"),
+                    "acc": MultilabelAccuracy(num_classes, threshold=thr, average="micro", validate_args=validate),
+                    "f1": MultilabelF1Score(num_classes, threshold=thr, average="macro", validate_args=validate),
                 }
             )
         metrics: dict[str, Any] = {
-            "acc": MulticlassAccuracy(num_classes, average="micro"),
-            "f1": MulticlassF1Score(num_classes, average="macro"),
+            "acc": MulticlassAccuracy(num_classes, average="micro", validate_args=validate),
+            "f1": MulticlassF1Score(num_classes, average="macro", validate_args=validate),
         }
         if num_classes > 5:
-            metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+            metrics["acc_top5"] = MulticlassAccuracy(
+                num_classes, top_k=5, average="micro", validate_args=validate
+            )
         return MetricCollection(metrics)
 
     def forward(self, images: Tensor) -> Tensor:

@@ -277,9 +277,16 @@ class ObjectDetector(ConvNetTask):
         return images, targets
 
     @staticmethod
-    def _clean(target: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def _clean(target: Mapping[str, Tensor], drop_empty: bool = True) -> dict[str, Tensor]:
+        """``boxes`` ``[K, 4]`` float, ``labels`` ``[K]`` int64 (and ``iscrowd``), without the zero-area
+        boxes unless ``drop_empty=False`` (finding them is a host sync on an accelerator)."""
         boxes = target["boxes"].reshape(-1, 4).float()
         labels = target["labels"].reshape(-1).long()
+        if not drop_empty:
+            out = {"boxes": boxes, "labels": labels}
+            if "iscrowd" in target:
+                out["iscrowd"] = target["iscrowd"].reshape(-1)
+            return out
         # Zero-area boxes carry no object (and torchvision's losses refuse them).
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         if bool(keep.all()):  # the usual case: no copy (a boolean index syncs with the device anyway)
@@ -349,8 +356,15 @@ class ObjectDetector(ConvNetTask):
         self, images: list[Tensor], targets: list[dict[str, Tensor]]
     ) -> tuple[Tensor, dict]:
         shift = 1 if self.family == "fasterrcnn" else 0
-        tv_targets = [{"boxes": t["boxes"], "labels": t["labels"] + shift} for t in targets]
-        parts = self.detector(images, tv_targets)
+        try:
+            parts = self.detector(images, [{"boxes": t["boxes"], "labels": t["labels"] + shift} for t in targets])
+        except (AssertionError, ValueError):
+            # torchvision refuses zero-area boxes (its own check, a host read it makes anyway): drop them
+            # and go again; training targets are not cleaned beforehand, which would be one more read
+            cleaned = [self._clean(t) for t in targets]
+            if all(len(c["boxes"]) == len(t["boxes"]) for c, t in zip(cleaned, targets)):
+                raise
+            parts = self.detector(images, [{"boxes": t["boxes"], "labels": t["labels"] + shift} for t in cleaned])
         return torch.stack(list(parts.values())).sum(), parts
 
     # -------------------------------------------------------------------------------------- steps
@@ -363,8 +377,10 @@ class ObjectDetector(ConvNetTask):
         if targets is None:
             what = "training" if stage == "train" else stage
             raise ValueError(f"{what} batches need targets: got images only")
-        targets = [self._clean(t) for t in targets]
         train = stage == "train"
+        # Training keeps zero-area boxes: CenterNet's encoding ignores them, torchvision's detectors refuse
+        # them (_torchvision_losses then drops them); dropping them here is a host sync every step.
+        targets = [self._clean(t, drop_empty=not train) for t in targets]
         loss: Tensor | None = None
         detections: Detections | None = None
         if self.family == "centernet":
@@ -389,7 +405,8 @@ class ObjectDetector(ConvNetTask):
         (``[H, W]`` of the input); ``image_id`` and ``orig_size`` are passed through from the targets
         when the batch has them (the COCO writer uses them)."""
         images, targets = self._split_batch(batch)
-        with self.fused_for_predict(images):
+        # the folded copy is built and checked on what the network sees: a tile under tiled detection
+        with self.fused_for_predict(tiling.example_input(self, images)):
             detections = tiling.detect(self, images)  # self.forward, on tiles / with TTA when asked
         for i, det in enumerate(detections):
             det["image_size"] = torch.tensor(images[i].shape[-2:], dtype=torch.int64)

@@ -215,7 +215,8 @@ class SemanticSegmenter(ConvNetTask):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Class-index masks ``(N, H, W)`` (int64) at the input size."""
         images, _ = self.unpack_batch(batch)
-        with self.fused_for_predict(images):
+        # the folded copy is built and checked on what the network sees: a tile under tiled prediction
+        with self.fused_for_predict(tiling.example_input(self, images)):
             if tiling.uses_tiling_or_tta(self):
                 return self.to_mask(tiling.segmentation_logits(self, images))
             logits = self(images)[-1]
