@@ -348,7 +348,23 @@ def main(args: list[str] | None = None) -> None:
 
         export_cli(argv[1:])
         return
-    ConvNetsCLI(args=argv)
+    try:
+        ConvNetsCLI(args=argv)
+    except ValueError as error:  # jsonargparse wraps errors raised while building the model
+        failed = _download_failure(error)
+        if failed is None:
+            raise
+        print(f"error: {failed}", file=sys.stderr)  # one line, not a namespace dump and a urllib traceback
+        raise SystemExit(1) from None
+
+
+def _download_failure(error: BaseException) -> BaseException | None:
+    from lightning_convnets.backbones.weights import WeightsDownloadError
+
+    seen: BaseException | None = error
+    while seen is not None and not isinstance(seen, WeightsDownloadError):
+        seen = seen.__cause__
+    return seen
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -191,3 +191,13 @@ def test_decode_takes_channels_last_maps():
     got = decode_detections(*nhwc, stride=4, top_k=10, score_threshold=0.0)
     for a, b in zip(expected, got):
         assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+
+
+def test_a_label_out_of_range_fails_loudly_with_or_without_the_host_check():
+    from lightning_convnets.nn.centernet import encode_targets
+
+    boxes, labels = [torch.tensor([[0.0, 0.0, 8.0, 8.0]])], [torch.tensor([5])]
+    with pytest.raises(ValueError, match=r"labels must be 0-based class indices in \[0, 2\)"):
+        encode_targets(boxes, labels, 2, (16, 16))
+    with pytest.raises(RuntimeError, match="out of bounds"):  # the training step's path: no host read
+        encode_targets(boxes, labels, 2, (16, 16), check_labels=False)

@@ -184,11 +184,6 @@ def test_segmenter_quiet_steps_make_no_sync(tmp_path, one_hot_not_counted):
     assert run.module_at_epoch_end["loss_weight"] == 2 * STEPS
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nn.centernet.encode_targets checks the labels' range with two host reads per batch "
-    "(valid.any(), bad.any()); it needs a device-side check (torch._assert_async) or an option to skip it",
-)
 def test_centernet_quiet_steps_make_no_sync(tmp_path, one_hot_not_counted):
     model = ObjectDetector(
         "hourglass", num_classes=2, backbone_kwargs={"num_stacks": 1, "order": 2, "width": 8},

@@ -583,3 +583,14 @@ def test_classifier_training_metrics_skip_the_input_checks_and_evaluation_keeps_
     assert all(m.validate_args for m in model.metrics["val_"].values())
     multilabel = ImageClassifier(TinyNet(), num_classes=3, multilabel=True)
     assert not any(m.validate_args for m in multilabel.metrics["train_"].values())
+
+
+def test_the_console_command_offline_prints_one_line_and_exits_1(tmp_path, offline, capsys):
+    from lightning_convnets.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["fit", "--config", str(VOC_UNET), f"--data.init_args.root={tmp_path}", "--trainer.logger=false"])
+    assert exited.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "could not be downloaded" in err[0], err
+    assert f"{WEIGHTS_NULL}=null" in err[0]

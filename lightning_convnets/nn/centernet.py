@@ -122,6 +122,7 @@ def encode_targets(
     stride: float = 4.0,
     min_overlap: float = 0.3,
     device: torch.device | str | None = None,
+    check_labels: bool = True,
 ) -> CenterNetTargets:
     """Encode per-image boxes into CenterNet targets on an ``output_size`` grid.
 
@@ -138,15 +139,18 @@ def encode_targets(
         stride: input pixels per grid cell.
         min_overlap: IoU for the radius rule.
         device: where to build the targets (default: the first boxes tensor's device).
+        check_labels: check that every label lies in ``[0, num_classes)`` (two reads on the host; a
+            training step skips it, as its labels were checked by validation's sanity pass and the data
+            module, and an out-of-range label still fails the heatmap's scatter).
 
     Raises:
-        ValueError: for malformed shapes or a label outside ``[0, num_classes)``.
+        ValueError: for malformed shapes or (with ``check_labels``) a label outside ``[0, num_classes)``.
     """
     height, width = int(output_size[0]), int(output_size[1])
     if device is None:
         device = boxes[0].device if len(boxes) else torch.device("cpu")
     padded, cls, valid = _pad_boxes(boxes, labels, torch.device(device))
-    if valid.any():
+    if check_labels and valid.any():
         bad = valid & ((cls < 0) | (cls >= num_classes))
         if bad.any():
             raise ValueError(

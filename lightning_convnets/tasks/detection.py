@@ -345,6 +345,7 @@ class ObjectDetector(ConvNetTask):
             stride=self.detector.stride,
             min_overlap=hp.min_overlap,
             device=outputs[-1]["heatmap"].device,
+            check_labels=not self.training,  # no host read on a training step
         )
         # Intermediate supervision: every stack is trained on the same targets, losses summed.
         per_stack = [centernet_loss(o, encoded, hp.size_weight, hp.offset_weight) for o in outputs]
