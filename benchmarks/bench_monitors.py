@@ -160,6 +160,7 @@ class Alternate(pl.Callback):
 
 def run_paired(model_name: str, key: str, steps: int, warmup: int, root: str) -> dict[str, Any]:
     torch.manual_seed(0)
+    # a recorded step's cost: the dense phase covers the first steps; past it, the default period applies
     if key == "all":  # the three together, switched on and off as one
         monitor = [cls() for name, cls in available_monitors().items() if name != "gradient_shattering"]
     else:
@@ -180,7 +181,9 @@ def run_paired(model_name: str, key: str, steps: int, warmup: int, root: str) ->
     skip = warmup // 2
     on, off = switch.times[True][skip:], switch.times[False][skip:]
     # on-steps are recorded steps; a monitor sampling one step in k costs 1/k of that at its defaults
-    every = getattr(switch.monitors[0], "sample_every_n_steps", 1) if key != "all" else 1
+    from lightning_convnets.callbacks.core import DEFAULT_SAMPLE_PERIOD
+
+    every = (getattr(switch.monitors[0], "sample_every_n_steps", 1) or DEFAULT_SAMPLE_PERIOD) if key != "all" else 1
     result = {"steps_on": len(on), "steps_off": len(off), "sample_every_n_steps": every}
     for index, name in ((0, "wall"), (1, "cpu")):
         a = statistics.median(t[index] for t in on)
@@ -206,7 +209,7 @@ def run_cycles_defaults(model_name: str, steps: int, warmup: int, root: str) -> 
 
 def run_probe_cost(model_name: str, repeats: int = 3) -> dict[str, Any]:
     """Time of one default shattering probe on the model (CPU), to amortise over its every_n_steps."""
-    from lightning_convnets.callbacks.shattering import DEFAULT_EVERY_N_STEPS, shattering_profile
+    from lightning_convnets.callbacks.shattering import default_probe_interval, shattering_profile
 
     torch.manual_seed(0)
     model = build_model(model_name)
@@ -220,7 +223,7 @@ def run_probe_cost(model_name: str, repeats: int = 3) -> dict[str, Any]:
     return {
         "probe_wall_median_s": statistics.median(walls),
         "probe_cpu_median_s": statistics.median(cpus),
-        "every_n_steps": DEFAULT_EVERY_N_STEPS,
+        "every_n_steps": default_probe_interval(256, BATCH),  # the default interval at this batch size
     }
 
 
@@ -344,15 +347,22 @@ def run_isolated(
 
 # ------------------------------------------------------------------------------------------ depth sweep
 SWEEP = (
-    # (backbone, image size, batch, rounds): the issue's network and depths, then the two 64x64 checks
-    ("preact_resnet18", 32, 16, 5),
-    ("preact_resnet50", 32, 16, 5),
-    ("preact_resnet101", 32, 16, 5),
-    ("preact_resnet152", 32, 16, 5),
-    ("preact_resnet200", 32, 16, 7),
-    ("preact_resnet101", 64, 16, 3),
-    ("resnet152", 64, 16, 3),
+    # (backbone, image size, batch, width): the issue's table. The depth sweep (width 8, batch 16, 32 px),
+    # the two 64 px checks, then the width-16 ResNet-18 across batch sizes (the probe's interval scales
+    # with the batch, the per-step cost does not)
+    ("preact_resnet18", 32, 16, 8),
+    ("preact_resnet50", 32, 16, 8),
+    ("preact_resnet101", 32, 16, 8),
+    ("preact_resnet152", 32, 16, 8),
+    ("preact_resnet200", 32, 16, 8),
+    ("preact_resnet101", 64, 16, 8),
+    ("resnet152", 64, 16, 8),
+    ("resnet18", 32, 8, 16),
+    ("resnet18", 32, 16, 16),
+    ("resnet18", 32, 64, 16),
+    ("resnet18", 32, 128, 16),
 )
+TARGET = 0.02  # all three monitors at their defaults, amortised with the probe, per step
 
 
 def build_backbone_classifier(name: str, width: int) -> nn.Module:
@@ -368,17 +378,52 @@ def build_backbone_classifier(name: str, width: int) -> nn.Module:
     )
 
 
+class _Pool(torch.utils.data.Dataset):
+    """``length`` samples drawn from a fixed pool of ``pool`` random images (index modulo the pool): as
+    many batches as a long fit needs, in one epoch, without holding them all."""
+
+    def __init__(self, length: int, pool: int, size: int) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.images = torch.randn(pool, 3, size, size, generator=gen)
+        self.labels = torch.randint(0, CLASSES, (pool,), generator=gen)
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index %= len(self.images)
+        return self.images[index], self.labels[index]
+
+
 def _sized_data(batch: int, size: int, batches: int) -> DataLoader:
+    if batches > 64:  # one epoch of many batches from a pool of 64 batches' images
+        return DataLoader(_Pool(batch * batches, batch * 64, size), batch_size=batch, shuffle=False)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch * batches, 3, size, size, generator=gen)
     labels = torch.randint(0, CLASSES, (batch * batches,), generator=gen)
     return DataLoader(TensorDataset(images, labels), batch_size=batch, shuffle=False)
 
 
-def _fit_steps(net_fn: Callable[[], nn.Module], data: DataLoader, callbacks: list, steps: int, root: str):
+_DEVICE = "cpu"  # --device cuda: bf16-mixed, channels_last, wall time synchronised at block boundaries
+
+
+def _fit_steps(
+    net_fn: Callable[[], nn.Module], data: DataLoader, callbacks: list, steps: int, root: str,
+    log_every_n_steps: int = 50,
+):
     timer = StepTimer()
+    cuda = _DEVICE == "cuda"
+    if cuda:
+        make = net_fn
+
+        def net_fn() -> nn.Module:
+            return make().to(memory_format=torch.channels_last)
+
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator="gpu" if cuda else "cpu",
+        devices=1,
+        precision="bf16-mixed" if cuda else "32-true",
         max_steps=steps,
         logger=False,
         enable_checkpointing=False,
@@ -386,39 +431,55 @@ def _fit_steps(net_fn: Callable[[], nn.Module], data: DataLoader, callbacks: lis
         enable_model_summary=False,
         default_root_dir=root,
         callbacks=[timer, *callbacks],
+        log_every_n_steps=log_every_n_steps,
     )
     torch.manual_seed(0)
     trainer.fit(Classifier(net_fn()), data)
     return timer
 
 
+def _clock() -> float:
+    """Process CPU time on the CPU (robust to other processes); wall time on a GPU."""
+    return time.perf_counter() if _DEVICE == "cuda" else time.process_time()
+
+
 class CycleToggle(pl.Callback):
-    """Switches the monitors wholly on for two optimizer steps, off for the next two, and times each step.
+    """Switches the monitors wholly on for ``block`` optimizer steps, off for the next ``block``, and times
+    each step (process CPU).
 
     Off means what a run without the monitors does: at the end of the step before, the monitors leave
-    ``trainer.callbacks`` (Lightning calls no hook of theirs) and their forward hooks are taken out of the
-    modules' hook dictionaries; both are put back, in order, for the next on step. So the on pair pays
-    everything the monitors add, including dispatching their forward hooks on the step the activation
-    monitor skips. Put this callback first. A cycle's on pair holds one step the activation monitor
-    records (it samples one in two) and one it does not, so the on pair costs what two steps cost at the
-    defaults; the ratio of a cycle's on pair to its off pair, neighbours in one fit, is immune to the drift
-    between fits that dominates whole-run comparisons here."""
+    ``trainer.callbacks`` (Lightning calls no hook of theirs) and any forward hook still in a module is
+    taken out; both are put back, in order, for the next on block. Put this callback first. With ``block``
+    = the logging interval (50), aligned on it after the warm-up, an on block holds exactly what a default
+    run pays per interval: the recorded step (one in 50), the flush at its last step, Lightning calling
+    the monitors' hooks on every step. The ratio of a cycle's on block to its off block, neighbours in
+    one fit, is immune to the drift between fits that dominates whole-run comparisons here. The fit stops
+    (``trainer.should_stop``) after ``min_cycles`` cycles once the timed cycles used ``seconds`` of CPU,
+    or after ``max_cycles``."""
 
-    def __init__(self, monitors: list[Any], warmup: int) -> None:
+    def __init__(
+        self, monitors: list[Any], warmup: int, block: int = 2, min_cycles: int = 1, max_cycles: int = 10**9,
+        seconds: float = 0.0,
+    ) -> None:
         self.monitors = monitors
         self.warmup = warmup
+        self.block = block
+        self.min_cycles, self.max_cycles, self.seconds = min_cycles, max_cycles, seconds
         self.cpu: list[float] = []
         self._last: float | None = None
-        self._parked: list[tuple[dict, int, Any]] | None = None  # forward hooks taken out while off
+        self._parked: list[Any] | None = None  # forward hooks taken out while off
         self._callbacks: list[pl.Callback] | None = None  # the full list while off
 
     def _on(self, step: int) -> bool:
-        return step < self.warmup or (step - self.warmup) % 4 < 2
+        return step < self.warmup or ((step - self.warmup) // self.block) % 2 == 0
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int
     ) -> None:
-        now = time.process_time()
+        step = trainer.global_step
+        if _DEVICE == "cuda" and step >= self.warmup and (step - self.warmup) % self.block == 0:
+            torch.cuda.synchronize()  # block boundaries only: the blocks' sums are wall times of the GPU work
+        now = _clock()
         if self._last is not None:
             self.cpu.append(now - self._last)
         self._last = now
@@ -426,21 +487,38 @@ class CycleToggle(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, i: int
     ) -> None:
-        on = self._on(trainer.global_step)  # the next step's (the optimizer has stepped)
+        step = trainer.global_step  # the next step's (the optimizer has stepped)
+        done = step - self.warmup
+        if done > 0 and done % (2 * self.block) == 0:
+            cycles = done // (2 * self.block)
+            timed = sum(self.cpu[self.warmup :])
+            if cycles >= self.max_cycles or (cycles >= self.min_cycles and timed >= self.seconds):
+                trainer.should_stop = True
+        on = self._on(step)
         if on and self._callbacks is not None:
-            for hooks, key, fn in self._parked or []:
-                hooks[key] = fn
+            for spec in self._parked or []:
+                spec.install()
             trainer.callbacks = self._callbacks  # a new list object: the loop now running keeps the old one
             self._parked = self._callbacks = None
         elif not on and self._callbacks is None:
-            self._parked = [entry for monitor in self.monitors for entry in _park_hooks(monitor)]
+            self._parked = [spec for monitor in self.monitors for spec in _park_hooks(monitor)]
             self._callbacks = trainer.callbacks
             trainer.callbacks = [c for c in trainer.callbacks if all(c is not m for m in self.monitors)]
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._last is not None:
+            if _DEVICE == "cuda":
+                torch.cuda.synchronize()
+            self.cpu.append(_clock() - self._last)
+            self._last = None
+
     def cycles(self) -> list[tuple[float, float]]:
-        """(on pair, off pair) CPU seconds of every full cycle after the warm-up."""
-        times = self.cpu[self.warmup :]
-        return [(times[i] + times[i + 1], times[i + 2] + times[i + 3]) for i in range(0, len(times) - 3, 4)]
+        """(on block, off block) CPU seconds of every full cycle after the warm-up."""
+        times, b = self.cpu[self.warmup :], self.block
+        return [
+            (sum(times[i : i + b]), sum(times[i + b : i + 2 * b]))
+            for i in range(0, len(times) - 2 * b + 1, 2 * b)
+        ]
 
 
 class HookTimer:
@@ -490,13 +568,17 @@ def _timed_probe(
     return timed
 
 
-def _park_hooks(monitor: Any) -> list[tuple[dict, int, Any]]:
-    """Take a monitor's forward hooks out of their modules' hook dictionaries: ``(dict, id, hook)``."""
+def _park_hooks(monitor: Any) -> list[Any]:
+    """Take a monitor's installed forward hooks out of their modules; returns them (``HookSpec``s) to put
+    back with ``install()``. With the sampled schedules they are out already on the steps before an off
+    block (the last step of an interval is not recorded), so this is a safeguard."""
     parked = []
-    for handle in getattr(monitor, "_handles", []):
-        hooks = handle.hooks_dict_ref()
-        if hooks is not None and handle.id in hooks:
-            parked.append((hooks, handle.id, hooks.pop(handle.id)))
+    for spec in list(getattr(monitor, "_hook_specs", [])):
+        if spec.handle is not None:
+            spec.uninstall()
+            parked.append(spec)
+    if parked:
+        monitor._hooks_installed = False
     return parked
 
 
@@ -506,40 +588,78 @@ def run_cycles(
     batch: int,
     width: int,
     make: Callable[[], list],
-    cycles: int,
-    warmup: int,
+    min_cycles: int,
+    max_cycles: int,
+    seconds: float,
     root: str,
+    block: int = 50,
+    probes: int = 3,
 ) -> dict[str, Any]:
-    """One fit with the monitors toggled by :class:`CycleToggle`; the median over cycles of on/off - 1."""
+    """One fit with the monitors toggled by :class:`CycleToggle` in blocks of ``block`` steps after a
+    warm-up past the monitors' dense phase (aligned on the logging interval); then ``probes`` shattering
+    probes of the fitted model, timed directly and spread over the monitor's default interval."""
+    from lightning_convnets.callbacks.core import DEFAULT_DENSE_STEPS
+
     monitors = make()
-    toggle = CycleToggle(monitors, warmup)
-    probes: list[float] = []  # CPU seconds of each shattering probe inside the timed cycles
-    every = 0
-    for monitor in monitors:
-        if type(monitor).__name__ == "GradientShatteringMonitor":
-            monitor.probe = _timed_probe(monitor.probe, toggle, warmup, warmup + 4 * cycles, probes)
-            every = monitor.every_n_steps
-    steps = warmup + 4 * cycles + 1
-    data = _sized_data(batch, size, steps + 1)  # one epoch: no loader restart inside the timed steps
-    timer_fit = _fit_steps(
-        lambda: build_backbone_classifier(name, width), data, [toggle, *monitors], steps, root
-    )
-    del timer_fit
+    warmup = block * max(1, math.ceil(DEFAULT_DENSE_STEPS / block))  # the first timed block starts sparse
+    toggle = CycleToggle(monitors, warmup, block, min_cycles, max_cycles, seconds)
+    in_cycles: list[float] = []  # CPU of probes that ran inside the timed cycles (taken out of them)
+    shattering = [m for m in monitors if type(m).__name__ == "GradientShatteringMonitor"]
+    for monitor in shattering:
+        monitor.probe = _timed_probe(monitor.probe, toggle, warmup, 10**9, in_cycles)
+    steps = warmup + 2 * block * max_cycles
+    nets: list[nn.Module] = []
+
+    def build() -> nn.Module:
+        nets.append(build_backbone_classifier(name, width))
+        return nets[-1]
+
+    _fit_steps(build, _sized_data(batch, size, steps + 1), [toggle, *monitors], steps, root, block)
     pairs = toggle.cycles()
     ratios = [on / off - 1 for on, off in pairs]
-    step_off = statistics.median(off for _, off in pairs) / 2
-    return {
-        "overhead": statistics.median(ratios),
-        # every cycle's CPU together, the logging steps' flushes included, the probes' CPU taken out (their
-        # own column): what a long run pays between probes on average
-        "amortised": (sum(on for on, _ in pairs) - sum(probes)) / sum(off for _, off in pairs) - 1,
-        # a probe's CPU spread over the steps between probes
-        "probe_amortised": statistics.fmean(probes) / (every * step_off) if probes else None,
-        "probes": probes,
+    step_off = sum(off for _, off in pairs) / (block * len(pairs))
+    result: dict[str, Any] = {
+        "warmup": warmup,
+        "block": block,
+        # the CPU of every on block over that of every off block (recorded steps, flushes, Lightning's calls
+        # of the monitors' hooks), the probes that fell inside the cycles taken out (their own column)
+        "amortised": (sum(on for on, _ in pairs) - sum(in_cycles)) / sum(off for _, off in pairs) - 1,
+        "median": statistics.median(ratios),
         "ratios": ratios,
-        "step_off_ms": statistics.median(off for _, off in pairs) / 2 * 1e3,
-        "step_on_ms": statistics.median(on for on, _ in pairs) / 2 * 1e3,
+        "step_off_ms": step_off * 1e3,
+        "probe_interval": None,
+        "probe_amortised": 0.0,
+        "probes_cpu_s": [],
     }
+    if shattering and nets:
+        monitor = shattering[0]
+        model = Classifier(nets[0])  # the fitted network
+        if _DEVICE == "cuda":
+            model = model.cuda()
+        cpus = []
+        for _ in range(probes):
+            if _DEVICE == "cuda":
+                torch.cuda.synchronize()
+            begin = _clock()
+            _untimed(monitor)(model)
+            if _DEVICE == "cuda":
+                torch.cuda.synchronize()
+            cpus.append(_clock() - begin)
+        result["probes_cpu_s"] = cpus
+        result["probe_interval"] = monitor.probe_interval
+        result["probe_amortised"] = statistics.median(cpus) / (monitor.probe_interval * step_off)
+    result["total"] = result["amortised"] + result["probe_amortised"]
+    if len(ratios) > 1:
+        # the spread of the per-cycle costs, and twice the standard error of their mean
+        result["stdev"] = statistics.stdev(ratios)
+        result["two_se"] = 2 * statistics.stdev(ratios) / math.sqrt(len(ratios))
+    else:
+        result["stdev"] = result["two_se"] = math.nan
+    return result
+
+
+def _untimed(monitor: Any) -> Callable[[nn.Module], Any]:
+    return type(monitor).probe.__get__(monitor)
 
 
 def monitor_state_bytes(monitors: list[Any], model: nn.Module | None = None) -> int:
@@ -614,69 +734,84 @@ class NoOpMonitor(pl.Callback):
     """A callback that does nothing, toggled like a monitor: the null run of the on/off method."""
 
 
+def _sweep_child(queue: Any, spec: tuple[str, int, int, int], kwargs: dict[str, Any], null: bool) -> None:
+    global _DEVICE
+    torch.set_num_threads(kwargs.pop("threads"))
+    _DEVICE = kwargs.pop("device")
+    try:
+        name, size, batch, width = spec
+        monitors = available_monitors()
+        make = (lambda: [NoOpMonitor() for _ in range(3)]) if null else (lambda: [cls() for cls in monitors.values()])
+        result = run_cycles(name, size, batch, width, make, **kwargs)
+        if not null and _DEVICE == "cpu":
+            result["memory"] = _memory(name, size, batch, width)
+        queue.put(("ok", result))
+    except Exception as err:  # report, don't hang the parent
+        import traceback
+
+        queue.put(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+
+
+def _isolated_row(spec: tuple[str, int, int, int], kwargs: dict[str, Any], null: bool = False) -> dict[str, Any]:
+    """One row in a forked child (a fresh allocator and nothing cached from the rows before)."""
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    process = ctx.Process(target=_sweep_child, args=(queue, spec, dict(kwargs), null))
+    process.start()
+    status, payload = queue.get()
+    process.join()
+    if status != "ok":
+        raise RuntimeError(f"bench_monitors --sweep: {spec} failed: {payload}")
+    return payload
+
+
 def run_sweep(
-    specs: list[tuple[str, int, int, int]], width: int, steps: int, warmup: int, root: str, null: bool = False
+    specs: list[tuple[str, int, int, int]], min_cycles: int, max_cycles: int, seconds: float, root: str,
+    null: bool = False, threads: int = 1, device: str = "cpu",
 ) -> dict:
-    """Per network: one fit with all three monitors at their defaults toggled on and off in 4-step
-    cycles (:class:`CycleToggle`), the median over cycles of (on pair / off pair - 1); the same with the
-    shattering monitor alone (it probes at step 0, in the warm-up, and every 200 steps: its between-probe
-    cost). Memory: the monitors' own tensors against the peak RSS growth of a fit without them (each in a
-    forked child). ``steps`` is the number of 4-step cycles."""
-    monitors = available_monitors()
+    """Per row: one fit with all three monitors at their defaults toggled on and off in blocks of one
+    logging interval (:func:`run_cycles`), the shattering probe timed directly and amortised over its
+    default interval at that batch size. ``--null``: one more row, three no-op callbacks toggled the same
+    way on the first network (the method's own bias)."""
+    kwargs = dict(
+        min_cycles=min_cycles, max_cycles=max_cycles, seconds=seconds, root=root, threads=threads, device=device
+    )
     rows = []
-    for name, size, batch, _ in specs:
-        everything = run_cycles(
-            name, size, batch, width, lambda: [cls() for cls in monitors.values()], steps, warmup, root
-        )
-        hook_timer = HookTimer()
-        shattering = run_cycles(
-            name,
-            size,
-            batch,
-            width,
-            lambda timer=hook_timer: [timer.watch(monitors["gradient_shattering"]())],
-            steps,
-            warmup,
-            root,
-        )
-        own_ms = hook_timer.median_step_ms()
-        memory = _memory(name, size, batch, width)
-        nothing = (
-            run_cycles(name, size, batch, width, lambda: [NoOpMonitor() for _ in range(3)], steps, warmup, root)
-            if null
-            else None
-        )
+    jobs = [(spec, False) for spec in specs] + ([(specs[0], True)] if null and specs else [])
+    for (name, size, batch, width), is_null in jobs:
+        res = _isolated_row((name, size, batch, width), kwargs, null=is_null)
         row = {
-            "model": name,
+            "model": name + (" (null: three no-op callbacks)" if is_null else ""),
+            "null": is_null,
             "image_size": size,
             "batch": batch,
             "width": width,
-            "cycles": len(everything["ratios"]),
-            "step_cpu_ms": everything["step_off_ms"],
-            "all_cpu_ms": everything["step_on_ms"],
-            "all_overhead": everything["overhead"],
-            "all_overhead_amortised": everything["amortised"],
-            "probe_amortised": everything["probe_amortised"],
-            "probes_cpu_s": everything["probes"],
-            "all_overhead_per_round": everything["ratios"],
-            "shattering_overhead": shattering["overhead"],
-            "shattering_own_ms": own_ms,
-            "shattering_own_fraction": own_ms / max(shattering["step_off_ms"], 1e-9),
-            "null_overhead": nothing["overhead"] if nothing else None,
-            "step_memory_mib": memory["step_bytes"] / 2**20,
-            "monitor_state_mib": memory["monitor_bytes"] / 2**20,
+            "cycles": len(res["ratios"]),
+            "block": res["block"],
+            "warmup": res["warmup"],
+            "step_cpu_ms": res["step_off_ms"],
+            "per_step_amortised": res["amortised"],
+            "median_cycle": res["median"],
+            "cycle_ratios": res["ratios"],
+            "stdev": res["stdev"],
+            "two_se": res["two_se"],
+            "probe_interval": res["probe_interval"],
+            "probe_cpu_s": res["probes_cpu_s"],
+            "probe_amortised": res["probe_amortised"],
+            "total": res["total"],
             "load_average": os.getloadavg()[0],
         }
-        row["monitor_state_fraction"] = row["monitor_state_mib"] / max(row["step_memory_mib"], 1e-9)
+        memory = res.get("memory")
+        if memory:
+            row["step_memory_mib"] = memory["step_bytes"] / 2**20
+            row["monitor_state_mib"] = memory["monitor_bytes"] / 2**20
         rows.append(row)
-        quartiles = statistics.quantiles(everything["ratios"], n=4)
+        probe = statistics.median(row["probe_cpu_s"]) if row["probe_cpu_s"] else math.nan
         print(
-            f"{name:18s} {size:3d}px step {row['step_cpu_ms']:7.1f} ms  all {row['all_overhead']:+.1%} "
-            f"(amortised {row['all_overhead_amortised']:+.1%}, probe {row['probe_amortised'] or 0:+.1%}) "
-            f"(quartiles {quartiles[0]:+.1%} .. {quartiles[2]:+.1%}, {row['cycles']} cycles)  shattering "
-            f"between probes {row['shattering_overhead']:+.2%} (own hooks {row['shattering_own_fraction']:.3%})  monitor state {row['monitor_state_mib']:.2f} MiB "
-            f"({row['monitor_state_fraction']:.2%} of the step's {row['step_memory_mib']:.0f} MiB)  "
-            f"load {row['load_average']:.1f}",
+            f"{row['model']:18s} {size:3d}px b{batch:<3d} w{width:<2d} step {row['step_cpu_ms']:7.1f} ms  "
+            f"per step {row['per_step_amortised']:+.2%} (+-{row['two_se']:.2%}, {row['cycles']} cycles)  probe "
+            f"{probe:.2f} s / {row['probe_interval']} steps = {row['probe_amortised']:+.2%}  total "
+            f"{row['total']:+.2%}  load {row['load_average']:.1f}",
             flush=True,
         )
     return {"rows": rows}
@@ -686,45 +821,45 @@ def sweep_markdown(sweep: dict[str, Any], setup: dict[str, Any]) -> str:
     lines = [
         _SWEEP_TITLE,
         "",
-        f"`{setup.get('command', 'python benchmarks/bench_monitors.py --sweep')}` (per network one fit of "
-        f"{setup['steps']} 4-step cycles "
-        f"after {setup['warmup']} warm-up steps: the monitors on for two steps, off for two; "
-        f"{setup['threads']} thread(s), torch {setup['torch']}, lightning {setup['lightning']}, "
-        f"{setup['cpus']} CPUs; load average {setup['load_average_at_start'][0]:.1f} at start, "
-        f"{setup['load_average_at_end'][0]:.1f} at end). CPU-stem networks of width {sweep['rows'][0]['width']}, "
-        "SGD; cost = median over cycles of (CPU of the on pair / CPU of the off pair - 1): the on pair holds one "
-        "step the activation monitor records and one it skips, as at its defaults. Off steps run as without the "
-        "monitors (out of the trainer's callbacks, their forward hooks out of the modules), so the cost includes "
-        "Lightning calling their hooks and the dispatch of every forward hook, on the steps the activation "
-        "monitor skips too. Amortised: the CPU of all on pairs over that of all off pairs - 1, the logging steps' "
-        "flushes (one cycle in 25 at the default interval of 50 steps) and the BatchNorm ring's (every few "
-        "recorded batches) included, which the median leaves out, and the shattering probe's CPU taken out: "
-        "the probe column is a probe's CPU (timed directly) over the 200 steps' CPU between probes. The shattering "
-        "monitor (a separate fit) probes at step 0 (warm-up) and every 200 steps: its columns are its cost "
-        "between probes, as the same on/off difference (noise of a few tenths of a percent around its true "
-        "cost) and as the CPU time inside its own hooks per step (median, measured directly), both against "
-        "the step. Memory: the monitors' own tensors after a 6-step fit (statistics, scratch, "
-        "snapshots, the last interval's merged statistics, the probe line) against what the training step "
-        "holds at its peak (the activations autograd saves, parameters, gradients, momentum).",
+        f"`{setup.get('command', 'python benchmarks/bench_monitors.py --sweep')}` ({setup['threads']} thread(s), "
+        f"torch {setup['torch']}, lightning {setup['lightning']}, {setup['cpus']} CPUs; load average "
+        f"{setup['load_average_at_start'][0]:.1f} at start, {setup['load_average_at_end'][0]:.1f} at end; "
+        f"{setup['minutes']:.1f} minutes; device: {setup.get('device', 'cpu')}, timed by process CPU on the CPU, by wall clock on a GPU). Per row one fit (CPU-stem network, SGD, 32 or 64 px), each in a "
+        "fresh process: a warm-up past the monitors' dense phase (every step recorded below step 50), then "
+        "cycles of one logging interval (50 steps) with all three monitors at their defaults and 50 steps "
+        "without them (out of the trainer's callbacks, no hook in any module), neighbours in one fit. "
+        "**per step** = CPU of all on blocks / CPU of all off blocks - 1: the recorded step (one in 50), "
+        "the flush at each interval's end and Lightning calling the monitors' hooks on every step, "
+        "amortised; +- = twice the standard error of the mean over cycles (the row's spread), with the "
+        "standard deviation of one cycle's cost. **probe** = one shattering probe's CPU (median of three, "
+        "timed directly on the fitted network) over its default interval at that batch size (derived: "
+        "1.35 x 256 / batch / 1%) times the step. **total** = per step + probe: what a long run pays. "
+        f"Target: total <= {TARGET:.0%} on every row. The null row: three no-op callbacks toggled the same "
+        "way (the method's own bias).",
         "",
-        "| network | input | batch | step (ms CPU) | all three (ms) | all three (%) | amortised (%) | probe, amortised | cycles: quartiles | "
-        "shattering between probes | its own hooks | monitor tensors (MiB) | step memory (MiB) | share |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| network | input | batch | width | step (ms CPU) | per step (%) | +- 2 SE | cycle sd | cycles | "
+        "probe (s CPU) | probe every | probe (%) | **total (%)** | monitor tensors (MiB) | step memory (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sweep["rows"]:
-        q = statistics.quantiles(r["all_overhead_per_round"], n=4)
-        rounds = f"{q[0]:+.1%} .. {q[2]:+.1%} ({r['cycles']})"
-        if r.get("null_overhead") is not None:  # --null: the same method on three no-op callbacks
-            rounds += f"; null run {r['null_overhead']:+.1%}"
+        probe = statistics.median(r["probe_cpu_s"]) if r["probe_cpu_s"] else math.nan
         lines.append(
-            f"| {r['model']} | {r['image_size']}x{r['image_size']} | {r['batch']} | {r['step_cpu_ms']:.1f} "
-            f"| {r['all_cpu_ms'] - r['step_cpu_ms']:+.1f} | {r['all_overhead']:+.1%} "
-            f"| {r.get('all_overhead_amortised', math.nan):+.1%} "
-            f"| {r['probe_amortised'] if r.get('probe_amortised') is not None else math.nan:+.1%} | {rounds} "
-            f"| {r['shattering_overhead']:+.2%} | {r.get('shattering_own_fraction', math.nan):.3%} "
-            f"| {r['monitor_state_mib']:.2f} | {r['step_memory_mib']:.0f} "
-            f"| {r['monitor_state_fraction']:.2%} |"
+            f"| {r['model']} | {r['image_size']}x{r['image_size']} | {r['batch']} | {r['width']} "
+            f"| {r['step_cpu_ms']:.1f} | {r['per_step_amortised']:+.2%} | {r['two_se']:.2%} | {r['stdev']:.2%} "
+            f"| {r['cycles']} | {probe:.2f} | {r['probe_interval'] or '-'} | {r['probe_amortised']:+.2%} "
+            f"| **{r['total']:+.2%}** | {r.get('monitor_state_mib', math.nan):.2f} "
+            f"| {r.get('step_memory_mib', math.nan):.0f} |"
         )
+    monitored = [r for r in sweep["rows"] if not r["null"]]
+    if monitored:
+        worst = max(monitored, key=lambda r: r["total"] + (r["two_se"] if math.isfinite(r["two_se"]) else 0))
+        ok = all(r["total"] + (r["two_se"] if math.isfinite(r["two_se"]) else 0) <= TARGET for r in monitored)
+        lines += [
+            "",
+            f"Worst row (total + 2 SE): {worst['model']} {worst['image_size']} px batch {worst['batch']}: "
+            f"{worst['total']:+.2%} +- {worst['two_se']:.2%}. Every row within {TARGET:.0%} including its "
+            f"spread: {'yes' if ok else 'NO'}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -745,12 +880,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--model", nargs="+", default=None, help="with --sweep: backbone names to run (default: the sweep's)"
     )
-    parser.add_argument("--width", type=int, default=8, help="with --sweep: backbone width")
-    parser.add_argument("--rounds", type=int, default=None, help="with --sweep: rounds per network")
+    parser.add_argument("--width", type=int, default=None, help="with --sweep and --model: backbone width (8)")
+    parser.add_argument("--cycles", type=int, default=4, help="with --sweep: at least this many cycles per row")
+    parser.add_argument("--max-cycles", type=int, default=16, help="with --sweep: at most this many cycles per row")
+    parser.add_argument(
+        "--row-seconds",
+        type=float,
+        default=60.0,
+        help="with --sweep: after --cycles, go on until the timed cycles of a row used this much CPU",
+    )
     parser.add_argument(
         "--null",
         action="store_true",
-        help="with --sweep: also a null run per network (three no-op callbacks toggled like the monitors)",
+        help="with --sweep: also a null row (three no-op callbacks toggled like the monitors, first network)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="with --sweep: cuda times wall clock on the GPU (bf16-mixed, channels_last); writes *_cuda files",
     )
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
@@ -838,13 +986,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
-_SWEEP_TITLE = "## Depth sweep: all three monitors at their defaults"
+_SWEEP_TITLE = "## Depth and batch sweep: all three monitors at their defaults"
+_OLD_SWEEP_TITLES = ("## Depth sweep: all three monitors at their defaults",)
 
 
 def _write_keeping_sweep(path: Path, text: str, sweep_table: str | None = None) -> None:
     """Write ``text`` to ``path`` with the depth-sweep section last: ``sweep_table`` if given, else the
     section already in the file (so the summary run and the sweep each refresh their own part)."""
     old = path.read_text() if path.exists() else ""
+    for title in _OLD_SWEEP_TITLES:  # a table of the former sweep is replaced by the new one's
+        if sweep_table is not None and title in old:
+            old = old[: old.index(title)]
+        if title in text:
+            text = text[: text.index(title)]
     if sweep_table is None and _SWEEP_TITLE in old:
         sweep_table = old[old.index(_SWEEP_TITLE) :]
     if _SWEEP_TITLE in text:
@@ -856,16 +1010,15 @@ def _write_keeping_sweep(path: Path, text: str, sweep_table: str | None = None) 
 
 
 def _main_sweep(args: argparse.Namespace) -> dict[str, Any]:
-    torch.set_num_threads(args.threads or 1)
+    begin = time.perf_counter()
     specs = [spec for spec in SWEEP if args.model is None or spec[0] in args.model]
-    specs += [(name, 32, 16, 5) for name in args.model or () if name not in {s[0] for s in SWEEP}]
-    if args.rounds:
-        specs = [(name, size, batch, args.rounds) for name, size, batch, _ in specs]
-    steps = args.steps if args.steps != 100 else 15  # 4-step cycles per fit
-    warmup = args.warmup if args.warmup != 10 else 6
+    specs += [(name, 32, 16, args.width or 8) for name in args.model or () if name not in {s[0] for s in SWEEP}]
+    if args.width:
+        specs = [(name, size, batch, args.width) for name, size, batch, _ in specs]
     setup = {
-        "steps": steps,
-        "warmup": warmup,
+        "min_cycles": args.cycles,
+        "max_cycles": args.max_cycles,
+        "row_seconds": args.row_seconds,
         "torch": torch.__version__,
         "lightning": pl.__version__,
         "threads": args.threads or 1,
@@ -873,14 +1026,26 @@ def _main_sweep(args: argparse.Namespace) -> dict[str, Any]:
         "load_average_at_start": os.getloadavg(),
         "command": " ".join(["python benchmarks/bench_monitors.py", *(args.argv or ["--sweep"])]),
     }
-    sweep = run_sweep(specs, args.width, steps, warmup, args.root, null=args.null)
+    setup["device"] = args.device if args.device == "cpu" else f"cuda ({torch.cuda.get_device_name(0)})"
+    sweep = run_sweep(
+        specs, args.cycles, max(args.cycles, args.max_cycles), args.row_seconds, args.root, null=args.null,
+        threads=args.threads or 1, device=args.device,
+    )
     setup["load_average_at_end"] = os.getloadavg()
+    setup["minutes"] = (time.perf_counter() - begin) / 60
     results = {"setup": setup, **sweep}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "monitors_depth.json").write_text(json.dumps(results, indent=2))
     table = sweep_markdown(sweep, setup)
-    (args.out / "monitors_depth.md").write_text("# Monitor overhead along the depth (CPU)\n\n" + table)
-    summary = args.out / "monitors.md"  # the depth sweep also goes into the summary, as its last section
+    if args.device == "cuda":  # its own files: the CPU table stays where it is
+        (args.out / "monitors_cuda.json").write_text(json.dumps(results, indent=2))
+        (args.out / "monitors_cuda.md").write_text(
+            f"# Monitor overhead on {setup['device']} (bf16-mixed, channels_last, wall time)\n\n" + table
+        )
+        print(table)
+        return results
+    (args.out / "monitors_depth.json").write_text(json.dumps(results, indent=2))
+    (args.out / "monitors_depth.md").write_text("# Monitor overhead along the depth and the batch size (CPU)\n\n" + table)
+    summary = args.out / "monitors.md"  # the sweep also goes into the summary, as its last section
     _write_keeping_sweep(summary, summary.read_text() if summary.exists() else "# Monitor overhead (CPU)\n", table)
     print(table)
     return results

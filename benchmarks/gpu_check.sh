@@ -14,8 +14,10 @@
 # Per task and configuration: ms/step is the wall time between the first timed step and the last, with a
 # CUDA synchronisation at both ends only (the monitors are meant to run without host syncs, and a sync per
 # step would hide that), divided by the steps; img/s = per-step batch / that. The monitor run includes its
-# logging steps (every trainer.log_every_n_steps = 10) and the shattering probes (every 200 steps, and the
-# one before the first step, which is outside the timed window). Data loading runs in worker processes
+# logging steps (every trainer.log_every_n_steps = 10) and the monitors' default schedules (every step
+# recorded below step 50, then one in 10 at this logging interval); the shattering probe's derived interval
+# (1.35 x 256 / batch / 1% steps) exceeds these runs, so its probes (before the first step and at the end of
+# fit) are outside the timed window. Data loading runs in worker processes
 # (num_workers = min(8, CPUs - 1)) so the GPU, not the PNG decoding, sets the pace on a decent machine; if
 # "loader-bound" is printed, the timing measures the input pipeline, and the overhead is understated.
 # A GPU run writes benchmarks/results/gpu_check.json and gpu_check.md.
@@ -266,4 +268,21 @@ if on_gpu and not args.tiny:
     ):
         print(f"\ngpu_check: {' '.join(command)}", flush=True)
         subprocess.run([sys.executable, *command], check=True)
+# Issue 25 (written in a session without a GPU, not yet run; no GPU figure exists until it has): the three
+# monitors at their default schedules add no host synchronisation on the steps that do not log, checked
+# on the GPU with torch.cuda.set_sync_debug_mode("error") on every quiet step (tests/test_sync_free_monitors.py
+# with SYNC_FREE_DEVICE=cuda: bf16-mixed, channels_last; tests/test_sync_free_tasks.py too if it reads
+# the same variable); then the monitors' cost table of benchmarks/bench_monitors.py --sweep on the GPU
+# (bf16-mixed, channels_last, wall time synchronised at the block boundaries only), written to
+# benchmarks/results/monitors_cuda.{md,json}. About 6-10 minutes on one H100 (rows of tiny networks are
+# kernel-launch bound there: their per-step share is the one to read).
+if on_gpu and not args.tiny:
+    env = {**os.environ, "SYNC_FREE_DEVICE": "cuda"}
+    tests = [t for t in ("tests/test_sync_free_monitors.py", "tests/test_sync_free_tasks.py") if Path(t).exists()]
+    print(f"\ngpu_check: sync-free tests on the GPU: {' '.join(tests)}", flush=True)
+    subprocess.run([sys.executable, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider"], check=True, env=env)
+    command = ["benchmarks/bench_monitors.py", "--sweep", "--device", "cuda", "--null", "--cycles", "4",
+               "--row-seconds", "15", "--threads", str(min(4, os.cpu_count() or 1))]
+    print(f"\ngpu_check: {' '.join(command)}", flush=True)
+    subprocess.run([sys.executable, *command], check=True)
 PYTHON_EOF

@@ -32,6 +32,7 @@ from .core import (
     PackedStats,
     ShiftedMoments,
     StatsPacker,
+    is_compiled,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -175,12 +176,15 @@ class ActivationVarianceMonitor(MonitorCallback):
         vanish_growth: per-block growth below which it is reported as vanishing.
         dead_threshold: fraction of dead channels in a layer that makes a finding.
         sample_every_n_steps: record one optimizer step in every ``k`` (all its micro-batches; the cost
-            scales with ``1/k``). The default 2 keeps the monitor near 3% of a step on CPU ResNet-18s
-            (every step costs ~5%, measured with ``benchmarks/bench_monitors.py``); a logging interval of 50
-            steps still averages 25 full batches. Use 1 for statistics of every batch, and to pin a
-            non-finite value to the exact step and module: with ``k > 1`` a NaN born in an unrecorded step
-            is seen at the next recorded one, where it may already have spread upstream through the
-            weights update.
+            scales with ``1/k``). ``None`` (default): the cost-derived schedule of
+            :class:`~lightning_convnets.callbacks.core.MonitorCallback`: every step for the first
+            ``dense_steps`` (50), then one in 50 (or one per logging interval if shorter), which keeps the
+            monitor well under 1% of a step (``docs/monitors.md``, "Schedules and cost"). Use 1 for
+            statistics of every batch, and to pin a non-finite value to the exact step and module: with
+            ``k > 1`` a NaN born in an unrecorded step is seen at the next recorded one, where it may
+            already have spread upstream through the weights update.
+        dense_steps: steps recorded every step at the start (default 50 with the default schedule, 0 with
+            an explicit ``sample_every_n_steps``).
         max_history: history cap (entries; an entry holds ~10 numbers per target, ~100 for a ResNet-18,
             and goes into every checkpoint); see :class:`~lightning_convnets.callbacks.core.MonitorCallback`.
         num_curves: curves (history entries, evenly spaced) in the variance-vs-depth plot.
@@ -212,11 +216,12 @@ class ActivationVarianceMonitor(MonitorCallback):
         explode_growth: float = diagnosis.EXPLODE_GROWTH,
         vanish_growth: float = diagnosis.VANISH_GROWTH,
         dead_threshold: float = 0.25,
-        sample_every_n_steps: int = 2,
+        sample_every_n_steps: int | None = None,
         max_history: int = 256,
         num_curves: int = 6,
         train_only: bool = True,
         strict: bool | None = None,
+        dense_steps: int | None = None,
     ) -> None:
         super().__init__(
             log_every_n_steps=log_every_n_steps,
@@ -224,6 +229,7 @@ class ActivationVarianceMonitor(MonitorCallback):
             sample_every_n_steps=sample_every_n_steps,
             train_only=train_only,
             strict=strict,
+            dense_steps=dense_steps,
         )
         if not explode_growth > 1:
             raise MonitorConfigError(f"ActivationVarianceMonitor: explode_growth must be > 1, got {explode_growth}")
@@ -287,7 +293,7 @@ class ActivationVarianceMonitor(MonitorCallback):
             return
         self._moments = {}
         self._bank = MomentBank()
-        self._bank_allowed = not _is_compiled(pl_module)  # compiled graphs keep the tensors they traced
+        self._bank_allowed = not is_compiled(pl_module)  # compiled graphs keep the tensors they traced
         self._slot_target = []
         self._aliases = _identity_aliases(pl_module, self.targets)
         out: Callable[..., Any] = lambda a, o: o  # noqa: E731
@@ -375,8 +381,7 @@ class ActivationVarianceMonitor(MonitorCallback):
             last_sum[0], last_sum[1] = None, 0
 
         self.add_hook(add, add_hook, guard=False)
-        self.add_hook(block, block_hook)
-        block_handle = self._handles[-1]
+        block_handle = self.add_hook(block, block_hook)
 
     def _hook(
         self, module: nn.Module, selects: list[tuple[str, Callable[..., Any]]], pre: bool = False
@@ -425,6 +430,8 @@ class ActivationVarianceMonitor(MonitorCallback):
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         # the forward is over: the bank's reused difference buffer goes before the backward's peak
+        if not self._recording:  # a quiet step used no buffer
+            return
         bank = getattr(self, "_bank", None)  # none before attach, or when the monitor stepped aside
         if bank is not None:
             bank.release()
@@ -434,12 +441,8 @@ class ActivationVarianceMonitor(MonitorCallback):
         # first non-finite entry, in target order, of all states concatenated is the first module that
         # produced NaN/Inf in this step. A handful of tensor ops per step, no host sync.
         if self._bank.ready:  # one flat buffer: no concatenation per batch
-            state = self._bank.state
-            # on the CPU a host read costs nothing: skip the search when every state is finite, which their
-            # total tells in one op (NaN or Inf in any entry makes it non-finite; a finite total cannot
-            # overflow from float32 data, and if it did the search would merely find nothing)
-            if state.device.type == "cpu" and math.isfinite(float(state[1:].sum())):
-                return
+            # the same few tensor ops on every device and step: no host read (a CPU-only shortcut would hide
+            # from the CPU tests what a GPU pays)
             found = self._bank.first_nonfinite_slot()
             if self._nf_code is None:
                 self._nf_code = torch.full((), _NO_NONFINITE, dtype=torch.float64, device=found.device)
@@ -447,7 +450,8 @@ class ActivationVarianceMonitor(MonitorCallback):
                 self._nf_segments = torch.tensor(self._slot_target, dtype=torch.float64, device=found.device)
                 self._nf_layout = ("bank",)
             fresh = found[0].bool() & (self._nf_code >= _NO_NONFINITE)
-            target = self._nf_segments[found[1]]
+            # index_select, not [tensor]: indexing with a 0-d tensor reads it on the host
+            target = torch.index_select(self._nf_segments, 0, found[1:2])[0]
             self._nf_code = torch.where(fresh, step * _STEP_SCALE + target, self._nf_code)
             return
         states = [(key, m.state) for key, m in self._moments.items() if m.state is not None]
@@ -464,7 +468,7 @@ class ActivationVarianceMonitor(MonitorCallback):
         if self._nf_code is None:
             self._nf_code = torch.full((), _NO_NONFINITE, dtype=torch.float64, device=device)
         bad = ~torch.isfinite(torch.cat([state[1:].reshape(-1) for _, state in states]))
-        target = self._nf_segments[torch.argmax(bad.to(torch.uint8))]
+        target = torch.index_select(self._nf_segments, 0, torch.argmax(bad.to(torch.uint8)).reshape(1))[0]
         fresh = bad.any() & (self._nf_code >= _NO_NONFINITE)
         self._nf_code = torch.where(fresh, step * _STEP_SCALE + target, self._nf_code)
 
@@ -682,13 +686,6 @@ def _identity_aliases(model: nn.Module, targets: list[_Target]) -> dict[str, str
         if previous is not None:
             aliases[f"{index}/shortcut"] = f"{previous}/out"
     return aliases
-
-
-def _is_compiled(model: nn.Module) -> bool:
-    """Whether ``model`` runs compiled graphs (Lightning's ``from_compiled`` or a compiled submodule)."""
-    if getattr(model, "_compiler_ctx", None):
-        return True
-    return any(type(m).__name__ == "OptimizedModule" for m in model.modules())
 
 
 def _ratio(a: float, b: float) -> float:

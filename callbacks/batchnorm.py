@@ -303,7 +303,13 @@ class BatchNormDriftMonitor(MonitorCallback):
             disagree, when the spread is also well above the batch-noise floor (``rank_noise_ratio`` > 10).
         drift_threshold: ``mean_drift`` per interval at the end of training above which statistics are
             reported as still drifting.
-        sample_every_n_steps: record one optimizer step in every ``k``.
+        sample_every_n_steps: record one optimizer step in every ``k`` (it only needs the running
+            statistics just before and after a recorded step). ``None`` (default): the cost-derived schedule
+            of :class:`~lightning_convnets.callbacks.core.MonitorCallback`, every step for the first
+            ``dense_steps`` (50), then one in 50 (or one per logging interval if shorter). ``mean_drift`` /
+            ``var_drift`` still span the whole interval (they compare the running statistics at its ends).
+        dense_steps: steps recorded every step at the start (default 50 with the default schedule, 0 with
+            an explicit ``sample_every_n_steps``).
         max_history: history cap (entries).
         strict: re-raise unexpected exceptions instead of switching off (see
             :class:`~lightning_convnets.callbacks.core.MonitorCallback`).
@@ -336,9 +342,10 @@ class BatchNormDriftMonitor(MonitorCallback):
         var_ratio_threshold: float = 2.0,
         rank_threshold: float = diagnosis.RANK_THRESHOLD,
         drift_threshold: float = 0.1,
-        sample_every_n_steps: int = 1,
+        sample_every_n_steps: int | None = None,
         max_history: int = 1000,
         strict: bool | None = None,
+        dense_steps: int | None = None,
     ) -> None:
         super().__init__(
             log_every_n_steps=log_every_n_steps,
@@ -346,6 +353,7 @@ class BatchNormDriftMonitor(MonitorCallback):
             sample_every_n_steps=sample_every_n_steps,
             train_only=True,  # an eval-mode BN does not update: nothing to recover
             strict=strict,
+            dense_steps=dense_steps,
         )
         if sync not in (None, "broadcast", "pooled"):
             raise MonitorConfigError(

@@ -440,10 +440,37 @@ def shattering_profile(
 # The monitor
 # ----------------------------------------------------------------------------------------------------
 
-DEFAULT_EVERY_N_STEPS = 200
-"""Probe interval (optimizer steps) of :class:`GradientShatteringMonitor`. A probe of 256 points costs
-about 2 to 3 training steps of a ResNet-18 at batch 64 (measured, see the class docstring), so one probe
-per 200 steps is ~1.5% of training time: under the 3% budget with a margin for noisier hardware."""
+DEFAULT_EVERY_N_STEPS = None
+"""Probe interval of :class:`GradientShatteringMonitor` by default: ``None``, derived from the batch size
+(:func:`default_probe_interval`) so that a probe costs at most ~1% of the training between probes."""
+
+PROBE_BUDGET = 0.01
+"""Share of the training time between probes that one default-scheduled probe may cost."""
+
+PROBE_POINT_COST = 1.35
+"""CPU cost of one probe point in training samples (forward, backward and SGD of one image): a probe of K
+points costs ``PROBE_POINT_COST * K / batch`` training steps. Measured (``bench_monitors.py --sweep``,
+one thread, batch 16, K = 256): 0.69 to 1.31 across preact ResNet-18..200 and ResNet-152 at 32 and 64 px;
+the constant takes the worst with a margin."""
+
+
+def default_probe_interval(num_points: int, batch_size: int, accumulate_grad_batches: int = 1) -> int:
+    """Optimizer steps between probes such that one probe of ``num_points`` costs at most
+    ``PROBE_BUDGET`` of the training between probes: ``PROBE_POINT_COST * num_points / (batch_size *
+    accumulate_grad_batches) / PROBE_BUDGET``, rounded up to a multiple of 100 (at least 100).
+
+    Example:
+        >>> default_probe_interval(256, 16), default_probe_interval(256, 64), default_probe_interval(256, 128)
+        (2200, 600, 300)
+    """
+    if batch_size < 1 or accumulate_grad_batches < 1:
+        raise ValueError(
+            f"default_probe_interval: batch_size and accumulate_grad_batches must be >= 1, got {batch_size}, "
+            f"{accumulate_grad_batches}"
+        )
+    steps = PROBE_POINT_COST * num_points / (batch_size * accumulate_grad_batches) / PROBE_BUDGET
+    return max(100, math.ceil(steps / 100 - 1e-9) * 100)
+
 
 _RECENT_PROBES = 3  # the diagnosis judges the mean rho(1) of this many latest probes
 
@@ -510,13 +537,15 @@ class GradientShatteringMonitor(MonitorCallback):
     ``"eval"`` mode, one batch in ``"batch"`` mode); the backward computes input gradients only. Measured
     in process CPU time (one thread) at 32x32 against training steps of batch 64 (forward, backward, SGD),
     one probe of 256 points costs 2.8 (``"eval"``) / 3.2 (``"batch"``) steps of a CIFAR-stem ResNet-18
-    of width 16 and 2.2 / 2.1 steps of a timm ResNet-18. Staying under 3% needs ``every_n_steps`` >= ~110;
-    the default 200 costs ~1.5%. Cost scales with ``num_points`` / training batch size: with a training
-    batch of 16, use ~4x the interval (at the default, width-8 ResNets of 18 to 200 layers pay +5.5% to
-    +10.5% amortised: ``bench_monitors.py --sweep``).
+    of width 16 and 2.2 / 2.1 steps of a timm ResNet-18: a probe costs ~``1.35 * num_points / batch`` steps
+    at worst. So by default the interval is derived from the batch size of the first batch
+    (:func:`default_probe_interval`): ~1% of the training between probes whatever the batch (2200 steps
+    at batch 16, 600 at 64, 300 at 128; fixed for the run and checkpointed), plus one probe at the end of
+    fit so the diagnosis judges the final network. An explicit ``every_n_steps`` wins (no end probe).
 
     Args:
-        every_n_steps: optimizer steps between probes (the first probe runs before the first update).
+        every_n_steps: optimizer steps between probes (the first probe runs before the first update);
+            ``None`` (default): derived from the batch size, see above.
         num_points: K, the points on the line.
         bn_mode: ``"eval"`` (running statistics: the function used at inference; points go in chunks) or
             ``"batch"`` (BN normalises over the K points, as in training and the paper).
@@ -563,7 +592,7 @@ class GradientShatteringMonitor(MonitorCallback):
 
     def __init__(
         self,
-        every_n_steps: int = DEFAULT_EVERY_N_STEPS,
+        every_n_steps: int | None = DEFAULT_EVERY_N_STEPS,
         num_points: int = 256,
         bn_mode: BNMode = "eval",
         probe: Tensor | tuple[Tensor, Tensor | None] | None = None,
@@ -579,9 +608,10 @@ class GradientShatteringMonitor(MonitorCallback):
         seed: int = 0,
         strict: bool | None = None,
     ) -> None:
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise MonitorConfigError(
-                f"GradientShatteringMonitor: every_n_steps must be an int >= 1, got {every_n_steps!r}"
+                f"GradientShatteringMonitor: every_n_steps must be an int >= 1 or None (derived from the batch "
+                f"size), got {every_n_steps!r}"
             )
         if bn_mode not in _BN_MODES:
             raise MonitorConfigError(
@@ -616,6 +646,7 @@ class GradientShatteringMonitor(MonitorCallback):
         self.first_profile: dict[str, Any] | None = None
         self.last_profile: dict[str, Any] | None = None
         self._last_probe_step = -1
+        self.probe_interval: int | None = every_n_steps  # the schedule in force (derived at the first batch)
 
     @staticmethod
     def _split_probe(probe: Any) -> tuple[Tensor, Tensor | None]:
@@ -742,6 +773,10 @@ class GradientShatteringMonitor(MonitorCallback):
             return
         if self.start is None:
             self.capture_probe(batch)
+        if self.probe_interval is None:  # fixed once, from the first batch; checkpointed
+            size = int(batch_inputs(batch, self.input_key).shape[0])
+            accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+            self.probe_interval = default_probe_interval(self.num_points, size, accumulate)
         if self._last_probe_step < 0:
             self._probe_and_record(trainer, pl_module)
 
@@ -750,11 +785,21 @@ class GradientShatteringMonitor(MonitorCallback):
     ) -> None:
         step = trainer.global_step
         # with gradient accumulation several micro-batches share a global_step: probe once per step
-        if self.enabled and step != self._last_probe_step and step % self.every_n_steps == 0:
+        every = self.probe_interval or self.every_n_steps or 1
+        if self.enabled and step != self._last_probe_step and step % every == 0:
             self._probe_and_record(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Nothing to flush: every probe is logged when it runs."""
+        """Every probe is logged when it runs. With the derived schedule (``every_n_steps=None``) one last
+        probe judges the network the fit ends with, unless the latest probe was at this very step."""
+        if (
+            self.every_n_steps is None
+            and self.enabled
+            and self.start is not None
+            and self._last_probe_step >= 0
+            and trainer.global_step != self._last_probe_step
+        ):
+            self._probe_and_record(trainer, pl_module)
 
     def _probe_and_record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_probe_step = trainer.global_step
@@ -858,6 +903,7 @@ class GradientShatteringMonitor(MonitorCallback):
             "first_profile": self.first_profile,
             "last_profile": self.last_profile,
             "last_probe_step": self._last_probe_step,
+            "probe_interval": self.probe_interval,
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -866,3 +912,5 @@ class GradientShatteringMonitor(MonitorCallback):
         self.first_profile = state.get("first_profile")
         self.last_profile = state.get("last_profile")
         self._last_probe_step = int(state.get("last_probe_step", -1))
+        if self.every_n_steps is None and state.get("probe_interval") is not None:
+            self.probe_interval = int(state["probe_interval"])  # the schedule the run started with

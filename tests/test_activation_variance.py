@@ -216,13 +216,13 @@ def test_bf16_mixed_with_gradient_accumulation(tmp_path):
     net.layer3[0].register_forward_hook(
         lambda m, a, out: outputs.append(out.detach().double()) if m.training else None
     )
-    monitor = ActivationVarianceMonitor(log_every_n_steps=2)
+    monitor = ActivationVarianceMonitor(log_every_n_steps=2, sample_every_n_steps=2)
     trainer = _trainer(tmp_path, [monitor], max_steps=4, precision="bf16-mixed", accumulate_grad_batches=2)
     trainer.fit(Wrapper(net), _data(n=32))
     assert [e["step"] for e in monitor.history] == [2.0, 4.0]
     assert monitor.collectives == 2  # one per logging interval, none on the 6 other micro-batches
     assert outputs[0].dtype == torch.float64 and len(outputs) == 8
-    # second interval = steps 2 and 3; the default samples every other step: step 2's two micro-batches
+    # second interval = steps 2 and 3; one step in two is recorded: step 2's two micro-batches
     last = torch.cat(outputs[4:6])
     index = [t.name for t in monitor.targets].index("net.layer3.0")
     moments = monitor.last_stats[f"{index}/out"]
@@ -237,14 +237,14 @@ def _compiled_history(tmp_path, backend):
 
     torch._dynamo.reset()
     counters.clear()
-    monitor = ActivationVarianceMonitor(log_every_n_steps=1)
+    monitor = ActivationVarianceMonitor(log_every_n_steps=1, sample_every_n_steps=2)
     model = torch.compile(Wrapper(_tiny()), backend=backend)
     _trainer(tmp_path, [monitor], max_steps=3).fit(model, _data(n=12))
     return monitor.history
 
 
 def _eager_history(tmp_path):
-    monitor = ActivationVarianceMonitor(log_every_n_steps=1)
+    monitor = ActivationVarianceMonitor(log_every_n_steps=1, sample_every_n_steps=2)
     _trainer(tmp_path, [monitor], max_steps=3).fit(Wrapper(_tiny()), _data(n=12))
     return monitor.history
 
