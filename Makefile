@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # make demo TASK=classification|segmentation|detection runs one quickstart; empty or all: the three.
 TASK ?= all
 
-.PHONY: demo test bench zoo install clean
+.PHONY: demo test docs bench zoo install clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# The documentation site from docs/ (mkdocs.yml) into build/site; fails on a broken link or docstring.
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+$(VENV)/.docs-installed: $(STAMP)
+	$(BIN)/python -m pip install -e ".[docs]"
+	touch $@
 
 # Every table of benchmarks/results (CPU; a quiet machine gives the README's numbers; 20-40 min).
 bench: $(STAMP)

@@ -7,7 +7,7 @@ no download), ``torchvision_datasets.py``; ``transforms.py`` builds the albument
 The batch each task expects, the checks run in ``setup`` and the transform specs: ``docs/data.md``.
 """
 
-from .base import ConvDataModule, auto_num_workers
+from .base import ConvDataModule, auto_num_workers, carve_splits
 from .coco import CocoDetectionDataModule
 from .folders import ImageFolderDataModule, SegmentationFolderDataModule
 from .io import DataValidationError
@@ -26,4 +26,5 @@ __all__ = [
     "VOCSegmentationDataModule",
     "auto_num_workers",
     "build_pipeline",
+    "carve_splits",
 ]

@@ -1,12 +1,14 @@
 """The shared LightningDataModule base: loader settings, transforms, dataset metadata, seeded splits.
 
 Start with :class:`ConvDataModule`: it declares every argument the data modules share (they forward them
-with ``**kwargs``), builds the loaders in one place and calls the subclass's ``_build_datasets``.
+with ``**kwargs``), builds the loaders in one place and calls the two methods a subclass implements,
+``resolve_class_names`` and ``build_datasets`` (``docs/data.md``, "Write your own data module").
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -178,11 +180,13 @@ def auto_num_workers(cpus: int | None = None, processes: int = 1) -> int:
 class ConvDataModule(LightningDataModule):
     """Base of every data module here: loaders, transforms, and the metadata tasks read.
 
-    Subclasses set ``task`` and implement ``_build_datasets(splits)`` (usually with
-    :meth:`assign_datasets`) and ``_resolve_class_names()``; they take their own arguments and forward
-    the ones below with ``**kwargs``. After ``setup`` (and before it wherever the constructor arguments
-    tell), the module exposes ``num_classes``, ``class_names``, ``in_channels``, ``mean``, ``std``,
-    ``num_train_examples``.
+    Subclasses set ``task`` and implement the two extension points, :meth:`resolve_class_names` and
+    :meth:`build_datasets` (usually with :func:`carve_splits` and :meth:`assign_datasets`); they take their
+    own arguments and forward the ones below with ``**kwargs``. (The old private names
+    ``_resolve_class_names`` and ``_build_datasets`` still work for one release, with a
+    ``DeprecationWarning`` when the class is defined.) After ``setup`` (and before it wherever the
+    constructor arguments tell), the module exposes ``num_classes``, ``class_names``,
+    ``in_channels``, ``mean``, ``std``, ``num_train_examples``.
 
     Args:
         batch_size: examples per batch (all splits).
@@ -226,9 +230,9 @@ class ConvDataModule(LightningDataModule):
 
     Example (a sketch, not run by the doctests: ``make_dataset`` stands for your own dataset class):
         >>> class TinyFolder(ConvDataModule):  # doctest: +SKIP
-        ...     def _resolve_class_names(self):
+        ...     def resolve_class_names(self):
         ...         return ["a", "b"]
-        ...     def _build_datasets(self, splits):
+        ...     def build_datasets(self, splits):
         ...         for split in splits:
         ...             dataset = make_dataset(split, self.pipeline(split == "train"))
         ...             setattr(self, f"{split}_dataset", dataset)
@@ -237,6 +241,10 @@ class ConvDataModule(LightningDataModule):
     task: Literal["classification", "segmentation", "detection"] = "classification"
     default_mean: tuple[float, ...] = IMAGENET_MEAN
     default_std: tuple[float, ...] = IMAGENET_STD
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _adopt_old_extension_names(cls)
 
     def __init__(
         self,
@@ -313,7 +321,7 @@ class ConvDataModule(LightningDataModule):
     def class_names(self) -> list[str]:
         """Class names in label order (index i is label i)."""
         if self._class_names is None:
-            self._class_names = list(self._resolve_class_names())
+            self._class_names = list(self.resolve_class_names())
         return list(self._class_names)
 
     @property
@@ -343,8 +351,17 @@ class ConvDataModule(LightningDataModule):
             self.setup("fit")
         return len(self.train_dataset)  # type: ignore[arg-type]
 
-    def _resolve_class_names(self) -> Sequence[str]:
-        raise NotImplementedError
+    def resolve_class_names(self) -> Sequence[str]:
+        """Extension point: the class names in label order, read from the data (folder names, a COCO
+        json, mask values) or from the module's arguments.
+
+        Called once, on the first access to :attr:`class_names`, unless the constructor already set
+        ``self._class_names`` (names given as an argument, or fixed by the dataset). Called before any
+        dataset is built, so that :meth:`build_datasets` can use ``self.num_classes``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement resolve_class_names()")
+
+    _resolve_class_names = resolve_class_names  # the old name (deprecated): see _adopt_old_extension_names
 
     # ----------------------------------------------------------------------- transforms, loaders
     def pipeline(self, train: bool, keep_size: bool = False) -> Callable[..., dict[str, Any]]:
@@ -379,7 +396,7 @@ class ConvDataModule(LightningDataModule):
                 self.predict_dataset = self.build_predict_dataset()
         missing = [s for s in needed if getattr(self, f"{s}_dataset") is None]
         if missing:
-            self._build_datasets(missing)
+            self.build_datasets(missing)
         self._record_num_classes()
 
     def _record_num_classes(self) -> None:
@@ -417,8 +434,20 @@ class ConvDataModule(LightningDataModule):
         pipeline = self.pipeline(train=False, keep_size=not resize)
         return ImageListDataset(paths, pipeline, self.in_channels, detection=self.task == "detection")
 
-    def _build_datasets(self, splits: Sequence[str]) -> None:
-        raise NotImplementedError
+    def build_datasets(self, splits: Sequence[str]) -> None:
+        """Extension point: set ``self.<split>_dataset`` for each split of ``splits`` (a subset of
+        ``"train"``, ``"val"``, ``"test"``).
+
+        :meth:`setup` calls it with the splits its stage needs that are not built yet, and
+        :meth:`load_state_dict` again when a checkpoint's split seed differs. Scan and check the files
+        here (raise :class:`DataValidationError` naming a bad file), carve the splits the data has no files
+        for (:func:`carve_splits`, seeded by ``self.seed``) and wrap each split in a dataset whose
+        transform is ``self.pipeline(train=split == "train")``; :meth:`assign_datasets` does the last step
+        and refuses an empty split.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement build_datasets(splits)")
+
+    _build_datasets = build_datasets  # the old name (deprecated): see _adopt_old_extension_names
 
     def assign_datasets(
         self,
@@ -475,7 +504,7 @@ class ConvDataModule(LightningDataModule):
             for split in built:
                 setattr(self, f"{split}_dataset", None)
             if built:
-                self._build_datasets(built)
+                self.build_datasets(built)
         now = self.identity_state()
         for key in ("class_names", "category_ids"):
             if key in state_dict and key in now and list(state_dict[key]) != list(now[key]):
@@ -526,7 +555,10 @@ class ConvDataModule(LightningDataModule):
         self, dataset: Dataset | None, split: str, shuffle: bool, batch_size: int | None = None
     ) -> DataLoader:
         if dataset is None:
-            raise RuntimeError(f"{type(self).__name__} has no {split} split; call setup() first")
+            raise RuntimeError(
+                f"{type(self).__name__} has no {split} split: call setup() first, or, if it ran, "
+                f"{type(self).__name__}.build_datasets built no {split}_dataset (the data has no {split} split)"
+            )
         sampler = self._training_sampler(dataset) if shuffle else None
         workers = self.loader_workers
         return DataLoader(
@@ -562,4 +594,33 @@ class ConvDataModule(LightningDataModule):
             self.predict_dataset = self.build_predict_dataset()
         return self._loader(
             self.predict_dataset, "predict", shuffle=False, batch_size=self._predict_batch_size
+        )
+
+
+# The extension points' old private names, kept for one release: new name -> old name.
+_OLD_EXTENSION_NAMES = {"build_datasets": "_build_datasets", "resolve_class_names": "_resolve_class_names"}
+
+
+def _adopt_old_extension_names(cls: type) -> None:
+    """Keep a subclass written against the old private names working, with one ``DeprecationWarning`` per
+    class: its ``_build_datasets`` / ``_resolve_class_names`` becomes its ``build_datasets`` /
+    ``resolve_class_names`` (when it defines both names, the new one is used). A class defining a new name
+    gets the old one as an alias, so that an old-style subclass calling ``super()._build_datasets(splits)``
+    reaches it."""
+    own = vars(cls)
+    renamed = []
+    for new, old in _OLD_EXTENSION_NAMES.items():
+        if old in own and new not in own:
+            setattr(cls, new, own[old])
+            renamed.append(f"{old} -> {new}")
+        elif old in own:
+            renamed.append(f"{old} -> {new} (both defined: {old} is not called)")
+        elif new in own:
+            setattr(cls, old, own[new])
+    if renamed:
+        warnings.warn(
+            f"{cls.__qualname__} overrides the deprecated private extension points of ConvDataModule; "
+            f"rename them ({', '.join(renamed)}): the old names stop being called in the next release",
+            DeprecationWarning,
+            stacklevel=3,
         )

@@ -252,7 +252,7 @@ class CocoDetectionDataModule(ConvDataModule):
             self._category_ids, self._class_names = coco_categories(self.sources["train"][1])
         return list(self._category_ids)
 
-    def _resolve_class_names(self) -> Sequence[str]:
+    def resolve_class_names(self) -> Sequence[str]:
         ids = self.category_ids
         if self._class_names is not None:
             return self._class_names
@@ -260,7 +260,7 @@ class CocoDetectionDataModule(ConvDataModule):
         by_id = dict(zip(json_ids, json_names))
         return [by_id.get(i, str(i)) for i in ids]
 
-    def _build_datasets(self, splits: Sequence[str]) -> None:
+    def build_datasets(self, splits: Sequence[str]) -> None:
         images, annotations = self.sources["train"]
         outside = self.allow_symlinks_outside_root
         records = {

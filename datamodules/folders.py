@@ -163,7 +163,7 @@ class ImageFolderDataModule(ConvDataModule):
         root = _dataset_root(self)
         return _find_split_dir(root, "train") or root
 
-    def _resolve_class_names(self) -> Sequence[str]:
+    def resolve_class_names(self) -> Sequence[str]:
         return class_folders(self._train_dir())
 
     def _split_samples(self) -> dict[str, list[tuple[Path, int]]]:
@@ -177,7 +177,7 @@ class ImageFolderDataModule(ConvDataModule):
         fractions = {"val": self.val_fraction, "test": self.test_fraction}
         return carve_splits(samples, fractions, self.seed, label=lambda sample: sample[1])
 
-    def _build_datasets(self, splits: Sequence[str]) -> None:
+    def build_datasets(self, splits: Sequence[str]) -> None:
         def make(split: str, samples: Sequence[tuple[Path, int]]) -> ClassificationDataset:
             for path, _ in samples:
                 check_inside_root(path, self.root, self.allow_symlinks_outside_root, "image")
@@ -252,7 +252,7 @@ class SegmentationFolderDataModule(ConvDataModule):
                 pairs[split] = scan_segmentation_folder(folder, self.images_dir, self.masks_dir)
         return carve_splits(pairs, {"val": self.val_fraction, "test": self.test_fraction}, self.seed)
 
-    def _resolve_class_names(self) -> Sequence[str]:
+    def resolve_class_names(self) -> Sequence[str]:
         # Without names, the classes are what the masks hold: read every training mask once.
         top = -1
         for _, mask_path in self._split_pairs()["train"]:
@@ -262,7 +262,7 @@ class SegmentationFolderDataModule(ConvDataModule):
                 top = max(top, int(valid.max()))
         return [f"class_{i}" for i in range(max(top + 1, 1))]
 
-    def _build_datasets(self, splits: Sequence[str]) -> None:
+    def build_datasets(self, splits: Sequence[str]) -> None:
         num_classes = self.num_classes
 
         def make(split: str, pairs: Sequence[tuple[Path, Path]]) -> SegmentationDataset:

@@ -378,7 +378,7 @@ class ShapesDataModule(ConvDataModule):
             "seed": self.seed,
         }
 
-    def _resolve_class_names(self) -> Sequence[str]:
+    def resolve_class_names(self) -> Sequence[str]:
         return (["background"] if self.task == "segmentation" else []) + self.shapes
 
     @property
@@ -403,7 +403,7 @@ class ShapesDataModule(ConvDataModule):
             return
         self.data_dir = ensure_shapes(self.root, self.generation_params)
 
-    def _build_datasets(self, splits: Sequence[str]) -> None:
+    def build_datasets(self, splits: Sequence[str]) -> None:
         if self.data_dir is None:
             self.prepare_data()
         assert self.data_dir is not None

@@ -112,7 +112,7 @@ class CIFAR10DataModule(ConvDataModule):
             for train in (True, False):
                 CIFAR10(root=str(self.root), train=train, download=True)
 
-    def _build_datasets(self, splits: Sequence[str]) -> None:
+    def build_datasets(self, splits: Sequence[str]) -> None:
         from torchvision.datasets import CIFAR10
 
         expected = f"{self.root / 'cifar-10-batches-py'}"
@@ -175,7 +175,7 @@ class VOCSegmentationDataModule(ConvDataModule):
 
             VOCSegmentation(root=str(self.root), year=self.year, image_set="train", download=True)
 
-    def _build_datasets(self, splits: Sequence[str]) -> None:
+    def build_datasets(self, splits: Sequence[str]) -> None:
         from torchvision.datasets import VOCSegmentation
 
         expected = f"{self.root / 'VOCdevkit' / f'VOC{self.year}'} with JPEGImages/ and SegmentationClass/"
