@@ -209,6 +209,7 @@ def _make(args: list[str], state: PageState) -> str | None:
         "bench": "runs every benchmark (20-40 min); benchmarks have their own quick tests",
         "zoo": "runs the diagnosis zoo (minutes); tests/test_diagnosis.py covers its rules",
         "clean": "deletes the reader's logs",
+        "docs": "builds the documentation site (CI runs it: .ci/run)",
     }
     if target not in reasons:
         raise AssertionError(f"make {target}: unknown target for the docs runner")
