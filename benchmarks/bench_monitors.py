@@ -181,7 +181,7 @@ def run_paired(model_name: str, key: str, steps: int, warmup: int, root: str) ->
     skip = warmup // 2
     on, off = switch.times[True][skip:], switch.times[False][skip:]
     # on-steps are recorded steps; a monitor sampling one step in k costs 1/k of that at its defaults
-    from lightning_convnets.callbacks.core import DEFAULT_SAMPLE_PERIOD
+    from lightning_convnets.callbacks.schedule import DEFAULT_SAMPLE_PERIOD
 
     every = (getattr(switch.monitors[0], "sample_every_n_steps", 1) or DEFAULT_SAMPLE_PERIOD) if key != "all" else 1
     result = {"steps_on": len(on), "steps_off": len(off), "sample_every_n_steps": every}
@@ -598,7 +598,7 @@ def run_cycles(
     """One fit with the monitors toggled by :class:`CycleToggle` in blocks of ``block`` steps after a
     warm-up past the monitors' dense phase (aligned on the logging interval); then ``probes`` shattering
     probes of the fitted model, timed directly and spread over the monitor's default interval."""
-    from lightning_convnets.callbacks.core import DEFAULT_DENSE_STEPS
+    from lightning_convnets.callbacks.schedule import DEFAULT_DENSE_STEPS
 
     monitors = make()
     warmup = block * max(1, math.ceil(DEFAULT_DENSE_STEPS / block))  # the first timed block starts sparse

@@ -299,7 +299,7 @@ class ValidationCheck(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         import copy
 
-        from lightning_convnets.callbacks.core import diagnosis_for
+        from lightning_convnets.callbacks.diagnosis import diagnosis_for
 
         model = copy.deepcopy(pl_module).train()
         check = BatchNormDriftMonitor()

@@ -11,12 +11,10 @@
 """
 
 from .activation_variance import ActivationVarianceMonitor
-from .batchnorm import (
-    BatchNormDriftMonitor,
-    pool_running_stats,
-    recalibrate_batchnorm,
-)
-from .core import Diagnosis, Finding, MonitorCallback, observers_paused
+from .batchnorm import BatchNormDriftMonitor
+from .core import MonitorCallback, observers_paused
+from .diagnosis import Diagnosis, Finding
+from .precise_bn import pool_running_stats, recalibrate_batchnorm
 from .shattering import GradientShatteringMonitor, shattering_profile
 
 __all__ = [

@@ -23,17 +23,11 @@ from torch import Tensor, nn
 from lightning_convnets.nn import ResidualAdd
 
 from . import diagnosis, plots
-from .core import (
-    Finding,
-    MomentBank,
-    Moments,
-    MonitorCallback,
-    MonitorConfigError,
-    PackedStats,
-    ShiftedMoments,
-    StatsPacker,
-    is_compiled,
-)
+from .core import MonitorCallback, MonitorConfigError
+from .diagnosis import Finding
+from .hooks import is_compiled
+from .moments import MomentBank, Moments, ShiftedMoments
+from .packing import PackedStats, StatsPacker
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl

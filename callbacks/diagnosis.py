@@ -1,25 +1,35 @@
-"""The judging rules of the three monitors: what their measurements mean, as findings.
+"""Findings and the rules that produce them: what the monitors' measurements mean.
 
-The monitors *measure*, this module *judges*, :mod:`lightning_convnets.callbacks.plots` *draws*. Every
-rule is one small function taking plain numbers and returning one
-:class:`~lightning_convnets.callbacks.core.Finding` (with a machine-readable ``kind``, the ``KIND_*``
-constants) or ``None``; thresholds are module constants passed as arguments. Start with
-:func:`variance_growth_shape` (exponential vs linear growth, told apart by the shape of the increments).
-The reasoning behind each rule is in ``docs/monitors.md``; the zoo that scores them is
-``benchmarks/diagnosis_zoo.py``.
+Owns :class:`Finding` (one line of the report, with a machine-readable ``kind``: the ``KIND_*``
+constants), :class:`Diagnosis` (every monitor's findings of one run, printed and written once at the end
+of fit; :func:`diagnosis_for` gives a trainer's) and the judging rules. The monitors *measure*, this
+module *judges*, :mod:`lightning_convnets.callbacks.plots` *draws*. Every rule is one small function
+taking plain numbers and returning one :class:`Finding` or ``None``; thresholds are module constants
+passed as arguments. Start with :func:`variance_growth_shape` (exponential vs linear growth, told apart by
+the shape of the increments). The reasoning behind each rule is in ``docs/monitors.md``; the zoo that
+scores them is ``benchmarks/diagnosis_zoo.py``.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
-from .core import Finding
+from lightning.pytorch.utilities import rank_zero_warn
+
+if TYPE_CHECKING:  # pragma: no cover
+    import lightning.pytorch as pl
 
 __all__ = [
     "DepthPoint",
+    "Diagnosis",
+    "Finding",
     "GrowthShape",
     "bn_noisy_batch_stats",
     "bn_rank_disagreement",
@@ -29,9 +39,14 @@ __all__ = [
     "bn_zshift_spike",
     "constant_gradient",
     "dead_relus",
+    "diagnosis_for",
     "dominant_branches",
+    "forget_diagnosis",
+    "log_dir",
+    "monitor_error",
     "nonfinite_activation",
     "nonfinite_gradient",
+    "not_applicable",
     "shattering_decline",
     "shattering_verdict",
     "variance_growth",
@@ -58,6 +73,198 @@ KIND_BN_RANK_DISAGREEMENT = "bn_rank_disagreement"
 KIND_BN_DRIFT = "bn_drift"
 KIND_BN_NOISY_BATCH_STATS = "bn_noisy_batch_stats"
 KIND_MONITOR_ERROR = "monitor_error"
+KIND_NOT_APPLICABLE = "not_applicable"
+
+# ------------------------------------------------------------------------------ findings and the report
+Severity = Literal["info", "warning", "error"]
+_SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
+
+
+@dataclass
+class Finding:
+    """One line of the diagnosis.
+
+    Args:
+        monitor: the monitor that found it (its ``monitor_name``).
+        severity: ``"error"`` (training is broken: NaN/Inf), ``"warning"`` (likely to hurt), ``"info"``.
+        layers: the layer names concerned (module names in the LightningModule).
+        message: what was measured, with the numbers.
+        suggestion: a concrete thing to try.
+        step: the optimizer step it refers to, if any.
+        values: the key numbers, for machine reading (``diagnosis.json``).
+        kind: what was found, machine-readable (``"variance_exponential"``, ``"shattered"``,
+            ``"nonfinite"``...: the constants of :mod:`lightning_convnets.callbacks.diagnosis`); ``""`` when
+            unclassified. Tools (and the diagnosis zoo) match on it rather than on the wording.
+
+    Example:
+        >>> Finding("activation_variance", "warning", ["net.layer3"], "variance grows 1.9x per block",
+        ...         "add BN or scale the residual branch", kind="variance_exponential").severity
+        'warning'
+    """
+
+    monitor: str
+    severity: Severity
+    layers: list[str]
+    message: str
+    suggestion: str = ""
+    step: int | None = None
+    values: dict[str, float] = field(default_factory=dict)
+    kind: str = ""
+
+    def __post_init__(self) -> None:
+        if self.severity not in _SEVERITY_ORDER:
+            raise ValueError(
+                f"Finding.severity must be one of {list(_SEVERITY_ORDER)}, got {self.severity!r}"
+            )
+        self.layers = list(self.layers)
+
+
+class Diagnosis:
+    """The findings of every monitor of one run, rendered once at the end of fit.
+
+    Example:
+        >>> d = Diagnosis()
+        >>> d.add([Finding("m", "info", ["layer1"], "all good")])
+        >>> "layer1" in d.to_markdown()
+        True
+    """
+
+    def __init__(self) -> None:
+        self.findings: list[Finding] = []
+        self.contributors: set[int] = set()  # ids of the monitors that added their findings
+
+    def add(self, findings: list[Finding]) -> None:
+        self.findings.extend(findings)
+
+    def sorted(self) -> list[Finding]:
+        return sorted(self.findings, key=lambda f: (_SEVERITY_ORDER[f.severity], f.monitor))
+
+    def to_markdown(self) -> str:
+        lines = [
+            "# Diagnosis",
+            "",
+            "| severity | monitor | kind | layers | finding | suggestion |",
+            "|---|---|---|---|---|---|",
+        ]
+        for f in self.sorted():
+            layers = ", ".join(f.layers) or "-"
+            cells = [f.severity, f.monitor, f.kind or "-", layers, f.message, f.suggestion or "-"]
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        if not self.findings:
+            lines.append("| info | - | - | - | no monitor reported anything | - |")
+        return "\n".join(lines) + "\n"
+
+    def table(self) -> Any:
+        """The findings as a ``rich.table.Table``."""
+        from rich.table import Table
+
+        table = Table(title="lightning-convnets diagnosis", show_lines=True)
+        for column in ("severity", "monitor", "layers", "finding", "suggestion"):
+            table.add_column(column, overflow="fold")
+        colour = {"error": "bold red", "warning": "yellow", "info": "green"}
+        for f in self.sorted():
+            table.add_row(
+                f"[{colour[f.severity]}]{f.severity}[/]",
+                f.monitor,
+                ", ".join(f.layers) or "-",
+                f.message,
+                f.suggestion or "-",
+            )
+        return table
+
+    def write(self, directory: str | Path) -> Path:
+        """Write ``diagnosis.md`` and ``diagnosis.json`` into ``directory``; returns the markdown path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "diagnosis.json").write_text(json.dumps([asdict(f) for f in self.sorted()], indent=2))
+        path = directory / "diagnosis.md"
+        path.write_text(self.to_markdown())
+        return path
+
+    def blocks(self) -> Any:
+        """The findings as one block of text per finding (``rich`` renderables): a heading with the
+        severity, monitor and kind, then the finding as a sentence, the layers and the suggestion, each
+        wrapped to the console's width. Reads at 80 columns, where the five-column :meth:`table` folds
+        every cell into a narrow strip."""
+        from rich.console import Group
+        from rich.padding import Padding
+        from rich.text import Text
+
+        colour = {"error": "bold red", "warning": "bold yellow", "info": "green"}
+        parts: list[Any] = [Text("lightning-convnets diagnosis", style="bold")]
+        if not self.findings:
+            parts.append(Text("no monitor reported anything"))
+        for f in self.sorted():
+            head = Text()
+            head.append(f.severity.upper(), style=colour[f.severity])
+            head.append(f"  {f.monitor}" + (f" / {f.kind}" if f.kind else ""), style="bold")
+            body = [Text(f.message)]
+            if f.layers:
+                body.append(Text("layers: " + ", ".join(f.layers), style="dim"))
+            if f.suggestion:
+                body.append(Text("try: " + f.suggestion, style="italic"))
+            parts.extend([Text(""), head, Padding(Group(*body), (0, 0, 0, 2))])
+        return Group(*parts)
+
+    def contribute(
+        self, trainer: pl.Trainer, monitor: object, monitors: Sequence[object], strict: bool = False
+    ) -> None:
+        """Note that ``monitor`` added its findings; once every one of ``monitors`` has, print and write the
+        report (global rank zero, into the run's :func:`log_dir`) and forget it. A failure to print or write
+        is a warning (the report is the last thing of a fit: it never ends one), raised with ``strict``."""
+        self.contributors.add(id(monitor))
+        if not all(id(m) in self.contributors for m in monitors):
+            return
+        if trainer.is_global_zero:
+            try:
+                self.print()
+                self.write(log_dir(trainer))
+            except Exception as err:
+                if strict:
+                    raise
+                rank_zero_warn(f"lightning-convnets: could not print or write the diagnosis: {err}")
+        forget_diagnosis(trainer)
+
+    def print(self) -> None:
+        """Print the findings (rank zero), one block per finding (:meth:`blocks`)."""
+        from rich.console import Console
+
+        Console().print(self.blocks())
+
+
+_DIAGNOSES: weakref.WeakKeyDictionary[Any, Diagnosis] = weakref.WeakKeyDictionary()
+
+
+def monitor_error(monitor: str, message: str, suggestion: str, step: int | None) -> Finding:
+    """The ``error`` row of a monitor that switched itself off (its guard caught ``message``)."""
+    return Finding(monitor, "error", [], message, suggestion, step=step, kind=KIND_MONITOR_ERROR)
+
+
+def not_applicable(monitor: str, reason: str, suggestion: str = "") -> Finding:
+    """The ``info`` row of a monitor that stepped aside: the model gives it nothing to measure."""
+    return Finding(monitor, "info", [], reason, suggestion, kind=KIND_NOT_APPLICABLE)
+
+
+def diagnosis_for(trainer: pl.Trainer) -> Diagnosis:
+    """The shared :class:`Diagnosis` of ``trainer`` (created on first use)."""
+    report = _DIAGNOSES.get(trainer)
+    if report is None:
+        report = _DIAGNOSES[trainer] = Diagnosis()
+    return report
+
+
+def forget_diagnosis(trainer: pl.Trainer) -> None:
+    """Drop ``trainer``'s :class:`Diagnosis` (once it is written: the next fit starts a new one)."""
+    _DIAGNOSES.pop(trainer, None)
+
+
+def log_dir(trainer: pl.Trainer) -> Path:
+    """The run's log directory: the first logger's ``log_dir`` (or ``save_dir``), else the trainer's
+    ``default_root_dir``: where the diagnosis and (under ``figures/``) the PNGs go."""
+    from lightning_convnets.figures import figure_dir
+
+    return figure_dir(trainer).parent
+
 
 # ----------------------------------------------------------------------------------------- thresholds
 EXPLODE_GROWTH = 1.2

@@ -26,12 +26,12 @@ from lightning_convnets.batch import batch_inputs, describe_batch
 from . import diagnosis, plots
 from .core import (
     DEFAULT_MAX_HISTORY,
-    Finding,
     MonitorCallback,
     MonitorConfigError,
     _cached_state_key,
     observers_paused,
 )
+from .diagnosis import Finding
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl

@@ -14,8 +14,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from lightning_convnets.callbacks.batchnorm import BatchNormDriftMonitor, pool_running_stats
-from lightning_convnets.callbacks.core import StatsPacker
+from lightning_convnets.callbacks import bn_ring
+from lightning_convnets.callbacks.batchnorm import BatchNormDriftMonitor
+from lightning_convnets.callbacks.bn_ring import BatchNormRing
+from lightning_convnets.callbacks.packing import StatsPacker
+from lightning_convnets.callbacks.precise_bn import pool_running_stats
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -525,43 +528,51 @@ def test_batch_start_snapshot_logs_exactly_what_the_per_layer_copies_log(tmp_pat
     assert fast == slow
 
 
-class _ReferenceAccumulate(BatchNormDriftMonitor):
-    """The per-batch arithmetic as it was before the depth-cost work (issue 16): two concatenations cast to
-    float64, the five quantities stacked per channel and summed per layer with ``index_add_``. The
-    monitor's faster path must log exactly what this logs."""
+class _ReferenceRing(BatchNormRing):
+    """The per-batch arithmetic as it was before the depth-cost work (issue 16): each recorded batch's
+    statistics cast to float64, the five quantities stacked per channel and summed per layer with
+    ``index_add_``, batch by batch. The ring's fast path must log exactly what this logs."""
 
-    def _accumulate(self) -> None:
-        idx = self._layer_index
-        m = self._momentum_channel
-        if self._any_cumulative:
-            nbt = self._nbt()
-            m = torch.where(self._cumulative_channel, (1.0 / nbt.clamp_min(1))[idx], m)
-        mask = torch.tensor([c >= 1 for c in self._calls], dtype=torch.float64)
-        new_mean = torch.cat([lay.module.running_mean for lay in self.layers]).double()
-        new_var = torch.cat([lay.module.running_var for lay in self.layers]).double()
-        batch_mean = (new_mean - (1 - m) * self._old_mean) / m
-        batch_var_unbiased = ((new_var - (1 - m) * self._old_var) / m).clamp_min(0)
-        factors = [(n - 1) / n if n > 1 else 1.0 for n in self._elements]
-        batch_var = batch_var_unbiased * torch.tensor(factors, dtype=torch.float64)[idx]
-        scale = self._old_var + self._eps
-        z = (batch_mean - self._old_mean) / scale.sqrt()
-        ratio = (batch_var + self._eps) / scale
-        log_ratio = ratio.log()
-        kl = 0.5 * (ratio - 1 - log_ratio + z * z)
-        per_channel = torch.stack([z.abs(), z * z, log_ratio, log_ratio.abs(), kl], dim=1)
-        per_layer = torch.zeros_like(self._sums).index_add_(0, idx, per_channel) / self._channels[:, None]
-        zmax = torch.zeros_like(self._zmax).scatter_reduce_(0, idx, z.abs(), "amax", include_self=True)
-        self._sums.add_(per_layer.nan_to_num(nan=0.0) * mask[:, None])
-        self._zmax.copy_(torch.maximum(self._zmax, zmax.nan_to_num(nan=0.0) * mask))
-        self._forwards.add_(mask)
+    def flush(self) -> None:
+        idx = self.layer_index
+        for k in range(self.filled):
+            old_mean, old_var, new_mean, new_var = self.buffer[k].double()
+            called, elements = self.metas[k]
+            m = self.momentum_channel
+            if self.any_cumulative:
+                m = torch.where(self.cumulative_channel, (1.0 / self.nbt[k].clamp_min(1))[idx], m)
+            mask = torch.tensor(called, dtype=torch.float64)
+            batch_mean = (new_mean - (1 - m) * old_mean) / m
+            batch_var_unbiased = ((new_var - (1 - m) * old_var) / m).clamp_min(0)
+            factors = [(n - 1) / n if n > 1 else 1.0 for n in elements]
+            batch_var = batch_var_unbiased * torch.tensor(factors, dtype=torch.float64)[idx]
+            scale = old_var + self.eps
+            z = (batch_mean - old_mean) / scale.sqrt()
+            ratio = (batch_var + self.eps) / scale
+            log_ratio = ratio.log()
+            kl = 0.5 * (ratio - 1 - log_ratio + z * z)
+            per_channel = torch.stack([z.abs(), z * z, log_ratio, log_ratio.abs(), kl], dim=1)
+            per_layer = torch.zeros_like(self.sums).index_add_(0, idx, per_channel) / self.channels[:, None]
+            zmax = torch.zeros_like(self.zmax).scatter_reduce_(0, idx, z.abs(), "amax", include_self=True)
+            self.sums.add_(per_layer.nan_to_num(nan=0.0) * mask[:, None])
+            self.zmax.copy_(torch.maximum(self.zmax, zmax.nan_to_num(nan=0.0) * mask))
+            self.forwards.add_(mask)
+        self.filled = 0
+
+
+class _IndexAddRing(BatchNormRing):
+    """The per-layer sums as on a GPU (``index_add_``, no ``segment_reduce``)."""
+
+    def __init__(self, modules, size=1):
+        super().__init__(modules, size, segment_reduce=False)
+
+
+class _Reference(BatchNormDriftMonitor):
+    ring_class = _ReferenceRing
 
 
 class _IndexAddPath(BatchNormDriftMonitor):
-    """The per-layer sums as on a GPU (``index_add_``, no ``segment_reduce``)."""
-
-    def _allocate(self) -> None:
-        super()._allocate()
-        self._lengths = None
+    ring_class = _IndexAddRing
 
 
 @pytest.mark.parametrize(
@@ -569,7 +580,9 @@ class _IndexAddPath(BatchNormDriftMonitor):
     [(BatchNormDriftMonitor, 1), (BatchNormDriftMonitor, 3), (BatchNormDriftMonitor, 8), (_IndexAddPath, 3)],
     ids=["segments-ring1", "segments-ring3", "segments-ring8", "index_add-ring3"],
 )
-def test_per_batch_arithmetic_logs_exactly_what_the_reference_logs_on_a_deep_net(tmp_path, monitor_cls, ring):
+def test_per_batch_arithmetic_logs_exactly_what_the_reference_logs_on_a_deep_net(
+    tmp_path, monkeypatch, monitor_cls, ring
+):
     """Issue 16: the per-batch path (flat buffers, batches recorded into a ring and processed together, one
     segment reduction per quantity on the CPU, index_add_ elsewhere) against the plain per-batch reference
     on a preact ResNet-50 with mixed momenta (one cumulative layer) and a layer left out of some batches:
@@ -598,12 +611,7 @@ def test_per_batch_arithmetic_logs_exactly_what_the_reference_logs_on_a_deep_net
     def history(cls: type[BatchNormDriftMonitor]) -> tuple[list[dict[str, float]], int]:
         pl.seed_everything(0, verbose=False)
         monitor = cls(log_every_n_steps=5)
-
-        def plan_ring() -> None:  # this ring size, whatever the planner would pick for such small inputs
-            monitor._ring_planned = True
-            monitor._make_ring(ring)
-
-        monitor._plan_ring = plan_ring
+        monitor.ring_cap = ring  # this ring size, whatever the planner would pick for such small inputs
         x, y = torch.randn(48, 3, 16, 16) * 2 + 1, torch.randint(0, 3, (48,))
         x[:4, 0] = 5.0  # a constant channel in the first batch: zero batch variance
         trainer = pl.Trainer(
@@ -611,9 +619,10 @@ def test_per_batch_arithmetic_logs_exactly_what_the_reference_logs_on_a_deep_net
             enable_model_summary=False, default_root_dir=tmp_path, callbacks=[monitor],
         )  # fmt: skip
         trainer.fit(Net(), DataLoader(list(zip(x, y)), batch_size=4))
-        return monitor.history, len(monitor._ring_meta)
+        return monitor.history, monitor.ring.size
 
-    (fast, size), (reference, _) = history(monitor_cls), history(_ReferenceAccumulate)
+    monkeypatch.setattr(bn_ring, "RING_SHARE", 1e9)
+    (fast, size), (reference, _) = history(monitor_cls), history(_Reference)
     assert size == ring
     assert len(fast) == len(reference) == 3 and len(fast[0]) > 100  # steps 5, 10 and the end (12)
     assert fast == reference

@@ -9,17 +9,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import Logger
-from lightning_convnets.callbacks.core import (
-    Diagnosis,
-    Finding,
-    MomentBank,
-    MonitorCallback,
-    RunningMoments,
-    ShiftedMoments,
-    StatsPacker,
-    diagnosis_for,
-    observers_paused,
-)
+from lightning_convnets.callbacks.core import MonitorCallback, observers_paused
+from lightning_convnets.callbacks.diagnosis import Diagnosis, Finding, diagnosis_for
+from lightning_convnets.callbacks.moments import MomentBank, RunningMoments, ShiftedMoments
+from lightning_convnets.callbacks.packing import StatsPacker
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -315,3 +308,30 @@ def test_bad_arguments_are_named():
     report.add([Finding("m", "info", ["a|b"], "ok"), Finding("m", "error", ["c"], "bad", "fix it")])
     lines = report.to_markdown().splitlines()
     assert "error" in lines[4] and "a\\|b" in lines[5]
+
+
+@pytest.mark.parametrize(
+    ("name", "home"),
+    [
+        ("StatsPacker", "packing"),
+        ("PackedStats", "packing"),
+        ("ShiftedMoments", "moments"),
+        ("MomentBank", "moments"),
+        ("batch_moments", "moments"),
+        ("Finding", "diagnosis"),
+        ("Diagnosis", "diagnosis"),
+        ("diagnosis_for", "diagnosis"),
+        ("HookSpec", "hooks"),
+        ("DEFAULT_DENSE_STEPS", "schedule"),
+    ],
+)
+def test_names_moved_out_of_the_core_still_import_from_it_with_a_deprecation_warning(name, home):
+    import importlib
+
+    core = importlib.import_module("lightning_convnets.callbacks.core")
+    new = importlib.import_module(f"lightning_convnets.callbacks.{home}")
+    with pytest.warns(DeprecationWarning, match=f"callbacks.core.{name} moved to lightning_convnets.callbacks.{home}"):
+        old = getattr(core, name)
+    assert old is getattr(new, name)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        core.no_such_name  # noqa: B018

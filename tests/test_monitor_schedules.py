@@ -21,7 +21,8 @@ from lightning_convnets.callbacks import (
     BatchNormDriftMonitor,
     GradientShatteringMonitor,
 )
-from lightning_convnets.callbacks.core import DEFAULT_DENSE_STEPS, DEFAULT_SAMPLE_PERIOD, MonitorCallback
+from lightning_convnets.callbacks.core import MonitorCallback
+from lightning_convnets.callbacks.schedule import DEFAULT_DENSE_STEPS, DEFAULT_SAMPLE_PERIOD
 from lightning_convnets.callbacks.shattering import PROBE_BUDGET, PROBE_POINT_COST, default_probe_interval
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset

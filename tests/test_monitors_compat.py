@@ -27,7 +27,7 @@ from lightning_convnets.callbacks import (
     GradientShatteringMonitor,
     MonitorCallback,
 )
-from lightning_convnets.callbacks.core import diagnosis_for
+from lightning_convnets.callbacks.diagnosis import diagnosis_for
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader

@@ -9,7 +9,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning_convnets.callbacks.batchnorm import BatchNormDriftMonitor, recalibrate_batchnorm
+from lightning_convnets.callbacks.batchnorm import BatchNormDriftMonitor
+from lightning_convnets.callbacks.precise_bn import recalibrate_batchnorm
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -173,3 +174,12 @@ def test_monitor_recalibrates_before_validation(tmp_path):
     ((mean, var),) = capture.seen
     torch.testing.assert_close(mean, reference[1].running_mean)
     torch.testing.assert_close(var, reference[1].running_var)
+
+
+@pytest.mark.parametrize("name", ["recalibrate_batchnorm", "pool_running_stats", "batchnorm_layers"])
+def test_precise_bn_names_still_import_from_the_monitor_module_with_a_deprecation_warning(name):
+    from lightning_convnets.callbacks import batchnorm, precise_bn
+
+    with pytest.warns(DeprecationWarning, match=f"batchnorm.{name} moved to lightning_convnets.callbacks.precise_bn"):
+        old = getattr(batchnorm, name)
+    assert old is getattr(precise_bn, name)
