@@ -1,9 +1,11 @@
 """Activation variance per layer along the depth: the seed's "the variance doubles at each layer".
 
-:class:`ActivationVarianceMonitor` hooks the stem and every residual block it recognises (ours,
-torchvision's, timm's, and user blocks declaring ``residual_branch``), or the conv/linear layers of a
-model without blocks, and logs mean, variance, growth, branch ratio, dead channels and the first
-non-finite module. :func:`find_targets` is the target protocol; the judging lives in
+Owns :class:`ActivationVarianceMonitor`: its hooks on the stem and every residual block it recognises
+(ours, torchvision's, timm's, and user blocks declaring ``residual_branch``), or on the conv/linear layers
+of a model without blocks, and the metrics it logs (mean, variance, growth, branch ratio, dead channels,
+the first non-finite module). Which modules are measured is
+:func:`~lightning_convnets.callbacks.targets.find_targets` (the targets protocol); where the first NaN/Inf
+came from is :class:`~lightning_convnets.callbacks.nonfinite.FirstNonFinite`; the judging lives in
 :mod:`lightning_convnets.callbacks.diagnosis`. Details (targets protocol, logged keys, the non-finite
 search) are in ``docs/monitors.md``.
 """
@@ -13,140 +15,26 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_convnets.nn import ResidualAdd
-
 from . import diagnosis, plots
 from .core import MonitorCallback, MonitorConfigError
 from .diagnosis import Finding
 from .hooks import is_compiled
 from .moments import MomentBank, Moments, ShiftedMoments
+from .nonfinite import FirstNonFinite, decode
 from .packing import PackedStats, StatsPacker
+from .targets import Target, find_targets, identity_aliases
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl
     from matplotlib.figure import Figure
 
 __all__ = ["ActivationVarianceMonitor"]
-
-_STEP_SCALE = 2**20  # non-finite code = step * _STEP_SCALE + target index (exact in float64 to 2^33 steps)
-_NO_NONFINITE = float(2**53)
-
-_TYPE_ALIASES: dict[str, tuple[type[nn.Module], ...]] = {
-    "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
-    "bn": (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
-    "norm": (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm),
-    "linear": (nn.Linear,),
-    "relu": (nn.ReLU,),
-}
-
-# protocol 3: (module, class name) -> (branch-end candidates, shortcut submodule)
-_KNOWN_BLOCKS: dict[tuple[str, str], tuple[tuple[str, ...], str | None]] = {
-    ("torchvision.models.resnet", "BasicBlock"): (("bn2",), "downsample"),
-    ("torchvision.models.resnet", "Bottleneck"): (("bn3",), "downsample"),
-    ("timm.models.resnet", "BasicBlock"): (("drop_path", "se", "bn2"), "downsample"),
-    ("timm.models.resnet", "Bottleneck"): (("drop_path", "se", "bn3"), "downsample"),
-}
-
-
-@dataclass
-class _Target:
-    name: str
-    module: nn.Module
-    kind: str  # "stem", "block", "plain", "layer"
-    add: nn.Module | None = None  # protocol 1
-    sum_is_output: bool = False
-    branch: nn.Module | None = None  # protocol 2/3
-    shortcut: nn.Module | None = None
-
-    @property
-    def residual(self) -> bool:
-        return self.add is not None or self.branch is not None
-
-
-def _branch_spec(module: nn.Module) -> tuple[tuple[str, ...], str | None] | None:
-    cls = type(module)
-    declared = getattr(cls, "residual_branch", None)
-    if declared is not None:
-        names = (declared,) if isinstance(declared, str) else tuple(declared)
-        return names, getattr(cls, "residual_shortcut", None)
-    return _KNOWN_BLOCKS.get((cls.__module__, cls.__name__))
-
-
-def find_targets(
-    model: nn.Module,
-    blocks: bool = True,
-    stem: bool = True,
-    types: Sequence[str | type[nn.Module]] = (),
-    names: str | None = None,
-) -> list[_Target]:
-    """The modules the monitor measures, in definition order (see the module docstring)."""
-    classes: list[type[nn.Module]] = []
-    for entry in types:
-        if isinstance(entry, str):
-            if entry not in _TYPE_ALIASES:
-                raise MonitorConfigError(
-                    f"ActivationVarianceMonitor: types entry {entry!r} is unknown; use one of "
-                    f"{sorted(_TYPE_ALIASES)} or an nn.Module subclass"
-                )
-            classes.extend(_TYPE_ALIASES[entry])
-        elif isinstance(entry, type) and issubclass(entry, nn.Module):
-            classes.append(entry)
-        else:
-            raise TypeError(
-                f"ActivationVarianceMonitor: types entries must be str or nn.Module classes, got {entry!r}"
-            )
-    pattern = re.compile(names) if names else None
-
-    stem_name = None
-    if stem:
-        named = [n for n, _ in model.named_modules()]
-        stem_name = next((n for n in named if n.rsplit(".", 1)[-1] == "stem"), None)
-        if stem_name is None:
-            stem_name = next((n for n in named if n.rsplit(".", 1)[-1] == "maxpool"), None)
-
-    targets: list[_Target] = []
-    for name, module in model.named_modules():
-        if not name:
-            continue
-        if blocks:
-            add = next((c for c in module.children() if isinstance(c, ResidualAdd)), None)
-            spec = _branch_spec(module)
-            if add is not None:
-                targets.append(
-                    _Target(
-                        name, module, "block", add=add, sum_is_output=bool(getattr(module, "preact", False))
-                    )
-                )
-                continue
-            if spec is not None:
-                branch = next(
-                    (getattr(module, n) for n in spec[0] if getattr(module, n, None) is not None), None
-                )
-                if branch is None:
-                    raise MonitorConfigError(
-                        f"ActivationVarianceMonitor: block {name!r} ({type(module).__name__}) names its branch "
-                        f"end {spec[0]} but has no such submodule"
-                    )
-                shortcut = getattr(module, spec[1], None) if spec[1] else None
-                targets.append(_Target(name, module, "block", branch=branch, shortcut=shortcut))
-                continue
-            if hasattr(module, "add") and module.add is None and not isinstance(module, ResidualAdd):
-                targets.append(_Target(name, module, "plain"))
-                continue
-        if name == stem_name:
-            targets.append(_Target(name, module, "stem"))
-            continue
-        if (classes and isinstance(module, tuple(classes))) or (pattern is not None and pattern.search(name)):
-            targets.append(_Target(name, module, "layer"))
-    return targets
-
 
 class ActivationVarianceMonitor(MonitorCallback):
     """Per-layer activation mean and variance along the depth, residual branch ratios, dead ReLUs,
@@ -250,12 +138,10 @@ class ActivationVarianceMonitor(MonitorCallback):
         self.vanish_growth = vanish_growth
         self.dead_threshold = dead_threshold
         self.num_curves = num_curves
-        self.targets: list[_Target] = []
+        self.targets: list[Target] = []
         self._moments: dict[str, ShiftedMoments] = {}
         self._aliases: dict[str, str] = {}  # identity shortcut key -> the previous target's output key
-        self._nf_code: Tensor | None = None  # on device: step * 2^20 + target index, or _NO_NONFINITE
-        self._nf_layout: tuple[tuple[str, int], ...] = ()
-        self._nf_segments: Tensor | None = None
+        self._first_nonfinite = FirstNonFinite()  # on device: the earliest (step, target) that went NaN/Inf
         self._batch_step = 0
         self.nonfinite: dict[str, Any] | None = None  # {"step": int, "layer": str} once seen
 
@@ -289,7 +175,7 @@ class ActivationVarianceMonitor(MonitorCallback):
         self._bank = MomentBank()
         self._bank_allowed = not is_compiled(pl_module)  # compiled graphs keep the tensors they traced
         self._slot_target = []
-        self._aliases = _identity_aliases(pl_module, self.targets)
+        self._aliases = identity_aliases(pl_module, self.targets)
         out: Callable[..., Any] = lambda a, o: o  # noqa: E731
         for index, target in enumerate(self.targets):
             shortcut_key = f"{index}/shortcut"
@@ -334,12 +220,12 @@ class ActivationVarianceMonitor(MonitorCallback):
             moments.update(x)
 
     def _hook_sum_output(self, index: int, block: nn.Module, add: nn.Module, measure_shortcut: bool) -> None:
-        """A pre-activation block returns its :class:`ResidualAdd`'s sum: measure its output in the add's
-        hook, one forward hook per block instead of two (each hooked module costs a few microseconds of
-        dispatch per forward, recorded or not). Until the first recorded eager forward has shown that the
-        block called its add once and returned that very tensor, the block keeps its own hook for ``out``;
-        a block that returns something else (or calls its add twice) keeps it for good. The same tensors
-        are measured either way."""
+        """A pre-activation block returns its :class:`~lightning_convnets.nn.ResidualAdd`'s sum: measure its
+        output in the add's hook, one forward hook per block instead of two (each hooked module costs a few
+        microseconds of dispatch per forward, recorded or not). Until the first recorded eager forward has
+        shown that the block called its add once and returned that very tensor, the block keeps its own
+        hook for ``out``; a block that returns something else (or calls its add twice) keeps it for good.
+        The same tensors are measured either way."""
         out_slot, out_moments, _ = self._slots([(f"{index}/out", None)])[0]
         selects = [(f"{index}/branch", lambda a, o: a[1])]
         if measure_shortcut:
@@ -419,7 +305,7 @@ class ActivationVarianceMonitor(MonitorCallback):
             self._bank.fold()
             if not self._bank.ready and self._bank_allowed:
                 self._bank.build()  # every state has its width now: from the next batch on, the fast path
-            self._track_nonfinite(self._batch_step)
+            self._first_nonfinite.track(self._batch_step, self._bank, self._slot_target, self._moments)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -430,42 +316,6 @@ class ActivationVarianceMonitor(MonitorCallback):
         if bank is not None:
             bank.release()
 
-    def _track_nonfinite(self, step: int) -> None:
-        # Every state was finite after the previous step (or this code would have fired then), so the
-        # first non-finite entry, in target order, of all states concatenated is the first module that
-        # produced NaN/Inf in this step. A handful of tensor ops per step, no host sync.
-        if self._bank.ready:  # one flat buffer: no concatenation per batch
-            # the same few tensor ops on every device and step: no host read (a CPU-only shortcut would hide
-            # from the CPU tests what a GPU pays)
-            found = self._bank.first_nonfinite_slot()
-            if self._nf_code is None:
-                self._nf_code = torch.full((), _NO_NONFINITE, dtype=torch.float64, device=found.device)
-            if self._nf_segments is None or self._nf_layout != ("bank",):
-                self._nf_segments = torch.tensor(self._slot_target, dtype=torch.float64, device=found.device)
-                self._nf_layout = ("bank",)
-            fresh = found[0].bool() & (self._nf_code >= _NO_NONFINITE)
-            # index_select, not [tensor]: indexing with a 0-d tensor reads it on the host
-            target = torch.index_select(self._nf_segments, 0, found[1:2])[0]
-            self._nf_code = torch.where(fresh, step * _STEP_SCALE + target, self._nf_code)
-            return
-        states = [(key, m.state) for key, m in self._moments.items() if m.state is not None]
-        if not states:
-            return
-        device = states[0][1].device
-        layout = tuple((key, state.shape[1]) for key, state in states)
-        if self._nf_layout != layout:
-            ids = [int(key.split("/", 1)[0]) for key, _ in states]
-            self._nf_segments = torch.cat(
-                [torch.full((2 * c,), i, dtype=torch.float64) for i, (_, c) in zip(ids, layout)]
-            ).to(device)
-            self._nf_layout = layout
-        if self._nf_code is None:
-            self._nf_code = torch.full((), _NO_NONFINITE, dtype=torch.float64, device=device)
-        bad = ~torch.isfinite(torch.cat([state[1:].reshape(-1) for _, state in states]))
-        target = torch.index_select(self._nf_segments, 0, torch.argmax(bad.to(torch.uint8)).reshape(1))[0]
-        fresh = bad.any() & (self._nf_code >= _NO_NONFINITE)
-        self._nf_code = torch.where(fresh, step * _STEP_SCALE + target, self._nf_code)
-
     # ------------------------------------------------------------------ reduction
     def pack(self, trainer: pl.Trainer | None, pl_module: nn.Module, packer: StatsPacker) -> None:
         bank = getattr(self, "_bank", None)
@@ -474,10 +324,7 @@ class ActivationVarianceMonitor(MonitorCallback):
         for key, moments in self._moments.items():
             packer.running(key, moments)
         if packer.entries:
-            device = packer.entries[0][2][0].device
-            code = self._nf_code if self._nf_code is not None else torch.tensor(_NO_NONFINITE, device=device)
-            # step * 2^20 + target index: the min over ranks is the earliest step, then the shallowest module
-            packer.min("nonfinite", code)
+            self._first_nonfinite.pack(packer, packer.entries[0][2][0].device)
 
     def reset_interval(self) -> None:
         self._bank.reset()
@@ -524,12 +371,10 @@ class ActivationVarianceMonitor(MonitorCallback):
                 first_bad = name  # fallback when no step was tracked (e.g. NaN already in the first batch)
         if len(block_vars) >= 2:
             metrics["growth_per_block"] = _geomean_growth([v for _, v in block_vars])
-        code = stats.get("nonfinite")
-        code = float(code.min()) if isinstance(code, Tensor) else _NO_NONFINITE
-        if self.nonfinite is None and (code < _NO_NONFINITE or first_bad is not None):
-            if code < _NO_NONFINITE:
-                step, index = divmod(int(code), _STEP_SCALE)
-                layer = self.targets[index].name
+        found = decode(stats.get("nonfinite"))  # (step, target index), None while every value was finite
+        if self.nonfinite is None and (found is not None or first_bad is not None):
+            if found is not None:
+                step, layer = found[0], self.targets[found[1]].name
             else:
                 step, layer = (trainer.global_step if trainer else 0), first_bad
             self.nonfinite = {"step": step, "layer": layer}
@@ -552,8 +397,11 @@ class ActivationVarianceMonitor(MonitorCallback):
         Example:
             >>> import torch
             >>> from lightning_convnets.backbones import create_backbone
-            >>> net = create_backbone("preact_resnet18", stem="cifar", width=8, norm="none")
-            >>> m = ActivationVarianceMonitor().measure(net, torch.randn(4, 3, 16, 16))
+            >>> with torch.random.fork_rng(devices=[]):  # a fixed initialisation; the global RNG is left alone
+            ...     _ = torch.manual_seed(0)
+            ...     net = create_backbone("preact_resnet18", stem="cifar", width=8, norm="none")
+            >>> x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+            >>> m = ActivationVarianceMonitor().measure(net, x)
             >>> m["growth_per_block"] > 1.2
             True
         """
@@ -566,7 +414,7 @@ class ActivationVarianceMonitor(MonitorCallback):
         try:
             model.train()
             model(*inputs)
-            self._track_nonfinite(0)
+            self._first_nonfinite.track(0, self._bank, self._slot_target, self._moments)
             packer = StatsPacker()
             self.pack(None, model, packer)
             gathered = packer.flat().to("cpu", torch.float64).unsqueeze(0)
@@ -583,33 +431,22 @@ class ActivationVarianceMonitor(MonitorCallback):
         :mod:`lightning_convnets.callbacks.diagnosis`."""
         findings = [diagnosis.nonfinite_activation(self.nonfinite, self.monitor_name)]
         if self.history:
-            last = self.history[-1]
+            last, prefix = self.history[-1], self.monitor_name
             step = int(last["step"])
-            prefix = f"{self.monitor_name}/"
-
-            def values(key: str, kinds: tuple[str, ...] | None = None) -> dict[str, float]:
-                return {
-                    t.name: last[f"{prefix}{t.name}/{key}"]
-                    for t in self.targets
-                    if (kinds is None or t.kind in kinds) and f"{prefix}{t.name}/{key}" in last
-                }
-
-            points = [
-                diagnosis.DepthPoint(
-                    t.name,
-                    last[f"{prefix}{t.name}/var"],
-                    last.get(f"{prefix}{t.name}/shortcut_var", math.nan),
-                    last.get(f"{prefix}{t.name}/branch_var", math.nan),
-                )
-                for t in self.targets
-                if t.kind in ("block", "plain") and f"{prefix}{t.name}/var" in last
-            ]
+            names = [t.name for t in self.targets]
+            blocks = [t.name for t in self.targets if t.kind in ("block", "plain")]
             findings += [
                 diagnosis.variance_growth(
-                    points, step, self.monitor_name, self.explode_growth, self.vanish_growth
+                    diagnosis.depth_points(last, blocks, prefix), step, prefix, self.explode_growth,
+                    self.vanish_growth,
                 ),
-                diagnosis.dead_relus(values("dead_fraction"), step, self.dead_threshold, self.monitor_name),
-                diagnosis.dominant_branches(values("branch_ratio"), step, monitor=self.monitor_name),
+                diagnosis.dead_relus(
+                    diagnosis.latest_values(last, names, "dead_fraction", prefix), step, self.dead_threshold,
+                    prefix,
+                ),
+                diagnosis.dominant_branches(
+                    diagnosis.latest_values(last, names, "branch_ratio", prefix), step, monitor=prefix
+                ),
             ]
         return [f for f in findings if f is not None]
 
@@ -630,14 +467,7 @@ class ActivationVarianceMonitor(MonitorCallback):
     def extra_state(self) -> dict[str, Any]:
         # the moments' shifts and the interval's partial sums: a resumed run continues them exactly
         bank = getattr(self, "_bank", None)  # none before attach, or when the monitor stepped aside
-        if bank is not None:
-            bank.settle()
-        moments = {
-            key: {"state": m.state.detach().cpu().clone(), "shift": m.shift.detach().cpu().clone()}
-            for key, m in self._moments.items()
-            if m.state is not None and m.shift is not None
-        }
-        return {"nonfinite": self.nonfinite, "moments": moments}
+        return {"nonfinite": self.nonfinite, "moments": bank.saved() if bank is not None else {}}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.nonfinite = state.get("nonfinite")
@@ -649,37 +479,9 @@ class ActivationVarianceMonitor(MonitorCallback):
         if not restored:
             return
         self._restored_moments = {}
-        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
-        for key, saved in restored.items():
-            m = self._moments.get(key)
-            if m is None or m.state is not None or self._bank.ready:
-                continue
-            m.state = saved["state"].to(device, torch.float64)
-            m._rows = (m.state[0], m.state[1], m.state[2])
-            m.shift = saved["shift"].to(device)
-
-
-def _identity_aliases(model: nn.Module, targets: list[_Target]) -> dict[str, str]:
-    """Identity shortcuts whose input is, by construction, the previous target's output: the block follows
-    that target directly in an ``nn.Sequential``. Their Var(x) is that output's: measured once."""
-    index_of = {id(t.module): i for i, t in enumerate(targets)}
-    aliases = {}
-    for index, target in enumerate(targets):
-        identity = (target.add is not None and getattr(target.module, "downsample", False) is None) or (
-            target.branch is not None and target.shortcut is None
-        )
-        if not identity:
-            continue
-        parent_name, _, child = target.name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if not isinstance(parent, nn.Sequential):
-            continue
-        children = list(parent._modules.values())
-        position = list(parent._modules).index(child)
-        previous = index_of.get(id(children[position - 1])) if position > 0 else None
-        if previous is not None:
-            aliases[f"{index}/shortcut"] = f"{previous}/out"
-    return aliases
+        bank = getattr(self, "_bank", None)  # none when the monitor stepped aside
+        if bank is not None:
+            bank.restore(restored, next((p.device for p in pl_module.parameters()), torch.device("cpu")))
 
 
 def _ratio(a: float, b: float) -> float:

@@ -12,7 +12,6 @@ broadcast does and the costs are in ``docs/monitors.md``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -22,9 +21,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import bn_ranks, diagnosis, plots, precise_bn
 from . import core as _core
-from . import diagnosis, plots, precise_bn
-from .bn_ring import QUANTITIES, BatchNormRing
+from .bn_ring import QUANTITIES, BatchNormRing, interval_metrics
 from .core import MonitorCallback, MonitorConfigError
 from .deprecated import moved_names
 from .packing import PackedStats, StatsPacker
@@ -34,7 +33,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
     from .diagnosis import Finding
-    from .moments import Moments
 
 __all__ = ["BatchNormDriftMonitor"]
 
@@ -380,26 +378,15 @@ class BatchNormDriftMonitor(MonitorCallback):
         ring.flush()
         device = ring.sums.device
         new_mean, new_var = self._current()
-        scale = self._start_var + ring.eps
-        idx = ring.layer_index
-        drift_mean = ((new_mean - self._start_mean) ** 2 / scale).nan_to_num(nan=0.0)
-        drift_var = (((new_var + ring.eps) / scale).log() ** 2).nan_to_num(nan=0.0)
-        drift = torch.zeros(len(self.layers), 2, dtype=torch.float64, device=device)
-        drift.index_add_(0, idx, torch.stack([drift_mean, drift_var], 1))
         packer.sum("ranks", torch.ones(1, dtype=torch.float64, device=device))
         packer.sum("forwards", ring.forwards)
         packer.sum("sums", ring.sums)
         packer.max("zmax", ring.zmax)
-        packer.sum("drift", drift / ring.channels[:, None])
+        packer.sum("drift", ring.drift(self._start_mean, self._start_var, new_mean, new_var))
         packer.sum("elements", torch.tensor(self._elements, dtype=torch.float64, device=device))
         packer.sum("nbt", self._nbt())
         if self._use_cross_rank(trainer):
-            one = torch.ones((), dtype=torch.float64, device=device)
-            zeros = torch.zeros_like(new_mean)
-            packer.moments("post_mean", one, new_mean, zeros)
-            packer.moments("post_var", one, new_var, zeros)
-            packer.moments("pre_mean", one, ring.old_mean, zeros)
-            packer.moments("pre_var", one, ring.old_var, zeros)
+            bn_ranks.pack_cross_rank(packer, new_mean, new_var, ring.old_mean, ring.old_var)
 
     def reset_interval(self) -> None:
         if not self._buffers_ready:
@@ -415,66 +402,14 @@ class BatchNormDriftMonitor(MonitorCallback):
         if "sums" not in stats:
             return {}
         world = float(stats["ranks"][0])
-        forwards = stats["forwards"]
         sums = stats["sums"].reshape(len(self.layers), len(QUANTITIES))
         drift = stats["drift"].reshape(len(self.layers), 2) / world
-        elements = stats["elements"] / world
-        nbt = stats["nbt"] / world
-        cross = self._cross_rank_metrics(stats, elements, nbt) if "post_mean" in stats else None
-        metrics: dict[str, float] = {}
-        z_all, kl_all, zmax_all = [], [], []
-        for i, layer in enumerate(self.layers):
-            name = layer.name
-            f = float(forwards[i])
-            if f > 0:
-                z_shift = math.sqrt(max(float(sums[i, 1]) / f, 0.0))
-                metrics[f"{name}/z_shift"] = z_shift
-                metrics[f"{name}/z_shift_max"] = float(stats["zmax"][i])
-                metrics[f"{name}/log_var_ratio"] = float(sums[i, 2]) / f
-                metrics[f"{name}/kl"] = float(sums[i, 4]) / f
-                z_all.append(z_shift)
-                kl_all.append(metrics[f"{name}/kl"])
-                zmax_all.append(metrics[f"{name}/z_shift_max"])
-            metrics[f"{name}/mean_drift"] = math.sqrt(max(float(drift[i, 0]), 0.0))
-            metrics[f"{name}/var_drift"] = math.sqrt(max(float(drift[i, 1]), 0.0))
-            if cross is not None:
-                for key, values in cross.items():
-                    metrics[f"{name}/{key}"] = float(values[i])
-        if z_all:
-            metrics["z_shift"] = sum(z_all) / len(z_all)
-            metrics["z_shift_max"] = max(zmax_all)
-            metrics["kl"] = sum(kl_all) / len(kl_all)
-        if cross is not None:
-            metrics["rank_spread"] = float(cross["rank_spread"].max())
-            metrics["rank_noise_ratio"] = float(cross["rank_noise_ratio"].max())
-        return metrics
-
-    def _cross_rank_metrics(self, stats: PackedStats, elements: Tensor, nbt: Tensor) -> dict[str, Tensor]:
-        idx = self.ring.layer_index.cpu()
-        eps = self.ring.eps.cpu()
-        channels = self.ring.channels.cpu()
-        count = len(self.layers)
-
-        def spread(mean_key: str, var_key: str) -> tuple[Tensor, Tensor, Tensor]:
-            means: Moments = stats[mean_key]
-            ranks = means.count
-            across = means.m2 / (ranks - 1).clamp_min(1)  # unbiased variance of the rank means
-            var_r = stats[var_key].mean + eps
-            per_layer = torch.zeros(count, dtype=torch.float64).index_add_(0, idx, across / var_r)
-            return (per_layer / channels).sqrt(), across, var_r
-
-        post, across, var_r = spread("post_mean", "post_var")
-        pre, _, _ = spread("pre_mean", "pre_var")
-        momenta = torch.tensor(
-            [float(lay.module.momentum) if lay.module.momentum is not None else 0.0 for lay in self.layers],
-            dtype=torch.float64,
-        )
-        cumulative = torch.tensor([lay.module.momentum is None for lay in self.layers])
-        # variance of one rank's running mean from its own batch noise: EMA m/(2-m) var/n, cumulative var/(nT)
-        gain = torch.where(cumulative, 1.0 / nbt.clamp_min(1), momenta / (2 - momenta))
-        floor = var_r * (gain / elements.clamp_min(1))[idx]
-        ratio = torch.zeros(count, dtype=torch.float64).index_add_(0, idx, across / floor) / channels
-        return {"rank_spread": post, "rank_spread_pre": pre, "rank_noise_ratio": ratio}
+        elements, nbt = stats["elements"] / world, stats["nbt"] / world
+        modules, names = [lay.module for lay in self.layers], [lay.name for lay in self.layers]
+        cross = None
+        if "post_mean" in stats:  # cross_rank: every rank's running statistics before and after the step
+            cross = bn_ranks.cross_rank_metrics(stats, self.ring, modules, elements, nbt)
+        return interval_metrics(names, stats["forwards"], sums, stats["zmax"], drift, cross)
 
     # ------------------------------------------------------------------ acting
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -494,11 +429,7 @@ class BatchNormDriftMonitor(MonitorCallback):
         # Lightning collected the model state dict before this hook: write the synced values into it
         state = checkpoint.get("state_dict")
         if isinstance(state, dict):
-            for layer in self.layers:
-                for buffer in ("running_mean", "running_var", "num_batches_tracked"):
-                    key = f"{layer.name}.{buffer}"
-                    if key in state:
-                        state[key] = getattr(layer.module, buffer).detach().clone()
+            bn_ranks.write_running_stats(state, [(lay.name, lay.module) for lay in self.layers])
 
     @torch.no_grad()
     def sync_running_stats(self, trainer: pl.Trainer, pl_module: nn.Module | None = None) -> None:
@@ -515,89 +446,37 @@ class BatchNormDriftMonitor(MonitorCallback):
     def sync_payload(self) -> Tensor:
         """This rank's part of a sync: running means, variances, batches tracked and batch elements per
         channel of every layer, as one float64 vector (what :meth:`sync_running_stats` gathers)."""
-        device = self.layers[0].module.running_mean.device
-        mean, var = self._current()
-        elements = torch.tensor(self._elements or [0] * len(self.layers), dtype=torch.float64, device=device)
-        return torch.cat([mean, var, self._nbt(), elements])
+        return bn_ranks.sync_payload([lay.module for lay in self.layers], self._elements)
 
-    @torch.no_grad()
     def apply_sync(self, gathered: Tensor, step: int = 0) -> float:
         """Set the running statistics from every rank's :meth:`sync_payload` (``gathered``: ``[world, size]``)
-        per ``sync``: rank 0's (``"broadcast"``) or :func:`~lightning_convnets.callbacks.precise_bn.pool_running_stats` weighted by each rank's batch
-        elements per channel (``"pooled"``; equal weights and the large-n limit when unknown).
-        ``num_batches_tracked`` is rank 0's. Returns the largest spread before the sync (``rank_spread`` of
-        the worst channel, in running standard deviations)."""
-        gathered = gathered.to(torch.float64)
+        per ``sync`` (:func:`~lightning_convnets.callbacks.bn_ranks.apply_sync`: rank 0's or pooled) and
+        record the largest spread before the sync, which it returns, in :attr:`syncs`."""
         self._dirty = False
-        total, count = sum(lay.channels for lay in self.layers), len(self.layers)
-        means, variances = gathered[:, :total], gathered[:, total : 2 * total]
-        nbt = gathered[:, 2 * total : 2 * total + count]
-        elements = gathered[:, 2 * total + count :]
-        eps = torch.cat([torch.full((lay.channels,), float(lay.module.eps)) for lay in self.layers])
-        spread = means.var(0, correction=1) if len(means) > 1 else torch.zeros(total, dtype=torch.float64)
-        before = float((spread.cpu() / (variances.mean(0).cpu() + eps)).nan_to_num(nan=0.0).max().sqrt())
+        before = bn_ranks.apply_sync([lay.module for lay in self.layers], gathered, self.sync)
         self.syncs.append({"step": float(step), "rank_spread_before": before})
         self.syncs = self.syncs[-self.max_history :]
-        for i, layer in enumerate(self.layers):
-            part = slice(layer.offset, layer.offset + layer.channels)
-            if self.sync == "broadcast":
-                new_mean, new_var = means[0, part], variances[0, part]
-            else:
-                new_mean, new_var = precise_bn.pool_running_stats(means[:, part], variances[:, part], elements[:, i])
-            bn = layer.module
-            bn.running_mean.copy_(new_mean.to(bn.running_mean))
-            bn.running_var.copy_(new_var.to(bn.running_var))
-            bn.num_batches_tracked.copy_(nbt[0, i].to(bn.num_batches_tracked))
         return before
 
     def recalibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """PreciseBN on ``recalibrate_batches`` batches of the trainer's train dataloader, pooled across
-        ranks through the strategy's ``all_gather``."""
-        loader = trainer.train_dataloader
-        if loader is None:
+        ranks through the strategy's ``all_gather``
+        (:func:`~lightning_convnets.callbacks.precise_bn.recalibrate_in_fit`)."""
+        done = precise_bn.recalibrate_in_fit(trainer, pl_module, self.recalibrate_batches, self.recalibrate_forward)
+        if not done:
             rank_zero_warn("BatchNormDriftMonitor: no train dataloader to recalibrate BN with; skipped")
-            return
-
-        run = self.recalibrate_forward or precise_bn.default_forward
-
-        def forward(model: nn.Module, batch: Any) -> Any:
-            return run(model, trainer.strategy.batch_to_device(batch))
-
-        gather = trainer.strategy.all_gather if trainer.world_size > 1 else None
-        precise_bn.recalibrate_batchnorm(
-            pl_module, loader, self.recalibrate_batches, forward_fn=forward, all_gather=gather
-        )
 
     # ------------------------------------------------------------------ report
     def _series(self, layer: str, key: str) -> list[tuple[int, float]]:
-        full = f"{self.monitor_name}/{layer}/{key}"
-        return [(int(e["step"]), e[full]) for e in self.history if full in e]
+        return diagnosis.series(self.history, f"{self.monitor_name}/{layer}/{key}")
 
     def diagnose(self, trainer: pl.Trainer | None, pl_module: nn.Module | None) -> list[Finding]:
-        """Findings from the latest history entry and the z-shift series (rules of
-        :mod:`lightning_convnets.callbacks.diagnosis`): noisy batch statistics (few elements per channel
-        and large z-shifts: it explains a z-shift, which is then not reported again as a train/test shift),
-        running variance off the batch variance, batch means off the running means, z-shift spikes, ranks
-        that disagree, running statistics still drifting."""
-        if not self.history:
-            return []
-        last = self.history[-1]
-        step = int(last["step"])
-        prefix = self.monitor_name
+        """Findings from the latest history entry and the z-shift series
+        (:func:`lightning_convnets.callbacks.diagnosis.batchnorm_findings`)."""
         names = [lay.name for lay in self.layers]
         elements = {lay.name: float(e) for lay, e in zip(self.layers, self._elements)}
-        noisy = diagnosis.bn_noisy_batch_stats(last, elements, step, prefix=prefix)
-        findings = [
-            noisy,
-            diagnosis.bn_variance_mismatch(last, names, step, self.var_ratio_threshold, prefix),
-            None if noisy else diagnosis.bn_train_test_shift(last, names, step, self.z_threshold, prefix),
-            diagnosis.bn_zshift_spike(
-                {name: self._series(name, "z_shift") for name in names}, self.z_threshold, prefix=prefix
-            ),
-            diagnosis.bn_rank_disagreement(last, names, step, self.rank_threshold, prefix=prefix),
-            diagnosis.bn_still_drifting(last, names, step, len(self.history), self.drift_threshold, prefix),
-        ]
-        return [f for f in findings if f is not None]
+        limits = (self.z_threshold, self.var_ratio_threshold, self.rank_threshold, self.drift_threshold)
+        return diagnosis.batchnorm_findings(self.history, names, elements, *limits, self.monitor_name)
 
     def figures(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Figure]:
         if not self.history or not trainer.is_global_zero:

@@ -12,14 +12,15 @@ forward hooks that write the old statistics in, are
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["CACHE_CAP", "QUANTITIES", "RING_SHARE", "BatchNormRing"]
+__all__ = ["CACHE_CAP", "QUANTITIES", "RING_SHARE", "BatchNormRing", "interval_metrics"]
 
 QUANTITIES = ("abs_z", "z2", "log_var_ratio", "abs_log_var_ratio", "kl")
 """The per-channel discrepancies summed per layer, in the order of :attr:`BatchNormRing.sums`' columns."""
@@ -289,6 +290,17 @@ class BatchNormRing:
         self.zmax.zero_()
         self.forwards.zero_()
 
+    def drift(self, start_mean: Tensor, start_var: Tensor, new_mean: Tensor, new_var: Tensor) -> Tensor:
+        """How far the running statistics moved between two snapshots (flat per channel, float64), per
+        layer (``[layers, 2]``): the mean over channels of the squared mean change in starting standard
+        deviations, and of the squared log variance ratio (the squares of ``mean_drift``/``var_drift``)."""
+        scale = start_var + self.eps
+        drift_mean = ((new_mean - start_mean) ** 2 / scale).nan_to_num(nan=0.0)
+        drift_var = (((new_var + self.eps) / scale).log() ** 2).nan_to_num(nan=0.0)
+        drift = torch.zeros(len(self.modules), 2, dtype=torch.float64, device=self.sums.device)
+        drift.index_add_(0, self.layer_index, torch.stack([drift_mean, drift_var], 1))
+        return drift / self.channels[:, None]
+
     # ------------------------------------------------------------------ helpers of the arithmetic
     def _per_batch(self, keys: list[Any], make: Callable[[Any], Tensor]) -> Tensor:
         """The per-layer vector of each batch's ``key``: one vector when they are all alike (the usual
@@ -336,3 +348,61 @@ class BatchNormRing:
         return zeros.scatter_reduce_(0, index[:, None].expand_as(flat), flat, "amax", include_self=True).view(
             n, layers, rows
         ).permute(2, 0, 1)
+
+
+def interval_metrics(
+    layers: Sequence[str],
+    forwards: Tensor,
+    sums: Tensor,
+    zmax: Tensor,
+    drift: Tensor,
+    cross: Mapping[str, Tensor] | None = None,
+) -> dict[str, float]:
+    """The BatchNorm monitor's metrics of one interval (without the ``batchnorm/`` prefix) from the merged
+    sums of every rank: per layer ``z_shift`` (RMS), ``z_shift_max``, ``log_var_ratio`` and ``kl`` (means
+    over the recorded forwards; layers without one are left out), ``mean_drift`` and ``var_drift``, and the
+    ``cross`` per-layer keys; summaries ``z_shift`` and ``kl`` (means over layers), ``z_shift_max``,
+    ``rank_spread`` and ``rank_noise_ratio`` (maxima).
+
+    Args:
+        layers: the layers' names.
+        forwards: ``[layers]`` recorded training forwards.
+        sums: ``[layers, len(QUANTITIES)]`` summed discrepancies (:attr:`BatchNormRing.sums`).
+        zmax: ``[layers]`` largest z-shift of a channel.
+        drift: ``[layers, 2]`` squared drifts (:meth:`BatchNormRing.drift`), averaged over ranks.
+        cross: per-layer cross-rank metrics
+            (:func:`~lightning_convnets.callbacks.bn_ranks.cross_rank_metrics`), or ``None``.
+
+    Example:
+        >>> import torch
+        >>> sums = torch.tensor([[0.0, 4.0, 0.5, 0.0, 0.1]], dtype=torch.float64)
+        >>> m = interval_metrics(["bn"], torch.ones(1), sums, torch.full((1,), 3.0), torch.zeros(1, 2))
+        >>> m["bn/z_shift"], m["z_shift_max"], m["kl"]
+        (2.0, 3.0, 0.1)
+    """
+    metrics: dict[str, float] = {}
+    z_all, kl_all, zmax_all = [], [], []
+    for i, name in enumerate(layers):
+        f = float(forwards[i])
+        if f > 0:
+            z_shift = math.sqrt(max(float(sums[i, 1]) / f, 0.0))
+            metrics[f"{name}/z_shift"] = z_shift
+            metrics[f"{name}/z_shift_max"] = float(zmax[i])
+            metrics[f"{name}/log_var_ratio"] = float(sums[i, 2]) / f
+            metrics[f"{name}/kl"] = float(sums[i, 4]) / f
+            z_all.append(z_shift)
+            kl_all.append(metrics[f"{name}/kl"])
+            zmax_all.append(metrics[f"{name}/z_shift_max"])
+        metrics[f"{name}/mean_drift"] = math.sqrt(max(float(drift[i, 0]), 0.0))
+        metrics[f"{name}/var_drift"] = math.sqrt(max(float(drift[i, 1]), 0.0))
+        if cross is not None:
+            for key, values in cross.items():
+                metrics[f"{name}/{key}"] = float(values[i])
+    if z_all:
+        metrics["z_shift"] = sum(z_all) / len(z_all)
+        metrics["z_shift_max"] = max(zmax_all)
+        metrics["kl"] = sum(kl_all) / len(kl_all)
+    if cross is not None:
+        metrics["rank_spread"] = float(cross["rank_spread"].max())
+        metrics["rank_noise_ratio"] = float(cross["rank_noise_ratio"].max())
+    return metrics

@@ -374,6 +374,39 @@ class DepthPoint:
         return _stage(self.name)
 
 
+def latest_values(
+    entry: Mapping[str, float], names: Sequence[str], key: str, prefix: str
+) -> dict[str, float]:
+    """``{name: entry["<prefix>/<name>/<key>"]}`` for each of ``names`` (in their order) the history entry
+    has that key for.
+
+    Example:
+        >>> latest_values({"m/a/var": 1.0, "m/b/mean": 0.0}, ["a", "b"], "var", "m")
+        {'a': 1.0}
+    """
+    return {name: entry[f"{prefix}/{name}/{key}"] for name in names if f"{prefix}/{name}/{key}" in entry}
+
+
+def depth_points(entry: Mapping[str, float], names: Sequence[str], prefix: str) -> list[DepthPoint]:
+    """The :class:`DepthPoint` of each of the blocks ``names`` (in depth order) whose variance the history
+    entry holds, with its shortcut and branch variances where measured.
+
+    Example:
+        >>> depth_points({"m/b1/var": 2.0, "m/b1/branch_var": 1.0}, ["b0", "b1"], "m")
+        [DepthPoint(name='b1', var=2.0, shortcut_var=nan, branch_var=1.0)]
+    """
+    return [
+        DepthPoint(
+            name,
+            entry[f"{prefix}/{name}/var"],
+            entry.get(f"{prefix}/{name}/shortcut_var", math.nan),
+            entry.get(f"{prefix}/{name}/branch_var", math.nan),
+        )
+        for name in names
+        if f"{prefix}/{name}/var" in entry
+    ]
+
+
 @dataclass
 class GrowthShape:
     """How the variance evolves along the depth (see the module docstring).
@@ -918,3 +951,52 @@ def bn_noisy_batch_stats(
         values={"fewest_elements": float(fewest), "z_shift": z_mean, "variance_factor": ratio},
         kind=KIND_BN_NOISY_BATCH_STATS,
     )
+
+
+def series(history: Sequence[Mapping[str, float]], key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of ``key`` in every history entry that has it, in order.
+
+    Example:
+        >>> series([{"step": 10, "a": 1.0}, {"step": 20}, {"step": 30, "a": 2.0}], "a")
+        [(10, 1.0), (30, 2.0)]
+    """
+    return [(int(e["step"]), e[key]) for e in history if key in e]
+
+
+def batchnorm_findings(
+    history: Sequence[Mapping[str, float]],
+    layers: Sequence[str],
+    elements: Mapping[str, float],
+    z_threshold: float = Z_THRESHOLD,
+    var_ratio_threshold: float = VAR_RATIO_THRESHOLD,
+    rank_threshold: float = RANK_THRESHOLD,
+    drift_threshold: float = DRIFT_THRESHOLD,
+    prefix: str = "batchnorm",
+) -> list[Finding]:
+    """The BatchNorm monitor's findings, from its latest history entry and the z-shift series of each of
+    ``layers`` (``elements``: layer -> batch elements per channel of its last training forward): noisy
+    batch statistics (few elements per channel and large z-shifts: it explains a z-shift, which is then not
+    reported again as a train/test shift), running variance off the batch variance, batch means off the
+    running means, z-shift spikes, ranks that disagree, running statistics still drifting.
+
+    Example:
+        >>> entry = {"step": 100, "bn/1/z_shift": 0.9, "bn/1/log_var_ratio": 0.0}
+        >>> [f.kind for f in batchnorm_findings([entry], ["1"], {"1": 4096.0}, prefix="bn")]
+        ['bn_train_test_shift']
+    """
+    if not history:
+        return []
+    last = history[-1]
+    step = int(last["step"])
+    noisy = bn_noisy_batch_stats(last, elements, step, prefix=prefix)
+    findings = [
+        noisy,
+        bn_variance_mismatch(last, layers, step, var_ratio_threshold, prefix),
+        None if noisy else bn_train_test_shift(last, layers, step, z_threshold, prefix),
+        bn_zshift_spike(
+            {name: series(history, f"{prefix}/{name}/z_shift") for name in layers}, z_threshold, prefix=prefix
+        ),
+        bn_rank_disagreement(last, layers, step, rank_threshold, prefix=prefix),
+        bn_still_drifting(last, layers, step, len(history), drift_threshold, prefix),
+    ]
+    return [f for f in findings if f is not None]

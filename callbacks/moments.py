@@ -11,6 +11,7 @@ explained in ``docs/monitors.md``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -193,6 +194,18 @@ class ShiftedMoments:
         self.shift.copy_(new_shift.reshape(self.shift.shape).to(self.shift.dtype))
         self.state.zero_()
 
+    def saved(self) -> dict[str, Tensor] | None:
+        """The sums and the shift, on the CPU (a checkpoint's copy); ``None`` before the first update."""
+        if self.state is None or self.shift is None:
+            return None
+        return {"state": self.state.detach().cpu().clone(), "shift": self.shift.detach().cpu().clone()}
+
+    def restore(self, saved: dict[str, Tensor], device: torch.device | str) -> None:
+        """Continue from :meth:`saved` on ``device``: the next update adds to the saved sums exactly."""
+        self.state = saved["state"].to(device, torch.float64)
+        self._rows = (self.state[0], self.state[1], self.state[2])
+        self.shift = saved["shift"].to(device)
+
     @property
     def count(self) -> Tensor | None:
         return None if self.state is None else self.state[0]
@@ -276,6 +289,21 @@ class MomentBank:
         self.keys.append(key)
         self.moments.append(moments)
         return moments
+
+    def saved(self) -> dict[str, dict[str, Tensor]]:
+        """Every moment's :meth:`ShiftedMoments.saved` by key, counts settled first (a checkpoint's copy:
+        a resumed run continues the interval's partial sums and the shifts exactly)."""
+        self.settle()
+        return {key: saved for key, m in zip(self.keys, self.moments) if (saved := m.saved()) is not None}
+
+    def restore(self, saved: Mapping[str, dict[str, Tensor]], device: torch.device | str) -> None:
+        """Put :meth:`saved` moments back on ``device``, into the moments of those keys that have not seen
+        data yet; nothing once the bank is built."""
+        if self.ready:
+            return
+        for key, moments in zip(self.keys, self.moments):
+            if key in saved and moments.state is None:
+                moments.restore(saved[key], device)
 
     def build(self) -> bool:
         """Move every moment into the flat buffers; ``False`` (nothing done) while some moment has not seen

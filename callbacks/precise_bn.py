@@ -2,6 +2,7 @@
 
 Owns :func:`recalibrate_batchnorm` (PreciseBN: population statistics over some batches, pooled across
 ranks), :func:`pool_running_stats` (the statistics of the union of every rank's data),
+:func:`recalibrate_in_fit` (PreciseBN on the trainer's train loader during a fit),
 :func:`batchnorm_layers` (which layers have running statistics) and :func:`default_forward` (running a
 model on a batch's inputs). The monitor that measures the drift these fix, and calls them during fit, is
 :class:`~lightning_convnets.callbacks.batchnorm.BatchNormDriftMonitor`; details in ``docs/monitors.md``.
@@ -10,7 +11,7 @@ model on a batch's inputs). The monitor that measures the drift these fix, and c
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
@@ -23,7 +24,17 @@ from .core import observers_paused
 from .moments import Moments, RunningMoments
 from .packing import StatsPacker
 
-__all__ = ["batchnorm_layers", "default_all_gather", "default_forward", "pool_running_stats", "recalibrate_batchnorm"]
+if TYPE_CHECKING:  # pragma: no cover
+    import lightning.pytorch as pl
+
+__all__ = [
+    "batchnorm_layers",
+    "default_all_gather",
+    "default_forward",
+    "pool_running_stats",
+    "recalibrate_batchnorm",
+    "recalibrate_in_fit",
+]
 
 
 def batchnorm_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
@@ -239,3 +250,34 @@ def recalibrate_batchnorm(
         bn.running_mean.copy_(torch.where(mask, mean.to(mask.device), bn.running_mean))
         bn.running_var.copy_(torch.where(mask, var.to(mask.device), bn.running_var))
     return model
+
+
+def recalibrate_in_fit(
+    trainer: pl.Trainer,
+    pl_module: nn.Module,
+    num_batches: int | None,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+) -> bool:
+    """:func:`recalibrate_batchnorm` inside a Lightning fit: on ``num_batches`` batches of a fresh iterator
+    of the trainer's train dataloader, each moved to the device by the trainer's strategy, pooled across
+    ranks through the strategy's ``all_gather``. ``False`` (nothing done) when the trainer has no train
+    dataloader.
+
+    Args:
+        trainer: the running trainer.
+        pl_module: the model to recalibrate.
+        num_batches: batches to use (``None``: the whole loader).
+        forward_fn: ``forward_fn(pl_module, batch)`` on a batch already on the device (default:
+            :func:`default_forward`).
+    """
+    loader = trainer.train_dataloader
+    if loader is None:
+        return False
+    run = forward_fn or default_forward
+
+    def forward(model: nn.Module, batch: Any) -> Any:
+        return run(model, trainer.strategy.batch_to_device(batch))
+
+    gather = trainer.strategy.all_gather if trainer.world_size > 1 else None
+    recalibrate_batchnorm(pl_module, loader, num_batches, forward_fn=forward, all_gather=gather)
+    return True

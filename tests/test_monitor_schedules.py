@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import json
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -174,3 +176,80 @@ def test_stored_probe_interval_survives_a_resume_with_another_batch_size():
     explicit = GradientShatteringMonitor(every_n_steps=300)
     explicit.load_extra_state({"probe_interval": 2200, "last_probe_step": 0})
     assert explicit.probe_interval == 300  # an explicit interval wins
+
+
+class _Block(nn.Module):
+    """A residual block (protocol 2: ``residual_branch``) whose output is scaled by :attr:`scale`."""
+
+    residual_branch = "branch"
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.branch = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()
+        )
+        self.scale = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self.branch(x)) * self.scale
+
+
+class LateBlowUp(pl.LightningModule):
+    """Healthy until optimizer step ``blow_up_at``; from then on a side block (an auxiliary probe whose
+    output the loss does not use, so the weights stay finite and the pathology stays where it started)
+    produces NaN/Inf at every forward."""
+
+    def __init__(self, blow_up_at: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blow_up_at = blow_up_at
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.blocks = nn.Sequential(_Block(4), _Block(4))
+        self.probe = _Block(4)
+        self.head = nn.Linear(4, 3)
+        self.blown_up_at: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.blocks(self.stem(x))
+        self.probe(features)
+        return self.head(features.mean((2, 3)))
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step >= self.blow_up_at and self.blown_up_at is None:
+            self.probe.scale, self.blown_up_at = float("inf"), self.global_step
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.02, momentum=0.9)
+
+
+def test_sparse_phase_still_catches_a_late_nonfinite_and_the_diagnosis_names_it(tmp_path):
+    late = DEFAULT_DENSE_STEPS + 13  # inside the sparse phase, between two recorded steps
+    model = LateBlowUp(blow_up_at=late)
+    monitors = [ActivationVarianceMonitor(), BatchNormDriftMonitor()]  # the defaults
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=late + 30,
+        log_every_n_steps=10,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=monitors,
+    )
+    trainer.fit(model, _loader())
+    assert model.blown_up_at == late
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the blow-up stayed in the probe
+    # the sparse phase records one step per logging interval (10 here): the first recorded step after the
+    # blow-up at step 63 is step 70
+    seen = next(s for s in range(late, late + 30) if monitors[0].records(s, trainer))
+    assert seen == late + 7
+    assert monitors[0].nonfinite == {"step": seen, "layer": "probe"}
+    (path,) = list(tmp_path.rglob("diagnosis.json"))
+    report = json.loads(path.read_text())
+    findings = report["findings"] if isinstance(report, dict) else report
+    nonfinite = [f for f in findings if f["kind"] == "nonfinite"]
+    assert len(nonfinite) == 1 and nonfinite[0]["layers"] == ["probe"] and nonfinite[0]["step"] == seen
+    assert "probe at step 70" in nonfinite[0]["message"]
