@@ -435,6 +435,8 @@ class ActivationVarianceMonitor(MonitorCallback):
             step = int(last["step"])
             names = [t.name for t in self.targets]
             blocks = [t.name for t in self.targets if t.kind in ("block", "plain")]
+            # a branch ratio says how far a block is from the identity only where the shortcut is one
+            identity = [t.name for t in self.targets if t.residual and not t.projection]
             findings += [
                 diagnosis.variance_growth(
                     diagnosis.depth_points(last, blocks, prefix), step, prefix, self.explode_growth,
@@ -445,7 +447,7 @@ class ActivationVarianceMonitor(MonitorCallback):
                     prefix,
                 ),
                 diagnosis.dominant_branches(
-                    diagnosis.latest_values(last, names, "branch_ratio", prefix), step, monitor=prefix
+                    diagnosis.latest_values(last, identity, "branch_ratio", prefix), step, monitor=prefix
                 ),
             ]
         return [f for f in findings if f is not None]

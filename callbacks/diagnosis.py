@@ -629,7 +629,8 @@ def dominant_branches(
     limit: float = BRANCH_RATIO,
     monitor: str = "activation_variance",
 ) -> Finding | None:
-    """Residual branches whose variance exceeds ``limit`` times their shortcut's (``block -> ratio``)."""
+    """Residual branches whose variance exceeds ``limit`` times their identity shortcut's (``block -> ratio``;
+    the caller leaves out blocks with a learned projection shortcut)."""
     big = [(n, r) for n, r in branch_ratios.items() if _finite(r) and r > limit]
     if not big:
         return None
@@ -640,8 +641,9 @@ def dominant_branches(
         [n for n, _ in big],
         f"residual branches dominate their shortcut (Var(F(x))/Var(x) up to {top:.3g}) in {len(big)} "
         f"block(s) at step {step}",
-        "scale the branch down (zero-init the last BN gamma of each branch) so blocks start close to the "
-        "identity",
+        "start each branch at zero so that blocks begin as the identity (`backbone_kwargs: "
+        "{zero_init_residual: true}`: the gamma of the BN closing the branch, or the last conv of a "
+        "pre-activation block), or lower the learning rate",
         step=step,
         values={"max_branch_ratio": top},
         kind=KIND_BRANCH_DOMINATES,

@@ -54,6 +54,9 @@ class Target:
         sum_is_output: the block returns its add's sum (a pre-activation block).
         branch: the module that ends the residual branch (protocols 2 and 3).
         shortcut: the shortcut module; ``None`` for an identity shortcut.
+        projection: the shortcut is learned (a module with parameters, e.g. a 1x1 conv where the stage
+            changes): the branch ratio then compares two learned paths and says nothing about how close
+            the block is to the identity.
 
     Example:
         >>> Target("layer1.0", nn.Identity(), "plain").residual
@@ -67,10 +70,19 @@ class Target:
     sum_is_output: bool = False
     branch: nn.Module | None = None  # protocol 2/3
     shortcut: nn.Module | None = None
+    projection: bool = False
 
     @property
     def residual(self) -> bool:
         return self.add is not None or self.branch is not None
+
+
+# where blocks written with a ResidualAdd usually keep a projection shortcut
+SHORTCUT_NAMES = ("downsample", "shortcut", "projection", "proj")
+
+
+def _learned(module: object) -> bool:
+    return isinstance(module, nn.Module) and any(True for _ in module.parameters())
 
 
 def _branch_spec(module: nn.Module) -> tuple[tuple[str, ...], str | None] | None:
@@ -138,7 +150,8 @@ def find_targets(
             if add is not None:
                 targets.append(
                     Target(
-                        name, module, "block", add=add, sum_is_output=bool(getattr(module, "preact", False))
+                        name, module, "block", add=add, sum_is_output=bool(getattr(module, "preact", False)),
+                        projection=any(_learned(getattr(module, n, None)) for n in SHORTCUT_NAMES),
                     )
                 )
                 continue
@@ -152,7 +165,9 @@ def find_targets(
                         f"end {spec[0]} but has no such submodule"
                     )
                 shortcut = getattr(module, spec[1], None) if spec[1] else None
-                targets.append(Target(name, module, "block", branch=branch, shortcut=shortcut))
+                targets.append(
+                    Target(name, module, "block", branch=branch, shortcut=shortcut, projection=_learned(shortcut))
+                )
                 continue
             if hasattr(module, "add") and module.add is None and not isinstance(module, ResidualAdd):
                 targets.append(Target(name, module, "plain"))

@@ -573,3 +573,42 @@ def test_activations_reuse_one_difference_buffer_per_size_class_and_log_exactly_
     buffers = [buffer for _, buffer, _ in last]
     changes = sum(a is not b for a, b in itertools.pairwise(buffers))
     assert changes == len({size for _, _, size in last}) - 1  # one allocation per class, in stage order
+
+
+class _Stage(nn.Module):
+    """A user's residual block written with ResidualAdd: an optional learned 1x1 projection shortcut."""
+
+    def __init__(self, channels: int, project: bool, branch_scale: float = 1.0, shortcut_scale: float = 1.0):
+        super().__init__()
+        from lightning_convnets.nn import ResidualAdd
+
+        self.branch = nn.Conv2d(channels, channels, 3, padding=1)
+        self.downsample = nn.Conv2d(channels, channels, 1) if project else None
+        self.add = ResidualAdd()
+        with torch.no_grad():
+            self.branch.weight.mul_(branch_scale)
+            if self.downsample is not None:
+                self.downsample.weight.mul_(shortcut_scale)
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.add(shortcut, self.branch(x))
+
+
+def _branch_findings(tmp_path, net) -> list:
+    monitor = ActivationVarianceMonitor(log_every_n_steps=1)
+    _trainer(tmp_path, [monitor], max_steps=1).fit(Wrapper(net, lr=0.0), _data())
+    return [f for f in monitor.diagnose(None, None) if f.kind == "branch_dominates"]
+
+
+def test_a_projection_shortcut_is_no_branch_dominates_alarm_an_identity_one_is(tmp_path):
+    torch.manual_seed(0)
+    stem = nn.Conv2d(3, 8, 3, padding=1)
+    # the projection's output is 100x smaller than the branch's: ratio >> 4, yet the block is fine
+    projected = nn.Sequential(stem, _Stage(8, project=True, shortcut_scale=0.01), _Stage(8, project=False))
+    assert _branch_findings(tmp_path, projected) == []
+    # an identity shortcut with a branch 30x too loud is flagged, and only that block
+    loud = nn.Sequential(stem, _Stage(8, project=True, shortcut_scale=0.01), _Stage(8, False, branch_scale=30.0))
+    (finding,) = _branch_findings(tmp_path, loud)
+    assert finding.layers == ["net.2"] and finding.values["max_branch_ratio"] > 4
+    assert "zero_init_residual" in finding.suggestion
