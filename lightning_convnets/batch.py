@@ -14,10 +14,32 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["INPUT_KEYS", "batch_inputs"]
+__all__ = ["INPUT_KEYS", "TARGET_KEYS", "batch_inputs", "split_batch"]
 
 INPUT_KEYS = ("image", "images", "pixel_values", "input", "inputs", "x", "img", "imgs")
 """Dict keys tried first, in order, when a batch is a mapping and no key is given."""
+TARGET_KEYS = ("label", "labels", "mask", "masks", "target")
+"""Dict keys of the targets, tried in order by :func:`split_batch`."""
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """``(images, targets)`` of a batch the tasks take: a tensor (no targets), a ``(images, targets, ...)``
+    sequence or a dict with one of :data:`INPUT_KEYS` and one of :data:`TARGET_KEYS`; targets may be None.
+
+    Example:
+        >>> split_batch({"image": torch.zeros(1, 3, 4, 4), "mask": torch.zeros(1, 4, 4)})[1].shape
+        torch.Size([1, 4, 4])
+    """
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, Mapping):
+        images = next((batch[k] for k in INPUT_KEYS if k in batch), None)
+        if images is None:
+            raise KeyError(f"batch dict needs one of the keys {list(INPUT_KEYS)}, got keys {sorted(batch)}")
+        return images, next((batch[k] for k in TARGET_KEYS if k in batch), None)
+    if isinstance(batch, list | tuple) and batch:
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    raise TypeError(f"cannot read images from a batch of type {type(batch).__name__}")
 
 
 def _is_batched(x: Any) -> bool:

@@ -200,7 +200,10 @@ class AtomicModelCheckpoint(ModelCheckpoint):
             warnings.filterwarnings("ignore", message=_DIRPATH_CHANGED, category=UserWarning)
             super().load_state_dict(state_dict)
 
-    def _save_last_now(self, trainer: Trainer) -> None:
+    def save_last_now(self, trainer: Trainer) -> None:
+        """Write ``last.ckpt`` now when ``save_last`` is step-triggered. Lightning has no public call for it:
+        this adapter is the one reader of ``ModelCheckpoint``'s private members
+        (``tests/test_checkpoint_layout.py`` fails loudly if an upgrade renames them)."""
         if (
             self.save_last
             and self._every_n_train_steps >= 1
@@ -211,12 +214,12 @@ class AtomicModelCheckpoint(ModelCheckpoint):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """``ModelCheckpoint``'s saves, then ``last.ckpt`` for a step-triggered ``save_last``."""
         super().on_validation_end(trainer, pl_module)
-        self._save_last_now(trainer)
+        self.save_last_now(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """``ModelCheckpoint``'s saves, then ``last.ckpt`` for a step-triggered ``save_last``."""
         super().on_train_end(trainer, pl_module)
-        self._save_last_now(trainer)
+        self.save_last_now(trainer)
 
 
 def install_atomic_io(trainer: Trainer) -> bool:
@@ -335,7 +338,7 @@ def weights_mismatch(module: torch.nn.Module, state_dict: Mapping[str, Any], pre
     """
     mine = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     theirs = {
-        k[len(prefix):]: tuple(getattr(v, "shape", ()))
+        k[len(prefix) :]: tuple(getattr(v, "shape", ()))
         for k, v in state_dict.items()
         if k.startswith(prefix)
     }
@@ -354,3 +357,41 @@ def weights_mismatch(module: torch.nn.Module, state_dict: Mapping[str, Any], pre
             f"{list(mine[k])} here)"
         )
     return "; ".join(parts) or None
+
+
+def rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and Python generator states, as plain data (weights-only loadable):
+    what a checkpoint needs for a resumed run to draw the same numbers (:func:`set_rng_state`).
+
+    Example:
+        >>> state = rng_state(); a = torch.rand(1); set_rng_state(state); bool(torch.rand(1) == a)
+        True
+    """
+    import random
+
+    import numpy as np
+
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore the generator states :func:`rng_state` recorded (CUDA's when the device count matches)."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,5 +1,6 @@
 """The ``lightning-convnets`` entry point: LightningCLI with ``fit|validate|test|predict`` subcommands, and
-``export`` (ONNX / torch.export from the same config and a checkpoint: :mod:`lightning_convnets.export`).
+``export`` (ONNX / torch.export from the same config and a checkpoint: :func:`export_cli`, which calls
+:func:`lightning_convnets.predict.export.export_model`).
 
 Model and data are in subclass mode, so any ``LightningModule`` / ``LightningDataModule`` importable by
 path works, and ours go by their short names: ``--model ImageClassifier --data ShapesDataModule``.
@@ -21,11 +22,11 @@ With ``--ckpt_path``, LightningCLI rebuilds the model from the hyperparameters s
 
 from __future__ import annotations
 
-import importlib
+import argparse
 import os
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_convnets import install_warning_filters
+from lightning_convnets.backbones.registry import import_object
+from lightning_convnets.backbones.weights import WeightsDownloadError
 from lightning_convnets.checkpointing import (
     CheckpointMismatchError,
     describe_checkpoint,
@@ -43,8 +46,15 @@ from lightning_convnets.checkpointing import (
     read_checkpoint,
     weights_mismatch,
 )
+from lightning_convnets.predict.export import (
+    DEFAULT_OPSET,
+    EXPORT_SUFFIXES,
+    FORMATS,
+    default_example,
+    export_model,
+)
 
-__all__ = ["PREDICTION_OPTIONS", "ConvNetsCLI", "main", "prediction_options"]
+__all__ = ["PREDICTION_OPTIONS", "ConvNetsCLI", "export_cli", "main", "prediction_options"]
 
 # Importing these registers our tasks and data modules as known subclasses (short names on the CLI).
 _PLUGIN_MODULES = (
@@ -75,15 +85,15 @@ _VERSION = re.compile(r"^version_(\d+)$")
 
 def _import_plugins() -> None:
     for name in _PLUGIN_MODULES:
-        importlib.import_module(name)
+        import_object(name)
 
 
 def _import_class(class_path: Any) -> type | None:
-    module, _, name = str(class_path).rpartition(".")
     try:
-        return getattr(importlib.import_module(module), name, None) if module else None
-    except ImportError:
+        found = import_object(str(class_path))
+    except (ImportError, AttributeError, ValueError):
         return None
+    return found if isinstance(found, type) else None
 
 
 def prediction_options(model_class: type | None) -> tuple[str, ...]:
@@ -166,7 +176,11 @@ class ConvNetsCLI(LightningCLI):
         if not Path(ckpt).is_file():
             raise FileNotFoundError(f"--ckpt_path {ckpt}: no such checkpoint file")
         self._ckpt_file = str(ckpt)
-        given = parser.parse_object(args, defaults=False) if dict_like else parser.parse_args(args, defaults=False)
+        given = (
+            parser.parse_object(args, defaults=False)
+            if dict_like
+            else parser.parse_args(args, defaults=False)
+        )
         self._remember_explicit(given, prefix)
         checkpoint = read_checkpoint(ckpt)
         self._check_task_and_backbone(checkpoint, given, prefix)
@@ -178,9 +192,7 @@ class ConvNetsCLI(LightningCLI):
         init = given.get(f"{prefix}model.init_args")
         if not isinstance(init, Namespace):
             return
-        self._explicit = {
-            name: init[name] for name in prediction_options(model_class) if name in init
-        }
+        self._explicit = {name: init[name] for name in prediction_options(model_class) if name in init}
 
     def _check_task_and_backbone(self, checkpoint: dict[str, Any], given: Namespace, prefix: str) -> None:
         task, backbone, holds = describe_checkpoint(checkpoint)
@@ -190,14 +202,18 @@ class ConvNetsCLI(LightningCLI):
         asked_backbone = given.get(f"{prefix}model.init_args.backbone")
         other_task = task is not None and wanted is not None and task != wanted
         other_backbone = (
-            backbone is not None and asked_backbone is not None and not _same_backbone(backbone, asked_backbone)
+            backbone is not None
+            and asked_backbone is not None
+            and not _same_backbone(backbone, asked_backbone)
         )
         if other_task or other_backbone:
             article = "an" if wanted and wanted[0] in "AEIOU" else "a"
             shown = wanted_backbone.as_dict() if isinstance(wanted_backbone, Namespace) else wanted_backbone
-            _, _, asks = describe_checkpoint(
-                {"hyper_parameters": {"_class_path": wanted, "backbone": shown}}
-            ) if wanted else (None, None, f"{article} model")
+            _, _, asks = (
+                describe_checkpoint({"hyper_parameters": {"_class_path": wanted, "backbone": shown}})
+                if wanted
+                else (None, None, f"{article} model")
+            )
             raise CheckpointMismatchError(
                 f"--ckpt_path {self._ckpt_file} holds {holds}, but the config asks for {asks}: use the config "
                 "the checkpoint was trained with (the config.yaml in its run folder)"
@@ -311,7 +327,12 @@ class ConvNetsCLI(LightningCLI):
             return
         self.config[f"{prefix}ckpt_path"] = str(found)
         version = found.parent.parent
-        if prefix == "fit." and logger is not None and found.parent.name == "checkpoints" and version.parent == runs:
+        if (
+            prefix == "fit."
+            and logger is not None
+            and found.parent.name == "checkpoints"
+            and version.parent == runs
+        ):
             # The resumed run continues in its own version folder: its curves, figures and checkpoints.
             match = _VERSION.match(version.name)
             logger.init_args.version = int(match.group(1)) if match else version.name
@@ -328,7 +349,11 @@ class ConvNetsCLI(LightningCLI):
                 continue
             if callback.best_model_path and callback.save_top_k != 0:
                 score = callback.best_model_score
-                metric = f" ({callback.monitor} {float(score):.4f})" if callback.monitor and score is not None else ""
+                metric = (
+                    f" ({callback.monitor} {float(score):.4f})"
+                    if callback.monitor and score is not None
+                    else ""
+                )
                 lines.append(f"best checkpoint: {_display(callback.best_model_path)}{metric}")
             if callback.last_model_path:
                 lines.append(f"last checkpoint: {_display(callback.last_model_path)}")
@@ -344,8 +369,6 @@ def main(args: list[str] | None = None) -> None:
     """
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] == "export":  # lightning-convnets export --config ... --ckpt_path ... --format ...
-        from lightning_convnets.export import export_cli
-
         export_cli(argv[1:])
         return
     try:
@@ -359,12 +382,97 @@ def main(args: list[str] | None = None) -> None:
 
 
 def _download_failure(error: BaseException) -> BaseException | None:
-    from lightning_convnets.backbones.weights import WeightsDownloadError
-
     seen: BaseException | None = error
     while seen is not None and not isinstance(seen, WeightsDownloadError):
         seen = seen.__cause__
     return seen
+
+
+# --------------------------------------------------------------------------------------- export
+_CLI_HELP = """\
+lightning-convnets export: export a trained task (BatchNorm fused, dynamic batch) from its config and
+checkpoint.
+
+  lightning-convnets export --config CONFIG.yaml --ckpt_path BEST.ckpt --format onnx|torch_export
+                            [--output PATH] [--image_size N] [--opset 18] [--no_fuse]
+                            [other LightningCLI arguments, e.g. --model.init_args.top_k 50]
+
+The config is read by the same LightningCLI as fit/test/predict (model and data are built, nothing
+runs) and, as with `test --ckpt_path`, the model's architecture comes from the checkpoint's saved
+hyperparameters while prediction options (top_k, score_threshold, threshold) given in the config or
+on the command line win; the checkpoint's weights are loaded into the model. A checkpoint of another
+task or backbone than the config's is refused in one line. The example images that fix the traced
+shapes are random, image_size x image_size (default: the data module's image_size, else 64).
+The output defaults to the checkpoint's path with .onnx / .pt2; the folder of --output must exist. The data module's class names,
+mean and std go into the metadata.
+"""
+
+
+def export_cli(argv: Sequence[str]) -> Path:
+    """The ``lightning-convnets export`` subcommand (see ``lightning-convnets export --help``).
+
+    Args:
+        argv: the arguments after ``export``.
+
+    Returns:
+        The written path (printed too).
+    """
+    parser = argparse.ArgumentParser(
+        prog="lightning-convnets export", description=_CLI_HELP, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--config", action="append", required=True, help="config file (repeatable)")
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by fit")
+    parser.add_argument("--format", choices=FORMATS, default="onnx")
+    parser.add_argument("--output", default=None, help="output file (default: checkpoint path + suffix)")
+    parser.add_argument("--image_size", type=int, default=None, help="example image side in pixels")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    parser.add_argument("--no_fuse", action="store_true", help="keep BatchNorm layers unfused")
+    args, rest = parser.parse_known_args(list(argv))
+    ckpt = Path(args.ckpt_path)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"export: --ckpt_path {ckpt} is not a file")
+    cli_args = [a for c in args.config for a in ("--config", c)] + rest
+    # Built as `test --ckpt_path` builds it: the architecture from the checkpoint's hyperparameters, the
+    # prediction options (top_k, score_threshold, threshold...) from the config and the command line.
+    cli = ConvNetsCLI(args=cli_args, run=False, ckpt_path=ckpt)
+    model, datamodule = cli.model, cli.datamodule
+    checkpoint = read_checkpoint(ckpt)
+    if "state_dict" not in checkpoint:
+        raise ValueError(f"export: {ckpt} has no 'state_dict': is it a Lightning checkpoint?")
+    model.on_load_checkpoint(checkpoint)  # rebuilds a head sized from the data (num_classes)
+    problem = weights_mismatch(model, checkpoint["state_dict"])
+    if problem is not None:
+        _, _, holds = describe_checkpoint(checkpoint)
+        raise CheckpointMismatchError(
+            f"export: --ckpt_path {ckpt} holds {holds} whose weights do not fit the "
+            f"{type(model).__name__} built from the config ({problem})"
+        )
+    model.load_state_dict(checkpoint["state_dict"])
+    metadata: dict[str, Any] = {"checkpoint": ckpt.name}
+    for key in ("mean", "std"):
+        value = getattr(datamodule, key, None)
+        if value is not None:
+            metadata[key] = [float(v) for v in value]
+    try:
+        names = list(getattr(datamodule, "class_names", None) or [])
+    except Exception:  # a data module that must scan its files first: names stay indices
+        names = []
+    if names and model.num_classes is not None and len(names) == model.num_classes:
+        metadata["class_names"] = [str(n) for n in names]
+    size = args.image_size or getattr(datamodule, "image_size", None) or 64
+    example = default_example(model, batch_size=2, size=int(size))
+    output = args.output or ckpt.with_suffix(EXPORT_SUFFIXES[args.format])
+    path = export_model(
+        model.eval(),
+        args.format,
+        example,
+        output,
+        fuse=not args.no_fuse,
+        opset=args.opset,
+        metadata=metadata,
+    )
+    print(f"exported {type(model).__name__} ({args.format}) to {path}")
+    return path
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["BatchMean", "ClassificationMetrics", "LoggedValue", "SegmentationMetrics"]
+__all__ = ["BatchMean", "ClassificationMetrics", "LoggedValue", "LoggedValues", "SegmentationMetrics"]
 
 
 class SegmentationMetrics(Metric):
@@ -295,3 +295,29 @@ class LoggedValue(Metric):
 def _safe_divide(num: Tensor, denom: Tensor) -> Tensor:
     """``num / denom`` with 0 where ``denom`` is 0."""
     return torch.where(denom == 0, torch.zeros_like(num), num / torch.where(denom == 0, 1.0, denom))
+
+
+class LoggedValues(torch.nn.ModuleDict):
+    """One :class:`LoggedValue` per logged name, made at its first use (metric names hold ``.`` and
+    ``/``, which module names may not: they are keyed ``v0``, ``v1``...). No parameters, no saved state.
+
+    Example:
+        >>> values = LoggedValues()
+        >>> holder, key = values.holding("val/acc", torch.tensor(0.5))
+        >>> key, float(holder.compute())
+        ('v0', 0.5)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._keys: dict[str, str] = {}
+
+    def holding(self, name: str, value: Tensor) -> tuple[LoggedValue, str]:
+        """The holder of ``name`` updated with ``value``, and its key (``self.log`` wants the attribute
+        path of a Metric made after the first log call)."""
+        key = self._keys.setdefault(name, f"v{len(self._keys)}")
+        if key not in self:
+            self[key] = LoggedValue()
+        holder = self[key]
+        holder.update(torch.as_tensor(value))
+        return holder, key

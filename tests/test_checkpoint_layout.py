@@ -90,3 +90,18 @@ def test_find_last_checkpoint_takes_the_newest_over_versions(tmp_path):
     found = find_last_checkpoint([tmp_path / "version_*" / "checkpoints", tmp_path / "missing"])
     assert found == tmp_path / "version_1" / "checkpoints" / "last.ckpt"
     assert find_last_checkpoint([tmp_path / "missing"]) is None
+
+
+def test_lightning_keeps_the_model_checkpoint_members_the_save_last_adapter_reads():
+    import inspect
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    # AtomicModelCheckpoint.save_last_now is the one reader of these (no public way to write last.ckpt now)
+    for name in ("_should_skip_saving_checkpoint", "_save_last_checkpoint", "_monitor_candidates"):
+        assert callable(getattr(ModelCheckpoint, name, None)), f"Lightning renamed ModelCheckpoint.{name}"
+    assert list(inspect.signature(ModelCheckpoint._save_last_checkpoint).parameters)[1:] == [
+        "trainer",
+        "monitor_candidates",
+    ]
+    assert hasattr(ModelCheckpoint(every_n_train_steps=3), "_every_n_train_steps")

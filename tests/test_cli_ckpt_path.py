@@ -11,9 +11,10 @@ import pytest
 import torch
 import yaml
 
-from lightning_convnets import ImageClassifier, SemanticSegmenter, tiling
+from lightning_convnets import ImageClassifier, SemanticSegmenter
 from lightning_convnets.checkpointing import CheckpointMismatchError
 from lightning_convnets.cli import PREDICTION_OPTIONS, ConvNetsCLI, prediction_options
+from lightning_convnets.predict import tiling
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SEGMENTATION = CONFIGS / "segmentation" / "shapes_unet.yaml"

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from lightning_convnets.backbones import create_backbone
-from lightning_convnets.detection_writers import detections_to_coco
 from lightning_convnets.nn.centernet import centernet_loss, encode_targets
 from lightning_convnets.nn.detectors import (
     CenterNet,
@@ -14,6 +13,7 @@ from lightning_convnets.nn.detectors import (
     batch_images,
     build_torchvision_detector,
 )
+from lightning_convnets.predict.writers import detections_to_coco
 from lightning_convnets.tasks.detection import ObjectDetector
 
 TINY_HOURGLASS = {"num_stacks": 2, "order": 2, "width": 8}
@@ -37,7 +37,7 @@ def test_hourglass_gets_a_head_per_stack_and_the_loss_sums_over_stacks():
     net = model.detector
     assert isinstance(net, CenterNet) and len(net.heads) == 2 and net.stride == 4
     images = [torch.randn(3, 64, 64), torch.randn(3, 64, 64)]
-    loss, parts, _ = model._centernet_step(images, _targets(), decode=False)
+    loss, parts = model.detector_family.losses(model.detector, images, _targets())
     outputs = net(batch_images(images, model.size_divisor))
     assert [o["heatmap"].shape for o in outputs] == [(2, 3, 16, 16)] * 2
     encoded = encode_targets([t["boxes"] for t in _targets()], [t["labels"] for t in _targets()], 3, (16, 16))
@@ -81,7 +81,7 @@ def test_torchvision_families_train_with_empty_images_and_predict_0_based_labels
         detector_kwargs={"rpn_post_nms_top_n_test": 50} if family == "fasterrcnn" else None,
     )
     images = [torch.randn(3, 64, 64), torch.randn(3, 48, 64)]
-    loss, parts = model.train()._torchvision_losses(images, _targets())
+    loss, parts = model.detector_family.losses(model.train().detector, images, _targets())
     assert torch.isfinite(loss) and len(parts) >= 2
     loss.backward()
     assert model.backbone.conv1.weight.grad is not None
@@ -101,7 +101,7 @@ def test_fasterrcnn_shifts_labels_for_its_background_class():
     )
     assert model.detector.roi_heads.box_predictor.cls_score.out_features == 4
     fake = [{"boxes": torch.zeros(2, 4), "scores": torch.ones(2), "labels": torch.tensor([1, 3])}]
-    assert model._from_torchvision(fake)[0]["labels"].tolist() == [0, 2]
+    assert model.detector_family.from_torchvision(fake)[0]["labels"].tolist() == [0, 2]
 
 
 def test_centernet_predict_step_clips_to_each_image_and_passes_ids_through():
@@ -227,10 +227,56 @@ def test_zero_area_boxes_are_dropped_from_the_targets_and_valid_ones_kept_as_giv
 
     boxes = torch.tensor([[1.0, 1.0, 5.0, 6.0], [3.0, 3.0, 3.0, 8.0], [2.0, 2.0, 9.0, 2.0]])
     target = {"boxes": boxes, "labels": torch.tensor([0, 1, 2]), "iscrowd": torch.tensor([0, 1, 0])}
-    cleaned = ObjectDetector._clean(target)
+    cleaned = ObjectDetector.clean_target(target)
     assert cleaned["boxes"].tolist() == [[1.0, 1.0, 5.0, 6.0]]
     assert cleaned["labels"].tolist() == [0] and cleaned["iscrowd"].tolist() == [0]
     valid = {"boxes": boxes[:1], "labels": torch.tensor([4])}
-    kept = ObjectDetector._clean(valid)
+    kept = ObjectDetector.clean_target(valid)
     assert torch.equal(kept["boxes"], boxes[:1]) and kept["labels"].tolist() == [4]
     assert kept["boxes"].dtype == torch.float32 and kept["labels"].dtype == torch.long
+
+
+# ------------------------------------------------------------------------------- one detector interface
+def test_the_detection_task_has_no_per_family_branch():
+    import inspect
+
+    from lightning_convnets.tasks import detection
+
+    source = inspect.getsource(detection.ObjectDetector)
+    assert "family ==" not in source and "family !=" not in source
+
+
+def test_every_family_speaks_the_detector_protocol():
+    from lightning_convnets.nn.detectors import DETECTOR_FAMILIES, CenterNetFamily, detector_family
+    from lightning_convnets.tasks.detection import FAMILIES
+
+    assert tuple(DETECTOR_FAMILIES) == FAMILIES == ("centernet", "fasterrcnn", "retinanet", "fcos")
+    with pytest.raises(ValueError, match="detector family must be one of"):
+        detector_family("yolo")
+    torch.manual_seed(0)
+    family = CenterNetFamily(head_channels=4, top_k=10, score_threshold=0.0)
+    network = family.build(create_backbone("hourglass", **TINY_HOURGLASS), num_classes=3)
+    assert family.size_divisor == 16 and family.computes_eval_loss and family.default_monitor == "val/loss"
+    images = [torch.randn(3, 64, 64), torch.randn(3, 48, 64)]
+    loss, parts = family.losses(network.train(), images, _targets())  # training: the loss and its parts
+    assert loss.requires_grad and set(parts) == {"heatmap", "size", "offset"}
+    network.eval()
+    with torch.no_grad():
+        detected = family.detect(network, images)  # eval: detections with 0-based labels
+        eval_loss, evaluated = family.evaluate(network, images, _targets())
+    assert [set(d) for d in detected] == [{"boxes", "scores", "labels"}] * 2 and eval_loss is not None
+    for a, b in zip(detected, evaluated):
+        assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["labels"], b["labels"])
+    graph = family.export_graph(network)
+    assert graph.output_names == ("boxes", "scores", "labels")
+
+
+def test_torchvision_families_compute_no_validation_loss_and_monitor_map():
+    from lightning_convnets.nn.detectors import TorchvisionFamily
+
+    for name in ("fasterrcnn", "retinanet", "fcos"):
+        family = TorchvisionFamily(name)
+        assert not family.computes_eval_loss and family.default_monitor == "val/map"
+        assert family.label_shift == (1 if name == "fasterrcnn" else 0)
+    model = ObjectDetector("resnet18", family="retinanet", num_classes=2, backbone_kwargs=TINY_RESNET, **TV_TINY)
+    assert model.default_monitor == "val/map" and not model.export_graph().onnx_exportable

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lightning_convnets import ImageClassifier, ObjectDetector, SemanticSegmenter
-from lightning_convnets.export import (
+from lightning_convnets.predict.export import (
     ExportError,
     export_model,
     fuse_for_inference,
@@ -58,7 +58,7 @@ def _randomise_bn(task: torch.nn.Module) -> None:
 
 def _runner(path, format):
     if format == "onnx":
-        from lightning_convnets.export import onnx_runner
+        from lightning_convnets.predict.export import onnx_runner
 
         return onnx_runner(path)
     return torch.export.load(path).module()

@@ -9,7 +9,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
 from lightning_convnets import ImageClassifier, ObjectDetector, SemanticSegmenter
-from lightning_convnets.tasks import base
+from lightning_convnets.tasks import fused_predict
 
 
 def _task(kind: str, **kw):
@@ -48,18 +48,18 @@ def test_predict_runs_the_folded_copy_and_returns_the_unfused_results(kind, monk
             task(list(images) if kind == "detector" else images)
     fast.load_state_dict(slow.state_dict())
     built = []
-    original_build = base.ConvNetTask._build_predict_fused
+    original_build = fused_predict.build_fused_networks
     monkeypatch.setattr(
-        base.ConvNetTask,
-        "_build_predict_fused",
-        lambda self, x: built.append(original_build(self, x)) or built[-1],
+        fused_predict,
+        "build_fused_networks",
+        lambda task, x: built.append(original_build(task, x)) or built[-1],
     )
     networks_before = {n: m for n, m in fast.named_children()}
     expected, got = _predict(slow, images), _predict(fast, images)
     assert len(built) == 1 and built[0], "the fused copy is built once, at the first batch"
     assert sum(_bn_count(m) for m in built[0].values()) < sum(_bn_count(networks_before[n]) for n in built[0])
     assert dict(fast.named_children()) == networks_before  # the task keeps its own (unfused) networks
-    assert fast._predict_fused is None
+    assert fast.fused_predict_copy.networks is None
     for want, have in zip(expected, got):
         if kind == "detector":
             for a, b in zip(want, have):
@@ -76,8 +76,8 @@ def test_outputs_that_move_turn_fast_predict_off_with_one_message(monkeypatch):
     images = torch.randn(4, 3, 32, 32)
     task = _task("classifier")
     said = []
-    monkeypatch.setattr(base, "_outputs_agree", lambda a, b, eps: False)
-    monkeypatch.setattr(base, "rank_zero_info", said.append)
+    monkeypatch.setattr(fused_predict, "outputs_agree", lambda a, b, eps: False)
+    monkeypatch.setattr(fused_predict, "rank_zero_info", said.append)
     probabilities = torch.cat(_predict(task, images))
     messages = [m for m in said if "fast_predict off" in m]
     assert len(messages) == 1 and "changed the outputs of ['backbone'" in messages[0]
@@ -90,7 +90,7 @@ def test_training_and_manual_calls_never_use_the_copy():
     task = _task("classifier")
     task.eval()
     with task.fused_for_predict(torch.randn(2, 3, 32, 32)):  # outside trainer.predict: a no-op
-        assert getattr(task, "_predict_fused", None) is None
+        assert task.fused_predict_copy.networks is None
 
 
 def _shift_batchnorm(task, seed: int = 0):
@@ -108,9 +108,9 @@ def _shift_batchnorm(task, seed: int = 0):
 
 def _built(monkeypatch) -> list:
     built = []
-    original_build = base.ConvNetTask._build_predict_fused
+    original_build = fused_predict.build_fused_networks
     monkeypatch.setattr(
-        base.ConvNetTask, "_build_predict_fused", lambda self, x: built.append((x, original_build(self, x))) or built[-1][1]
+        fused_predict, "build_fused_networks", lambda task, x: built.append((x, original_build(task, x))) or built[-1][1]
     )
     return built
 
@@ -125,7 +125,7 @@ def test_quickstart_network_folds_except_where_a_convolution_output_has_two_read
     fast = ImageClassifier("preact_resnet18", **kw)
     fast.load_state_dict(slow.state_dict())
     said = []
-    monkeypatch.setattr(base, "rank_zero_info", said.append)
+    monkeypatch.setattr(fused_predict, "rank_zero_info", said.append)
     built = _built(monkeypatch)
     images = torch.randn(6, 3, 32, 32)
     expected, got = torch.cat(_predict(slow, images)), torch.cat(_predict(fast, images))
@@ -135,9 +135,9 @@ def test_quickstart_network_folds_except_where_a_convolution_output_has_two_read
     assert _bn_count(fused["backbone"]) == _bn_count(slow.backbone) - 8  # each of the 8 blocks' conv1 -> bn2
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     fast.eval()
-    pairs = base.runtime_conv_bn_pairs(fast, images[:1])
+    pairs = fused_predict.runtime_conv_bn_pairs(fast, images[:1])
     assert ("backbone.conv1", "backbone.layer1.0.bn1") in pairs
-    readers = fast._conv_output_readers(images[:1])
+    readers = fused_predict.conv_output_readers(fast, images[:1])
     assert readers["backbone.conv1"] == 2 and readers["backbone.layer1.0.conv1"] == 1
 
 
@@ -152,7 +152,7 @@ def test_the_check_runs_on_a_tile_under_tiled_prediction(monkeypatch):
     )
     slow.load_state_dict(task.state_dict())
     said = []
-    monkeypatch.setattr(base, "rank_zero_info", said.append)
+    monkeypatch.setattr(fused_predict, "rank_zero_info", said.append)
     built = _built(monkeypatch)
     images = torch.randn(2, 3, 100, 72)
     masks, expected = torch.cat(_predict(task, images)), torch.cat(_predict(slow, images))
@@ -165,11 +165,11 @@ def test_the_check_runs_on_a_tile_under_tiled_prediction(monkeypatch):
 def test_the_tolerance_follows_the_dtype_and_the_outputs_scale():
     eps32, eps64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
     y = torch.linspace(-3, 3, 50)
-    assert base._outputs_agree(y + 3 * 64 * eps32, y, eps32)  # 64 epsilons of the largest value (3)
-    assert not base._outputs_agree(y + 3e-3, y, eps32)  # a wrong fold: 1e-3 of the scale
+    assert fused_predict.outputs_agree(y + 3 * 64 * eps32, y, eps32)  # 64 epsilons of the largest value (3)
+    assert not fused_predict.outputs_agree(y + 3e-3, y, eps32)  # a wrong fold: 1e-3 of the scale
     y64 = y.double()
-    assert not base._outputs_agree(y64 + 3 * 64 * eps32, y64, eps64)  # float32 rounding is too much in float64
+    assert not fused_predict.outputs_agree(y64 + 3 * 64 * eps32, y64, eps64)  # float32 rounding is too much in float64
     small = y * 1e-6  # relative to the outputs' own scale (no floor at 1)
-    assert not base._outputs_agree(small + 1e-8, small, eps32) and base._outputs_agree(small * (1 + 1e-6), small, eps32)
-    assert not base._outputs_agree([y.long()], [y.long() + 1], eps32)  # integers: exact
-    assert base._outputs_agree({"a": [y]}, {"a": [y]}, eps32) and not base._outputs_agree([y], [y, y], eps32)
+    assert not fused_predict.outputs_agree(small + 1e-8, small, eps32) and fused_predict.outputs_agree(small * (1 + 1e-6), small, eps32)
+    assert not fused_predict.outputs_agree([y.long()], [y.long() + 1], eps32)  # integers: exact
+    assert fused_predict.outputs_agree({"a": [y]}, {"a": [y]}, eps32) and not fused_predict.outputs_agree([y], [y, y], eps32)

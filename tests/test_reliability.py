@@ -109,7 +109,7 @@ def test_skip_drops_nonfinite_steps_and_stops_after_k_in_a_row(tmp_path):
         pytest.raises(NonFiniteLossError, match="3 optimizer steps"),
     ):
         _trainer(tmp_path).fit(model, _data(tmp_path))
-    assert model._nf_skipped == 3
+    assert model.nonfinite_guard.skipped == 3
 
 
 class _PoisonOneStep(Callback):
@@ -135,7 +135,7 @@ def test_skip_leaves_weights_untouched_on_a_bad_step_and_goes_on(tmp_path):
     trainer = _trainer(tmp_path, [poison])
     with pytest.warns(UserWarning, match="optimizer step 3 skipped"):
         trainer.fit(model, _data(tmp_path))
-    assert trainer.global_step == 8 and model._nf_skipped == 1  # the run finished its 8 steps
+    assert trainer.global_step == 8 and model.nonfinite_guard.skipped == 1  # the run finished its 8 steps
     for key, value in poison.before.items():  # no update, no NaN: parameters as before the bad step
         if value.is_floating_point() and "running" not in key and "num_batches" not in key:
             assert torch.equal(value, poison.after[key]), key
@@ -384,7 +384,7 @@ def test_long_run_memory_flat_history_capped_file_descriptors_steady(tmp_path):
 
 
 def test_the_fused_nonfinite_check_sees_nan_and_inf_and_leaves_the_gradients_as_they_are():
-    from lightning_convnets.tasks.base import _any_nonfinite
+    from lightning_convnets.tasks.nonfinite import any_nonfinite as _any_nonfinite
 
     torch.manual_seed(0)
     grads = [torch.randn(3, 4) * 1e30, torch.randn(5), torch.randn(2, 2, 3)]

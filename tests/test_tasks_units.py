@@ -517,7 +517,7 @@ def test_weights_null_on_the_command_line_trains_from_scratch(tmp_path, offline,
 
 
 def test_jsonargparse_still_turns_a_nested_null_into_the_string_none():
-    # ConvNetTask maps backbone_kwargs' "None" strings back to None (base._none_strings_to_none) because of
+    # ConvNetTask maps backbone_kwargs' "None" strings back to None (backbones.registry.none_strings_to_none) because of
     # this; when it fails, jsonargparse keeps the None and the adapter can go
     from jsonargparse import ArgumentParser
 

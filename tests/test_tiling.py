@@ -9,10 +9,9 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from lightning_convnets import tiling
 from lightning_convnets.backbones import create_backbone
-from lightning_convnets.tasks import ObjectDetector, SemanticSegmenter
-from lightning_convnets.tiling import (
+from lightning_convnets.predict import tiling
+from lightning_convnets.predict.tiling import (
     NetworkGeometry,
     TiledDetector,
     TiledPredictor,
@@ -22,6 +21,7 @@ from lightning_convnets.tiling import (
     reflect_indices,
     tile_starts,
 )
+from lightning_convnets.tasks import ObjectDetector, SemanticSegmenter
 
 
 class DenseNet(nn.Module):
@@ -360,7 +360,7 @@ def test_tiled_segmentation_names_the_image_shape_and_what_was_expected(shape, e
     monkeypatch.chdir(tmp_path)
     task = SemanticSegmenter("unet", num_classes=2, backbone_kwargs={"width": 2, "depth": 2}, tile_size=32)
     with pytest.raises(ValueError, match=expected):  # the image's shape, never the tile batch's
-        tiling.segmentation_logits(task.eval(), torch.rand(*shape))
+        tiling.segmentation_logits(task.eval(), torch.rand(*shape), task.tiling_options)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ValueError, match=expected):  # the same through predict (fast_predict's check included)
         trainer.predict(task, torch.utils.data.DataLoader(torch.rand(*shape), batch_size=shape[0]))
@@ -379,6 +379,6 @@ def test_tiled_detection_names_the_image_shape_and_what_was_expected(shape, expe
         "hourglass", num_classes=2, backbone_kwargs={"num_stacks": 1, "order": 2, "width": 8}, tile_size=32
     ).eval()
     with pytest.raises(ValueError, match=expected):
-        tiling.detect(task, [torch.rand(*shape)])
+        tiling.detect(task, [torch.rand(*shape)], task.tiling_options)
     with pytest.raises(ValueError, match=expected):
         TiledDetector(task, tile_size=32)(torch.rand(*shape))

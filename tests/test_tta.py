@@ -8,16 +8,16 @@ import torch.nn.functional as F
 from test_tiling import components_detector, make_scene
 from torch import nn
 
-from lightning_convnets.tasks import ImageClassifier, ObjectDetector, SemanticSegmenter
-from lightning_convnets.tta import (
+from lightning_convnets.nn.boxes import flip_boxes
+from lightning_convnets.predict.tta import (
     TTAConfig,
-    _invert_boxes,
     classify_tta,
     detect_tta,
     parse_tta,
     segment_tta,
     tta_logits,
 )
+from lightning_convnets.tasks import ImageClassifier, ObjectDetector, SemanticSegmenter
 
 
 def symmetric_conv(in_channels: int, out_channels: int, seed: int = 0) -> nn.Conv2d:
@@ -117,7 +117,7 @@ def test_classifier_tta_option_in_predict_and_test() -> None:
         expected = (torch.softmax(model(images), 1) + torch.softmax(model(images.flip(-1)), 1)) / 2
         assert torch.allclose(model.predict_step(images, 0), expected, atol=1e-6)
         # The test stage scores log(mean probabilities): softmax of it gives the TTA probabilities back.
-        assert torch.allclose(torch.softmax(tta_logits(model, images), 1), expected, atol=1e-6)
+        assert torch.allclose(torch.softmax(tta_logits(model, images, model.hparams.tta), 1), expected, atol=1e-6)
         model.test_step((images, labels), 0)
     acc = model.metrics["test_"].compute()["acc"]
     assert float(acc) == pytest.approx(float((expected.argmax(1) == labels).float().mean()))
@@ -138,8 +138,8 @@ def test_detection_tta_maps_boxes_back_exactly() -> None:
             assert torch.equal(plain["labels"][order_a.argsort()], merged["labels"][order_b.argsort()])
     # Box inversion itself: a box at the left edge of a flipped 30-px-wide view is at the right edge.
     box = torch.tensor([[0.0, 2.0, 5.0, 9.0]])
-    assert _invert_boxes(box, (20, 30), True, False).tolist() == [[25.0, 2.0, 30.0, 9.0]]
-    assert _invert_boxes(box, (20, 30), True, True).tolist() == [[25.0, 11.0, 30.0, 18.0]]
+    assert flip_boxes(box, (20, 30), True, False).tolist() == [[25.0, 2.0, 30.0, 9.0]]
+    assert flip_boxes(box, (20, 30), True, True).tolist() == [[25.0, 11.0, 30.0, 18.0]]
 
 
 def test_detection_tta_scales_divide_boxes_by_the_scale() -> None:

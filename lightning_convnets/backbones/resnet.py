@@ -90,7 +90,49 @@ def _needs_projection(in_channels: int, out_channels: int, stride: int) -> bool:
     return stride != 1 or in_channels != out_channels
 
 
-class BasicBlock(nn.Module):
+class _Block(nn.Module):
+    """What every residual block shares: the ReLU, the sum (``skip``) and the projection shortcut, and the
+    zero initialisation of the branch's end (``_last``: the closing norm and conv attributes)."""
+
+    expansion = 1
+    preact = False
+    _last: tuple[str | None, str] = ("bn2", "conv2")
+
+    def _add_shortcut(self, in_channels: int, out_channels: int, stride: int, norm: str, skip: bool) -> None:
+        # A stride or a channel change needs a 1x1 projection: conv + norm after a post-activation block,
+        # a bare conv in a pre-activation one (the next block normalises).
+        self.relu = nn.ReLU()
+        self.downsample: nn.Module | None = None
+        self.add: ResidualAdd | None = ResidualAdd() if skip else None
+        if skip and _needs_projection(in_channels, out_channels, stride):
+            layers = [conv1x1(in_channels, out_channels, stride, bias=norm == "none")]
+            if not self.preact:
+                layers.append(make_norm(norm, out_channels))
+            self.downsample = nn.Sequential(*layers)
+
+    def zero_init_last(self) -> None:
+        """Make the branch output zero (the block starts as its shortcut): zero the closing norm's scale,
+        or the closing conv where no norm follows it (``norm="none"``, pre-activation)."""
+        norm, conv = self._last
+        _zero_branch_end(None if norm is None else getattr(self, norm), getattr(self, conv))
+
+    def branch(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.preact:
+            pre = self.relu(self.bn1(x))
+            out = self.branch(pre)
+            if self.add is None:
+                return out
+            return self.add(x if self.downsample is None else self.downsample(pre), out)
+        out = self.branch(x)
+        if self.add is not None:
+            out = self.add(x if self.downsample is None else self.downsample(x), out)
+        return self.relu(out)
+
+
+class BasicBlock(_Block):
     """Post-activation basic block: ``relu(x + bn2(conv2(relu(bn1(conv1(x))))))``.
 
     With C channels, batch norm and no conv bias it has ``2 * 9C^2`` weights and ``2 * 2C`` norm
@@ -122,31 +164,13 @@ class BasicBlock(nn.Module):
         self.bn1 = make_norm(norm, planes)
         self.conv2 = conv3x3(planes, out_channels, bias=bias)
         self.bn2 = make_norm(norm, out_channels)
-        self.relu = nn.ReLU()
-        self.downsample: nn.Module | None = None
-        self.add: ResidualAdd | None = ResidualAdd() if skip else None
-        if skip and _needs_projection(in_channels, out_channels, stride):
-            self.downsample = nn.Sequential(
-                conv1x1(in_channels, out_channels, stride, bias=bias), make_norm(norm, out_channels)
-            )
-
-    def zero_init_last(self) -> None:
-        """Make the branch output zero (the block starts as ``relu(shortcut)``): zero the closing norm's
-        scale, or the closing conv when ``norm="none"``."""
-        _zero_branch_end(self.bn2, self.conv2)
+        self._add_shortcut(in_channels, out_channels, stride, norm, skip)
 
     def branch(self, x: Tensor) -> Tensor:
         return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.branch(x)
-        if self.add is not None:
-            shortcut = x if self.downsample is None else self.downsample(x)
-            out = self.add(shortcut, out)
-        return self.relu(out)
 
-
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
     """Post-activation bottleneck: 1x1 reduce, 3x3 (carrying the stride), 1x1 expand by 4.
 
     Args:
@@ -165,6 +189,7 @@ class Bottleneck(nn.Module):
 
     expansion = 4
     preact = False
+    _last = ("bn3", "conv3")
 
     def __init__(
         self, in_channels: int, planes: int, stride: int = 1, norm: str = "batch", skip: bool = True
@@ -178,33 +203,15 @@ class Bottleneck(nn.Module):
         self.bn2 = make_norm(norm, planes)
         self.conv3 = conv1x1(planes, out_channels, bias=bias)
         self.bn3 = make_norm(norm, out_channels)
-        self.relu = nn.ReLU()
-        self.downsample: nn.Module | None = None
-        self.add: ResidualAdd | None = ResidualAdd() if skip else None
-        if skip and _needs_projection(in_channels, out_channels, stride):
-            self.downsample = nn.Sequential(
-                conv1x1(in_channels, out_channels, stride, bias=bias), make_norm(norm, out_channels)
-            )
-
-    def zero_init_last(self) -> None:
-        """Make the branch output zero (the block starts as ``relu(shortcut)``): zero the closing norm's
-        scale, or the closing conv when ``norm="none"``."""
-        _zero_branch_end(self.bn3, self.conv3)
+        self._add_shortcut(in_channels, out_channels, stride, norm, skip)
 
     def branch(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         return self.bn3(self.conv3(out))
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.branch(x)
-        if self.add is not None:
-            shortcut = x if self.downsample is None else self.downsample(x)
-            out = self.add(shortcut, out)
-        return self.relu(out)
 
-
-class PreActBasicBlock(nn.Module):
+class PreActBasicBlock(_Block):
     """Pre-activation basic block: ``x + conv2(relu(bn2(conv1(relu(bn1(x))))))``.
 
     Nothing follows the sum, so the identity path runs unchanged from block to block. A projection
@@ -225,6 +232,7 @@ class PreActBasicBlock(nn.Module):
 
     expansion = 1
     preact = True
+    _last = (None, "conv2")
 
     def __init__(
         self, in_channels: int, planes: int, stride: int = 1, norm: str = "batch", skip: bool = True
@@ -236,27 +244,13 @@ class PreActBasicBlock(nn.Module):
         self.conv1 = conv3x3(in_channels, planes, stride, bias=bias)
         self.bn2 = make_norm(norm, planes)
         self.conv2 = conv3x3(planes, out_channels, bias=bias)
-        self.relu = nn.ReLU()
-        self.downsample: nn.Module | None = None
-        self.add: ResidualAdd | None = ResidualAdd() if skip else None
-        if skip and _needs_projection(in_channels, out_channels, stride):
-            self.downsample = nn.Sequential(conv1x1(in_channels, out_channels, stride, bias=bias))
+        self._add_shortcut(in_channels, out_channels, stride, norm, skip)
 
-    def zero_init_last(self) -> None:
-        """Make the branch output zero (the block starts as the identity): no norm follows the closing
-        conv, so its weight is zeroed."""
-        _zero_branch_end(None, self.conv2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        pre = self.relu(self.bn1(x))
-        out = self.conv2(self.relu(self.bn2(self.conv1(pre))))
-        if self.add is None:
-            return out
-        shortcut = x if self.downsample is None else self.downsample(pre)
-        return self.add(shortcut, out)
+    def branch(self, pre: Tensor) -> Tensor:
+        return self.conv2(self.relu(self.bn2(self.conv1(pre))))
 
 
-class PreActBottleneck(nn.Module):
+class PreActBottleneck(_Block):
     """Pre-activation bottleneck: ``BN-ReLU-1x1``, ``BN-ReLU-3x3`` (stride), ``BN-ReLU-1x1`` (x4 channels).
 
     Args:
@@ -274,6 +268,7 @@ class PreActBottleneck(nn.Module):
 
     expansion = 4
     preact = True
+    _last = (None, "conv3")
 
     def __init__(
         self, in_channels: int, planes: int, stride: int = 1, norm: str = "batch", skip: bool = True
@@ -287,26 +282,11 @@ class PreActBottleneck(nn.Module):
         self.conv2 = conv3x3(planes, planes, stride, bias=bias)
         self.bn3 = make_norm(norm, planes)
         self.conv3 = conv1x1(planes, out_channels, bias=bias)
-        self.relu = nn.ReLU()
-        self.downsample: nn.Module | None = None
-        self.add: ResidualAdd | None = ResidualAdd() if skip else None
-        if skip and _needs_projection(in_channels, out_channels, stride):
-            self.downsample = nn.Sequential(conv1x1(in_channels, out_channels, stride, bias=bias))
+        self._add_shortcut(in_channels, out_channels, stride, norm, skip)
 
-    def zero_init_last(self) -> None:
-        """Make the branch output zero (the block starts as the identity): no norm follows the closing
-        conv, so its weight is zeroed."""
-        _zero_branch_end(None, self.conv3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        pre = self.relu(self.bn1(x))
-        out = self.conv1(pre)
-        out = self.conv2(self.relu(self.bn2(out)))
-        out = self.conv3(self.relu(self.bn3(out)))
-        if self.add is None:
-            return out
-        shortcut = x if self.downsample is None else self.downsample(pre)
-        return self.add(shortcut, out)
+    def branch(self, pre: Tensor) -> Tensor:
+        out = self.conv2(self.relu(self.bn2(self.conv1(pre))))
+        return self.conv3(self.relu(self.bn3(out)))
 
 
 def _check_images(images: Tensor, channels: int) -> None:

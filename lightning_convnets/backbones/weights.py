@@ -3,6 +3,8 @@ failed download (offline) apart from other errors."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 
@@ -87,4 +89,44 @@ def torchvision_weights(model_name: str, weights: Any, where: str) -> Any:
             return enum[member]
     raise UnknownWeightsError(
         f"{where}: unknown weights {weights!r}; available: {list(enum.__members__)} (or a {enum.__name__} member)"
+    )
+
+
+_WEIGHT_OPTIONS = {"weights": "null", "encoder_weights": "null", "pretrained": "false"}
+
+
+def _weight_options(kwargs: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``path=value`` of every option in ``kwargs`` (nested) that asks for pretrained weights, with the
+    value that turns it off (``weights=null``, ``pretrained=false``)."""
+    found = []
+    for key, value in kwargs.items():
+        if isinstance(value, Mapping):
+            found += _weight_options(value, f"{prefix}{key}.")
+        elif key in _WEIGHT_OPTIONS and value not in (None, False):
+            found.append(f"{prefix}{key}={_WEIGHT_OPTIONS[key]}")
+    return found
+
+
+def download_message(owner: str, failure: BaseException, kwargs: Mapping[str, Any]) -> str:
+    """One line for a :class:`WeightsDownloadError`: which download failed, where weights are cached, and
+    which of the backbone options ``kwargs`` trains from scratch instead.
+
+    Example:
+        >>> download_message("ImageClassifier", OSError("offline"), {"weights": "DEFAULT"}).split(". ")[-1]
+        'Connect once ... or train from scratch with --model.init_args.backbone_kwargs.weights=null'
+    """
+    import torch
+
+    reason = getattr(failure, "reason", None) or failure
+    options = _weight_options(kwargs)
+    scratch = (
+        " or ".join(f"--model.init_args.backbone_kwargs.{o}" for o in options)
+        if options
+        else "the backbone's weights option set to null (pretrained: false)"
+    )
+    return (
+        f"{owner}: the backbone's pretrained weights could not be downloaded ({type(failure).__name__}: "
+        f"{reason}). Connect once to download them (torchvision caches them under "
+        f"{Path(torch.hub.get_dir()) / 'checkpoints'}, timm/smp under the Hugging Face cache), or train from "
+        f"scratch with {scratch}"
     )

@@ -1,4 +1,7 @@
-"""Small reusable network pieces."""
+"""Network pieces below the backbones: layers (``heads``, ``residual``, ``stem``, ``crop``, ``norm``), losses,
+CenterNet's targets and decoding (``centernet``), the detection networks and the one detector interface
+(``detectors``), box merging (``boxes``), BatchNorm folding (``fusion``) and the in-place compile state
+(``compile``). Imports nothing else of the package."""
 
 from lightning_convnets.nn.crop import center_crop, crop_offsets
 from lightning_convnets.nn.fusion import find_conv_bn_pairs, fuse_conv_bn

@@ -5,28 +5,43 @@
   (average-pooled to stride 4), or the output of an :class:`UpsamplingNeck` over a pyramid encoder.
 * :func:`build_torchvision_detector` wraps a pyramid backbone in :class:`FPNBackbone` and hands it to
   torchvision's Faster R-CNN, RetinaNet or FCOS.
+* :class:`CenterNetFamily` and :class:`TorchvisionFamily` drive either kind through one interface, the
+  protocol of torchvision's detectors (:class:`DetectorFamily`: loss parts in training, detections with
+  0-based labels in eval, an export graph); :func:`detector_family` picks one by name.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_convnets.nn.centernet import CenterNetHead
+from lightning_convnets.nn.centernet import CenterNetHead, centernet_loss, decode_detections, encode_targets
 
 __all__ = [
+    "DETECTOR_FAMILIES",
     "TORCHVISION_FAMILIES",
     "CenterNet",
+    "CenterNetFamily",
+    "CenterNetGraph",
+    "DetectorFamily",
     "FPNBackbone",
+    "TorchvisionFamily",
+    "TorchvisionGraph",
     "UpsamplingNeck",
     "batch_images",
     "build_torchvision_detector",
+    "clean_target",
+    "detector_family",
 ]
+
+Detections = list[dict[str, Tensor]]
 
 TORCHVISION_FAMILIES = ("fasterrcnn", "retinanet", "fcos")
 
@@ -340,3 +355,334 @@ def build_torchvision_detector(
         detections_per_img=detections_per_image,
         **common,
     )
+
+
+# ------------------------------------------------------------------------------------ export graphs
+class CenterNetGraph(nn.Module):
+    """``images -> (boxes, scores, labels)`` of a CenterNet :class:`~lightning_convnets.ObjectDetector`.
+
+    The decoding of :func:`lightning_convnets.nn.centernet.decode_detections` without the per-image
+    threshold (a fixed ``top_k`` per image keeps the outputs rectangular): sigmoid, 3x3 max-pool peaks,
+    top-K over classes and cells, centre + offset +- size / 2, times the stride, clipped to the image.
+    """
+
+    output_names = ("boxes", "scores", "labels")
+
+    def __init__(self, detector: nn.Module, stride: int, top_k: int) -> None:
+        super().__init__()
+        self.detector = detector
+        self.stride = int(stride)
+        self.top_k = int(top_k)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.detector(images)[-1]
+        heatmap, size, offset = out["heatmap"], out["size"], out["offset"]
+        batch, _, height, width = heatmap.shape
+        prob = torch.sigmoid(heatmap.float())
+        peaks = prob * (F.max_pool2d(prob, 3, stride=1, padding=1) == prob).to(prob.dtype)
+        scores, flat = peaks.reshape(batch, -1).topk(self.top_k, dim=1)
+        cells = height * width
+        labels = torch.div(flat, cells, rounding_mode="floor")
+        cell = flat - labels * cells
+        ys = torch.div(cell, width, rounding_mode="floor")
+        xs = cell - ys * width
+        index = cell.unsqueeze(1).expand(batch, 2, self.top_k)
+        wh = size.float().reshape(batch, 2, -1).gather(2, index)
+        off = offset.float().reshape(batch, 2, -1).gather(2, index)
+        cx = xs.to(prob.dtype) + off[:, 0]
+        cy = ys.to(prob.dtype) + off[:, 1]
+        half_w = wh[:, 0].clamp(min=0) / 2
+        half_h = wh[:, 1].clamp(min=0) / 2
+        boxes = torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=-1) * self.stride
+        # Clip to the image (its height and width may be symbolic: no Python float of them).
+        x = boxes[..., 0::2].clamp(min=0)
+        y = boxes[..., 1::2].clamp(min=0)
+        x = torch.minimum(x, torch.ones_like(x) * images.shape[-1])
+        y = torch.minimum(y, torch.ones_like(y) * images.shape[-2])
+        boxes = torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
+        return boxes, scores, labels
+
+
+class TorchvisionGraph(nn.Module):
+    """``images -> (boxes, scores, labels)`` lists of a torchvision detector (0-based labels); torch.export
+    only (its data-dependent post-processing has no ONNX path)."""
+
+    output_names = ("detections",)
+    onnx_exportable = False
+
+    def __init__(self, detector: nn.Module, label_shift: int) -> None:
+        super().__init__()
+        self.detector = detector
+        self.label_shift = label_shift
+
+    def forward(self, images: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+        detections = self.detector(list(images.unbind(0)))
+        return [(d["boxes"], d["scores"], d["labels"] - self.label_shift) for d in detections]
+
+
+# ------------------------------------------------------------------------------- the detector interface
+def clean_target(target: Mapping[str, Tensor], drop_empty: bool = True) -> dict[str, Tensor]:
+    """``boxes`` ``[K, 4]`` float, ``labels`` ``[K]`` int64 (and ``iscrowd``), without the zero-area
+    boxes unless ``drop_empty=False`` (finding them is a host sync on an accelerator).
+
+    Example:
+        >>> t = clean_target({"boxes": torch.tensor([[0.0, 0, 4, 4], [2.0, 2, 2, 5]]), "labels": torch.tensor([1, 2])})
+        >>> t["labels"].tolist()
+        [1]
+    """
+    boxes = target["boxes"].reshape(-1, 4).float()
+    labels = target["labels"].reshape(-1).long()
+    crowd = target["iscrowd"].reshape(-1) if "iscrowd" in target else None
+    if drop_empty:
+        # Zero-area boxes carry no object (and torchvision's losses refuse them).
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        if not bool(keep.all()):  # the usual case: no copy (a boolean index syncs with the device anyway)
+            boxes, labels = boxes[keep], labels[keep]
+            crowd = None if crowd is None else crowd[keep]
+    out = {"boxes": boxes, "labels": labels}
+    if crowd is not None:
+        out["iscrowd"] = crowd
+    return out
+
+
+class DetectorFamily:
+    """How a detection task drives one family of networks: torchvision's detector protocol (loss parts in
+    training, detections in eval) for every family, with 0-based labels and no background class.
+
+    The network is passed to every call (the task may swap in a BatchNorm-folded copy for ``predict``).
+
+    Attributes:
+        computes_eval_loss: whether :meth:`evaluate` gives a loss (else validation logs metrics only).
+        size_divisor: images are padded to a multiple of this (set by :meth:`build`).
+    """
+
+    computes_eval_loss = False
+    size_divisor = 1
+
+    @property
+    def default_monitor(self) -> str:
+        """The metric a ``ReduceLROnPlateau`` scheduler watches: ``val/loss`` where the family computes a
+        validation loss, else ``val/map``."""
+        return "val/loss" if self.computes_eval_loss else "val/map"
+
+    def build(self, backbone: nn.Module, num_classes: int) -> nn.Module:
+        """The network over ``backbone`` for ``num_classes`` object classes."""
+        raise NotImplementedError
+
+    def losses(
+        self, network: nn.Module, images: list[Tensor], targets: list[dict[str, Tensor]]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(loss, parts)`` of a training batch (the network in train mode)."""
+        raise NotImplementedError
+
+    def detect(self, network: nn.Module, images: Sequence[Tensor]) -> Detections:
+        """Detections per image (``boxes`` xyxy input pixels, ``scores``, 0-based ``labels``; eval mode)."""
+        raise NotImplementedError
+
+    def evaluate(
+        self, network: nn.Module, images: list[Tensor], targets: list[dict[str, Tensor]]
+    ) -> tuple[Tensor | None, Detections]:
+        """``(loss or None, detections)`` of a validation or test batch (eval mode)."""
+        return None, self.detect(network, images)
+
+    def export_graph(self, network: nn.Module) -> nn.Module:
+        """``images -> detections`` as one traceable module (:mod:`lightning_convnets.predict.export`)."""
+        raise NotImplementedError
+
+
+class CenterNetFamily(DetectorFamily):
+    """CenterNet (:class:`CenterNet`) in the detector protocol: targets encoded as heatmaps, the loss summed
+    over the stacks (intermediate supervision), peaks decoded into boxes.
+
+    Args:
+        head_channels, neck_channels: see :class:`CenterNet`.
+        size_weight, offset_weight: weights of the size and offset losses.
+        min_overlap: IoU of the CornerNet radius rule for the Gaussian splats.
+        top_k: peaks kept per image.
+        score_threshold: lowest score returned.
+        size_divisor: pad images to a multiple of this; ``None``: the backbone's requirement (``multiple``)
+            and the coarsest strides of backbone and network.
+
+    Example:
+        >>> from lightning_convnets.nn.heads import ClassificationHead  # any module of the contract works
+        >>> family = CenterNetFamily(head_channels=8, neck_channels=8)
+        >>> family.computes_eval_loss, family.default_monitor
+        (True, 'val/loss')
+    """
+
+    computes_eval_loss = True
+
+    def __init__(
+        self,
+        head_channels: int = 64,
+        neck_channels: int = 64,
+        size_weight: float = 0.1,
+        offset_weight: float = 1.0,
+        min_overlap: float = 0.3,
+        top_k: int = 100,
+        score_threshold: float = 0.05,
+        size_divisor: int | None = None,
+        **_ignored: Any,
+    ) -> None:
+        self.head_channels, self.neck_channels = head_channels, neck_channels
+        self.size_weight, self.offset_weight, self.min_overlap = size_weight, offset_weight, min_overlap
+        self.top_k, self.score_threshold = top_k, score_threshold
+        self.requested_divisor = size_divisor
+
+    def build(self, backbone: nn.Module, num_classes: int) -> nn.Module:
+        network = CenterNet(
+            backbone, num_classes, head_channels=self.head_channels, neck_channels=self.neck_channels
+        )
+        needs = [network.stride, max(backbone.reductions)]
+        multiple = getattr(backbone, "multiple", None)
+        if isinstance(multiple, int) and multiple > 0:
+            needs.append(multiple)
+        self.size_divisor = int(self.requested_divisor or math.lcm(*needs))
+        return network
+
+    def _decode(self, output: dict[str, Tensor], network: nn.Module, images: Sequence[Tensor]) -> Detections:
+        return decode_detections(
+            output["heatmap"],
+            output["size"],
+            output["offset"],
+            stride=network.stride,
+            top_k=self.top_k,
+            score_threshold=self.score_threshold,
+            image_sizes=[tuple(im.shape[-2:]) for im in images],
+        )
+
+    def _run(
+        self, network: nn.Module, images: list[Tensor], targets: list[dict[str, Tensor]], decode: bool
+    ) -> tuple[Tensor, dict[str, Tensor], Detections | None]:
+        outputs = network(batch_images(images, self.size_divisor))
+        last = outputs[-1]["heatmap"]
+        encoded = encode_targets(
+            [t["boxes"] for t in targets],
+            [t["labels"] for t in targets],
+            network.num_classes,
+            tuple(last.shape[-2:]),
+            stride=network.stride,
+            min_overlap=self.min_overlap,
+            device=last.device,
+            check_labels=not network.training,  # no host read on a training step
+        )
+        # Intermediate supervision: every stack is trained on the same targets, losses summed.
+        per_stack = [centernet_loss(o, encoded, self.size_weight, self.offset_weight) for o in outputs]
+        parts = {key: torch.stack([p[key] for p in per_stack]).sum() for key in per_stack[0]}
+        detections = self._decode(outputs[-1], network, images) if decode else None
+        return parts.pop("loss"), parts, detections
+
+    def losses(
+        self, network: nn.Module, images: list[Tensor], targets: list[dict[str, Tensor]]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        loss, parts, _ = self._run(network, images, targets, decode=False)
+        return loss, parts
+
+    def evaluate(
+        self, network: nn.Module, images: list[Tensor], targets: list[dict[str, Tensor]]
+    ) -> tuple[Tensor | None, Detections]:
+        loss, _, detections = self._run(network, images, targets, decode=True)
+        return loss, detections or []
+
+    def detect(self, network: nn.Module, images: Sequence[Tensor]) -> Detections:
+        return self._decode(network(batch_images(images, self.size_divisor))[-1], network, images)
+
+    def export_graph(self, network: nn.Module) -> nn.Module:
+        return CenterNetGraph(network, network.stride, self.top_k)
+
+
+class TorchvisionFamily(DetectorFamily):
+    """torchvision's Faster R-CNN, RetinaNet or FCOS (:func:`build_torchvision_detector`) with 0-based labels
+    (Faster R-CNN's background class is added and removed here).
+
+    Args:
+        family: ``"fasterrcnn"``, ``"retinanet"`` or ``"fcos"``.
+        min_size, max_size, anchor_size, fpn_channels, score_threshold, detector_kwargs: see
+            :func:`build_torchvision_detector`.
+        top_k: detections per image.
+
+    Example:
+        >>> TorchvisionFamily("fasterrcnn").label_shift, TorchvisionFamily("fcos").default_monitor
+        (1, 'val/map')
+    """
+
+    def __init__(
+        self,
+        family: str,
+        min_size: int = 800,
+        max_size: int = 1333,
+        anchor_size: int | None = None,
+        fpn_channels: int = 256,
+        score_threshold: float = 0.05,
+        top_k: int = 100,
+        detector_kwargs: dict[str, Any] | None = None,
+        **_ignored: Any,
+    ) -> None:
+        if family not in TORCHVISION_FAMILIES:
+            raise ValueError(
+                f"unknown torchvision detector family {family!r}; choose one of {TORCHVISION_FAMILIES}"
+            )
+        self.family = family
+        self.label_shift = 1 if family == "fasterrcnn" else 0  # Faster R-CNN's class 0 is background
+        self.options = dict(
+            min_size=min_size,
+            max_size=max_size,
+            anchor_size=anchor_size,
+            fpn_channels=fpn_channels,
+            score_threshold=score_threshold,
+            detections_per_image=top_k,
+            detector_kwargs=detector_kwargs,
+        )
+
+    def build(self, backbone: nn.Module, num_classes: int) -> nn.Module:
+        return build_torchvision_detector(self.family, backbone, num_classes, **self.options)
+
+    def _shifted(self, targets: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        return [{"boxes": t["boxes"], "labels": t["labels"] + self.label_shift} for t in targets]
+
+    def losses(
+        self, network: nn.Module, images: list[Tensor], targets: list[dict[str, Tensor]]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        try:
+            parts = network(images, self._shifted(targets))
+        except (AssertionError, ValueError):
+            # torchvision refuses zero-area boxes (its own check, a host read it makes anyway): drop them
+            # and go again; training targets are not cleaned beforehand, which would be one more read
+            cleaned = [clean_target(t) for t in targets]
+            if all(len(c["boxes"]) == len(t["boxes"]) for c, t in zip(cleaned, targets)):
+                raise
+            parts = network(images, self._shifted(cleaned))
+        return torch.stack(list(parts.values())).sum(), parts
+
+    def from_torchvision(self, detections: Detections) -> Detections:
+        """torchvision's detections with 0-based labels (int64)."""
+        return [
+            {"boxes": d["boxes"], "scores": d["scores"], "labels": d["labels"].long() - self.label_shift}
+            for d in detections
+        ]
+
+    def detect(self, network: nn.Module, images: Sequence[Tensor]) -> Detections:
+        return self.from_torchvision(network(list(images)))
+
+    def export_graph(self, network: nn.Module) -> nn.Module:
+        return TorchvisionGraph(network, self.label_shift)
+
+
+#: Detector families by name (``ObjectDetector(family=...)``).
+DETECTOR_FAMILIES: dict[str, Any] = {
+    "centernet": CenterNetFamily,
+    **{name: functools.partial(TorchvisionFamily, name) for name in TORCHVISION_FAMILIES},
+}
+
+
+def detector_family(name: str, **options: Any) -> DetectorFamily:
+    """The :class:`DetectorFamily` called ``name`` (see :data:`DETECTOR_FAMILIES`) with ``options`` (each
+    family takes the ones it knows).
+
+    Example:
+        >>> type(detector_family("retinanet", top_k=50)).__name__
+        'TorchvisionFamily'
+    """
+    if name not in DETECTOR_FAMILIES:
+        raise ValueError(f"detector family must be one of {tuple(DETECTOR_FAMILIES)}, got {name!r}")
+    return DETECTOR_FAMILIES[name](**options)

@@ -8,16 +8,16 @@ The algebra, the structural rule for a pair, and what fuses in post- and pre-act
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from copy import deepcopy
 from typing import Any
 
 import torch
 import torch.fx
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torch.utils._pytree import tree_leaves
+
+from lightning_convnets.nn.norm import BATCHNORMS
 
 __all__ = [
     "find_conv_bn_pairs",
@@ -25,6 +25,7 @@ __all__ = [
     "fuse_for_inference",
     "runtime_conv_bn_pairs",
     "same_outputs",
+    "tensor_leaves",
 ]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -36,7 +37,7 @@ def _check_pair(model: nn.Module, conv_name: str, bn_name: str) -> str | None:
     conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
     if not isinstance(conv, _CONVS + _TRANSPOSED):
         return f"{conv_name!r} is a {type(conv).__name__}, not a convolution"
-    if not isinstance(bn, _BatchNorm):
+    if not isinstance(bn, BATCHNORMS):
         return f"{bn_name!r} is a {type(bn).__name__}, not a BatchNorm"
     if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
         return f"{bn_name!r} has no running statistics (track_running_stats=False): it is not linear in eval"
@@ -73,7 +74,7 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), _BatchNorm):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), BATCHNORMS):
             continue
         if len(node.args) != 1 or node.kwargs:
             continue
@@ -160,8 +161,20 @@ def fuse_conv_bn(
     return fused.eval()
 
 
-def _leaves(output: Any) -> list[Tensor]:
-    return [t for t in tree_leaves(output) if isinstance(t, Tensor)]
+def tensor_leaves(output: Any) -> list[Tensor]:
+    """The tensors of a (nested) output: a tensor, or dicts, lists and tuples of them, in order.
+
+    Example:
+        >>> [t.tolist() for t in tensor_leaves({"a": [torch.zeros(1), (torch.ones(1), "x")]})]
+        [[0.0], [1.0]]
+    """
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        return [t for v in output.values() for t in tensor_leaves(v)]
+    if isinstance(output, list | tuple):
+        return [t for v in output for t in tensor_leaves(v)]
+    return []
 
 
 def same_outputs(a: Any, b: Any, tol: float) -> bool:
@@ -171,7 +184,7 @@ def same_outputs(a: Any, b: Any, tol: float) -> bool:
 
 
 def _same(a: Any, b: Any, tol: float) -> bool:
-    la, lb = _leaves(a), _leaves(b)
+    la, lb = tensor_leaves(a), tensor_leaves(b)
     if len(la) != len(lb):
         return False
     for x, y in zip(la, lb):
@@ -210,7 +223,7 @@ def runtime_conv_bn_pairs(model: nn.Module, example: Tensor) -> list[tuple[str, 
     for module, _name in names.items():
         if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose2d):
             handles.append(module.register_forward_hook(conv_hook))
-        elif isinstance(module, _BatchNorm):
+        elif isinstance(module, BATCHNORMS):
             handles.append(module.register_forward_pre_hook(bn_pre_hook))
     try:
         with torch.no_grad():

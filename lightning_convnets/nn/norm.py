@@ -36,3 +36,7 @@ def make_norm(norm: str, channels: int) -> nn.Module:
     if norm == "none":
         return nn.Identity()
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+#: The BatchNorm layers of torch (what folding, ``freeze_bn`` and ``fast_predict`` look for).
+BATCHNORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)

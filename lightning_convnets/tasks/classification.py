@@ -17,10 +17,14 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
+from lightning_convnets import drawing
+from lightning_convnets.figures import log_figure
 from lightning_convnets.metrics import ClassificationMetrics
 from lightning_convnets.nn.heads import ClassificationHead
+from lightning_convnets.predict.export import ClassifierGraph
+from lightning_convnets.predict.tta import classify_tta, parse_tta, tta_logits
+from lightning_convnets.predict.writers import ClassProbabilitiesWriter
 from lightning_convnets.tasks.base import BackboneSpec, ConvNetTask
-from lightning_convnets.tta import classify_tta, parse_tta, tta_logits
 
 _STAGES = ("train_", "val_", "test_")
 
@@ -45,7 +49,7 @@ class ImageClassifier(ConvNetTask):
         multilabel: targets are ``(N, num_classes)`` 0/1 vectors instead of class indices.
         threshold: probability above which a label counts as predicted (multi-label mode).
         tta: test-time augmentation at test and predict: ``"none"``, ``"flip"``, ``"flip+scales"`` (mean
-            probabilities over the views; see :mod:`lightning_convnets.tta`).
+            probabilities over the views; see :mod:`lightning_convnets.predict.tta`).
         **kwargs: the arguments every task shares (``backbone_kwargs``, ``in_channels``, ``optimizer``,
             ``lr_scheduler``, ``monitor``, ``freeze_backbone``, ``channels_last``...): see
             :class:`ConvNetTask`.
@@ -81,8 +85,8 @@ class ImageClassifier(ConvNetTask):
         """Multi-label mode (a sigmoid per class) rather than single-label (softmax)."""
         return bool(self.hparams.multilabel)
 
-    def build_task(self, num_classes: int) -> None:
-        """Linear head, class weights, metrics and (single-label) confusion matrices for ``num_classes``."""
+    def configure_models(self, num_classes: int) -> None:
+        """The linear head for ``num_classes``."""
         hp = self.hparams
         if num_classes < 2 and not self.multilabel:
             raise ValueError(
@@ -94,8 +98,15 @@ class ImageClassifier(ConvNetTask):
                 f"class_weights has {len(hp.class_weights)} entries but num_classes is {num_classes}"
             )
         self.head = ClassificationHead(self.backbone.out_channels[-1], num_classes, dropout=hp.dropout)
-        weight = None if hp.class_weights is None else torch.as_tensor(hp.class_weights, dtype=torch.float32)
+
+    def configure_losses(self) -> None:
+        """The class weights of the loss (:meth:`loss`)."""
+        weights = self.hparams.class_weights
+        weight = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
         self.register_buffer("class_weight", weight, persistent=False)
+
+    def configure_metrics(self, num_classes: int) -> None:
+        """Metrics per stage and (single-label) the confusion matrices of validation and test."""
         # Training metrics skip torchmetrics' input checks (host reads of the batch every step): the
         # single-label loss refuses class indices out of range, and validation (the sanity check comes
         # before the first training step) and test keep the checks.
@@ -118,8 +129,12 @@ class ImageClassifier(ConvNetTask):
             thr = self.hparams.threshold
             return MetricCollection(
                 {
-                    "acc": MultilabelAccuracy(num_classes, threshold=thr, average="micro", validate_args=validate),
-                    "f1": MultilabelF1Score(num_classes, threshold=thr, average="macro", validate_args=validate),
+                    "acc": MultilabelAccuracy(
+                        num_classes, threshold=thr, average="micro", validate_args=validate
+                    ),
+                    "f1": MultilabelF1Score(
+                        num_classes, threshold=thr, average="macro", validate_args=validate
+                    ),
                 }
             )
         metrics: dict[str, Any] = {
@@ -149,7 +164,9 @@ class ImageClassifier(ConvNetTask):
         images, target = self.unpack_batch(batch)
         if target is None:
             raise ValueError(f"{stage} batches need labels: got images only")
-        logits = tta_logits(self, images) if stage == "test" else self(images)
+        logits = (
+            tta_logits(self, images, self.hparams.tta, self.multilabel) if stage == "test" else self(images)
+        )
         if self.multilabel and target.shape != logits.shape:
             raise ValueError(
                 f"multilabel targets must have shape {tuple(logits.shape)} (one 0/1 per class), got "
@@ -178,63 +195,24 @@ class ImageClassifier(ConvNetTask):
         if self.multilabel:
             return
         confusion = self.confusion[f"{stage}_"]
-        if self._figures_due(stage):
+        if self.figures_due(stage):
             # compute() is a collective under DDP: every rank runs it; log_figure writes on rank 0 only.
             matrix = confusion.compute().cpu()
-            from lightning_convnets.figures import log_figure
-
             log_figure(
                 self.trainer, f"{stage}/confusion_matrix", self.plot_confusion(matrix), step=self.global_step
             )
         confusion.reset()
 
     def plot_confusion(self, matrix: Tensor) -> Any:
-        """Row-normalised confusion matrix (rows: true class, columns: predicted)."""
-        import matplotlib.pyplot as plt
-
-        names = self.class_names(matrix.shape[0])
-        size = min(12, 2 + 0.5 * len(names))
-        fig, ax = plt.subplots(figsize=(size, size))
-        image = ax.imshow(matrix.numpy(), cmap="Blues", vmin=0, vmax=1)
-        ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (row-normalised)")
-        if len(names) <= 30:
-            ax.set_xticks(range(len(names)), names, rotation=90)
-            ax.set_yticks(range(len(names)), names)
-            for (i, j), value in zip(
-                torch.cartesian_prod(torch.arange(len(names)), torch.arange(len(names))).tolist(),
-                matrix.flatten().tolist(),
-            ):
-                if value >= 0.005:
-                    ax.text(
-                        j,
-                        i,
-                        f"{value:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="white" if value > 0.5 else "black",
-                    )
-        fig.colorbar(image, ax=ax, fraction=0.046)
-        fig.tight_layout()
-        return fig
+        """Row-normalised confusion matrix (:func:`lightning_convnets.drawing.plot_confusion_matrix`)."""
+        return drawing.plot_confusion_matrix(matrix.numpy(), self.class_names(matrix.shape[0]))
 
     def plot_samples(self, images: Tensor, preds: Tensor, target: Tensor | None) -> Any:
         """Grid of images titled with the predicted (and true) classes, green when right, red when wrong."""
-        import matplotlib.pyplot as plt
-
-        pictures = self.display_images(images)
         names = self.class_names(preds.shape[1])
-        n = pictures.shape[0]
-        cols = min(n, 4)
-        rows = -(-n // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
         probs = torch.sigmoid(preds) if self.multilabel else torch.softmax(preds, dim=1)
-        for k, ax in enumerate(axes.flat):
-            ax.axis("off")
-            if k >= n:
-                continue
-            picture = pictures[k]
-            ax.imshow(picture[..., 0] if picture.shape[-1] == 1 else picture, cmap="gray")
+        titles, colours = [], []
+        for k in range(probs.shape[0]):
             if self.multilabel:
                 predicted = {
                     names[i] for i in (probs[k] > self.hparams.threshold).nonzero().flatten().tolist()
@@ -247,16 +225,17 @@ class ImageClassifier(ConvNetTask):
             else:
                 p, i = probs[k].max(dim=0)
                 title = f"pred: {names[int(i)]} ({float(p):.2f})"
-                correct = True
+                correct = target is None or int(i) == int(target[k])
                 if target is not None:
                     title += f"\ntrue: {names[int(target[k])]}"
-                    correct = int(i) == int(target[k])
-            ax.set_title(title, fontsize=8, color="green" if correct else "red")
-        fig.tight_layout()
-        return fig
+            titles.append(title)
+            colours.append("green" if correct else "red")
+        return drawing.plot_image_grid(list(self.display_images(images)), titles, colours)
 
     def default_prediction_writer(self) -> Callback | None:
-        """:class:`~lightning_convnets.writers.ClassProbabilitiesWriter`."""
-        from lightning_convnets.writers import ClassProbabilitiesWriter
-
+        """:class:`~lightning_convnets.predict.writers.ClassProbabilitiesWriter`."""
         return ClassProbabilitiesWriter()
+
+    def export_graph(self) -> nn.Module:
+        """``images -> logits`` (:class:`~lightning_convnets.predict.export.ClassifierGraph`) for export."""
+        return ClassifierGraph(self.backbone, self.head)

@@ -8,12 +8,14 @@ Conventions (every family):
 * labels are **0-based class indices with no background id**; Faster R-CNN's background class is added
   and removed inside the task. The dataset's own category ids (COCO ids need not be contiguous) are
   kept in the hyperparameters (``label_category_ids``, ``class_names``), so a checkpoint knows its label
-  mapping and :class:`~lightning_convnets.detection_writers.CocoResultsWriter` writes the original ids.
+  mapping and :class:`~lightning_convnets.predict.writers.CocoResultsWriter` writes the original ids.
+
+The families are driven through one interface (:class:`~lightning_convnets.nn.detectors.DetectorFamily`:
+torchvision's detector protocol), so the task itself has no per-family code.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -23,17 +25,13 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.detection import MeanAveragePrecision
 
-from lightning_convnets import tiling
-from lightning_convnets.nn.centernet import centernet_loss, decode_detections, encode_targets
-from lightning_convnets.nn.detectors import (
-    TORCHVISION_FAMILIES,
-    CenterNet,
-    batch_images,
-    build_torchvision_detector,
-)
+from lightning_convnets import drawing
+from lightning_convnets.nn.detectors import DETECTOR_FAMILIES, DetectorFamily, clean_target, detector_family
+from lightning_convnets.predict import tiling
+from lightning_convnets.predict.writers import CocoResultsWriter
 from lightning_convnets.tasks.base import BackboneSpec, ConvNetTask
 
-FAMILIES = ("centernet", *TORCHVISION_FAMILIES)
+FAMILIES = tuple(DETECTOR_FAMILIES)
 # Scalar entries of MeanAveragePrecision.compute() worth logging (the per-class ones are -1 unless asked).
 MAP_KEYS = (
     "map",
@@ -51,6 +49,22 @@ MAP_KEYS = (
 )
 
 Detections = list[dict[str, Tensor]]
+# The arguments the families read (each takes those it knows).
+_FAMILY_OPTIONS = (
+    "head_channels",
+    "neck_channels",
+    "size_weight",
+    "offset_weight",
+    "min_overlap",
+    "top_k",
+    "score_threshold",
+    "size_divisor",
+    "min_size",
+    "max_size",
+    "anchor_size",
+    "fpn_channels",
+    "detector_kwargs",
+)
 
 
 class ObjectDetector(ConvNetTask):
@@ -99,9 +113,9 @@ class ObjectDetector(ConvNetTask):
         detector_kwargs: more keyword arguments for the torchvision detector class (e.g. Faster R-CNN's
             ``rpn_post_nms_top_n_test``/``box_batch_size_per_image``, RetinaNet's ``topk_candidates``).
         tile_size, tile_overlap, tile_batch_size: detect on overlapping tiles of this size at test and
-            predict (large images), merged by class-wise NMS (see :class:`~lightning_convnets.tiling.TiledDetector`).
+            predict (large images), merged by class-wise NMS (see :class:`~lightning_convnets.predict.tiling.TiledDetector`).
         tta: test-time augmentation at test and predict: ``"none"``, ``"flip"``, ``"flip+scales"``
-            (boxes mapped back and fused; see :mod:`lightning_convnets.tta`).
+            (boxes mapped back and fused; see :mod:`lightning_convnets.predict.tta`).
         **kwargs: the arguments every task shares (``backbone_kwargs``, ``in_channels``, ``optimizer``,
             ``lr_scheduler``, ``monitor``, ``freeze_backbone``, ``freeze_bn``, ``channels_last``...): see
             :class:`ConvNetTask`. ``monitor`` defaults to ``val/loss`` for CenterNet and ``val/map`` for
@@ -166,40 +180,48 @@ class ObjectDetector(ConvNetTask):
         return str(self.hparams.family)
 
     @property
+    def detector_family(self) -> DetectorFamily:
+        """The family's side of the detector interface (:func:`~lightning_convnets.nn.detectors.detector_family`),
+        made from this task's arguments."""
+        found = self.__dict__.get("_detector_family")
+        if found is None:
+            hp = self.hparams
+            options = {k: hp.get(k) for k in _FAMILY_OPTIONS if k in hp}
+            found = self.__dict__["_detector_family"] = detector_family(self.family, **options)
+        return found
+
+    @property
     def default_monitor(self) -> str:
         """``val/loss`` for CenterNet; ``val/map`` for the torchvision families (no loss in eval mode)."""
-        return "val/loss" if self.family == "centernet" else "val/map"
+        return self.detector_family.default_monitor
+
+    @property
+    def tiling_options(self) -> tiling.TilingOptions:
+        """How test and predict run (tiles, TTA), from ``tile_size``, ``tile_overlap``, ``tile_batch_size``, ``tta``."""
+        hp = self.hparams
+        return tiling.TilingOptions(
+            hp.get("tile_size"), hp.get("tile_overlap"), hp.get("tile_batch_size", 4), hp.get("tta", "none")
+        )
+
+    def _run_tiled(self, images: Sequence[Tensor]) -> Detections:
+        """Detections under :attr:`tiling_options` (``self.forward`` on tiles / with TTA when asked)."""
+        return tiling.detect(self, images, self.tiling_options, int(self.hparams.top_k), self.size_divisor)
 
     # ----------------------------------------------------------------------------------- building
-    def build_task(self, num_classes: int) -> None:
-        """The detection network for ``num_classes`` and the mAP metrics of validation and test."""
+    def configure_models(self, num_classes: int) -> None:
+        """The detection network of the family for ``num_classes`` (:meth:`DetectorFamily.build`)."""
         hp = self.hparams
         for key in ("class_names", "label_category_ids"):
             if hp.get(key) is not None and len(hp[key]) != num_classes:
                 raise ValueError(
                     f"ObjectDetector: {key} has {len(hp[key])} entries but num_classes is {num_classes}"
                 )
-        if self.family == "centernet":
-            self.detector: nn.Module = CenterNet(
-                self.backbone, num_classes, head_channels=hp.head_channels, neck_channels=hp.neck_channels
-            )
-            self.size_divisor = int(hp.size_divisor or self._auto_size_divisor())
-        else:
-            self.detector = build_torchvision_detector(
-                self.family,
-                self.backbone,
-                num_classes,
-                min_size=hp.min_size,
-                max_size=hp.max_size,
-                anchor_size=hp.anchor_size,
-                fpn_channels=hp.fpn_channels,
-                score_threshold=hp.score_threshold,
-                detections_per_image=hp.top_k,
-                detector_kwargs=hp.detector_kwargs,
-            )
-            self.size_divisor = 1
-        # No training metrics: decoding every training batch costs time and torchvision detectors return
-        # no detections in train mode.
+        self.detector: nn.Module = self.detector_family.build(self.backbone, num_classes)
+        self.size_divisor = self.detector_family.size_divisor
+
+    def configure_metrics(self, num_classes: int) -> None:
+        """``MeanAveragePrecision`` for validation and test; no training metrics (decoding every training
+        batch costs time, and torchvision detectors return no detections in train mode)."""
         self.metrics = nn.ModuleDict(
             {
                 "train_": MetricCollection({}),
@@ -211,13 +233,6 @@ class ObjectDetector(ConvNetTask):
     def compile_modules(self) -> list[nn.Module]:
         # training and evaluation call the network directly; forward() adds the decoding around it
         return [self.detector]
-
-    def _auto_size_divisor(self) -> int:
-        needs = [self.detector.stride, max(self.backbone.reductions)]
-        multiple = getattr(self.backbone, "multiple", None)
-        if isinstance(multiple, int) and multiple > 0:
-            needs.append(multiple)
-        return math.lcm(*needs)
 
     def setup(self, stage: str) -> None:
         """The base setup, then the datamodule's label mapping into the hyperparameters."""
@@ -276,28 +291,8 @@ class ObjectDetector(ConvNetTask):
                     )
         return images, targets
 
-    @staticmethod
-    def _clean(target: Mapping[str, Tensor], drop_empty: bool = True) -> dict[str, Tensor]:
-        """``boxes`` ``[K, 4]`` float, ``labels`` ``[K]`` int64 (and ``iscrowd``), without the zero-area
-        boxes unless ``drop_empty=False`` (finding them is a host sync on an accelerator)."""
-        boxes = target["boxes"].reshape(-1, 4).float()
-        labels = target["labels"].reshape(-1).long()
-        if not drop_empty:
-            out = {"boxes": boxes, "labels": labels}
-            if "iscrowd" in target:
-                out["iscrowd"] = target["iscrowd"].reshape(-1)
-            return out
-        # Zero-area boxes carry no object (and torchvision's losses refuse them).
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        if bool(keep.all()):  # the usual case: no copy (a boolean index syncs with the device anyway)
-            out = {"boxes": boxes, "labels": labels}
-            if "iscrowd" in target:
-                out["iscrowd"] = target["iscrowd"].reshape(-1)
-            return out
-        out = {"boxes": boxes[keep], "labels": labels[keep]}
-        if "iscrowd" in target:
-            out["iscrowd"] = target["iscrowd"].reshape(-1)[keep]
-        return out
+    #: ``boxes`` float, ``labels`` int64, zero-area boxes dropped (:func:`~lightning_convnets.nn.detectors.clean_target`).
+    clean_target = staticmethod(clean_target)
 
     # ------------------------------------------------------------------------------------ forward
     def forward(self, images: Sequence[Tensor] | Tensor) -> Detections:
@@ -307,66 +302,7 @@ class ObjectDetector(ConvNetTask):
         """
         if isinstance(images, Tensor):
             images = list(images) if images.ndim == 4 else [images]
-        if self.family == "centernet":
-            outputs = self.detector(batch_images(images, self.size_divisor))
-            return self._decode(outputs[-1], images)
-        detections = self.detector(list(images))
-        return self._from_torchvision(detections)
-
-    def _decode(self, output: dict[str, Tensor], images: Sequence[Tensor]) -> Detections:
-        hp = self.hparams
-        return decode_detections(
-            output["heatmap"],
-            output["size"],
-            output["offset"],
-            stride=self.detector.stride,
-            top_k=hp.top_k,
-            score_threshold=hp.score_threshold,
-            image_sizes=[tuple(im.shape[-2:]) for im in images],
-        )
-
-    def _from_torchvision(self, detections: Detections) -> Detections:
-        shift = 1 if self.family == "fasterrcnn" else 0
-        return [
-            {"boxes": d["boxes"], "scores": d["scores"], "labels": d["labels"].long() - shift}
-            for d in detections
-        ]
-
-    def _centernet_step(
-        self, images: list[Tensor], targets: list[dict[str, Tensor]], decode: bool
-    ) -> tuple[Tensor, dict[str, Tensor], Detections | None]:
-        hp = self.hparams
-        outputs = self.detector(batch_images(images, self.size_divisor))
-        encoded = encode_targets(
-            [t["boxes"] for t in targets],
-            [t["labels"] for t in targets],
-            self.num_classes,
-            tuple(outputs[-1]["heatmap"].shape[-2:]),
-            stride=self.detector.stride,
-            min_overlap=hp.min_overlap,
-            device=outputs[-1]["heatmap"].device,
-            check_labels=not self.training,  # no host read on a training step
-        )
-        # Intermediate supervision: every stack is trained on the same targets, losses summed.
-        per_stack = [centernet_loss(o, encoded, hp.size_weight, hp.offset_weight) for o in outputs]
-        parts = {key: torch.stack([p[key] for p in per_stack]).sum() for key in per_stack[0]}
-        detections = self._decode(outputs[-1], images) if decode else None
-        return parts.pop("loss"), parts, detections
-
-    def _torchvision_losses(
-        self, images: list[Tensor], targets: list[dict[str, Tensor]]
-    ) -> tuple[Tensor, dict]:
-        shift = 1 if self.family == "fasterrcnn" else 0
-        try:
-            parts = self.detector(images, [{"boxes": t["boxes"], "labels": t["labels"] + shift} for t in targets])
-        except (AssertionError, ValueError):
-            # torchvision refuses zero-area boxes (its own check, a host read it makes anyway): drop them
-            # and go again; training targets are not cleaned beforehand, which would be one more read
-            cleaned = [self._clean(t) for t in targets]
-            if all(len(c["boxes"]) == len(t["boxes"]) for c, t in zip(cleaned, targets)):
-                raise
-            parts = self.detector(images, [{"boxes": t["boxes"], "labels": t["labels"] + shift} for t in cleaned])
-        return torch.stack(list(parts.values())).sum(), parts
+        return self.detector_family.detect(self.detector, images)
 
     # -------------------------------------------------------------------------------------- steps
     def shared_step(
@@ -381,18 +317,15 @@ class ObjectDetector(ConvNetTask):
         train = stage == "train"
         # Training keeps zero-area boxes: CenterNet's encoding ignores them, torchvision's detectors refuse
         # them (_torchvision_losses then drops them); dropping them here is a host sync every step.
-        targets = [self._clean(t, drop_empty=not train) for t in targets]
-        loss: Tensor | None = None
+        targets = [clean_target(t, drop_empty=not train) for t in targets]
         detections: Detections | None = None
-        if self.family == "centernet":
-            loss, parts, detections = self._centernet_step(images, targets, decode=not train)
-        elif train:
-            loss, parts = self._torchvision_losses(images, targets)
+        if train:
+            loss, parts = self.detector_family.losses(self.detector, images, targets)
         else:
-            detections = self.forward(images)
-        if stage == "test" and tiling.uses_tiling_or_tta(self):  # metrics on tiles / TTA (loss: plain)
-            detections = tiling.detect(self, images)
-        if train and self._logging_step():  # step-only values: on other steps Lightning would discard them
+            loss, detections = self.detector_family.evaluate(self.detector, images, targets)
+        if stage == "test" and self.tiling_options.active:  # metrics on tiles / TTA (loss: plain)
+            detections = self._run_tiled(images)
+        if train and self.logging_step():  # step-only values: on other steps Lightning would discard them
             self.log_dict(
                 {f"train/loss_{k}": v.detach() for k, v in parts.items()},
                 on_step=True,
@@ -407,8 +340,9 @@ class ObjectDetector(ConvNetTask):
         when the batch has them (the COCO writer uses them)."""
         images, targets = self._split_batch(batch)
         # the folded copy is built and checked on what the network sees: a tile under tiled detection
-        with self.fused_for_predict(tiling.example_input(self, images)):
-            detections = tiling.detect(self, images)  # self.forward, on tiles / with TTA when asked
+        example = tiling.example_input(self, images, self.tiling_options, self.size_divisor)
+        with self.fused_for_predict(example):
+            detections = self._run_tiled(images)
         for i, det in enumerate(detections):
             det["image_size"] = torch.tensor(images[i].shape[-2:], dtype=torch.int64)
             if targets is not None:
@@ -420,7 +354,7 @@ class ObjectDetector(ConvNetTask):
     # ------------------------------------------------------------------------------------ logging
     def epoch_metrics(self, stage: str) -> dict[str, Tensor]:
         """The base's, without ``<stage>/loss`` where torchvision detectors computed none (val, test)."""
-        if stage == "train" or self.family == "centernet":
+        if stage == "train" or self.detector_family.computes_eval_loss:
             return super().epoch_metrics(stage)
         return self.compute_metrics(stage)
 
@@ -436,56 +370,34 @@ class ObjectDetector(ConvNetTask):
         return {f"{stage}/loss", f"{stage}/map", f"{stage}/map_50"}
 
     # ------------------------------------------------------------------------------------ figures
-    def remember_samples(self, stage: str, batch_idx: int, images: Any, preds: Any, target: Any) -> None:
-        """Keep the first batch's first images, detections and targets (on the CPU) for the figure."""
-        k = self.hparams.num_sample_figures
-        if batch_idx != 0 or not k or stage in self._samples or not self._figures_due(stage):
-            return
-        if self._trainer is not None and self.trainer.sanity_checking:
-            return
-        cpu = [{key: v.detach().cpu() for key, v in d.items()} for d in preds[:k]]
-        truth = (
-            None if target is None else [{key: v.detach().cpu() for key, v in d.items()} for d in target[:k]]
-        )
-        self._samples[stage] = ([im.detach().float().cpu() for im in images[:k]], cpu, truth)
-
     def plot_samples(self, images: Any, preds: Any, target: Any) -> Any:
-        """Images with ground-truth boxes (green, dashed) and detections scoring >= 0.3 (red)."""
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import Rectangle
-
-        names = self.class_names(self.num_classes or 0)
-        n = len(images)
-        cols = min(n, 4)
-        rows = -(-n // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
-        for k, ax in enumerate(axes.flat):
-            ax.axis("off")
-            if k >= n:
-                continue
-            picture = self.display_images(images[k].unsqueeze(0))[0]
-            ax.imshow(picture[..., 0] if picture.shape[-1] == 1 else picture, cmap="gray")
-            if target is not None:
-                for box in target[k]["boxes"].tolist():
-                    ax.add_patch(
-                        Rectangle(
-                            box[:2], box[2] - box[0], box[3] - box[1], fill=False, ec="lime", ls="--", lw=1
-                        )
-                    )
-            det = preds[k]
-            shown = det["scores"] >= 0.3
-            for box, score, label in zip(
-                det["boxes"][shown].tolist(), det["scores"][shown].tolist(), det["labels"][shown].tolist()
-            ):
-                ax.add_patch(Rectangle(box[:2], box[2] - box[0], box[3] - box[1], fill=False, ec="red", lw=1))
-                name = names[label] if 0 <= label < len(names) else str(label)
-                ax.text(box[0], box[1], f"{name} {score:.2f}", color="red", fontsize=6, va="bottom")
-        fig.tight_layout()
-        return fig
+        """Images with true boxes (dashed) and detections scoring >= 0.3
+        (:func:`lightning_convnets.drawing.plot_box_overlays`)."""
+        rows = [
+            (
+                self.display_images(image.unsqueeze(0))[0].numpy(),
+                {k: v.numpy() for k, v in det.items()},
+                None if target is None else {k: v.numpy() for k, v in target[k_].items()},
+            )
+            for k_, (image, det) in enumerate(zip(images, preds))
+        ]
+        return drawing.plot_box_overlays(rows, self.class_names(self.num_classes or 0), score_threshold=0.3)
 
     # ---------------------------------------------------------------------------------- prediction
     def default_prediction_writer(self) -> Callback | None:
-        """:class:`~lightning_convnets.detection_writers.CocoResultsWriter`."""
-        from lightning_convnets.detection_writers import CocoResultsWriter
-
+        """:class:`~lightning_convnets.predict.writers.CocoResultsWriter`."""
         return CocoResultsWriter()
+
+    def export_metadata(self) -> dict[str, Any]:
+        """What an exported file records of this task (``docs/export.md``): family, score threshold, top-K,
+        size divisor and the label mapping."""
+        hp = self.hparams
+        meta = {"family": self.family, "score_threshold": hp.score_threshold, "top_k": hp.top_k}
+        meta["size_divisor"] = int(self.size_divisor)
+        if hp.get("label_category_ids") is not None:
+            meta["label_category_ids"] = list(hp.label_category_ids)
+        return meta
+
+    def export_graph(self) -> nn.Module:
+        """``images -> detections`` of the family (:meth:`DetectorFamily.export_graph`) for export."""
+        return self.detector_family.export_graph(self.detector)

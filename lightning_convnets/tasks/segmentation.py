@@ -14,10 +14,14 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from lightning_convnets import tiling
+from lightning_convnets import drawing
+from lightning_convnets.backbones.unet import UNet
 from lightning_convnets.metrics import SegmentationMetrics
 from lightning_convnets.nn import center_crop, crop_offsets
 from lightning_convnets.nn.losses import CrossEntropyDiceLoss
+from lightning_convnets.predict import tiling
+from lightning_convnets.predict.export import SegmenterGraph
+from lightning_convnets.predict.writers import MaskPNGWriter
 from lightning_convnets.tasks.base import BackboneSpec, ConvNetTask
 
 _STAGES = ("train_", "val_", "test_")
@@ -49,7 +53,7 @@ class SemanticSegmenter(ConvNetTask):
         threshold: foreground probability threshold in binary mode.
         tile_size, tile_overlap, tile_batch_size, tta: predict and test on tiles of this size (images
             of any size, full resolution) and with test-time augmentation (``"none"``, ``"flip"``,
-            ``"flip+scales"``); see :mod:`lightning_convnets.tiling` and :mod:`lightning_convnets.tta`.
+            ``"flip+scales"``); see :mod:`lightning_convnets.predict.tiling` and :mod:`lightning_convnets.predict.tta`.
         num_sample_figures: images in the sample figure (0 disables it).
         **kwargs: the arguments every task shares (``backbone_kwargs``, ``in_channels``, ``optimizer``,
             ``lr_scheduler``, ``monitor``, ``freeze_backbone``, ``channels_last``...): see
@@ -104,8 +108,8 @@ class SemanticSegmenter(ConvNetTask):
         finest = min(backbone.reductions)
         return [c for c, r in zip(backbone.out_channels, backbone.reductions) if r == finest]
 
-    def build_task(self, num_classes: int) -> None:
-        """Decoder (pyramid encoders), one 1x1 head per supervised map, loss and metrics."""
+    def configure_models(self, num_classes: int) -> None:
+        """Decoder (pyramid encoders) and one 1x1 head per supervised map."""
         hp = self.hparams
         if self.binary and num_classes not in (1, 2):
             raise ValueError(
@@ -124,14 +128,16 @@ class SemanticSegmenter(ConvNetTask):
             self.decoder: nn.Module | None = None
             dense_channels = self._supervised_channels(self.backbone)
         else:
-            from lightning_convnets.backbones.unet import UNet
-
             # The encoder is shared, not copied: backbone parameters stay in the backbone group, the
             # decoder's (new, randomly initialised) ones go with the head.
             self.decoder = UNet(encoder=self.backbone, width=hp.decoder_width, norm="batch")
             dense_channels = [hp.decoder_width]
         out = 1 if self.binary else num_classes
         self.heads = nn.ModuleList(nn.Conv2d(c, out, kernel_size=1) for c in dense_channels)
+
+    def configure_losses(self) -> None:
+        """``ce_weight * cross-entropy + dice_weight * Dice`` (:class:`~lightning_convnets.nn.losses.CrossEntropyDiceLoss`)."""
+        hp = self.hparams
         self.criterion = CrossEntropyDiceLoss(
             binary=self.binary,
             ignore_index=self.ignore_index,
@@ -139,6 +145,9 @@ class SemanticSegmenter(ConvNetTask):
             dice_weight=hp.dice_weight,
             class_weights=hp.class_weights,
         )
+
+    def configure_metrics(self, num_classes: int) -> None:
+        """One :class:`~lightning_convnets.metrics.SegmentationMetrics` per stage."""
         # One confusion matrix per stage gives all four metrics (lightning_convnets.metrics). Training
         # metrics skip the input checks (a host sync a step): the loss has refused out-of-range targets.
         self.metrics = nn.ModuleDict(
@@ -158,6 +167,14 @@ class SemanticSegmenter(ConvNetTask):
             finest = min(self.backbone.reductions)
             maps = [m for m, r in zip(maps, self.backbone.reductions) if r == finest]
         return [head(m) for head, m in zip(self.heads, maps)]
+
+    @property
+    def tiling_options(self) -> tiling.TilingOptions:
+        """How test and predict run (tiles, TTA), from ``tile_size``, ``tile_overlap``, ``tile_batch_size``, ``tta``."""
+        hp = self.hparams
+        return tiling.TilingOptions(
+            hp.get("tile_size"), hp.get("tile_overlap"), hp.get("tile_batch_size", 4), hp.get("tta", "none")
+        )
 
     @property
     def border(self) -> int:
@@ -202,8 +219,9 @@ class SemanticSegmenter(ConvNetTask):
         size = tuple(images.shape[-2:])
         losses = []
         target = mask
-        tiled = stage == "test" and tiling.uses_tiling_or_tta(self)  # full-resolution tiles / TTA
-        for logits in [tiling.segmentation_logits(self, images)] if tiled else self(images):
+        options = self.tiling_options
+        tiled = stage == "test" and options.active  # full-resolution tiles / TTA
+        for logits in [tiling.segmentation_logits(self, images, options)] if tiled else self(images):
             logits, target = self.align(logits, mask, size)
             losses.append(self.criterion(logits, target))
         # Intermediate supervision: every stack's output gets the full loss, averaged.
@@ -216,9 +234,10 @@ class SemanticSegmenter(ConvNetTask):
         """Class-index masks ``(N, H, W)`` (int64) at the input size."""
         images, _ = self.unpack_batch(batch)
         # the folded copy is built and checked on what the network sees: a tile under tiled prediction
-        with self.fused_for_predict(tiling.example_input(self, images)):
-            if tiling.uses_tiling_or_tta(self):
-                return self.to_mask(tiling.segmentation_logits(self, images))
+        options = self.tiling_options
+        with self.fused_for_predict(tiling.example_input(self, images, options)):
+            if options.active:
+                return self.to_mask(tiling.segmentation_logits(self, images, options))
             logits = self(images)[-1]
         size = tuple(images.shape[-2:])
         logits, _ = self.align(logits, None, size)
@@ -270,43 +289,23 @@ class SemanticSegmenter(ConvNetTask):
 
     # --------------------------------------------------------------------------------------- figures
     def plot_samples(self, images: Tensor, preds: Tensor, target: Tensor | None) -> Any:
-        """Rows of image, true mask and predicted mask (overlaid in class colours)."""
-        import matplotlib.pyplot as plt
-        import numpy as np
-
+        """Rows of image, true mask and predicted mask (:func:`lightning_convnets.drawing.plot_mask_overlays`)."""
         pictures = self.display_images(images)
-        n = pictures.shape[0]
-        cols = 3 if target is not None else 2
-        fig, axes = plt.subplots(n, cols, figsize=(2.6 * cols, 2.6 * n), squeeze=False)
-        cmap = plt.get_cmap("tab20", max(self.num_classes, 2))
-
-        def overlay(ax: Any, picture: Tensor, mask: Tensor, title: str) -> None:
-            ax.imshow(picture[..., 0] if picture.shape[-1] == 1 else picture, cmap="gray")
-            m = mask.numpy()
-            shown = np.ma.masked_where((m >= self.num_classes) | (m == 0), m)  # background/ignore: no tint
-            ax.imshow(
-                shown,
-                cmap=cmap,
-                vmin=0,
-                vmax=max(self.num_classes - 1, 1),
-                alpha=0.55,
-                interpolation="nearest",
-            )
-            ax.set_title(title, fontsize=8)
-            ax.axis("off")
-
-        for k in range(n):
-            axes[k, 0].imshow(pictures[k][..., 0] if pictures.shape[-1] == 1 else pictures[k], cmap="gray")
-            axes[k, 0].set_title("image", fontsize=8)
-            axes[k, 0].axis("off")
-            if target is not None:
-                overlay(axes[k, 1], pictures[k], target[k], "true mask")
-            overlay(axes[k, -1], pictures[k], preds[k], "predicted mask")
-        fig.tight_layout()
-        return fig
+        rows = [
+            (pictures[k].numpy(), None if target is None else target[k].numpy(), preds[k].numpy())
+            for k in range(pictures.shape[0])
+        ]
+        return drawing.plot_mask_overlays(rows, self.class_names(self.num_classes))
 
     def default_prediction_writer(self) -> Callback | None:
-        """:class:`~lightning_convnets.writers.MaskPNGWriter`."""
-        from lightning_convnets.writers import MaskPNGWriter
-
+        """:class:`~lightning_convnets.predict.writers.MaskPNGWriter`."""
         return MaskPNGWriter()
+
+    def export_metadata(self) -> dict[str, Any]:
+        """What an exported file records of this task (``docs/export.md``): binary mode, threshold, border."""
+        meta = {"binary": self.binary, "threshold": self.hparams.threshold, "border": self.border}
+        return {**meta, "class_names": self.class_names(2)} if self.binary else meta
+
+    def export_graph(self) -> nn.Module:
+        """``images -> logits`` of the last map (:class:`~lightning_convnets.predict.export.SegmenterGraph`)."""
+        return SegmenterGraph(self.backbone, self.decoder, self.heads, self.border)

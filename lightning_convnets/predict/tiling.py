@@ -1,9 +1,13 @@
 """Prediction on images larger than the network's input: overlap-tile segmentation and tiled detection.
 
+Owns the tiling strategies and :class:`TilingOptions` (what the tasks hand in); box merging lives in
+:mod:`lightning_convnets.nn.boxes`, the views of test-time augmentation in
+:mod:`lightning_convnets.predict.tta`.
+
 :class:`TiledPredictor` (segmentation) chooses overlap-tile with mirrored context for valid-padding
 networks (exact against one forward of the whole mirror-padded image) or blended overlapping tiles for
 same-padding ones; :class:`TiledDetector` merges the boxes of overlapping tiles (NMS or weighted box
-fusion). :func:`segmentation_logits` / :func:`detect` are what the tasks call. Memory stays bounded by
+fusion). :func:`segmentation_logits` / :func:`detect` are what the tasks call, with their options. Memory stays bounded by
 the tile batch. The strategies in full: ``docs/tiling.md``.
 """
 
@@ -18,9 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_convnets.nn.boxes import MergeMethod, merge_detections, weighted_box_fusion
+from lightning_convnets.predict.tta import detect_tta, parse_tta, segment_tta
+
 __all__ = [
     "TiledDetector",
     "TiledPredictor",
+    "TilingOptions",
     "check_image",
     "check_prediction_options",
     "detect",
@@ -35,7 +43,6 @@ __all__ = [
 ]
 
 Window = Literal["gaussian", "linear", "constant"]
-MergeMethod = Literal["nms", "wbf"]
 Detections = list[dict[str, Tensor]]
 
 
@@ -447,99 +454,6 @@ class TiledPredictor:
         return out
 
 
-# --------------------------------------------------------------------------------- box merging
-def weighted_box_fusion(
-    boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float = 0.55, num_sources: int = 1
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Weighted box fusion (Solovyev et al. 2019), class-wise.
-
-    Boxes are visited by decreasing score; each joins the first cluster of its class whose fused box
-    overlaps it by more than ``iou_threshold``, else starts one. A cluster's box is the score-weighted mean
-    of its members; its score the members' summed score divided by ``max(members, num_sources)`` (with
-    ``num_sources`` views, e.g. TTA transforms, a box seen by few of them is down-weighted).
-
-    Example:
-        >>> b = torch.tensor([[0.0, 0, 10, 10], [1.0, 0, 11, 10], [50.0, 50, 60, 60]])
-        >>> fused, s, l = weighted_box_fusion(b, torch.tensor([0.9, 0.3, 0.5]), torch.tensor([0, 0, 0]))
-        >>> fused.tolist(), [round(v, 2) for v in s.tolist()]
-        ([[0.25, 0.0, 10.25, 10.0], [50.0, 50.0, 60.0, 60.0]], [0.6, 0.5])
-    """
-    from torchvision.ops import box_iou
-
-    out_boxes, out_scores, out_labels = [], [], []
-    for cls in labels.unique().tolist():
-        sel = (labels == cls).nonzero().flatten()
-        sel = sel[scores[sel].argsort(descending=True)]
-        fused: list[Tensor] = []
-        members: list[list[int]] = []
-        for i in sel.tolist():
-            if fused:
-                iou = box_iou(boxes[i : i + 1], torch.stack(fused))[0]
-                j = int(iou.argmax())
-                if float(iou[j]) > iou_threshold:
-                    members[j].append(i)
-                    m = torch.tensor(members[j], device=boxes.device)
-                    wgt = scores[m][:, None]
-                    fused[j] = (boxes[m] * wgt).sum(0) / wgt.sum()
-                    continue
-            fused.append(boxes[i].clone())
-            members.append([i])
-        for box, group in zip(fused, members):
-            out_boxes.append(box)
-            out_scores.append(scores[group].sum() / max(len(group), num_sources))
-            out_labels.append(labels[group[0]])
-    if not out_boxes:
-        return boxes[:0], scores[:0], labels[:0]
-    scores_t = torch.stack(out_scores)
-    order = scores_t.argsort(descending=True)
-    return torch.stack(out_boxes)[order], scores_t[order], torch.stack(out_labels)[order]
-
-
-def merge_detections(
-    detections: Sequence[dict[str, Tensor]],
-    method: MergeMethod = "nms",
-    iou_threshold: float = 0.5,
-    num_sources: int = 1,
-    max_detections: int | None = None,
-) -> dict[str, Tensor]:
-    """Merge several detection sets of one image (tiles, TTA views) into one, class-wise.
-
-    Args:
-        detections: dicts with ``boxes`` ``[K, 4]`` xyxy, ``scores`` ``[K]``, ``labels`` ``[K]`` in one
-            coordinate frame.
-        method: ``"nms"`` (keep the best of overlapping boxes of a class) or ``"wbf"``
-            (:func:`weighted_box_fusion`).
-        iou_threshold: overlap above which two boxes of a class are the same object.
-        num_sources: number of views for WBF's score (1 for tiles).
-        max_detections: keep the best this many (``None``: all).
-
-    Example:
-        >>> a = {"boxes": torch.tensor([[0.0, 0, 10, 10]]), "scores": torch.tensor([0.9]),
-        ...      "labels": torch.tensor([1])}
-        >>> b = {"boxes": torch.tensor([[1.0, 0, 10, 10]]), "scores": torch.tensor([0.8]),
-        ...      "labels": torch.tensor([1])}
-        >>> merge_detections([a, b])["scores"].tolist()
-        [0.8999999761581421]
-    """
-    from torchvision.ops import batched_nms
-
-    if method not in ("nms", "wbf"):
-        raise ValueError(f"merge method must be 'nms' or 'wbf', got {method!r}")
-    if not detections:
-        raise ValueError("merge_detections got no detection sets")
-    boxes = torch.cat([d["boxes"].reshape(-1, 4).float() for d in detections])
-    scores = torch.cat([d["scores"].reshape(-1).float() for d in detections])
-    labels = torch.cat([d["labels"].reshape(-1).long() for d in detections])
-    if method == "nms":
-        keep = batched_nms(boxes, scores, labels, iou_threshold)
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    else:
-        boxes, scores, labels = weighted_box_fusion(boxes, scores, labels, iou_threshold, num_sources)
-    if max_detections is not None:
-        boxes, scores, labels = boxes[:max_detections], scores[:max_detections], labels[:max_detections]
-    return {"boxes": boxes, "scores": scores, "labels": labels}
-
-
 # ------------------------------------------------------------------------------- detection tiling
 class TiledDetector:
     """Detect objects in an image larger than the detector's input, tile by tile.
@@ -649,9 +563,6 @@ class TiledDetector:
 
 
 # ------------------------------------------------------------------------------------ task glue
-TTA_MODES = ("none", "flip", "flip+scales")
-
-
 def check_prediction_options(
     tile_size: int | None, tile_overlap: int | None, tile_batch_size: int, tta: str
 ) -> None:
@@ -664,101 +575,125 @@ def check_prediction_options(
         raise ValueError(f"tile_overlap ({tile_overlap}) must be smaller than tile_size ({tile_size})")
     if not isinstance(tile_batch_size, int) or tile_batch_size < 1:
         raise ValueError(f"tile_batch_size must be a positive int, got {tile_batch_size!r}")
-    from lightning_convnets.tta import parse_tta
-
     parse_tta(tta)
 
 
-def _options(task: Any) -> tuple[int | None, int | None, int, str]:
-    hp = task.hparams
-    return (
-        hp.get("tile_size"),
-        hp.get("tile_overlap"),
-        int(hp.get("tile_batch_size") or 4),
-        hp.get("tta") or "none",
-    )
+@dataclass(frozen=True)
+class TilingOptions:
+    """How a task predicts at test and predict time: on tiles, with test-time augmentation, or plainly.
+
+    The tasks build one from their own arguments (``tile_size``, ``tile_overlap``, ``tile_batch_size``,
+    ``tta``) and hand it to :func:`segmentation_logits`, :func:`detect` and :func:`example_input`.
+
+    Attributes:
+        tile_size: tile side in pixels (``None``: whole images).
+        tile_overlap: pixels shared by neighbouring tiles (``None``: a quarter tile).
+        tile_batch_size: tiles per forward.
+        tta: the test-time augmentation (see :func:`lightning_convnets.predict.tta.parse_tta`).
+
+    Example:
+        >>> TilingOptions(tile_size=256, tta="flip").active, TilingOptions().active
+        (True, False)
+    """
+
+    tile_size: int | None = None
+    tile_overlap: int | None = None
+    tile_batch_size: int = 4
+    tta: str = "none"
+
+    def __post_init__(self) -> None:
+        check_prediction_options(self.tile_size, self.tile_overlap, self.tile_batch_size, self.tta)
+
+    @property
+    def active(self) -> bool:
+        """Whether tiles or test-time augmentation are asked for."""
+        return self.tile_size is not None or not parse_tta(self.tta).is_identity
 
 
-def uses_tiling_or_tta(task: Any) -> bool:
-    """True when the task's options ask for tiles or test-time augmentation."""
-    tile_size, _, _, tta = _options(task)
-    return tile_size is not None or tta != "none"
-
-
-def segmentation_logits(task: Any, images: Tensor) -> Tensor:
-    """Full-resolution logits ``(N, K, H, W)`` of a segmentation task under its tiling / TTA options.
+def segmentation_logits(model: Any, images: Tensor, options: TilingOptions) -> Tensor:
+    """Full-resolution logits ``(N, K, H, W)`` of a dense model (e.g. a segmentation task) under
+    ``options``.
 
     Without ``tile_size``, a valid-padding network still runs overlap-tile (one tile the image's size,
     mirror-padded) so that every pixel gets a prediction; a same-padding one runs whole-image forwards
     (resized logits when its output is coarser).
     """
-    from lightning_convnets.tta import segment_tta
-
-    tile_size, overlap, batch, tta = _options(task)
-    check_image(images, task, f"{type(task).__name__} (tiled / TTA prediction)", dims=(4,))
-    geometry = network_geometry(task)
+    tile_size = options.tile_size
+    check_image(images, model, f"{type(model).__name__} (tiled / TTA prediction)", dims=(4,))
+    geometry = network_geometry(model)
     h, w = images.shape[-2:]
     if tile_size is None and geometry.border > 0:
         tile_size = max(h, w)
     if tile_size is not None:
-        tiler = TiledPredictor(task, tile_size, overlap, batch, geometry=geometry)
+        tiler = TiledPredictor(
+            model, tile_size, options.tile_overlap, options.tile_batch_size, geometry=geometry
+        )
 
         def dense(x: Tensor) -> Tensor:
             return tiler.predict(x)
     else:
 
         def dense(x: Tensor) -> Tensor:
-            logits = _call_dense(task, x)
+            logits = _call_dense(model, x)
             if logits.shape[-2:] != x.shape[-2:]:
                 logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
             return logits
 
-    return segment_tta(dense, images, tta, multiple=1 if tile_size is not None else geometry.multiple)
+    return segment_tta(dense, images, options.tta, multiple=1 if tile_size is not None else geometry.multiple)
 
 
-def example_input(task: Any, images: Tensor | Sequence[Tensor]) -> Tensor | list[Tensor]:
-    """One input as the task's network sees it under its tiling options: the first tile (window) of the
-    first image when the task predicts on tiles, else the first image, as a batch of one (a tensor for a
-    segmentation batch, a list for detection). ``fast_predict`` builds and checks its folded copy on it:
-    a whole image may have a size the network refuses that its tiles never have."""
-    tile_size, overlap, batch, _ = _options(task)
+def example_input(
+    model: Any, images: Tensor | Sequence[Tensor], options: TilingOptions, size_divisor: int = 1
+) -> Tensor | list[Tensor]:
+    """One input as the model sees it under ``options``: the first tile (window) of the first image when
+    it predicts on tiles, else the first image, as a batch of one (a tensor for a segmentation batch, a
+    list for detection). ``fast_predict`` builds and checks its folded copy on it: a whole image may have
+    a size the network refuses that its tiles never have."""
+    tile_size = options.tile_size
     if isinstance(images, Tensor):
-        check_image(images, task, f"{type(task).__name__} (prediction)", dims=(4,))
-        geometry = network_geometry(task)
+        check_image(images, model, f"{type(model).__name__} (prediction)", dims=(4,))
+        geometry = network_geometry(model)
         if tile_size is None and geometry.border > 0:
             tile_size = max(images.shape[-2:])
         if tile_size is None:
             return images[:1]
-        tiler = TiledPredictor(task, tile_size, overlap, batch, geometry=geometry)
+        tiler = TiledPredictor(
+            model, tile_size, options.tile_overlap, options.tile_batch_size, geometry=geometry
+        )
         return tiler.first_window(images[0])[None]
     images = list(images)
     if tile_size is None or not images:
         return images[:1]
-    tiler = TiledDetector(task, tile_size, overlap, batch, multiple=int(getattr(task, "size_divisor", 1)))
+    tiler = TiledDetector(
+        model, tile_size, options.tile_overlap, options.tile_batch_size, multiple=size_divisor
+    )
     y, x, th, tw = tiler.tiles(*images[0].shape[-2:])[0]
     return [images[0][:, y : y + th, x : x + tw]]
 
 
-def detect(task: Any, images: Sequence[Tensor]) -> Detections:
-    """Detections of a detection task under its tiling / TTA options (one dict per image)."""
-    from lightning_convnets.tta import detect_tta
-
-    tile_size, overlap, batch, tta = _options(task)
+def detect(
+    detector: Any,
+    images: Sequence[Tensor],
+    options: TilingOptions,
+    max_detections: int = 100,
+    size_divisor: int = 1,
+) -> Detections:
+    """Detections of ``detector`` (e.g. a detection task in eval mode) under ``options``, one dict per
+    image; tiles are rounded up to a multiple of ``size_divisor``."""
     for image in images:
-        check_image(image, task, f"{type(task).__name__} (tiled / TTA detection)", dims=(3,))
-    top_k = int(task.hparams.get("top_k") or 100)
-    if tile_size is not None:
+        check_image(image, detector, f"{type(detector).__name__} (tiled / TTA detection)", dims=(3,))
+    if options.tile_size is not None:
         tiler = TiledDetector(
-            task,
-            tile_size,
-            overlap,
-            batch,
-            max_detections=top_k,
-            multiple=int(getattr(task, "size_divisor", 1)),
+            detector,
+            options.tile_size,
+            options.tile_overlap,
+            options.tile_batch_size,
+            max_detections=max_detections,
+            multiple=size_divisor,
         )
 
         def run(ims: list[Tensor]) -> Detections:
             return [tiler(im) for im in ims]
     else:
-        run = task
-    return detect_tta(run, list(images), tta, max_detections=top_k)
+        run = detector
+    return detect_tta(run, list(images), options.tta, max_detections=max_detections)
