@@ -1,7 +1,7 @@
 """Inference throughput per task: eager vs BatchNorm fused vs channels_last vs torch.compile vs ONNX Runtime.
 
 For each task configuration of ``common.task_configs`` (eval mode, fp32, the task's own batch), the
-network that ``lightning_convnets.export`` exports (classifier logits, segmenter logits at input size,
+network that ``lightning_convnets.predict.export`` exports (classifier logits, segmenter logits at input size,
 CenterNet boxes/scores/labels) runs as:
 
 * ``eager``: the unfused eval network;
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 import torch
 
-from lightning_convnets.export import (
+from lightning_convnets.predict.export import (
     export_model,
     fuse_for_inference,
     inference_module,

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from lightning_convnets import ImageClassifier, ObjectDetector, SemanticSegmenter
 from lightning_convnets.nn.centernet import centernet_loss, encode_targets
 from lightning_convnets.nn.detectors import batch_images
-from lightning_convnets.tasks.base import WarmupCosineLR
+from lightning_convnets.tasks import WarmupCosineLR
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -1,7 +1,7 @@
 """Tiled vs whole-image prediction (time, peak memory) and what test-time augmentation changes on shapes.
 
 Part ``memory``: a U-Net (width 8, depth 3, 2 classes) predicts a random ``S x S`` RGB image, ``S`` in
-1024, 2048, 4096, either in one forward ("whole") or with :class:`~lightning_convnets.tiling.TiledPredictor`
+1024, 2048, 4096, either in one forward ("whole") or with :class:`~lightning_convnets.predict.tiling.TiledPredictor`
 (256-px tiles, batch 4, the mask reduced strip by strip). Both paddings: same padding (blended tiles,
 overlap 64, Gaussian window) and valid padding (overlap-tile, mirror padding). Each run is a fresh
 subprocess; peak RSS (``resource.getrusage``, ``ru_maxrss``) is read before the prediction (model and image
@@ -47,7 +47,7 @@ def _memory_child(padding: str, method: str, size: int) -> dict[str, Any]:
     from torch import nn
 
     from lightning_convnets.backbones import create_backbone
-    from lightning_convnets.tiling import TiledPredictor, mirror_pad, network_geometry
+    from lightning_convnets.predict.tiling import TiledPredictor, mirror_pad, network_geometry
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
