@@ -98,6 +98,20 @@ class _Block(nn.Module):
     preact = False
     _last: tuple[str | None, str] = ("bn2", "conv2")
 
+    def __init__(
+        self, in_channels: int, planes: int, stride: int = 1, norm: str = "batch", skip: bool = True
+    ) -> None:
+        super().__init__()
+        # the branch's convs and norms first, then the shortcut: the order of the state_dict's keys
+        self.build(in_channels, planes, planes * self.expansion, stride, norm, bias=norm == "none")
+        self._add_shortcut(in_channels, planes * self.expansion, stride, norm, skip)
+
+    def build(
+        self, in_channels: int, planes: int, out_channels: int, stride: int, norm: str, bias: bool
+    ) -> None:
+        """Create the branch's convs and norms (``bias``: convs get a bias where no norm follows)."""
+        raise NotImplementedError
+
     def _add_shortcut(self, in_channels: int, out_channels: int, stride: int, norm: str, skip: bool) -> None:
         # A stride or a channel change needs a 1x1 projection: conv + norm after a post-activation block,
         # a bare conv in a pre-activation one (the next block normalises).
@@ -154,17 +168,13 @@ class BasicBlock(_Block):
     expansion = 1
     preact = False
 
-    def __init__(
-        self, in_channels: int, planes: int, stride: int = 1, norm: str = "batch", skip: bool = True
+    def build(
+        self, in_channels: int, planes: int, out_channels: int, stride: int, norm: str, bias: bool
     ) -> None:
-        super().__init__()
-        bias = norm == "none"
-        out_channels = planes * self.expansion
         self.conv1 = conv3x3(in_channels, planes, stride, bias=bias)
         self.bn1 = make_norm(norm, planes)
         self.conv2 = conv3x3(planes, out_channels, bias=bias)
         self.bn2 = make_norm(norm, out_channels)
-        self._add_shortcut(in_channels, out_channels, stride, norm, skip)
 
     def branch(self, x: Tensor) -> Tensor:
         return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
@@ -191,19 +201,15 @@ class Bottleneck(_Block):
     preact = False
     _last = ("bn3", "conv3")
 
-    def __init__(
-        self, in_channels: int, planes: int, stride: int = 1, norm: str = "batch", skip: bool = True
+    def build(
+        self, in_channels: int, planes: int, out_channels: int, stride: int, norm: str, bias: bool
     ) -> None:
-        super().__init__()
-        bias = norm == "none"
-        out_channels = planes * self.expansion
         self.conv1 = conv1x1(in_channels, planes, bias=bias)
         self.bn1 = make_norm(norm, planes)
         self.conv2 = conv3x3(planes, planes, stride, bias=bias)
         self.bn2 = make_norm(norm, planes)
         self.conv3 = conv1x1(planes, out_channels, bias=bias)
         self.bn3 = make_norm(norm, out_channels)
-        self._add_shortcut(in_channels, out_channels, stride, norm, skip)
 
     def branch(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -234,17 +240,13 @@ class PreActBasicBlock(_Block):
     preact = True
     _last = (None, "conv2")
 
-    def __init__(
-        self, in_channels: int, planes: int, stride: int = 1, norm: str = "batch", skip: bool = True
+    def build(
+        self, in_channels: int, planes: int, out_channels: int, stride: int, norm: str, bias: bool
     ) -> None:
-        super().__init__()
-        bias = norm == "none"
-        out_channels = planes * self.expansion
         self.bn1 = make_norm(norm, in_channels)
         self.conv1 = conv3x3(in_channels, planes, stride, bias=bias)
         self.bn2 = make_norm(norm, planes)
         self.conv2 = conv3x3(planes, out_channels, bias=bias)
-        self._add_shortcut(in_channels, out_channels, stride, norm, skip)
 
     def branch(self, pre: Tensor) -> Tensor:
         return self.conv2(self.relu(self.bn2(self.conv1(pre))))
@@ -270,19 +272,15 @@ class PreActBottleneck(_Block):
     preact = True
     _last = (None, "conv3")
 
-    def __init__(
-        self, in_channels: int, planes: int, stride: int = 1, norm: str = "batch", skip: bool = True
+    def build(
+        self, in_channels: int, planes: int, out_channels: int, stride: int, norm: str, bias: bool
     ) -> None:
-        super().__init__()
-        bias = norm == "none"
-        out_channels = planes * self.expansion
         self.bn1 = make_norm(norm, in_channels)
         self.conv1 = conv1x1(in_channels, planes, bias=bias)
         self.bn2 = make_norm(norm, planes)
         self.conv2 = conv3x3(planes, planes, stride, bias=bias)
         self.bn3 = make_norm(norm, planes)
         self.conv3 = conv1x1(planes, out_channels, bias=bias)
-        self._add_shortcut(in_channels, out_channels, stride, norm, skip)
 
     def branch(self, pre: Tensor) -> Tensor:
         out = self.conv2(self.relu(self.bn2(self.conv1(pre))))
