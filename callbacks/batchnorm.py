@@ -12,6 +12,7 @@ broadcast does and the costs are in ``docs/monitors.md``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -21,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import bn_ranks, diagnosis, plots, precise_bn
+from . import bn_ranks, diagnosis, plots, precise_bn, report
 from . import core as _core
 from .bn_ring import QUANTITIES, BatchNormRing, interval_metrics
 from .core import MonitorCallback, MonitorConfigError
@@ -482,6 +483,19 @@ class BatchNormDriftMonitor(MonitorCallback):
         if not self.history or not trainer.is_global_zero:
             return {}
         return {"discrepancy": self.plot()}
+
+    def tables(self, trainer: pl.Trainer | None, pl_module: nn.Module | None) -> dict[str, list[dict[str, Any]]]:
+        """Per BN layer at the end (the latest history entry): channels, batch elements per channel, z-shift,
+        batch/running variance ratio, KL, drift (and the cross-rank keys under DDP)."""
+        if not self.history:
+            return {}
+        last = self.history[-1]
+        sizes = {lay.name: {"channels": lay.channels, "elements": e} for lay, e in zip(self.layers, self._elements)}
+        rows = []
+        for row in report.layer_rows(last, self.monitor_name, list(sizes)):
+            name, ratio = row.pop("layer"), row.pop("log_var_ratio", math.nan)
+            rows.append({"layer": name, **sizes[name], "var_ratio": math.exp(ratio), **row})
+        return {f"BN drift per layer at step {int(last['step'])}": rows}
 
     def plot(self) -> Figure:
         """z-shift and batch/running variance ratio of every layer over training (one line per layer;

@@ -1,7 +1,7 @@
 """The monitors' core: :class:`MonitorCallback` and the guard every monitor runs under.
 
 Owns the subclass API (``attach``, ``pack``, ``compute_metrics``, ``reset_interval``, ``diagnose``,
-``figures``, ``extra_state``), the guard (an unexpected exception switches one monitor off with one warning
+``figures``, ``tables``, ``extra_state``), the guard (an unexpected exception switches one monitor off with one warning
 and an ``error`` row; ``strict=True`` re-raises; :class:`MonitorConfigError` always raises), the one
 collective per logging interval (:meth:`MonitorCallback.flush`), the any-logger output, the bounded
 checkpointed history, the monitor's part of the end-of-fit diagnosis, and :func:`observers_paused`.
@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from . import diagnosis, hooks, moments, packing, schedule
+from . import diagnosis, hooks, moments, packing, report, schedule
 from .deprecated import moved_names
 from .hooks import ForwardHooks
 from .schedule import RecordingSchedule
@@ -250,6 +250,13 @@ class MonitorCallback(ForwardHooks, RecordingSchedule, Callback):
         """End-of-fit figures, ``key -> matplotlib Figure`` (logged as ``monitors/<name>/<key>``)."""
         return {}
 
+    def tables(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, list[dict[str, Any]]]:
+        """End-of-fit tables for the HTML report, ``title -> rows`` (a row is a dict ``column -> value``,
+        e.g. one per layer). Called once, on global rank zero, at the end of fit; keep it cheap (read the
+        history, no collective). A monitor that does not override it gets the latest history entry as one
+        row per layer (:func:`~lightning_convnets.callbacks.report.history_tables`)."""
+        return {}
+
     def extra_state(self) -> dict[str, Any]:
         """Checkpointed state besides ``history``."""
         return {}
@@ -424,26 +431,40 @@ class MonitorCallback(ForwardHooks, RecordingSchedule, Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_convnets.figures import log_figure
 
-        report = diagnosis.diagnosis_for(trainer)
+        diag = diagnosis.diagnosis_for(trainer)
         if self.failure is None:
             try:
                 for key, fig in self.figures(trainer, pl_module).items():
-                    log_figure(trainer, f"monitors/{self.monitor_name}/{key}", fig)
+                    png = log_figure(trainer, f"monitors/{self.monitor_name}/{key}", fig)
+                    if png is not None:  # rank zero: the PNG copy just written, embedded in the HTML page
+                        diag.add_figure(self.monitor_name, key, png)
             except Exception as err:  # a plotting problem must not hide the diagnosis
                 if self.strict:
                     raise
                 rank_zero_warn(f"{type(self).__name__}: could not draw its figures: {err}")
+            if trainer.is_global_zero:
+                try:
+                    diag.add_tables(self.monitor_name, self._report_tables(trainer, pl_module))
+                except Exception as err:  # a table problem must not hide the diagnosis either
+                    if self.strict:
+                        raise
+                    rank_zero_warn(f"{type(self).__name__}: could not build its report tables: {err}")
             try:
-                report.add(self.diagnose(trainer, pl_module))
+                diag.add(self.diagnose(trainer, pl_module))
             except Exception as err:
                 if self.strict:
                     raise
                 self.fail("diagnose", err, trainer)
-        report.add(self.notes)
+        diag.add(self.notes)
         if self.failure is not None:
-            report.add([self.failure])
+            diag.add([self.failure])
         monitors = [cb for cb in trainer.callbacks if isinstance(cb, MonitorCallback)]
-        report.contribute(trainer, self, monitors, strict=self.strict)
+        diag.contribute(trainer, self, monitors, strict=self.strict)
+
+    def _report_tables(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        if type(self).tables is MonitorCallback.tables:
+            return report.history_tables(self.history, self.monitor_name)
+        return self.tables(trainer, pl_module)
 
     @property
     def state_key(self) -> str:

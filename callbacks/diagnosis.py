@@ -1,8 +1,10 @@
 """Findings and the rules that produce them: what the monitors' measurements mean.
 
 Owns :class:`Finding` (one line of the report, with a machine-readable ``kind``: the ``KIND_*``
-constants), :class:`Diagnosis` (every monitor's findings of one run, printed and written once at the end
-of fit; :func:`diagnosis_for` gives a trainer's) and the judging rules. The monitors *measure*, this
+constants, and what to try: the ``FIX_*`` constants), :class:`Diagnosis` (every monitor's findings,
+figures and tables of one run, printed and written once at the end of fit as ``diagnosis.md``, ``.json``
+and the HTML page of :mod:`lightning_convnets.callbacks.report`; :func:`diagnosis_for` gives a trainer's)
+and the judging rules. The monitors *measure*, this
 module *judges*, :mod:`lightning_convnets.callbacks.plots` *draws*. Every rule is one small function
 taking plain numbers and returning one :class:`Finding` or ``None``; thresholds are module constants
 passed as arguments. Start with :func:`variance_growth_shape` (exponential vs linear growth, told apart by
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from lightning.pytorch.utilities import rank_zero_warn
+
+from . import report
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl
@@ -120,7 +124,9 @@ class Finding:
 
 
 class Diagnosis:
-    """The findings of every monitor of one run, rendered once at the end of fit.
+    """The findings of every monitor of one run, rendered once at the end of fit (the terminal, then
+    ``diagnosis.md``, ``diagnosis.json`` and ``diagnosis.html`` in the log folder), with the figures
+    (:meth:`add_figure`) and tables (:meth:`add_tables`) the HTML page embeds.
 
     Example:
         >>> d = Diagnosis()
@@ -132,9 +138,44 @@ class Diagnosis:
     def __init__(self) -> None:
         self.findings: list[Finding] = []
         self.contributors: set[int] = set()  # ids of the monitors that added their findings
+        self.figures: list[tuple[str, str, bytes]] = []  # (monitor, key, PNG bytes) for the HTML page
+        self.layer_tables: list[tuple[str, str, list[dict[str, Any]]]] = []  # (monitor, title, rows)
+        self.meta: dict[str, str] = {}  # a few lines under the HTML page's heading
 
     def add(self, findings: list[Finding]) -> None:
         self.findings.extend(findings)
+
+    def add_figure(self, monitor: str, key: str, png: bytes | str | Path) -> None:
+        """Embed a figure in the HTML page: its PNG bytes, or the path of a PNG file (read now).
+
+        Raises:
+            ValueError: when the bytes are not a PNG.
+        """
+        data = png if isinstance(png, bytes) else Path(png).read_bytes()
+        if not data.startswith(report.PNG_SIGNATURE):
+            raise ValueError(f"Diagnosis.add_figure: figure {monitor}/{key} is not a PNG ({str(png)[:80]!r})")
+        self.figures.append((monitor, key, data))
+
+    def add_tables(self, monitor: str, tables: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+        """Add a monitor's tables (``title -> rows``, a row a dict ``column -> value``) to the HTML page.
+
+        Raises:
+            TypeError: when ``tables`` is not a mapping of titles to lists of dicts.
+        """
+        if not isinstance(tables, Mapping):
+            got = type(tables).__name__
+            raise TypeError(f"{monitor}: tables() must return a dict title -> rows, got {got}")
+        for title, rows in tables.items():
+            if isinstance(rows, (str, bytes)) or not all(isinstance(r, Mapping) for r in rows):
+                raise TypeError(f"{monitor}: table {title!r} must be a list of dicts (column -> value)")
+            self.layer_tables.append((monitor, str(title), [dict(r) for r in rows]))
+
+    def to_html(self) -> str:
+        """The self-contained HTML page (:func:`lightning_convnets.callbacks.report.render_html`): the
+        findings, the figures and the tables added so far."""
+        return report.render_html(
+            [asdict(f) for f in self.sorted()], self.figures, self.layer_tables, meta=self.meta
+        )
 
     def sorted(self) -> list[Finding]:
         return sorted(self.findings, key=lambda f: (_SEVERITY_ORDER[f.severity], f.monitor))
@@ -172,13 +213,21 @@ class Diagnosis:
             )
         return table
 
-    def write(self, directory: str | Path) -> Path:
-        """Write ``diagnosis.md`` and ``diagnosis.json`` into ``directory``; returns the markdown path."""
+    def write(self, directory: str | Path, strict: bool = False) -> Path:
+        """Write ``diagnosis.md``, ``diagnosis.json`` and ``diagnosis.html`` (:meth:`to_html`) into
+        ``directory``; returns the markdown path. A failure to build or write the HTML page is one warning
+        (the other two files are written first), raised with ``strict``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "diagnosis.json").write_text(json.dumps([asdict(f) for f in self.sorted()], indent=2))
         path = directory / "diagnosis.md"
         path.write_text(self.to_markdown())
+        try:
+            (directory / "diagnosis.html").write_text(self.to_html(), encoding="utf-8")
+        except Exception as err:
+            if strict:
+                raise
+            rank_zero_warn(f"lightning-convnets: could not write diagnosis.html: {type(err).__name__}: {err}")
         return path
 
     def blocks(self) -> Any:
@@ -217,8 +266,11 @@ class Diagnosis:
             return
         if trainer.is_global_zero:
             try:
+                directory = log_dir(trainer)
+                self.meta.setdefault("log folder", str(directory))
+                self.meta.setdefault("optimizer steps", str(int(trainer.global_step)))
                 self.print()
-                self.write(log_dir(trainer))
+                self.write(directory, strict=strict)
             except Exception as err:
                 if strict:
                     raise
@@ -317,6 +369,64 @@ elements gives ``1 / sqrt(n)``: 0.18 at n = 32)."""
 NOISY_LAYER_FRACTION = 0.2
 """Fraction of the BN layers that must be starved (fewer than ``NOISY_ELEMENTS``)."""
 
+
+# ---------------------------------------------------------------------------------------- suggestions
+# what each finding suggests trying (its ``suggestion``), one constant per finding kind
+FIX_NONFINITE_ACTIVATION = (
+    "lower the learning rate or clip gradients (Trainer(gradient_clip_val=1.0)); check the inputs and "
+    "this layer's operation for division by zero / log of <= 0; prefer bf16 to fp16"
+)
+FIX_DEAD_RELU = (
+    "lower the learning rate, use a warm-up, or a leaky activation; check the bias/BN initialisation of "
+    "the layer before"
+)
+FIX_BRANCH_DOMINATES = (
+    "start each branch at zero so that blocks begin as the identity (`backbone_kwargs: "
+    "{zero_init_residual: true}`: the gamma of the BN closing the branch, or the last conv of a "
+    "pre-activation block), or lower the learning rate"
+)
+FIX_NONFINITE_GRADIENT = (
+    "the network itself overflows or produced NaN: lower the learning rate, check the first non-finite "
+    "layer reported by ActivationVarianceMonitor"
+)
+FIX_CONSTANT_GRADIENT = (
+    "the output barely depends on the input: look for dead ReLUs, a collapsed BN scale or a detached input"
+)
+FIX_SHATTERED = (
+    "add skip connections (residual blocks), add BatchNorm, or reduce depth: neighbouring inputs get "
+    "unrelated gradients, so SGD steps are close to random"
+)
+FIX_PARTLY_SHATTERED = (
+    "residual connections with BN (or a smaller residual-branch scale) keep gradients correlated; "
+    "watch whether rho(1) keeps falling"
+)
+FIX_SHATTERING_DECLINE = (
+    "the gradient decorrelates as training goes on; compare with a residual/normalised variant"
+)
+FIX_BN_VARIANCE_MISMATCH = (
+    "recalibrate BN before evaluation (recalibrate_batchnorm, or recalibrate_batches= on this monitor); "
+    "check that train and eval inputs are preprocessed alike; if it persists, lower BN momentum or the "
+    "learning rate late in training"
+)
+FIX_BN_TRAIN_TEST_SHIFT = (
+    "recalibrate BN before evaluation (PreciseBN); check that train and eval inputs are preprocessed alike"
+)
+FIX_BN_ZSHIFT_SPIKE = (
+    "check the data pipeline at that step (a new source, augmentation or domain); recalibrate BN before "
+    "evaluating on the new distribution"
+)
+FIX_BN_RANK_DISAGREEMENT = (
+    "shuffle the data across ranks (DistributedSampler(shuffle=True)); use sync_batchnorm=True (GPU), or "
+    "sync='pooled' on this monitor so that validation and checkpoints see one set of statistics"
+)
+FIX_BN_DRIFT = (
+    "train longer or decay the learning rate; recalibrate BN before evaluation"
+)
+FIX_BN_NOISY_BATCH_STATS = (
+    "use a larger batch per step, or GroupNorm instead of BN (norm='group', nn.GroupNorm); recalibrate "
+    "the running statistics before evaluating (recalibrate_batchnorm / PreciseBN, or recalibrate_batches= "
+    "on this monitor)"
+)
 
 # ------------------------------------------------------------------------------------ helpers
 def _finite(*values: float | None) -> bool:
@@ -585,14 +695,9 @@ def nonfinite_activation(
         return None
     layer, step = str(record["layer"]), int(record["step"])  # type: ignore[call-overload]
     return Finding(
-        monitor,
-        "error",
-        [layer],
+        monitor, "error", [layer],
         f"first non-finite activation (NaN/Inf) produced by {layer} at step {step}",
-        "lower the learning rate or clip gradients (Trainer(gradient_clip_val=1.0)); check the inputs and "
-        "this layer's operation for division by zero / log of <= 0; prefer bf16 to fp16",
-        step=step,
-        kind=KIND_NONFINITE,
+        FIX_NONFINITE_ACTIVATION, step=step, kind=KIND_NONFINITE,
     )
 
 
@@ -610,16 +715,10 @@ def dead_relus(
     name, worst = max(dead, key=lambda h: h[1])
     more = f" ({len(dead) - 1} more layer(s) at {threshold:.0%} or above)" if len(dead) > 1 else ""
     return Finding(
-        monitor,
-        "warning",
-        [n for n, _ in dead],
+        monitor, "warning", [n for n, _ in dead],
         f"{worst:.0%} of the channels of {name} output exactly zero for a whole interval (dead ReLUs) at "
         f"step {step}{more}",
-        "lower the learning rate, use a warm-up, or a leaky activation; check the bias/BN initialisation of "
-        "the layer before",
-        step=step,
-        values={"dead_fraction": worst},
-        kind=KIND_DEAD_RELU,
+        FIX_DEAD_RELU, step=step, values={"dead_fraction": worst}, kind=KIND_DEAD_RELU,
     )
 
 
@@ -636,17 +735,10 @@ def dominant_branches(
         return None
     top = max(r for _, r in big)
     return Finding(
-        monitor,
-        "warning",
-        [n for n, _ in big],
+        monitor, "warning", [n for n, _ in big],
         f"residual branches dominate their shortcut (Var(F(x))/Var(x) up to {top:.3g}) in {len(big)} "
         f"block(s) at step {step}",
-        "start each branch at zero so that blocks begin as the identity (`backbone_kwargs: "
-        "{zero_init_residual: true}`: the gamma of the BN closing the branch, or the last conv of a "
-        "pre-activation block), or lower the learning rate",
-        step=step,
-        values={"max_branch_ratio": top},
-        kind=KIND_BRANCH_DOMINATES,
+        FIX_BRANCH_DOMINATES, step=step, values={"max_branch_ratio": top}, kind=KIND_BRANCH_DOMINATES,
     )
 
 
@@ -656,15 +748,9 @@ def nonfinite_gradient(finite: bool, where: list[str], step: int, values: dict[s
     if finite:
         return None
     return Finding(
-        "shattering",
-        "error",
-        where,
+        "shattering", "error", where,
         f"the input gradient along the probe line is not finite (NaN/Inf) at step {step}",
-        "the network itself overflows or produced NaN: lower the learning rate, check the first non-finite "
-        "layer reported by ActivationVarianceMonitor",
-        step=step,
-        values=values,
-        kind=KIND_NONFINITE,
+        FIX_NONFINITE_GRADIENT, step=step, values=values, kind=KIND_NONFINITE,
     )
 
 
@@ -673,14 +759,9 @@ def constant_gradient(lag1: float, where: list[str], step: int, values: dict[str
     if math.isfinite(lag1):
         return None
     return Finding(
-        "shattering",
-        "warning",
-        where,
+        "shattering", "warning", where,
         f"the gradient along the probe line is constant (s(t) has no variance) at step {step}",
-        "the output barely depends on the input: look for dead ReLUs, a collapsed BN scale or a detached input",
-        step=step,
-        values=values,
-        kind=KIND_CONSTANT_GRADIENT,
+        FIX_CONSTANT_GRADIENT, step=step, values=values, kind=KIND_CONSTANT_GRADIENT,
     )
 
 
@@ -697,36 +778,20 @@ def shattering_verdict(
     ``band`` is a warning (shattered), below ``margin`` partly shattered (info), else smooth (info)."""
     if abs(verdict) <= band:
         return Finding(
-            "shattering",
-            "warning",
-            where,
+            "shattering", "warning", where,
             f"gradients are shattered (white noise): {numbers}",
-            "add skip connections (residual blocks), add BatchNorm, or reduce depth: neighbouring inputs get "
-            "unrelated gradients, so SGD steps are close to random",
-            step=step,
-            values=values,
-            kind=KIND_SHATTERED,
+            FIX_SHATTERED, step=step, values=values, kind=KIND_SHATTERED,
         )
     if verdict < margin:
         return Finding(
-            "shattering",
-            "info",
-            where,
+            "shattering", "info", where,
             f"gradients are partly shattered: {numbers}",
-            "residual connections with BN (or a smaller residual-branch scale) keep gradients correlated; "
-            "watch whether rho(1) keeps falling",
-            step=step,
-            values=values,
-            kind=KIND_PARTLY_SHATTERED,
+            FIX_PARTLY_SHATTERED, step=step, values=values, kind=KIND_PARTLY_SHATTERED,
         )
     return Finding(
-        "shattering",
-        "info",
-        where,
+        "shattering", "info", where,
         f"gradients are smooth: {numbers}",
-        step=step,
-        values=values,
-        kind=KIND_SMOOTH,
+        step=step, values=values, kind=KIND_SMOOTH,
     )
 
 
@@ -742,15 +807,11 @@ def shattering_decline(
     if first_step == last_step or not first_lag1 - last_lag1 > drop:
         return None
     return Finding(
-        "shattering",
-        "info",
-        where,
+        "shattering", "info", where,
         f"rho(1) fell from {first_lag1:.2f} (step {first_step}) to {last_lag1:.2f} (step {last_step}) during "
         "training",
-        "the gradient decorrelates as training goes on; compare with a residual/normalised variant",
-        step=last_step,
-        values={"lag1_first": float(first_lag1), "lag1_last": float(last_lag1)},
-        kind=KIND_SHATTERING_DECLINE,
+        FIX_SHATTERING_DECLINE, step=last_step,
+        values={"lag1_first": float(first_lag1), "lag1_last": float(last_lag1)}, kind=KIND_SHATTERING_DECLINE,
     )
 
 
@@ -771,17 +832,11 @@ def bn_variance_mismatch(
     factor = math.exp(abs(value))
     direction = "lags" if value > 0 else "overshoots"
     return Finding(
-        prefix,
-        "warning",
-        [n for n, _ in hits[:5]],
+        prefix, "warning", [n for n, _ in hits[:5]],
         f"running variance {direction} the batch variance by {factor:.1f}x in {name} at the end of training "
         f"({len(hits)} layers beyond {threshold:g}x): eval-mode outputs differ from training-mode ones",
-        "recalibrate BN before evaluation (recalibrate_batchnorm, or recalibrate_batches= on this monitor); "
-        "check that train and eval inputs are preprocessed alike; if it persists, lower BN momentum or the "
-        "learning rate late in training",
-        step=step,
-        values={"variance_factor": factor},
-        kind=KIND_BN_VARIANCE_MISMATCH,
+        FIX_BN_VARIANCE_MISMATCH, step=step,
+        values={"variance_factor": factor}, kind=KIND_BN_VARIANCE_MISMATCH,
     )
 
 
@@ -798,15 +853,10 @@ def bn_train_test_shift(
         return None
     name, value = hits[0]
     return Finding(
-        prefix,
-        "warning",
-        [n for n, _ in hits[:5]],
+        prefix, "warning", [n for n, _ in hits[:5]],
         f"batch means sit {value:.2f} running std away from the running means in {name} at the end of "
         f"training ({len(hits)} layers beyond {threshold:g}): eval-mode outputs differ from training-mode ones",
-        "recalibrate BN before evaluation (PreciseBN); check that train and eval inputs are preprocessed alike",
-        step=step,
-        values={"z_shift": value},
-        kind=KIND_BN_TRAIN_TEST_SHIFT,
+        FIX_BN_TRAIN_TEST_SHIFT, step=step, values={"z_shift": value}, kind=KIND_BN_TRAIN_TEST_SHIFT,
     )
 
 
@@ -836,16 +886,11 @@ def bn_zshift_spike(
     peaks.sort(key=lambda p: -p[2])
     name, peak_step, peak, typical = peaks[0]
     return Finding(
-        prefix,
-        "info",
-        [p[0] for p in peaks[:5]],
+        prefix, "info", [p[0] for p in peaks[:5]],
         f"z-shift spiked to {peak:.2f} (median before: {typical:.2f}) at step {peak_step} in {name}: the input "
         "distribution changed faster than the running statistics follow",
-        "check the data pipeline at that step (a new source, augmentation or domain); recalibrate BN before "
-        "evaluating on the new distribution",
-        step=peak_step,
+        FIX_BN_ZSHIFT_SPIKE, step=peak_step, kind=KIND_BN_ZSHIFT_SPIKE,
         values={"z_shift": peak, "median": typical},
-        kind=KIND_BN_ZSHIFT_SPIKE,
     )
 
 
@@ -870,17 +915,12 @@ def bn_rank_disagreement(
         return None
     name, value = hits[0]
     ratio = entry.get(f"{prefix}/{name}/rank_noise_ratio", math.nan)
+    values = {"rank_spread": value, "rank_noise_ratio": ratio}
     return Finding(
-        prefix,
-        "warning",
-        [n for n, _ in hits[:5]],
+        prefix, "warning", [n for n, _ in hits[:5]],
         f"ranks disagree on BN running stats in {name}: spread {value:.3f} running std ({ratio:.1f}x the "
         "batch-noise floor) after the last step: the ranks see different data (non-i.i.d. shards?)",
-        "shuffle the data across ranks (DistributedSampler(shuffle=True)); use sync_batchnorm=True (GPU), or "
-        "sync='pooled' on this monitor so that validation and checkpoints see one set of statistics",
-        step=step,
-        values={"rank_spread": value, "rank_noise_ratio": ratio},
-        kind=KIND_BN_RANK_DISAGREEMENT,
+        FIX_BN_RANK_DISAGREEMENT, step=step, values=values, kind=KIND_BN_RANK_DISAGREEMENT,
     )
 
 
@@ -899,14 +939,9 @@ def bn_still_drifting(
         return None
     name, value = hits[0]
     return Finding(
-        prefix,
-        "info",
-        [n for n, _ in hits[:5]],
+        prefix, "info", [n for n, _ in hits[:5]],
         f"running means still move {value:.2f} running std per interval in {name} at the end",
-        "train longer or decay the learning rate; recalibrate BN before evaluation",
-        step=step,
-        values={"mean_drift": value},
-        kind=KIND_BN_DRIFT,
+        FIX_BN_DRIFT, step=step, values={"mean_drift": value}, kind=KIND_BN_DRIFT,
     )
 
 
@@ -940,18 +975,12 @@ def bn_noisy_batch_stats(
     ratio = math.exp(sum(ratios) / len(ratios)) if ratios else math.nan
     var_note = f" and batch variances run {ratio:.2f}x the running ones" if math.isfinite(ratio) else ""
     return Finding(
-        prefix,
-        "warning",
-        list(starved)[:5],
+        prefix, "warning", list(starved)[:5],
         f"noisy batch statistics: {len(starved)} of {len(elements)} BN layers normalise over fewer than "
         f"{min_elements:g} elements per channel (fewest {fewest:g}: batch size x positions); there the batch "
         f"means scatter {z_mean:.2f} running std around the running means{var_note} at step {step}",
-        "use a larger batch per step, or GroupNorm instead of BN (norm='group', nn.GroupNorm); recalibrate "
-        "the running statistics before evaluating (recalibrate_batchnorm / PreciseBN, or recalibrate_batches= "
-        "on this monitor)",
-        step=step,
+        FIX_BN_NOISY_BATCH_STATS, step=step, kind=KIND_BN_NOISY_BATCH_STATS,
         values={"fewest_elements": float(fewest), "z_shift": z_mean, "variance_factor": ratio},
-        kind=KIND_BN_NOISY_BATCH_STATS,
     )
 
 

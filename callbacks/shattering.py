@@ -883,6 +883,19 @@ class GradientShatteringMonitor(MonitorCallback):
             "profile": plots.shattering_profiles(profiles, self.last_profile["white_noise_band"], history)
         }
 
+    def tables(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, list[dict[str, Any]]]:
+        """Every probe of the run (the history): step, rho(1) and its verdict, correlation length, neighbour
+        gradient cosine, white-noise band, probe time."""
+        prefix, rows = f"{self.monitor_name}/", []
+        for entry in self.history:
+            row = {"step": int(entry["step"])}
+            row.update({k[len(prefix) :]: v for k, v in entry.items() if k.startswith(prefix)})
+            lag1, band = row.get("lag1", math.nan), row.get("white_noise_band", math.nan)
+            smooth = "smooth" if lag1 >= self.shattered_margin else "partly shattered"
+            row["verdict"] = "shattered" if abs(lag1) <= band else smooth if math.isfinite(lag1) else "-"
+            rows.append(row)
+        return {"probes (rho(1) over training)": rows} if rows else {}
+
     # ----------------------------------------------------------------------------- checkpointing
     @property
     def state_key(self) -> str:
