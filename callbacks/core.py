@@ -197,19 +197,12 @@ class MonitorCallback(ForwardHooks, RecordingSchedule, Callback):
         dense_steps: int | None = None,
     ) -> None:
         super().__init__()  # ForwardHooks: no hook yet
-        if log_every_n_steps is not None and log_every_n_steps < 1:
-            raise MonitorConfigError(
-                f"{type(self).__name__}: log_every_n_steps must be >= 1, got {log_every_n_steps}"
-            )
-        if max_history < 2:
-            raise MonitorConfigError(f"{type(self).__name__}: max_history must be >= 2, got {max_history}")
-        problem = RecordingSchedule.settings_problem(sample_every_n_steps, dense_steps)
+        problem = self.set_schedule(log_every_n_steps, sample_every_n_steps, dense_steps)
         if problem:
             raise MonitorConfigError(f"{type(self).__name__}: {problem}")
-        self.log_every_n_steps = log_every_n_steps
+        if max_history < 2:
+            raise MonitorConfigError(f"{type(self).__name__}: max_history must be >= 2, got {max_history}")
         self.max_history = max_history
-        self.sample_every_n_steps = sample_every_n_steps
-        self.dense_steps = dense_steps
         self.train_only = train_only
         self.strict = strict_default() if strict is None else bool(strict)
         self.enabled = True

@@ -31,7 +31,7 @@ tensor op, no host read)."""
 
 class RecordingSchedule:
     """The schedule of a monitor (a base of :class:`~lightning_convnets.callbacks.core.MonitorCallback`,
-    which sets ``log_every_n_steps``, ``sample_every_n_steps``, ``dense_steps`` and ``_last_flush_step``).
+    which sets the settings through :meth:`set_schedule` and keeps ``_last_flush_step``).
 
     Example:
         >>> from lightning_convnets.callbacks import ActivationVarianceMonitor
@@ -58,6 +58,20 @@ class RecordingSchedule:
         if dense_steps is not None and (not isinstance(dense_steps, int) or dense_steps < 0):
             return f"dense_steps must be an int >= 0 or None, got {dense_steps!r}"
         return None
+
+    def set_schedule(
+        self, log_every_n_steps: int | None, sample_every_n_steps: int | None, dense_steps: int | None
+    ) -> str | None:
+        """Keep the schedule's settings if they are valid; else what is wrong with them (naming the argument
+        and what it must be), and nothing is kept."""
+        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
+            return f"log_every_n_steps must be an int >= 1 or None (the trainer's), got {log_every_n_steps!r}"
+        problem = self.settings_problem(sample_every_n_steps, dense_steps)
+        if problem is None:
+            self.log_every_n_steps = log_every_n_steps
+            self.sample_every_n_steps = sample_every_n_steps
+            self.dense_steps = dense_steps
+        return problem
 
     def sample_period(self, trainer: pl.Trainer | None) -> int:
         """Optimizer steps between recorded steps after the dense phase: ``sample_every_n_steps`` when
