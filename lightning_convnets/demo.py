@@ -51,29 +51,22 @@ class Quickstart:
     promise: str = ""
 
 
+# fmt: off
 QUICKSTARTS: dict[str, Quickstart] = {
+    # task: Quickstart(config, model, metric, targets, promise)
     "classification": Quickstart(
-        config="configs/quickstart.yaml",
-        model="pre-act ResNet-18, width 8",
-        metric="test/acc",
-        targets={"acc": 0.95},
-        promise="accuracy >= 0.95",
+        "configs/quickstart.yaml", "pre-act ResNet-18, width 8", "test/acc", {"acc": 0.95}, "accuracy >= 0.95"
     ),
     "segmentation": Quickstart(
-        config="configs/segmentation/shapes_unet.yaml",
-        model="U-Net (same padding), width 16, depth 4",
-        metric="test/miou",
-        targets={"miou": 0.90, "iou/*": 0.85},
-        promise="mIoU >= 0.90, every class >= 0.85",
+        "configs/segmentation/shapes_unet.yaml", "U-Net (same padding), width 16, depth 4", "test/miou",
+        {"miou": 0.90, "iou/*": 0.85}, "mIoU >= 0.90, every class >= 0.85",
     ),
     "detection": Quickstart(
-        config="configs/detection/centernet_hourglass_shapes.yaml",
-        model="CenterNet, 2-stack hourglass",
-        metric="test/map_50",
-        targets={"map_50": 0.5},
-        promise="mAP@50 >= 0.5",
+        "configs/detection/centernet_hourglass_shapes.yaml", "CenterNet, 2-stack hourglass", "test/map_50",
+        {"map_50": 0.5}, "mAP@50 >= 0.5",
     ),
 }
+# fmt: on
 
 
 def promise_met(task: str, metrics: Mapping[str, float], stage: str = "test") -> bool | None:

@@ -227,8 +227,7 @@ class PreActBasicBlock(_Block):
         in_channels: channels of the block input.
         planes: channels of the branch and of the output.
         stride: stride of the first 3x3 conv.
-        norm: ``"batch"``, ``"group"`` or ``"none"`` (``"none"`` gives the convs a bias).
-        skip: ``False`` drops the shortcut and the sum.
+        norm, skip: as in :class:`BasicBlock`.
 
     Example:
         >>> import torch
@@ -259,8 +258,7 @@ class PreActBottleneck(_Block):
         in_channels: channels of the block input.
         planes: channels of the two inner convs; the output has ``4 * planes``.
         stride: stride of the 3x3 conv.
-        norm: ``"batch"``, ``"group"`` or ``"none"`` (``"none"`` gives the convs a bias).
-        skip: ``False`` drops the shortcut and the sum.
+        norm, skip: as in :class:`BasicBlock`.
 
     Example:
         >>> import torch
