@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,7 +34,23 @@ if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl
     from matplotlib.figure import Figure
 
-__all__ = ["ActivationVarianceMonitor"]
+__all__ = [
+    "KIND_SATURATED",
+    "SATURATED_FRACTION",
+    "SATURATION_MARGIN",
+    "ActivationVarianceMonitor",
+    "alive_per_channel",
+    "saturated_units",
+    "unit_kind",
+]
+
+KIND_SATURATED = "saturated_units"
+SATURATED_FRACTION = 0.25
+"""Share of a sigmoid/tanh layer's channels saturated for a whole interval that makes a warning."""
+SATURATION_MARGIN = 0.01
+"""How close to a bound (sigmoid: 0 or 1; tanh: -1 or 1) an output counts as saturated (tanh: |x| > 2.6;
+sigmoid: |x| > 4.6 before it)."""
+
 
 class ActivationVarianceMonitor(MonitorCallback):
     """Per-layer activation mean and variance along the depth, residual branch ratios, dead ReLUs,
@@ -57,6 +73,11 @@ class ActivationVarianceMonitor(MonitorCallback):
             :mod:`~lightning_convnets.callbacks.diagnosis`) is a warning; linear growth (BatchNorm) never is.
         vanish_growth: per-block growth below which it is reported as vanishing.
         dead_threshold: fraction of dead channels in a layer that makes a finding.
+        units: also count, after every ``nn.ReLU``, ``nn.Sigmoid`` and ``nn.Tanh`` module, the channels that
+            are dead (ReLU: never positive) or saturated (sigmoid/tanh: within :data:`SATURATION_MARGIN` of a
+            bound) on every element of every recorded example of an interval (``<layer>/dead_fraction``,
+            ``<layer>/saturated_fraction``). Functional activations (``torch.tanh(x)``) are not seen.
+        saturated_threshold: fraction of saturated channels in a layer that makes a finding.
         sample_every_n_steps: record one optimizer step in every ``k`` (all its micro-batches; the cost
             scales with ``1/k``). ``None`` (default): the cost-derived schedule of
             :class:`~lightning_convnets.callbacks.core.MonitorCallback`: every step for the first
@@ -98,6 +119,8 @@ class ActivationVarianceMonitor(MonitorCallback):
         explode_growth: float = diagnosis.EXPLODE_GROWTH,
         vanish_growth: float = diagnosis.VANISH_GROWTH,
         dead_threshold: float = 0.25,
+        units: bool = True,
+        saturated_threshold: float = SATURATED_FRACTION,
         sample_every_n_steps: int | None = None,
         max_history: int = 256,
         num_curves: int = 6,
@@ -106,12 +129,7 @@ class ActivationVarianceMonitor(MonitorCallback):
         dense_steps: int | None = None,
     ) -> None:
         super().__init__(
-            log_every_n_steps=log_every_n_steps,
-            max_history=max_history,
-            sample_every_n_steps=sample_every_n_steps,
-            train_only=train_only,
-            strict=strict,
-            dense_steps=dense_steps,
+            log_every_n_steps, max_history, sample_every_n_steps, train_only, strict, dense_steps
         )
         if not explode_growth > 1:
             raise MonitorConfigError(f"ActivationVarianceMonitor: explode_growth must be > 1, got {explode_growth}")
@@ -119,10 +137,9 @@ class ActivationVarianceMonitor(MonitorCallback):
             raise MonitorConfigError(
                 f"ActivationVarianceMonitor: vanish_growth must be in (0, 1), got {vanish_growth}"
             )
-        if not 0 < dead_threshold <= 1:
-            raise MonitorConfigError(
-                f"ActivationVarianceMonitor: dead_threshold must be in (0, 1], got {dead_threshold}"
-            )
+        for arg, value in (("dead_threshold", dead_threshold), ("saturated_threshold", saturated_threshold)):
+            if not 0 < value <= 1:
+                raise MonitorConfigError(f"ActivationVarianceMonitor: {arg} must be in (0, 1], got {value}")
         if names is not None:
             try:
                 re.compile(names)
@@ -137,6 +154,9 @@ class ActivationVarianceMonitor(MonitorCallback):
         self.explode_growth = explode_growth
         self.vanish_growth = vanish_growth
         self.dead_threshold = dead_threshold
+        self.units = units
+        self.saturated_threshold = saturated_threshold
+        self._units: dict[str, list[Any]] = {}  # layer -> [kind, alive per channel, elements seen]
         self.num_curves = num_curves
         self.targets: list[Target] = []
         self._moments: dict[str, ShiftedMoments] = {}
@@ -197,6 +217,38 @@ class ActivationVarianceMonitor(MonitorCallback):
                     self._hook(target.shortcut, [(shortcut_key, out)])
                 elif measure_shortcut:
                     self._hook(target.module, [(shortcut_key, lambda a: a[0])], pre=True)
+        self._units = {}
+        if self.units:
+            measured = {id(t.module) for t in self.targets}
+            for name, module in pl_module.named_modules():
+                kind = unit_kind(module)
+                if kind is not None and id(module) not in measured:
+                    self._hook_unit(name, module, kind)
+
+    def _hook_unit(self, name: str, module: nn.Module, kind: str) -> None:
+        """Count, per channel, the elements of ``module``'s output that are alive (neither zero after a ReLU
+        nor within the margin of a sigmoid/tanh bound): on the device, no host read."""
+        state: list[Any] = [kind, None, None]
+        self._units[name] = state
+
+        def hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            try:  # registered unwrapped (guard=False): one frame less on every forward
+                if not self.is_recording(mod):
+                    return
+                if not isinstance(output, Tensor) or not output.is_floating_point() or output.dim() < 2:
+                    return
+                if state[1] is not None and output.shape[1] != state[1].numel():
+                    return  # a module reused at another width: the first width only (static shapes)
+                alive = alive_per_channel(output.detach(), kind)
+                if state[1] is None:
+                    state[1] = torch.zeros_like(alive)
+                    state[2] = torch.zeros((), dtype=torch.float64, device=alive.device)
+                state[1] += alive
+                state[2] += output.numel() // output.shape[1]
+            except Exception as err:
+                self.hook_error(mod, err)
+
+        self.add_hook(module, hook, guard=False)
 
     def _slots(self, selects: list[tuple[str, Callable[..., Any]]]) -> list[tuple[int, ShiftedMoments, Any]]:
         """A moment in the bank per ``(key, select)``: ``(slot, moments, select)``."""
@@ -323,11 +375,19 @@ class ActivationVarianceMonitor(MonitorCallback):
             bank.settle()  # the folded batches' counts (deferred by fold)
         for key, moments in self._moments.items():
             packer.running(key, moments)
+        for name, (_, alive, seen) in self._units.items():
+            if alive is not None:
+                packer.sum(f"unit/{name}/alive", alive)
+                packer.sum(f"unit/{name}/seen", seen)
         if packer.entries:
             self._first_nonfinite.pack(packer, packer.entries[0][2][0].device)
 
     def reset_interval(self) -> None:
         self._bank.reset()
+        for state in self._units.values():
+            if state[1] is not None:
+                state[1].zero_()
+                state[2].zero_()
 
     def compute_metrics(
         self, trainer: pl.Trainer | None, pl_module: nn.Module, stats: PackedStats
@@ -369,6 +429,11 @@ class ActivationVarianceMonitor(MonitorCallback):
                     metrics[f"{name}/sum_var"] = total.pooled()[2]
             if not finite and first_bad is None:
                 first_bad = name  # fallback when no step was tracked (e.g. NaN already in the first batch)
+        for name, (kind, _, _) in self._units.items():
+            alive, seen = stats.get(f"unit/{name}/alive"), stats.get(f"unit/{name}/seen")
+            if alive is not None and seen is not None and float(seen.sum()) > 0:
+                key = "dead_fraction" if kind == "relu" else "saturated_fraction"
+                metrics[f"{name}/{key}"] = float((alive == 0).double().mean())
         if len(block_vars) >= 2:
             metrics["growth_per_block"] = _geomean_growth([v for _, v in block_vars])
         found = decode(stats.get("nonfinite"))  # (step, target index), None while every value was finite
@@ -433,7 +498,8 @@ class ActivationVarianceMonitor(MonitorCallback):
         if self.history:
             last, prefix = self.history[-1], self.monitor_name
             step = int(last["step"])
-            names = [t.name for t in self.targets]
+            names = [t.name for t in self.targets] + [n for n, u in self._units.items() if u[0] == "relu"]
+            saturating = [n for n, u in self._units.items() if u[0] != "relu"]
             blocks = [t.name for t in self.targets if t.kind in ("block", "plain")]
             # a branch ratio says how far a block is from the identity only where the shortcut is one
             identity = [t.name for t in self.targets if t.residual and not t.projection]
@@ -448,6 +514,12 @@ class ActivationVarianceMonitor(MonitorCallback):
                 ),
                 diagnosis.dominant_branches(
                     diagnosis.latest_values(last, identity, "branch_ratio", prefix), step, monitor=prefix
+                ),
+                saturated_units(
+                    diagnosis.latest_values(last, saturating, "saturated_fraction", prefix),
+                    step,
+                    self.saturated_threshold,
+                    prefix,
                 ),
             ]
         return [f for f in findings if f is not None]
@@ -484,6 +556,71 @@ class ActivationVarianceMonitor(MonitorCallback):
         bank = getattr(self, "_bank", None)  # none when the monitor stepped aside
         if bank is not None:
             bank.restore(restored, next((p.device for p in pl_module.parameters()), torch.device("cpu")))
+
+
+def unit_kind(module: nn.Module) -> str | None:
+    """``"relu"``, ``"sigmoid"`` or ``"tanh"`` for the activation modules whose units are counted, else
+    ``None``.
+
+    Example:
+        >>> unit_kind(nn.Tanh()), unit_kind(nn.Conv2d(1, 1, 1))
+        ('tanh', None)
+    """
+    for types, kind in ((nn.ReLU, "relu"), (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh")):
+        if isinstance(module, types):
+            return kind
+    return None
+
+
+def alive_per_channel(output: Tensor, kind: str, margin: float = SATURATION_MARGIN) -> Tensor:
+    """Per channel (dimension 1), how many elements of ``output`` are alive: positive after a ReLU, further
+    than ``margin`` from 0 and 1 after a sigmoid, from -1 and 1 after a tanh (float64, on the device).
+
+    Example:
+        >>> alive_per_channel(torch.tensor([[0.0, 0.5], [0.0, 2.0]]), "relu").tolist()
+        [0.0, 2.0]
+    """
+    if kind == "relu":
+        alive = output > 0
+    elif kind == "sigmoid":
+        alive = (output > margin) & (output < 1 - margin)
+    else:
+        alive = output.abs() < 1 - margin
+    dims = [d for d in range(output.dim()) if d != 1]
+    return alive.sum(dim=dims, dtype=torch.float64)
+
+
+def saturated_units(
+    fractions: Mapping[str, float],
+    step: int,
+    threshold: float = SATURATED_FRACTION,
+    monitor: str = "activation_variance",
+) -> Finding | None:
+    """Sigmoid/tanh layers with at least ``threshold`` of their channels saturated for a whole interval
+    (``layer -> fraction``, depth order), as one warning naming them all, the worst first in the message.
+
+    Example:
+        >>> saturated_units({"net.3": 0.5, "net.5": 0.0}, 10).layers
+        ['net.3']
+    """
+    hits = [(n, f) for n, f in fractions.items() if math.isfinite(f) and f >= threshold]
+    if not hits:
+        return None
+    name, worst = max(hits, key=lambda h: h[1])
+    more = f" ({len(hits) - 1} more layer(s) at {threshold:.0%} or above)" if len(hits) > 1 else ""
+    return Finding(
+        monitor,
+        "warning",
+        [n for n, _ in hits],
+        f"{worst:.0%} of the channels of {name} are saturated (within {SATURATION_MARGIN} of a bound of the "
+        f"sigmoid/tanh on every recorded example) for a whole interval at step {step}{more}: their gradient "
+        "is near zero",
+        "scale the inputs of the activation down (normalise them: BatchNorm/LayerNorm before it), check the "
+        "weight and bias initialisation of the layer before (Xavier/Glorot for tanh), lower the learning rate",
+        step=step,
+        values={"saturated_fraction": worst},
+        kind=KIND_SATURATED,
+    )
 
 
 def _ratio(a: float, b: float) -> float:

@@ -366,7 +366,7 @@ def test_bad_configuration_is_named():
     # no block and no stem: the conv layers are the depth axis
     conv_net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3))
     assert sorted(ActivationVarianceMonitor().measure(conv_net, torch.randn(2, 1, 8, 8))) == [
-        "0/dead_fraction", "0/mean", "0/var", "0/var_ch_max", "0/var_ch_min",
+        "0/dead_fraction", "0/mean", "0/var", "0/var_ch_max", "0/var_ch_min", "1/dead_fraction",
         "2/dead_fraction", "2/growth", "2/mean", "2/var", "2/var_ch_max", "2/var_ch_min", "nonfinite_step",
     ]  # fmt: skip
     with pytest.raises(ValueError, match="nothing to measure in Linear"):
@@ -514,8 +514,10 @@ def test_one_hook_per_preact_block_logs_exactly_what_two_hooks_log(tmp_path):
         merged._recording = True
         model.train()
         model.twice(model.tail(model.net(torch.randn(4, 3, 16, 16))[-1]))
-    hooked = [m for m in model.modules() if m._forward_hooks]
+    hooked = [m for m in model.modules() if m._forward_hooks and not isinstance(m, nn.ReLU)]
     assert len(hooked) == 18 + 1 + 2  # one per preact block, the stem, and the two blocks' own hooks
+    # and one per ReLU module for the dead units (units=True, the default)
+    assert all(m._forward_hooks for m in model.modules() if isinstance(m, nn.ReLU))
     merged.remove_hooks()
 
 
@@ -612,3 +614,42 @@ def test_a_projection_shortcut_is_no_branch_dominates_alarm_an_identity_one_is(t
     (finding,) = _branch_findings(tmp_path, loud)
     assert finding.layers == ["net.2"] and finding.values["max_branch_ratio"] > 4
     assert "zero_init_residual" in finding.suggestion
+
+
+def test_saturated_tanh_and_sigmoid_channels_are_counted_and_named():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Conv2d(4, 4, 1), nn.Sigmoid(), nn.Conv2d(4, 2, 1), nn.ReLU())
+    with torch.no_grad():
+        net[0].bias[:2] = 20.0  # two of four tanh channels sit at +1
+        net[2].bias[:1] = -30.0  # one of four sigmoid channels sits at 0
+        net[4].bias[:] = -1e3  # every ReLU channel is dead
+    monitor = ActivationVarianceMonitor()
+    metrics = monitor.measure(net, torch.randn(4, 3, 8, 8))
+    assert metrics["1/saturated_fraction"] == 0.5
+    assert metrics["3/saturated_fraction"] == 0.25
+    assert metrics["5/dead_fraction"] == 1.0
+    monitor.append_history({"step": 3.0, **{f"activation_variance/{k}": v for k, v in metrics.items()}})
+    findings = {f.kind: f for f in monitor.diagnose(None, None)}
+    assert findings["saturated_units"].layers == ["1", "3"] and "50% of the channels of 1" in findings["saturated_units"].message
+    assert findings["dead_relu"].layers == ["5"]
+    # the healthy twin: default initialisation saturates nothing; units=False counts nothing
+    quiet = ActivationVarianceMonitor().measure(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh()), torch.randn(4, 3, 8, 8))
+    assert quiet["1/saturated_fraction"] == 0.0
+    assert not any("saturated" in k for k in ActivationVarianceMonitor(units=False).measure(net, torch.randn(2, 3, 8, 8)))
+    with pytest.raises(ValueError, match="saturated_threshold must be in"):
+        ActivationVarianceMonitor(saturated_threshold=0.0)
+
+
+def test_units_on_a_module_reused_at_two_widths_keep_the_first_width():
+    relu = nn.ReLU()
+
+    class Reuse(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.relu = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 6, 1), relu
+
+        def forward(self, x):
+            return self.relu(self.b(self.relu(self.a(x))))
+
+    metrics = ActivationVarianceMonitor(types=("conv",)).measure(Reuse(), torch.randn(2, 3, 4, 4))
+    assert 0.0 <= metrics["relu/dead_fraction"] <= 1.0
