@@ -1,11 +1,14 @@
 """Diagnostic callbacks that work on any LightningModule (installed as ``lightning_convnets.callbacks``).
 
 * :class:`ActivationVarianceMonitor`: activation mean/variance per layer along the depth, residual
-  branch ratios, dead ReLUs, explosion/vanishing, the first non-finite module.
+  branch ratios, dead ReLUs and saturated sigmoid/tanh units, explosion/vanishing, the first non-finite
+  module.
 * :class:`GradientShatteringMonitor` and :func:`shattering_profile`: how shattered the input gradient is
   (autocorrelation of d/dt f(x(t)) along a line of inputs; Balduzzi et al. 2017).
 * :class:`BatchNormDriftMonitor` and :func:`recalibrate_batchnorm`: BatchNorm running-stat drift,
   train/test discrepancy, cross-rank disagreement and PreciseBN recalibration.
+* :class:`ThroughputMonitor`: where the step's time goes (loader wait, compute, callbacks), host syncs
+  named by module and line, images/s, FLOPs and MFU.
 * :mod:`lightning_convnets.callbacks.core`: the shared monitor core (one collective per logging interval,
   any-logger output, bounded checkpointed history, the end-of-fit diagnosis) to build more monitors on.
 """
@@ -16,6 +19,7 @@ from .core import MonitorCallback, observers_paused
 from .diagnosis import Diagnosis, Finding
 from .precise_bn import pool_running_stats, recalibrate_batchnorm
 from .shattering import GradientShatteringMonitor, shattering_profile
+from .throughput import ThroughputMonitor
 
 __all__ = [
     "ActivationVarianceMonitor",
@@ -24,6 +28,7 @@ __all__ = [
     "Finding",
     "GradientShatteringMonitor",
     "MonitorCallback",
+    "ThroughputMonitor",
     "observers_paused",
     "pool_running_stats",
     "recalibrate_batchnorm",
