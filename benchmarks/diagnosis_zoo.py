@@ -45,6 +45,7 @@ from lightning_convnets.callbacks import (
     BatchNormDriftMonitor,
     Finding,
     GradientShatteringMonitor,
+    ThroughputMonitor,
 )
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -195,7 +196,7 @@ def images(n: int, seed: int, shift: float = 0.0, scale: float = 1.0, size: int 
 
 
 def monitors() -> list[pl.Callback]:
-    """The three monitors at their default schedules (the logging interval aside: 10 steps, so that these
+    """The monitors at their default schedules (the logging interval aside: 10 steps, so that these
     short fits log a few intervals). The fits here (20-40 steps) lie within the dense phase, where every
     step is recorded; the shattering probe runs at the first step and, with its derived interval, at the
     end of fit."""
@@ -203,6 +204,7 @@ def monitors() -> list[pl.Callback]:
         ActivationVarianceMonitor(log_every_n_steps=10),
         GradientShatteringMonitor(),
         BatchNormDriftMonitor(log_every_n_steps=10),
+        ThroughputMonitor(log_every_n_steps=10),
     ]
 
 
@@ -451,6 +453,10 @@ def rows() -> list[Row]:
             lambda bad, seed: small_batch_run(2 if bad else 64, seed),
         ),
     ]
+    # the rows of the newer findings, in their own modules (which import this one: imported here)
+    from zoo_throughput import rows as throughput_rows
+
+    table += throughput_rows()
     return table
 
 
