@@ -8,6 +8,16 @@ subprocess; peak RSS (``resource.getrusage``, ``ru_maxrss``) is read before the 
 loaded) and after it: the difference is what prediction allocated. "one tile batch" is the same
 difference for a single forward of one batch of 4 tiles. Times are process CPU seconds (one thread).
 
+Part ``large``: images larger than memory (issue 28). Square synthetic RGB tiled TIFFs (256-px tiles,
+deflate) of each ``--large-sizes`` side, generated once (tile by tile, never whole) into ``--cache``
+(outside the repository; default ``~/.cache/lightning-convnets/bench-tiling``), then, one fresh process
+per row and one thread: :func:`~lightning_convnets.predict.large.predict_large` streaming the TIFF into a
+tiled TIFF mask ("streamed"), and at the sizes in ``--in-memory-sizes`` the in-memory tiled path (the
+whole TIFF read with ``tifffile.imread``, normalised, ``TiledPredictor.predict`` with the mask reduction:
+"in memory"). Peak RSS is the whole process's (``ru_maxrss``, imports and model included); Mpix/s is input
+pixels over the prediction's wall time. The report ends with a 100,000 x 100,000 estimate from the
+largest streamed row.
+
 Part ``tta``: short CPU trainings on the generated shapes (classification, segmentation, detection),
 then the test split evaluated with ``tta="none"``, ``"flip"`` and ``"flip+scales"``.
 
@@ -15,6 +25,8 @@ Usage::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tiling.py             # both parts (~10 CPU minutes)
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tiling.py --part memory --sizes 1024 2048
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tiling.py --part large      # 1k..32k (a quiet machine)
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tiling.py --part large --large-sizes 1024 --in-memory-sizes 1024
 
 Writes ``benchmarks/results/tiling.json`` and ``benchmarks/results/tiling.md``.
 """
@@ -119,6 +131,149 @@ def memory_part(sizes: list[int]) -> list[dict[str, Any]]:
     return rows
 
 
+# ----------------------------------------------------------------------------------- large images
+DEFAULT_CACHE = Path.home() / ".cache" / "lightning-convnets" / "bench-tiling"
+LARGE_TILE, LARGE_BATCH = 256, 4
+
+
+def synthetic_tiff(size: int, cache: Path) -> Path:
+    """A ``size x size`` RGB tiled TIFF (256-px tiles, deflate), written tile by tile once into ``cache``."""
+    import numpy as np
+    import tifffile
+
+    path = cache / f"synthetic_{size}.tif"
+    if path.exists():
+        return path
+    cache.mkdir(parents=True, exist_ok=True)
+    t = LARGE_TILE
+    columns = -(-size // t)
+    y, x = np.mgrid[0:t, 0:t]
+
+    def tiles():  # smooth blobs plus a little noise: compresses like a real scan, not like pure noise
+        for k in range(columns * columns):
+            rng = np.random.default_rng(k)
+            base = rng.integers(40, 200, 3)
+            wave = 30 * np.sin((x + k) / 23.0)[..., None] * np.cos(y / 17.0)[..., None]
+            noise = rng.integers(0, 12, (t, t, 3))
+            yield np.clip(base + wave + noise, 0, 255).astype(np.uint8)
+
+    tmp = path.with_suffix(".partial")
+    with tifffile.TiffWriter(tmp, bigtiff=size * size * 3 > 2**31) as tif:
+        tif.write(
+            tiles(), shape=(size, size, 3), dtype=np.uint8, tile=(t, t), compression="zlib", photometric="rgb"
+        )
+    tmp.replace(path)
+    return path
+
+
+def _large_child(padding: str, method: str, size: int, cache: str) -> dict[str, Any]:
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from lightning_convnets.backbones import create_backbone
+    from lightning_convnets.predict.large import predict_large
+    from lightning_convnets.predict.tiling import TiledPredictor, network_geometry
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    unet = create_backbone("unet", width=8, depth=3, padding=padding).eval()
+    head = nn.Conv2d(8, 2, 1)
+    geometry = network_geometry(unet)
+
+    def net(x: torch.Tensor) -> torch.Tensor:
+        return head(unet(x)[0])
+
+    source = synthetic_tiff(size, Path(cache))
+    out = Path(cache) / f"mask_{padding}_{size}.tif"
+    mean, std = [0.5] * 3, [0.25] * 3
+    with torch.no_grad():  # warm-up: library initialisation is not prediction time
+        side = 156 if padding == "valid" else 128  # sizes each U-Net takes (valid: 8 t + 28)
+        net(torch.rand(1, 3, side, side))
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    if method == "streamed":
+        result = predict_large(
+            net,
+            source,
+            out,
+            tile_size=LARGE_TILE,
+            overlap=64,
+            batch_size=LARGE_BATCH,
+            mean=mean,
+            std=std,
+            geometry=geometry,
+            progress=False,
+        )
+        tiles = result.tiles
+        out.unlink()
+    else:
+        import tifffile
+
+        image = torch.from_numpy(tifffile.imread(source)).permute(2, 0, 1).float().div_(255)
+        image.sub_(0.5).div_(0.25)
+        tiler = TiledPredictor(
+            net, tile_size=LARGE_TILE, overlap=64, batch_size=LARGE_BATCH, geometry=geometry
+        )
+        with torch.no_grad():
+            mask = tiler.predict(image, reduce=lambda logits: logits.argmax(0).to(torch.uint8))
+        tifffile.imwrite(out, np.asarray(mask), tile=(256, 256), compression="zlib")
+        tiles = tiler.num_tiles(size, size)
+        out.unlink()
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    return {
+        "padding": padding,
+        "method": method,
+        "size": size,
+        "tiles": tiles,
+        "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2),
+        "mpix_per_s": round(size * size / 1e6 / wall, 3),
+        "peak_rss_mib": round(_rss_mib(), 1),
+    }
+
+
+def large_part(sizes: list[int], in_memory_sizes: list[int], cache: Path) -> list[dict[str, Any]]:
+    rows = []
+    for size in sizes:  # generated once, in this (parent) process: not counted in any row
+        synthetic_tiff(size, cache)
+    for padding in ("valid", "same"):
+        for size in sizes:
+            methods = ["streamed"] + (["in memory"] if size in in_memory_sizes else [])
+            for method in methods:
+                rows.append(_run_child(["large", padding, method, str(size), str(cache)]))
+                print(rows[-1], flush=True)
+    return rows
+
+
+def _paper_estimate(rows: list[dict[str, Any]]) -> list[str]:
+    """A 100,000 x 100,000 RGB image from the largest streamed rows (memory, time on this CPU)."""
+    lines = []
+    for padding in ("valid", "same"):
+        done = [
+            r
+            for r in rows
+            if r.get("method") == "streamed" and r.get("padding") == padding and "error" not in r
+        ]
+        if not done:
+            continue
+        big = max(done, key=lambda r: r["size"])
+        mpix = 100_000 * 100_000 / 1e6
+        hours = mpix / big["mpix_per_s"] / 3600
+        # what grows with the width: the writer's bands (~3 x 256 rows of uint8) and, same padding, the blend
+        # strip (2 classes x 256 rows float32 logits + weights)
+        width_mib = 100_000 * 256 * (3 + (2 * 4 + 4 if padding == "same" else 0)) / 2**20
+        grown = width_mib - big["size"] * 256 * (3 + (2 * 4 + 4 if padding == "same" else 0)) / 2**20
+        lines.append(
+            f"* {padding} padding: {big['peak_rss_mib']:.0f} MiB at {big['size']} px + ~{grown:.0f} MiB of "
+            f"width-proportional buffers -> ~{big['peak_rss_mib'] + grown:.0f} MiB peak; at {big['mpix_per_s']} "
+            f"Mpix/s (one CPU thread) 10,000 Mpix take ~{hours:.1f} h. On one H100 the network's share shrinks "
+            "by 2-3 orders of magnitude (an estimate, not measured here): the read (deflate decode) and write "
+            "(deflate encode) threads then set the pace; benchmarks/gpu_large_images.py measures the GPU's "
+            "tile throughput and the reader's Mpix/s."
+        )
+    return lines
+
+
 # -------------------------------------------------------------------------------------------- TTA
 def tta_part(max_steps: int) -> list[dict[str, Any]]:
     import lightning.pytorch as pl
@@ -189,7 +344,12 @@ def tta_part(max_steps: int) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------ report
-def write_report(memory: list[dict[str, Any]], tta: list[dict[str, Any]], loadavg: tuple[str, str]) -> None:
+def write_report(
+    memory: list[dict[str, Any]],
+    tta: list[dict[str, Any]],
+    loadavg: tuple[str, str],
+    large: list[dict[str, Any]] | None = None,
+) -> None:
     lines = [
         "# Tiled prediction and test-time augmentation",
         "",
@@ -219,6 +379,28 @@ def write_report(memory: list[dict[str, Any]], tta: list[dict[str, Any]], loadav
                 f"{r['prediction_mib']} | {ratio:.2f} |"
             )
         lines.append("")
+    if large:
+        lines += [
+            "## Images larger than memory: streamed from a tiled TIFF into a tiled TIFF mask",
+            "",
+            f"U-Net width 8, depth 3, 2 classes; {LARGE_TILE}-px tiles, batch {LARGE_BATCH}, one thread; synthetic",
+            "RGB tiled TIFFs (256-px tiles, deflate). `peak RSS`: the whole process (imports, model, reader,",
+            "writer). `in memory`: the whole TIFF read, the in-memory tiled path, the mask written at the end.",
+            "",
+            "| padding | method | image | tiles | wall s | Mpix/s | peak RSS MiB |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in large:
+            if "error" in r:
+                lines.append(f"| {' '.join(r['args'])} | failed: {r['error']} (rc {r['rc']}) | | | | | |")
+                continue
+            lines.append(
+                f"| {r['padding']} | {r['method']} | {r['size']}x{r['size']} | {r['tiles']} | {r['wall_s']} | "
+                f"{r['mpix_per_s']} | {r['peak_rss_mib']} |"
+            )
+        lines += ["", "100,000 x 100,000 RGB (30 GB raw), estimated from the largest streamed rows:", ""]
+        lines += _paper_estimate(large)
+        lines.append("")
     if tta:
         lines += [
             "## Test-time augmentation on the generated shapes",
@@ -237,12 +419,21 @@ def write_report(memory: list[dict[str, Any]], tta: list[dict[str, Any]], loadav
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["memory", "tta", "both"], default="both")
+    parser.add_argument("--part", choices=["memory", "tta", "large", "both"], default="both")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--large-sizes", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
+    parser.add_argument("--in-memory-sizes", type=int, nargs="+", default=[4096])
+    parser.add_argument(
+        "--cache", type=Path, default=DEFAULT_CACHE, help="where the synthetic TIFFs are kept"
+    )
     parser.add_argument("--max-steps", type=int, default=300)
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        if args.child[0] == "large":
+            padding, method, size, cache = args.child[1:]
+            print(json.dumps(_large_child(padding, method, int(size), cache)))
+            return
         padding, method, size = args.child
         print(json.dumps(_memory_child(padding, method, int(size))))
         return
@@ -250,10 +441,14 @@ def main() -> None:
     previous = json.loads((RESULTS / "tiling.json").read_text()) if (RESULTS / "tiling.json").exists() else {}
     memory = memory_part(args.sizes) if args.part in ("memory", "both") else previous.get("memory", [])
     tta = tta_part(args.max_steps) if args.part in ("tta", "both") else previous.get("tta", [])
+    if args.part == "large":
+        large = large_part(args.large_sizes, args.in_memory_sizes, args.cache.expanduser())
+    else:
+        large = previous.get("large", [])
     load_after = Path("/proc/loadavg").read_text().strip()
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "tiling.json").write_text(json.dumps({"memory": memory, "tta": tta}, indent=1))
-    write_report(memory, tta, (load_before, load_after))
+    (RESULTS / "tiling.json").write_text(json.dumps({"memory": memory, "tta": tta, "large": large}, indent=1))
+    write_report(memory, tta, (load_before, load_after), large)
     print((RESULTS / "tiling.md").read_text())
 
 

@@ -6,12 +6,17 @@ user can act on (which file, what is wrong, what was expected) instead of a stac
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# Segmentation streams these from disk at predict time, window by window (never loaded whole): TIFF
+# (tiled or striped, BigTIFF, OME-TIFF) files and Zarr stores (folders).
+STREAMED_EXTENSIONS = (".tif", ".tiff", ".btf", ".zarr")
 
 
 class DataValidationError(ValueError):
@@ -44,10 +49,13 @@ def list_images(folder: str | Path) -> list[Path]:
     return images
 
 
-def scan_predict_folder(folder: str | Path, what: str = "predict_dir") -> list[tuple[Path, tuple[int, int]]]:
+def scan_predict_folder(
+    folder: str | Path, what: str = "predict_dir", streamed: bool = False
+) -> list[tuple[Path, tuple[int, int]]]:
     """``(path, (width, height))`` of the image files directly inside ``folder``, sorted by name, each
     checked with :func:`verify_image`. Files without an image extension are skipped; subfolders are not
-    searched.
+    searched. With ``streamed``, ``.zarr`` stores are listed too, and they and TIFF files are checked
+    from their headers (:func:`streamed_image_size`: they are never decoded whole).
 
     Raises:
         DataValidationError: naming ``what`` and ``folder`` when it is missing, not a directory or holds no
@@ -60,6 +68,9 @@ def scan_predict_folder(folder: str | Path, what: str = "predict_dir") -> list[t
     if not folder.is_dir():
         raise DataValidationError(f"{folder}: {what} is not a directory; expected a folder of images")
     images = list_images(folder)
+    if streamed:
+        stores = [p for p in folder.iterdir() if p.suffix.lower() == ".zarr" and not p.name.startswith(".")]
+        images = sorted(images + stores)
     if not images:
         subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
         inside = f"; it has subfolders {subfolders[:10]}, which are not searched" if subfolders else ""
@@ -67,7 +78,122 @@ def scan_predict_folder(folder: str | Path, what: str = "predict_dir") -> list[t
             f"{folder}: {what} holds no images (expected files ending in {', '.join(IMAGE_EXTENSIONS)} directly "
             f"inside it{inside})"
         )
+    if streamed:
+        return [(p, streamed_image_size(p) if is_streamed_image(p) else verify_image(p)) for p in images]
     return [(path, verify_image(path)) for path in images]
+
+
+def is_streamed_image(path: str | Path) -> bool:
+    """Whether segmentation streams ``path`` at predict time (a TIFF file or a ``.zarr`` store)."""
+    return Path(path).suffix.lower() in STREAMED_EXTENSIONS
+
+
+def streamed_image_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` of a TIFF file (level 0 of its first series) or a Zarr store, read from its
+    header (``(H, W)``, ``(H, W, C)`` or ``(C, H, W)`` arrays; a group: its array ``"0"``).
+
+    Raises:
+        DataValidationError: naming ``path`` when it is missing or its header is unreadable.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataValidationError(f"{path}: image file not found")
+    try:
+        if path.suffix.lower() == ".zarr":
+            import zarr
+
+            node: Any = zarr.open(str(path), mode="r")
+            if isinstance(node, zarr.Group):
+                node = node["0"]
+            shape = tuple(node.shape)
+            if len(shape) == 3 and shape[0] <= 4 < shape[2]:
+                shape = shape[1:]
+            height, width = shape[:2]
+        else:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tiff:
+                series = tiff.series[0]
+                axes, shape = series.axes, series.shape
+                height, width = shape[axes.index("Y")], shape[axes.index("X")]
+    except Exception as err:
+        raise DataValidationError(f"{path}: unreadable image header ({type(err).__name__}: {err})") from err
+    return int(width), int(height)
+
+
+class StreamedImage:
+    """A ``predict_dir`` image the data module does not load: the task reads it window by window (what a
+    segmentation task does for a TIFF or Zarr file: it never holds the whole image or mask).
+
+    Attributes:
+        path: the file (or ``.zarr`` folder).
+        index: its position in the folder.
+        in_channels, mean, std: what the loaded images get: channels and normalisation (0..1 scale).
+
+    Example:
+        >>> StreamedImage("slide.tif", 0, 3, (0.5,) * 3, (0.25,) * 3).path.name
+        'slide.tif'
+    """
+
+    def __init__(
+        self, path: str | Path, index: int, in_channels: int, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
+        self.path = Path(path)
+        self.index = int(index)
+        self.in_channels = int(in_channels)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+
+    def __repr__(self) -> str:
+        return f"StreamedImage({str(self.path)!r}, index={self.index})"
+
+
+class PredictImages:
+    """The ``predict_dir`` dataset when it holds streamed images: item ``i`` is a :class:`StreamedImage`
+    for a TIFF or Zarr file, else the loaded item of ``dataset`` (an ``ImageListDataset``).
+    :func:`collate_predict` makes one-item batches of them.
+
+    Args:
+        dataset: the dataset of every file (its ``paths``).
+        streamed: per file, whether it is streamed.
+        mean, std: the normalisation the streamed images get.
+    """
+
+    streams_images = True
+
+    def __init__(
+        self, dataset: Any, streamed: Sequence[bool], mean: Sequence[float], std: Sequence[float]
+    ) -> None:
+        self.dataset = dataset
+        self.streamed = list(streamed)
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    @property
+    def paths(self) -> list[Path]:
+        """The files, in order (the writers name their outputs after them)."""
+        return list(self.dataset.paths)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        if self.streamed[index]:
+            return StreamedImage(
+                self.dataset.paths[index], index, self.dataset.in_channels, self.mean, self.std
+            )
+        return self.dataset[index]
+
+
+def collate_predict(items: list[Any]) -> Any:
+    """A batch of :class:`PredictImages` items: a streamed image alone as itself, else the default
+    collation."""
+    if any(isinstance(item, StreamedImage) for item in items):
+        if len(items) != 1:
+            raise ValueError("streamed images are predicted one per batch (batch_size=1)")
+        return items[0]
+    from torch.utils.data import default_collate
+
+    return default_collate(items)
 
 
 def check_inside_root(path: str | Path, root: str | Path, allow_outside: bool, what: str = "file") -> None:

@@ -33,6 +33,7 @@ __all__ = [
     "check_prediction_options",
     "detect",
     "example_input",
+    "expected_channels",
     "merge_detections",
     "mirror_pad",
     "network_geometry",
@@ -174,7 +175,7 @@ def _call_dense(model: Callable[[Tensor], Any], x: Tensor) -> Tensor:
     return out
 
 
-def _expected_channels(model: Any) -> int | None:
+def expected_channels(model: Any) -> int | None:
     """Input channels of the model's first convolution (``None``: not a module, or no convolution)."""
     if isinstance(model, nn.Module):
         for layer in model.modules():
@@ -202,7 +203,7 @@ def check_image(image: Tensor, model: Any, what: str, dims: tuple[int, ...] = (3
     """
     if not isinstance(image, Tensor):
         raise TypeError(f"{what}: expected an image tensor, got {type(image).__name__}")
-    channels = _expected_channels(model)
+    channels = expected_channels(model)
     c = "C" if channels is None else str(channels)
     shapes = " or ".join({3: f"({c}, H, W)", 4: f"(N, {c}, H, W)"}[d] for d in dims)
     if image.ndim in dims and (channels is None or image.shape[-3] == channels):
@@ -322,6 +323,35 @@ class TiledPredictor:
         t = min(self.tile_out, _round_up(size, g.multiple))
         return t, t, tile_starts(size, t, self.step, align=g.multiple)
 
+    def plan(self, size: int) -> tuple[int, int, list[int]]:
+        """``(input window side, output tile side, output tile origins)`` along one image axis of ``size``
+        pixels: what :meth:`predict` cuts, and what streaming prediction
+        (:mod:`lightning_convnets.predict.large`) reads window by window. Window ``k`` covers the image
+        pixels ``origins[k] - border .. + window side`` (mirrored outside the image).
+
+        Example:
+            >>> TiledPredictor(nn.Conv2d(3, 2, 1), tile_size=32, overlap=8).plan(70)
+            (32, 32, [0, 24, 38])
+        """
+        return self._axis(size)
+
+    def forward_batch(self, batch: Tensor) -> Tensor:
+        """Float logits ``(B, K, h, w)`` of a batch of input windows (moved to :attr:`device` first)."""
+        if self.device is not None:
+            batch = batch.to(self.device, non_blocking=True)
+        return _call_dense(self.model, batch).float()
+
+    def blend_weight(self, height: int, width: int) -> Tensor:
+        """The blending weights ``(height, width)`` of one tile (same padding: :attr:`window` over the
+        overlap)."""
+        return _window_1d(height, self.window, self.overlap)[:, None] * _window_1d(
+            width, self.window, self.overlap
+        )
+
+    def check_output(self, logits: Tensor, height: int, width: int) -> None:
+        """Raise a ``RuntimeError`` unless the network's tile output is ``height x width``."""
+        self._check_out(logits, height, width)
+
     def num_tiles(self, height: int, width: int) -> int:
         """How many tiles an image of ``height x width`` takes."""
         return len(self._axis(height)[2]) * len(self._axis(width)[2])
@@ -368,10 +398,7 @@ class TiledPredictor:
         return image.index_select(-2, rows).index_select(-1, cols)
 
     def _forward(self, windows: list[Tensor]) -> Tensor:
-        batch = torch.stack(windows)
-        if self.device is not None:
-            batch = batch.to(self.device, non_blocking=True)
-        return _call_dense(self.model, batch).float()
+        return self.forward_batch(torch.stack(windows))
 
     def _tiles(self, image: Tensor) -> Iterator[tuple[list[tuple[int, int, int, int]], Tensor]]:
         """Batches of ``((row, col, y, x) per tile, logits)`` in raster order."""
@@ -424,10 +451,7 @@ class TiledPredictor:
         h, w = image.shape[-2:]
         th, _, ys = self._axis(h)
         tw, _, xs = self._axis(w)
-        weight = _window_1d(th, self.window, self.overlap)[:, None] * _window_1d(
-            tw, self.window, self.overlap
-        )
-        weight = weight.to(image.device)
+        weight = self.blend_weight(th, tw).to(image.device)
         out: Tensor | None = None
         acc: Tensor | None = None  # weighted logits of the current strip of tile rows: (K, th, w)
         wsum = torch.zeros(th, w, device=image.device)

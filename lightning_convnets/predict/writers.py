@@ -4,7 +4,9 @@
   per class).
 * :class:`MaskPNGWriter`: one PNG per image holding the predicted class index of every pixel (a palette
   PNG, so it opens in colour in any viewer and still reads back as indices), plus ``masks_overlay.png``:
-  the first images with their true (when the data has masks) and predicted masks drawn over them.
+  the first images with their true (when the data has masks) and predicted masks drawn over them. A
+  streamed image (TIFF, Zarr: :mod:`lightning_convnets.predict.large`) gets ``<stem>.tif`` instead, a
+  tiled TIFF the task wrote tile by tile (:meth:`MaskPNGWriter.streamed_mask_path`).
 * :class:`CocoResultsWriter`: one COCO results json (``pycocotools``' ``COCO.loadRes`` / ``COCOeval``
   input), plus ``boxes_overlay.png``: the first images with their true and predicted boxes.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +41,16 @@ from lightning_convnets.drawing import (
     plot_mask_overlays,
     save_figure,
 )
+from lightning_convnets.predict.large import LargePrediction
 
-__all__ = ["ClassProbabilitiesWriter", "CocoResultsWriter", "MaskPNGWriter", "detections_to_coco"]
+__all__ = [
+    "BatchContext",
+    "CheckedBatchWriter",
+    "ClassProbabilitiesWriter",
+    "CocoResultsWriter",
+    "MaskPNGWriter",
+    "detections_to_coco",
+]
 
 _PATH_ATTRIBUTES = ("paths", "files", "image_paths", "images", "samples", "pairs")
 
@@ -87,7 +98,74 @@ def _source_names(
     return names
 
 
-class ClassProbabilitiesWriter(BasePredictionWriter):
+@dataclass(frozen=True)
+class BatchContext:
+    """Where a predict batch came from: what :meth:`CheckedBatchWriter.write_batch` gets besides the
+    prediction (the arguments of Lightning's ``write_on_batch_end``)."""
+
+    trainer: pl.Trainer
+    pl_module: pl.LightningModule
+    batch_indices: Sequence[int] | None
+    batch: Any
+    batch_idx: int
+    dataloader_idx: int
+
+
+class CheckedBatchWriter(BasePredictionWriter):
+    """A writer called after every predict batch that first checks what ``predict_step`` returned.
+
+    Subclasses set :attr:`expected` (what ``predict_step`` should return, for the error), implement
+    :meth:`accepts` and :meth:`write_batch`.
+
+    Example:
+        >>> class Counter(CheckedBatchWriter):
+        ...     expected = "a tensor"
+        ...     def accepts(self, prediction):
+        ...         return isinstance(prediction, Tensor)
+        ...     def write_batch(self, prediction, at):
+        ...         print(len(prediction))
+        >>> Counter().write_on_batch_end(None, None, torch.zeros(3), None, None, 0, 0)
+        3
+        >>> Counter().write_on_batch_end(None, None, [1], None, None, 0, 0)
+        Traceback (most recent call last):
+        ...
+        TypeError: Counter expects predict_step to return a tensor, got list ()
+    """
+
+    expected: str = "a prediction"
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="batch")
+
+    def accepts(self, prediction: Any) -> bool:
+        """Whether ``prediction`` is what this writer writes."""
+        raise NotImplementedError
+
+    def write_batch(self, prediction: Any, at: BatchContext) -> None:
+        """Write one batch's accepted ``prediction``."""
+        raise NotImplementedError
+
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        if not self.accepts(prediction):
+            raise TypeError(
+                f"{type(self).__name__} expects predict_step to return {self.expected}, got "
+                f"{type(prediction).__name__} {tuple(getattr(prediction, 'shape', ()))}"
+            )
+        self.write_batch(
+            prediction, BatchContext(trainer, pl_module, batch_indices, batch, batch_idx, dataloader_idx)
+        )
+
+
+class ClassProbabilitiesWriter(CheckedBatchWriter):
     """Write class probabilities to a CSV file, one row per image.
 
     Columns: ``index`` (dataset index), ``source`` (file path when known), ``predicted`` (class name),
@@ -103,8 +181,10 @@ class ClassProbabilitiesWriter(BasePredictionWriter):
         >>> trainer.predict(model, datamodule=dm, return_predictions=False)  # doctest: +SKIP
     """
 
+    expected = "probabilities (N, num_classes)"
+
     def __init__(self, output_dir: str | None = None, filename: str = "probabilities.csv") -> None:
-        super().__init__(write_interval="batch")
+        super().__init__()
         if not filename.endswith(".csv"):
             raise ValueError(f"ClassProbabilitiesWriter: filename must end in .csv, got {filename!r}")
         self.output_dir = output_dir
@@ -125,29 +205,20 @@ class ClassProbabilitiesWriter(BasePredictionWriter):
         self._writer = csv.writer(self._file)
         self._class_names = None
 
-    def write_on_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        prediction: Any,
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
-    ) -> None:
-        if not isinstance(prediction, Tensor) or prediction.ndim != 2:
-            raise TypeError(
-                "ClassProbabilitiesWriter expects predict_step to return probabilities (N, num_classes), got "
-                f"{type(prediction).__name__} {tuple(getattr(prediction, 'shape', ()))}"
-            )
+    def accepts(self, prediction: Any) -> bool:
+        """Probabilities ``(N, num_classes)``."""
+        return isinstance(prediction, Tensor) and prediction.ndim == 2
+
+    def write_batch(self, prediction: Any, at: BatchContext) -> None:
+        """One CSV row per image."""
         probs = prediction.detach().float().cpu()
         if self._class_names is None:
-            self._class_names = _data_class_names(trainer, probs.shape[1])
+            self._class_names = _data_class_names(at.trainer, probs.shape[1])
             self._writer.writerow(
                 ["index", "source", "predicted", "predicted_index", *(f"p_{n}" for n in self._class_names)]
             )
-        sources = _source_names(trainer, dataloader_idx, batch_indices, probs.shape[0])
-        indices = list(batch_indices) if batch_indices is not None else [""] * probs.shape[0]
+        sources = _source_names(at.trainer, at.dataloader_idx, at.batch_indices, probs.shape[0])
+        indices = list(at.batch_indices) if at.batch_indices is not None else [""] * probs.shape[0]
         best = probs.argmax(dim=1).tolist()
         for row, (index, source, top) in enumerate(zip(indices, sources, best)):
             self._writer.writerow(
@@ -167,7 +238,7 @@ class ClassProbabilitiesWriter(BasePredictionWriter):
             rank_zero_info(f"class probabilities written to {self.path}")
 
 
-class MaskPNGWriter(BasePredictionWriter):
+class MaskPNGWriter(CheckedBatchWriter):
     """Write each predicted mask as a PNG of class indices (palette mode, VOC colours), and an overlay
     figure of the first masks on their images.
 
@@ -187,10 +258,12 @@ class MaskPNGWriter(BasePredictionWriter):
         >>> trainer.predict(model, datamodule=dm, return_predictions=False)  # doctest: +SKIP
     """
 
+    expected = "class-index masks (N, H, W) or a streamed mask (predict.large.LargePrediction)"
+
     def __init__(
         self, output_dir: str | None = None, palette: bool = True, num_figure_images: int = 6
     ) -> None:
-        super().__init__(write_interval="batch")
+        super().__init__()
         if num_figure_images < 0:
             raise ValueError(f"MaskPNGWriter: num_figure_images must be >= 0, got {num_figure_images}")
         self.output_dir = output_dir
@@ -208,40 +281,43 @@ class MaskPNGWriter(BasePredictionWriter):
         self.count = 0
         self._shown = []
 
-    def write_on_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        prediction: Any,
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
-    ) -> None:
+    def streamed_mask_path(self, source: str | Path) -> Path:
+        """Where the mask of a streamed image (a TIFF or Zarr file, predicted tile by tile, see
+        :mod:`lightning_convnets.predict.large`) goes: ``<folder>/<stem>.tif``, a tiled TIFF."""
+        if self.folder is None:
+            raise RuntimeError("MaskPNGWriter: the output folder is set in on_predict_start")
+        return self.folder / f"{Path(source).stem}.tif"
+
+    def accepts(self, prediction: Any) -> bool:
+        """Masks ``(N, H, W)``, or a mask already written tile by tile (``LargePrediction``)."""
+        return (isinstance(prediction, Tensor) and prediction.ndim == 3) or isinstance(
+            prediction, LargePrediction
+        )
+
+    def write_batch(self, prediction: Any, at: BatchContext) -> None:
+        """One PNG per mask (a streamed mask is already on disk: counted)."""
         from PIL import Image
 
-        if not isinstance(prediction, Tensor) or prediction.ndim != 3:
-            raise TypeError(
-                "MaskPNGWriter expects predict_step to return class-index masks (N, H, W), got "
-                f"{type(prediction).__name__} {tuple(getattr(prediction, 'shape', ()))}"
-            )
+        if isinstance(prediction, LargePrediction):
+            self.count += 1
+            return
         masks = prediction.detach().cpu()
         if masks.numel() and (int(masks.min()) < 0 or int(masks.max()) > 255):
             raise ValueError("MaskPNGWriter: class indices must lie in [0, 255] to fit an 8-bit PNG")
         masks = masks.to(torch.uint8).numpy()
-        sources = _source_names(trainer, dataloader_idx, batch_indices, masks.shape[0])
+        sources = _source_names(at.trainer, at.dataloader_idx, at.batch_indices, masks.shape[0])
         for k, mask in enumerate(masks):
             if sources[k] and not sources[k].isdigit():
                 stem = Path(sources[k]).stem
             else:
-                index = int(sources[k]) if sources[k] else batch_idx * masks.shape[0] + k
+                index = int(sources[k]) if sources[k] else at.batch_idx * masks.shape[0] + k
                 stem = f"{index:06d}"
             image = Image.fromarray(np.ascontiguousarray(mask))
             if self.palette:
                 image.putpalette(palette())  # turns the "L" image into "P" with the same index values
             image.save(self.folder / f"{stem}.png")
             self.count += 1
-        self._keep_for_figure(trainer, batch, masks)
+        self._keep_for_figure(at.trainer, at.batch, masks)
 
     def _keep_for_figure(self, trainer: pl.Trainer, batch: Any, masks: np.ndarray) -> None:
         room = self.num_figure_images - len(self._shown)
@@ -339,7 +415,7 @@ def detections_to_coco(
     return results
 
 
-class CocoResultsWriter(BasePredictionWriter):
+class CocoResultsWriter(CheckedBatchWriter):
     """Write ``predict`` detections to one COCO results json (``COCO.loadRes`` / ``COCOeval`` input).
 
     Labels go back to the dataset's category ids: ``category_ids`` when given, else the model's
@@ -371,7 +447,7 @@ class CocoResultsWriter(BasePredictionWriter):
         num_figure_images: int = 6,
         figure_score_threshold: float = 0.3,
     ) -> None:
-        super().__init__(write_interval="batch")
+        super().__init__()
         if output is not None and not str(output).endswith(".json"):
             raise ValueError(f"CocoResultsWriter: output must be a .json path, got {output!r}")
         if num_figure_images < 0:
@@ -404,28 +480,21 @@ class CocoResultsWriter(BasePredictionWriter):
             )
         self._ids = None if ids is None else [int(i) for i in ids]
 
-    def write_on_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        prediction: Any,
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
-    ) -> None:
-        if not isinstance(prediction, list | tuple) or not all(isinstance(p, dict) for p in prediction):
-            raise TypeError(
-                "CocoResultsWriter expects predict_step to return a list of per-image dicts with boxes, "
-                f"scores and labels; got {type(prediction).__name__}"
-            )
+    expected = "a list of per-image dicts with boxes, scores and labels"
+
+    def accepts(self, prediction: Any) -> bool:
+        """A list of per-image detection dicts."""
+        return isinstance(prediction, list | tuple) and all(isinstance(p, dict) for p in prediction)
+
+    def write_batch(self, prediction: Any, at: BatchContext) -> None:
+        """The batch's detections above ``score_threshold``, as COCO results."""
         kept = []
         for det in prediction:
             keep = torch.as_tensor(det["scores"]) >= self.score_threshold
             kept.append({k: (v[keep] if k in ("boxes", "scores", "labels") else v) for k, v in det.items()})
-        indices = list(batch_indices) if batch_indices is not None else None
+        indices = list(at.batch_indices) if at.batch_indices is not None else None
         self._results.extend(detections_to_coco(kept, self._ids, indices))
-        self._keep_for_figure(trainer, batch, prediction)
+        self._keep_for_figure(at.trainer, at.batch, prediction)
 
     def _keep_for_figure(self, trainer: pl.Trainer, batch: Any, prediction: Sequence[dict]) -> None:
         room = self.num_figure_images - len(self._shown)

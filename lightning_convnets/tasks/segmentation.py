@@ -7,6 +7,7 @@ cropped to it; otherwise the logits are resized. The rules are in ``docs/segment
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,12 +20,17 @@ from lightning_convnets.backbones.unet import UNet
 from lightning_convnets.metrics import SegmentationMetrics
 from lightning_convnets.nn import center_crop, crop_offsets
 from lightning_convnets.nn.losses import CrossEntropyDiceLoss
-from lightning_convnets.predict import tiling
+from lightning_convnets.predict import large, tiling
 from lightning_convnets.predict.export import SegmenterGraph
+from lightning_convnets.predict.readers import open_image
+from lightning_convnets.predict.tta import parse_tta
 from lightning_convnets.predict.writers import MaskPNGWriter
+from lightning_convnets.tasks.adapters import attached_trainer
 from lightning_convnets.tasks.base import BackboneSpec, ConvNetTask
 
 _STAGES = ("train_", "val_", "test_")
+# tile side of streamed images (TIFF, Zarr) when the task has no tile_size
+STREAMED_TILE_SIZE = 512
 
 
 class SemanticSegmenter(ConvNetTask):
@@ -230,8 +236,13 @@ class SemanticSegmenter(ConvNetTask):
             images = center_crop(images, *target.shape[-2:])
         return loss, self.to_mask(logits.detach()), target, images
 
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        """Class-index masks ``(N, H, W)`` (int64) at the input size."""
+    def predict_step(
+        self, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> Tensor | large.LargePrediction:
+        """Class-index masks ``(N, H, W)`` (int64) at the input size; for a streamed image (a
+        ``predict_dir`` TIFF or Zarr file), its mask written tile by tile (:meth:`predict_streamed`)."""
+        if isinstance(batch, large.StreamedSource):
+            return self.predict_streamed(batch)
         images, _ = self.unpack_batch(batch)
         # the folded copy is built and checked on what the network sees: a tile under tiled prediction
         options = self.tiling_options
@@ -251,6 +262,56 @@ class SemanticSegmenter(ConvNetTask):
         left, _ = crop_offsets(size[1], pred.shape[-1])
         full[:, top : top + pred.shape[-2], left : left + pred.shape[-1]] = pred
         return full
+
+    def predict_streamed(
+        self, item: large.StreamedSource, output: str | Path | None = None
+    ) -> large.LargePrediction:
+        """Segment an image larger than memory, read window by window, into a mask written tile by tile
+        (:class:`~lightning_convnets.predict.large.LargeImagePredictor`) with this task's tiling options
+        (``tile_size``, default 512 here; ``tile_overlap``, ``tile_batch_size``). ``fast_predict``'s
+        folded copy is built and checked on the first tile's window.
+
+        Args:
+            item: the image: ``path``, ``mean``, ``std`` (a data module's ``StreamedImage``).
+            output: the mask file (default: the :class:`MaskPNGWriter`'s folder, ``<stem>.tif``).
+
+        Raises:
+            ValueError: naming the file, for test-time augmentation (not available on streamed images).
+        """
+        options = self.tiling_options
+        if not parse_tta(options.tta).is_identity:
+            raise ValueError(
+                f"{item.path}: tta={options.tta!r} is not available for images streamed from disk (TIFF, "
+                "Zarr); predict them with tta='none'"
+            )
+        trainer = attached_trainer(self)
+        if output is None:
+            output = self._streamed_mask_path(trainer, item.path)
+        predictor = large.LargeImagePredictor(
+            self,
+            options.tile_size or STREAMED_TILE_SIZE,
+            options.tile_overlap,
+            options.tile_batch_size,
+            mean=item.mean,
+            std=item.std,
+            reduce=lambda logits: self.to_mask(logits[None])[0],
+            progress=trainer is not None and trainer.progress_bar_callback is not None,
+        )
+        reader = open_image(item.path)
+        try:
+            example = predictor.first_input(reader).to(self.device)
+            with self.fused_for_predict(example):
+                return predictor.predict(reader, output)
+        finally:
+            reader.close()
+
+    @staticmethod
+    def _streamed_mask_path(trainer: Any, source: str | Path) -> Path:
+        for callback in getattr(trainer, "callbacks", None) or []:
+            if isinstance(callback, MaskPNGWriter) and callback.folder is not None:
+                return callback.streamed_mask_path(source)
+        root = Path((trainer.log_dir or trainer.default_root_dir) if trainer is not None else ".")
+        return root / "predictions" / "masks" / f"{Path(source).stem}.tif"
 
     def accepts_data_num_classes(self, count: int) -> bool:
         """The same count; in binary mode, data with one (foreground) or two classes."""
