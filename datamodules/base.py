@@ -145,6 +145,13 @@ def describe_change(saved: Sequence[Any], now: Sequence[Any]) -> str:
     return ", ".join(parts) or "same entries, reordered"
 
 
+def _world_and_rank(trainer: Any) -> tuple[int, int]:
+    """``(trainer.world_size, trainer.global_rank)``, ``(1, 0)`` without a trainer."""
+    if trainer is None:
+        return 1, 0
+    return max(1, int(getattr(trainer, "world_size", 1) or 1)), int(getattr(trainer, "global_rank", 0) or 0)
+
+
 def auto_num_workers(cpus: int | None = None, processes: int = 1) -> int:
     """DataLoader workers for ``num_workers="auto"``: ``0`` when a training process has at most two CPUs of
     its own, else ``min(8, cpus_per_process - 1)`` (one core stays with the training step).
@@ -309,7 +316,9 @@ class ConvDataModule(LightningDataModule):
         self._predict_batch_size = batch_size
         self._class_names: list[str] | None = None
         self._shuffle_seed: int | None = None  # seed of the training order (drawn once, checkpointed)
-        self._resume_position: tuple[int, int] | None = None  # (epoch, images consumed) from a checkpoint
+        # (epoch, positions of its order consumed by all ranks) and the world size that wrote them
+        self._resume_position: tuple[int, int] | None = None
+        self._resume_world_size = 1
         self.train_sampler: ResumableSampler | None = None
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
@@ -406,9 +415,11 @@ class ConvDataModule(LightningDataModule):
         if "num_classes" in self.hparams and self.hparams["num_classes"] is None:
             self.save_hyperparameters({"num_classes": self.num_classes})
 
-    def build_predict_dataset(self) -> ImageListDataset:
+    def build_predict_dataset(self) -> Dataset:
         """The :class:`ImageListDataset` of ``predict_dir`` (see the ``predict_dir`` and ``predict_resize``
-        arguments); also decides its batch size.
+        arguments); also decides its batch size. For segmentation, TIFF files and ``.zarr`` stores are not
+        loaded: the dataset (an ``io.PredictImages``) gives them as ``io.StreamedImage`` items, one per
+        batch, which the task reads window by window.
 
         Raises:
             DataValidationError: naming ``predict_dir`` when it is unset, missing or holds no image, or the
@@ -417,7 +428,10 @@ class ConvDataModule(LightningDataModule):
         """
         if self.predict_dir is None:
             raise DataValidationError(f"{type(self).__name__}: predict_dir is not set")
-        found = scan_predict_folder(self.predict_dir, "predict_dir")
+        from .io import PredictImages, is_streamed_image
+
+        streams = self.task == "segmentation"
+        found = scan_predict_folder(self.predict_dir, "predict_dir", streamed=streams)
         paths = [path for path, _ in found]
         if self.task == "segmentation":
             stems: dict[str, Path] = {}
@@ -432,7 +446,12 @@ class ConvDataModule(LightningDataModule):
         same_size = (resize and self.image_size is not None) or len({size for _, size in found}) == 1
         self._predict_batch_size = self.batch_size if same_size or self.task == "detection" else 1
         pipeline = self.pipeline(train=False, keep_size=not resize)
-        return ImageListDataset(paths, pipeline, self.in_channels, detection=self.task == "detection")
+        dataset = ImageListDataset(paths, pipeline, self.in_channels, detection=self.task == "detection")
+        streamed = [streams and is_streamed_image(path) for path in paths]
+        if not any(streamed):
+            return dataset
+        self._predict_batch_size = 1
+        return PredictImages(dataset, streamed, self.mean, self.std)
 
     def build_datasets(self, splits: Sequence[str]) -> None:
         """Extension point: set ``self.<split>_dataset`` for each split of ``splits`` (a subset of
@@ -482,9 +501,12 @@ class ConvDataModule(LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is not None and self._shuffle_seed is not None:
             done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            world = _world_and_rank(trainer)[0]
             state["shuffle_seed"] = int(self._shuffle_seed)
             state["epoch"] = int(trainer.current_epoch)
-            state["images_consumed"] = int(done) * self.batch_size
+            # positions of the epoch's order consumed by all ranks together (each rank took as many)
+            state["images_consumed"] = int(done) * self.batch_size * world
+            state["world_size"] = world
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -516,22 +538,40 @@ class ConvDataModule(LightningDataModule):
         if "shuffle_seed" in state_dict:
             self._shuffle_seed = int(state_dict["shuffle_seed"])
             self._resume_position = (int(state_dict["epoch"]), int(state_dict["images_consumed"]))
+            self._resume_world_size = int(state_dict.get("world_size", 1))
 
-    def _training_sampler(self, dataset: Dataset) -> ResumableSampler | None:
+    def _training_sampler(self, dataset: Dataset) -> ResumableSampler:
+        """The training loader's sampler: the seeded order of :class:`ResumableSampler`, dealt to the ranks
+        under DDP (rank and world size from the trainer; a ``DistributedSampler``, so Lightning keeps it),
+        starting where a checkpoint left off."""
         trainer = getattr(self, "trainer", None)
-        if trainer is not None and getattr(trainer, "world_size", 1) > 1:
-            return None  # Lightning's DistributedSampler (seeded per epoch) takes over
+        world, rank = _world_and_rank(trainer)
         if self._shuffle_seed is None:
-            self._shuffle_seed = int(torch.randint(0, 2**31 - 1, ()).item())
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+            if world > 1:  # every rank must deal the same order: rank zero's seed
+                seed = int(trainer.strategy.broadcast(seed, src=0))
+            self._shuffle_seed = seed
         sampler = ResumableSampler(
-            len(dataset), self._shuffle_seed, seeded_indices=getattr(dataset, "accepts_seeded_index", False)
+            len(dataset),
+            self._shuffle_seed,
+            seeded_indices=getattr(dataset, "accepts_seeded_index", False),
+            num_replicas=world,
+            rank=rank,
         )
         if self._resume_position is not None:
             epoch, consumed = self._resume_position
             self._resume_position = None
+            finished = consumed >= len(dataset)
+            if self._resume_world_size != world and not finished:
+                rank_zero_warn(
+                    f"{type(self).__name__}: the checkpoint was written mid-epoch by {self._resume_world_size} process(es) "
+                    f"and this run has {world}: the rest of epoch {epoch} (from position {consumed} of "
+                    f"{len(dataset)}) is dealt to the new ranks, and the resumed run may see a few images "
+                    "of that epoch once more or once less than an uninterrupted one"
+                )
             # Lightning may iterate the loader before it calls set_epoch (workers start eagerly): start
             # at the epoch the resumed run continues, skipping what that epoch already consumed.
-            if consumed >= len(dataset):
+            if finished:
                 sampler.set_epoch(epoch + 1)
             else:
                 sampler.set_epoch(epoch)
@@ -592,6 +632,16 @@ class ConvDataModule(LightningDataModule):
             return self._loader(self.test_dataset, "test", shuffle=False)
         if self.predict_dataset is None:
             self.predict_dataset = self.build_predict_dataset()
+        if getattr(self.predict_dataset, "streams_images", False):  # io.PredictImages: one file a batch
+            from .io import collate_predict
+
+            return DataLoader(
+                self.predict_dataset,  # type: ignore[arg-type]
+                batch_size=1,
+                shuffle=False,
+                num_workers=self.loader_workers,
+                collate_fn=collate_predict,
+            )
         return self._loader(
             self.predict_dataset, "predict", shuffle=False, batch_size=self._predict_batch_size
         )

@@ -417,3 +417,34 @@ def _to_cpu(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return type(value)(_to_cpu(v) for v in value)
     return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Comparing checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def state_differences(a: Any, b: Any, where: str = "") -> list[str]:
+    """Paths where two nested states (checkpoint entries, state dicts) differ: tensors bit for bit (shape,
+    dtype and values; NaN equal to NaN), floats exactly, containers entry by entry. ``[]`` when equal."""
+    import math
+
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return [f"{where}: {a.dtype}{list(a.shape)} != {b.dtype}{list(b.shape)}"]
+        if a.is_floating_point() or a.is_complex():
+            same = torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+        else:
+            same = torch.equal(a, b)
+        return [] if same else [where]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{where} keys {sorted(set(a) ^ set(b), key=str)}"]
+        return [d for k in a for d in state_differences(a[k], b[k], f"{where}/{k}")]
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        if len(a) != len(b):
+            return [f"{where} length {len(a)} != {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in state_differences(x, y, f"{where}[{i}]")]
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return []
+    return [] if type(a) is type(b) and a == b else [f"{where}: {a!r} != {b!r}"]

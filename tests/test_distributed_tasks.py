@@ -144,7 +144,7 @@ def test_quickstart_config_on_two_ranks_matches_one_process(task, tmp_path, monk
     versions = sorted(p.name for p in run.iterdir() if p.name.startswith("version_"))
     assert versions == ["version_0"] and Path(best).parent.name == "checkpoints"
     for record in load_ranks(tmp_path / "fit", "fit"):
-        assert record == {"samplers": {"train": "DistributedSampler"}, "world_size": 2}
+        assert record == {"samplers": {"train": "ResumableSampler"}, "world_size": 2}
 
     common += TEST_BATCH
     distributed = ConvNetsCLI(
