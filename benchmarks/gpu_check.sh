@@ -285,4 +285,11 @@ if on_gpu and not args.tiny:
                "--row-seconds", "15", "--threads", str(min(4, os.cpu_count() or 1))]
     print(f"\ngpu_check: {' '.join(command)}", flush=True)
     subprocess.run([sys.executable, *command], check=True)
+# Issues 27 and 28 (written in sessions without a GPU, not yet run): exact resume after a kill in
+# deterministic mode (workers, gradient accumulation, compile), and images larger than memory streamed
+# through the GPU (pinned memory, non-blocking copies, bf16, channels_last).
+if on_gpu and not args.tiny:
+    for command in (["benchmarks/gpu_resume_check.py"], ["benchmarks/gpu_large_images.py"]):
+        print(f"\ngpu_check: {' '.join(command)}", flush=True)
+        subprocess.run([sys.executable, *command], check=True)
 PYTHON_EOF
