@@ -111,6 +111,8 @@ def available_monitors() -> dict[str, Callable[[], pl.Callback]]:
         ("activation_variance", "ActivationVarianceMonitor"),
         ("gradient_shattering", "GradientShatteringMonitor"),
         ("batchnorm_drift", "BatchNormDriftMonitor"),
+        ("optimization", "OptimizationMonitor"),
+        ("throughput", "ThroughputMonitor"),
     ):
         cls = getattr(callbacks, cls_name, None)
         if cls is not None:

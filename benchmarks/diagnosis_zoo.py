@@ -45,6 +45,7 @@ from lightning_convnets.callbacks import (
     BatchNormDriftMonitor,
     Finding,
     GradientShatteringMonitor,
+    OptimizationMonitor,
     ThroughputMonitor,
 )
 from torch import Tensor, nn
@@ -205,6 +206,7 @@ def monitors() -> list[pl.Callback]:
         GradientShatteringMonitor(),
         BatchNormDriftMonitor(log_every_n_steps=10),
         ThroughputMonitor(log_every_n_steps=10),
+        OptimizationMonitor(log_every_n_steps=10),
     ]
 
 
@@ -454,9 +456,10 @@ def rows() -> list[Row]:
         ),
     ]
     # the rows of the newer findings, in their own modules (which import this one: imported here)
+    from zoo_optim import rows as optim_rows
     from zoo_throughput import rows as throughput_rows
 
-    table += throughput_rows()
+    table += throughput_rows() + optim_rows()
     return table
 
 

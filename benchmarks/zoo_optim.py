@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from diagnosis_zoo import Classifier, PlainCNN, Row, fit_and_read, images, monitors, run_zoo
 from lightning_convnets.callbacks.diagnosis import Finding
-from lightning_convnets.callbacks.optimization import OptimizationMonitor
 
 HEALTHY_LR = 0.05
 STEPS = 40
@@ -94,7 +93,8 @@ class Corrupted(Dataset):
 
 
 def optim_monitors() -> list[Any]:
-    return [*monitors(), OptimizationMonitor(log_every_n_steps=LOG_EVERY)]
+    """The zoo's monitors (the OptimizationMonitor among them)."""
+    return monitors()
 
 
 def _ratio_note(findings: list[Finding], kind: str) -> str:

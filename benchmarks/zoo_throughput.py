@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from diagnosis_zoo import Classifier, PlainCNN, Row, fit_and_read, images, monitors, run_zoo
 from lightning_convnets.callbacks.diagnosis import Finding
-from lightning_convnets.callbacks.throughput import ThroughputMonitor
 
 SLEEP_S = 0.002
 """Seconds the slow loader sleeps per example (64 ms per batch of 32: several times a step here)."""
@@ -46,7 +45,7 @@ class SlowImages(Dataset):
 
 def all_monitors() -> list[pl.Callback]:
     """The diagnosis zoo's three monitors and the throughput monitor, at their defaults (10-step logs)."""
-    return [*monitors(), ThroughputMonitor(log_every_n_steps=10)]
+    return monitors()
 
 
 def slow_loader_run(slow: bool, seed: int) -> tuple[list[Finding], str]:
