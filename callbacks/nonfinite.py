@@ -7,19 +7,36 @@ earliest as one number, ``step * 2^20 + target index``, which the monitor's one 
 logging step. The monitor is
 :class:`~lightning_convnets.callbacks.activation_variance.ActivationVarianceMonitor`; the search is
 described in ``docs/monitors.md``.
+
+Also :func:`training_findings`: the diagnosis rows of what the task's ``nonfinite`` policy did (each
+rollback, the skipped steps), read by duck typing from the module's ``nonfinite_guard`` (callbacks know
+nothing of tasks).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from .diagnosis import Finding
 from .moments import MomentBank, ShiftedMoments
 from .packing import StatsPacker
 
-__all__ = ["NO_NONFINITE", "STEP_SCALE", "FirstNonFinite", "decode"]
+__all__ = [
+    "KIND_ROLLBACK",
+    "KIND_SKIPPED_STEPS",
+    "NO_NONFINITE",
+    "STEP_SCALE",
+    "FirstNonFinite",
+    "decode",
+    "training_findings",
+]
+
+KIND_ROLLBACK = "rollback"
+KIND_SKIPPED_STEPS = "skipped_steps"
 
 STEP_SCALE = 2**20  # code = step * STEP_SCALE + target index (exact in float64 to 2^33 steps)
 NO_NONFINITE = float(2**53)  # the code while every activation has been finite
@@ -110,3 +127,57 @@ def decode(code: Tensor | float | None) -> tuple[int, int] | None:
     if value >= NO_NONFINITE:
         return None
     return divmod(int(value), STEP_SCALE)
+
+
+def training_findings(pl_module: Any) -> list[Finding]:
+    """The diagnosis rows of the ``nonfinite`` policy of ``pl_module`` (duck-typed: any module with a
+    ``nonfinite_guard`` holding ``rollbacks`` and ``skipped_steps``): one ``warning`` per rollback (step,
+    loss, cause, first non-finite module, what was done) and one ``warning`` listing the skipped steps of
+    ``nonfinite="skip"``; ``[]`` without such a guard.
+
+    Example:
+        >>> class Guard:
+        ...     mode, skipped_steps = "rollback", [12]
+        ...     rollbacks = [{"step": 12, "loss": float("nan"), "cause": "non-finite loss",
+        ...                   "module": "backbone.conv1", "action": "restored the snapshot of step 10"}]
+        >>> class Task:
+        ...     nonfinite_guard = Guard()
+        >>> [(f.kind, f.step, f.layers) for f in training_findings(Task())]
+        [('rollback', 12, ['backbone.conv1'])]
+    """
+    guard = getattr(pl_module, "nonfinite_guard", None)
+    if guard is None:
+        return []
+    findings = []
+    for record in list(getattr(guard, "rollbacks", None) or []):
+        module = record.get("module")
+        findings.append(
+            Finding(
+                "nonfinite",
+                "warning",
+                [m.strip() for m in module.split(",")] if module else [],
+                f"rollback at optimizer step {record['step']}: {record['cause']} (loss {record['loss']:.4g}); "
+                f"{record['action']}",
+                "if rollbacks repeat: lower the learning rate, add gradient clipping "
+                "(trainer.gradient_clip_val), check the data of those steps",
+                step=int(record["step"]),
+                values={"loss": float(record["loss"])},
+                kind=KIND_ROLLBACK,
+            )
+        )
+    skipped = list(getattr(guard, "skipped_steps", None) or [])
+    if skipped and getattr(guard, "mode", "") == "skip":
+        shown = ", ".join(str(s) for s in skipped[:20]) + (" ..." if len(skipped) > 20 else "")
+        findings.append(
+            Finding(
+                "nonfinite",
+                "warning",
+                [],
+                f"{len(skipped)} optimizer step(s) skipped (non-finite loss or gradient, or a loss spike): {shown}",
+                "a few are harmless; many point at the learning rate or the data",
+                step=int(skipped[0]),
+                values={"skipped_steps": float(len(skipped))},
+                kind=KIND_SKIPPED_STEPS,
+            )
+        )
+    return findings

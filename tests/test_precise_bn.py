@@ -8,6 +8,7 @@ import copy
 import lightning.pytorch as pl
 import pytest
 import torch
+from ddp_utils import CPU_DDP, QUIET, ShardedTinyData, TinyResNet, ddp_env, dump, load_ranks  # noqa: F401
 from lightning.pytorch.callbacks import Callback
 from lightning_convnets.callbacks.batchnorm import BatchNormDriftMonitor
 from lightning_convnets.callbacks.precise_bn import recalibrate_batchnorm
@@ -183,3 +184,56 @@ def test_precise_bn_names_still_import_from_the_monitor_module_with_a_deprecatio
     with pytest.warns(DeprecationWarning, match=f"batchnorm.{name} moved to lightning_convnets.callbacks.precise_bn"):
         old = getattr(batchnorm, name)
     assert old is getattr(precise_bn, name)
+
+
+# ---------------------------------------------------------------------- two ranks, non-i.i.d. shards
+class _BuffersAtValidation(Callback):
+    """Dump every BN layer's running statistics at the first validation batch, and before and after a
+    direct ``recalibrate_batchnorm`` of the rank's own shard at step 2."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    @staticmethod
+    def _buffers(pl_module):
+        return {k: v.clone() for k, v in pl_module.state_dict().items() if "running" in k}
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0 and not trainer.sanity_checking:
+            dump(self.folder, "validation", self._buffers(pl_module))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step != 2:  # after two steps of rank-local statistics
+            return
+        before = self._buffers(pl_module)
+        recalibrate_batchnorm(pl_module, trainer.datamodule.train_dataloader(), num_batches=3)
+        dump(self.folder, "direct", {"before": before, "after": self._buffers(pl_module)})
+
+
+@pytest.mark.usefixtures("ddp_env")
+def test_precise_bn_leaves_bit_identical_statistics_on_two_ranks_with_different_shards(tmp_path):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    # no buffer broadcast: each rank's statistics are its own shard's (rank 1's images are shifted)
+    strategy = DDPStrategy(broadcast_buffers=False, start_method="fork")
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        **dict(CPU_DDP, strategy=strategy),
+        **QUIET,
+        max_steps=4,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[BatchNormDriftMonitor(recalibrate_batches=2), _BuffersAtValidation(tmp_path)],
+    )
+    trainer.fit(TinyResNet(), ShardedTinyData(num=32, batch_size=4, odd_shift=2.0))
+    at_validation = load_ranks(tmp_path, "validation")
+    direct = load_ranks(tmp_path, "direct")
+    assert at_validation[0].keys() == at_validation[1].keys() and len(at_validation[0]) == 10
+    for name, value in at_validation[0].items():  # PreciseBN in fit, before validation
+        assert torch.equal(value, at_validation[1][name]), name
+    for name, value in direct[0]["after"].items():  # recalibrate_batchnorm called on each rank's shard
+        assert torch.equal(value, direct[1]["after"][name]), name
+    # ...which differed before (the shards differ), so the agreement is the pooling's doing
+    assert any(not torch.equal(v, direct[1]["before"][k]) for k, v in direct[0]["before"].items())

@@ -37,7 +37,7 @@ from lightning_convnets.tasks.finetuning import (
     parameter_report,
 )
 from lightning_convnets.tasks.fused_predict import FastPredictHooks
-from lightning_convnets.tasks.nonfinite import NonFiniteGuard, NonFiniteHooks, NonFiniteLossError
+from lightning_convnets.tasks.nonfinite import NonFiniteHooks, NonFiniteLossError
 from lightning_convnets.tasks.optim import WarmupCosineLR, configure_optimization
 from lightning_convnets.tasks.samples import SampleFigureHooks
 from lightning_convnets.tasks.state import CheckpointStateHooks
@@ -117,9 +117,14 @@ class ConvNetTask(
         nonfinite: what a NaN/Inf training loss or gradient does: ``"stop"`` (default) ends the fit with a
             :class:`NonFiniteLossError` naming the step, the loss and the first non-finite module (with an
             ``ActivationVarianceMonitor``), the last good checkpoint kept; ``"skip"`` drops that optimizer
-            step (logged as ``train/skipped_steps``); ``"warn"`` warns once. See
-            :mod:`lightning_convnets.tasks.nonfinite` (when the flag is read, what it costs).
+            step on every rank (logged as ``train/skipped_steps``); ``"warn"`` warns once; ``"rollback"``
+            restores the last good snapshot, lowers the learning rate, goes on. See ``docs/reliability.md``.
         max_skipped_steps: consecutive skipped steps that stop the fit (``nonfinite="skip"``).
+        spike_threshold: ``"skip"``/``"rollback"`` also act on a loss above this many robust standard
+            deviations (median/MAD) of its recent history; ``None``: only on NaN/Inf.
+        max_rollbacks, rollback_lr_factor, snapshot_every_n_steps: ``"rollback"`` gives up with
+            ``RollbackLimitError`` after this many; multiplies the learning rate by this at each; snapshots
+            the weights and optimizer state (in memory) every this many healthy steps.
         fast_predict: ``trainer.predict`` runs a copy of the networks with every BatchNorm that alone reads a
             convolution's output folded into it (2-3x the images/s on a CPU), checked at the first batch
             against the unfused networks (within 1024 epsilons of their dtype; else they run, said once).
@@ -150,13 +155,24 @@ class ConvNetTask(
         figure_every_n_epochs: int = 1,
         channels_last: bool = False,
         compile: bool | dict[str, Any] = False,
-        nonfinite: Literal["stop", "skip", "warn"] = "stop",
+        nonfinite: Literal["stop", "skip", "warn", "rollback"] = "stop",
         max_skipped_steps: int = 10,
+        spike_threshold: float | None = None,
+        max_rollbacks: int = 5,
+        rollback_lr_factor: float = 0.5,
+        snapshot_every_n_steps: int = 50,
         fast_predict: bool = True,
     ) -> None:
         super().__init__()
         check_compile_option(compile)
-        self.nonfinite_guard = NonFiniteGuard(nonfinite, max_skipped_steps, owner=type(self).__name__)
+        self.configure_nonfinite(
+            nonfinite,
+            max_skipped_steps,
+            spike_threshold,
+            max_rollbacks,
+            rollback_lr_factor,
+            snapshot_every_n_steps,
+        )
         check_freeze_options(freeze_backbone, backbone_lr_mult)
         if num_classes is not None and int(num_classes) < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")

@@ -16,7 +16,9 @@ from typing import Any
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
-__all__ = ["WarmupCosineLR", "configure_optimization", "scheduler_accepts_total_steps"]
+__all__ = ["WarmupCosineLR", "configure_optimization", "scale_learning_rate", "scheduler_accepts_total_steps"]
+
+_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")  # what schedulers compute a group's rate from
 
 
 class WarmupCosineLR(LambdaLR):
@@ -146,3 +148,31 @@ def configure_optimization(
     if isinstance(scheduler, ReduceLROnPlateau):
         config["monitor"] = monitor
     return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+def scale_learning_rate(optimizer: Optimizer, schedulers: list[Any], factor: float) -> None:
+    """Multiply the learning rate by ``factor`` from now on, under any scheduler: every parameter group's
+    rate and the values schedulers compute it from (``initial_lr``, ``max_lr``, ``min_lr`` of
+    ``OneCycleLR``; each scheduler's ``base_lrs``, as ``LambdaLR`` and ``WarmupCosineLR`` read them).
+
+    Example:
+        >>> import torch
+        >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        >>> sched = WarmupCosineLR(opt, total_steps=10, warmup=0)
+        >>> scale_learning_rate(opt, [sched], 0.5)
+        >>> opt.step(); sched.step(); round(opt.param_groups[0]["lr"] / sched.lr_lambda(1), 6)
+        0.5
+    """
+    if not factor > 0:
+        raise ValueError(f"rollback_lr_factor must be > 0, got {factor}")
+    for group in optimizer.param_groups:
+        for key in _LR_KEYS:
+            if isinstance(group.get(key), int | float) and not isinstance(group.get(key), bool):
+                group[key] = group[key] * factor
+    for scheduler in schedulers:
+        if scheduler is None or getattr(scheduler, "optimizer", None) is not optimizer:
+            continue
+        for name in ("base_lrs", "_last_lr"):
+            values = getattr(scheduler, name, None)
+            if isinstance(values, list):
+                setattr(scheduler, name, [v * factor for v in values])
