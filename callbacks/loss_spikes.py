@@ -4,7 +4,8 @@ Owns :class:`StepRing` (the optimization monitor's on-device ring: one row per o
 the step's training loss and every parameter's gradient norm, written without a host read and reduced
 once per logging interval), :class:`SpikeTail` (the host-side window of recent steps that the band is
 computed from, checkpointed) and the judging: :func:`robust_band`, :func:`find_spikes`,
-:func:`first_jump` and the rule :func:`loss_spike_finding`, small functions of plain numbers with their
+:func:`first_jump`, the rules :func:`loss_spike_finding` and :func:`spike_findings` (one finding per
+episode) and the report's table (:func:`spike_rows`), small functions of plain numbers with their
 thresholds as module constants. The monitor that feeds them is
 :class:`~lightning_convnets.callbacks.optimization.OptimizationMonitor`; the method is in
 ``docs/monitors.md``.
@@ -49,6 +50,8 @@ __all__ = [
     "first_jump",
     "loss_spike_finding",
     "robust_band",
+    "spike_findings",
+    "spike_rows",
 ]
 
 KIND_LOSS_SPIKE = "loss_spike"
@@ -295,6 +298,53 @@ def loss_spike_finding(spike: Spike, monitor: str, followers: Sequence[Spike] = 
         values=values,
         kind=KIND_LOSS_SPIKE,
     )
+
+
+def spike_findings(spikes: Sequence[Spike], monitor: str) -> list[Finding]:
+    """The run's spikes as findings: one per episode (a spike and the spikes right after it), the largest
+    first, at most ``MAX_SPIKE_FINDINGS``; the other episodes counted in one more line.
+
+    Example:
+        >>> [f.step for f in spike_findings([Spike(5, 9, 1, 9, 9), Spike(8, 3, 1, 7, 3), Spike(40, 5, 1, 12, 5)], "m")]
+        [40, 5]
+    """
+    ranked = sorted(episodes(spikes), key=lambda e: (-e[0].sigmas, e[0].step))
+    findings = [loss_spike_finding(e[0], monitor, e[1:]) for e in ranked[:MAX_SPIKE_FINDINGS]]
+    rest = ranked[MAX_SPIKE_FINDINGS:]
+    if rest:
+        steps = ", ".join(str(e[0].step) for e in sorted(rest, key=lambda e: e[0].step)[:10])
+        findings.append(
+            Finding(
+                monitor,
+                "warning",
+                [],
+                f"{len(rest)} more loss spike episode(s), starting at steps {steps}{' ...' if len(rest) > 10 else ''}",
+                "recurring spikes: lower the learning rate, add warmup or gradient clipping",
+                kind=KIND_LOSS_SPIKE,
+            )
+        )
+    return findings
+
+
+def spike_rows(spikes: Sequence[Spike]) -> list[dict[str, Any]]:
+    """The report's table of spikes: one row each, with its size and the layer whose gradient jumped first.
+
+    Example:
+        >>> spike_rows([Spike(30, 14.0, 0.02, 500.0, 700.0, Jump("fc", 29, 18.0, 1000.0))])[0]["first jump"]
+        'fc'
+    """
+    return [
+        {
+            "step": s.step,
+            "loss": s.loss,
+            "median": s.median,
+            "robust sigmas": s.sigmas,
+            "x median": s.ratio,
+            "first jump": s.jump.layer if s.jump else "",
+            "jump step": s.jump.step if s.jump else None,
+        }
+        for s in spikes
+    ]
 
 
 class StepRing:

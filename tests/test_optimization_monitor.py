@@ -36,6 +36,8 @@ from lightning_convnets.callbacks.optimization import (
     OptimizationMonitor,
     update_ratio_findings,
 )
+from lightning_convnets.callbacks.param_updates import ParamLayout, UpdateMeter
+from lightning_convnets.callbacks.update_ratio import lr_rising, ratio_rows
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -132,6 +134,59 @@ def test_ratio_rules_flag_only_layers_that_stay_out_and_name_the_group():
     assert [f.kind for f in quiet] == [KIND_UPDATE_RATIO_OK] and quiet[0].severity == "info"
     # too few judged steps: nothing said
     assert update_ratio_findings({"conv": LayerTally(2, 2, 0, -14.0)}, {"g": ["conv"]}, {}, "m", 10) == []
+
+
+def test_the_rules_and_the_arithmetic_keep_their_names_in_the_monitor_module():
+    from lightning_convnets.callbacks import optimization, param_updates, update_ratio
+
+    assert all(hasattr(optimization, name) for name in optimization.__all__)
+    for name in update_ratio.__all__:
+        if hasattr(optimization, name):
+            assert getattr(optimization, name) is getattr(update_ratio, name), name
+    assert optimization.RATIO_FLOOR == param_updates.RATIO_FLOOR == 1e-12
+
+
+def test_a_learning_rate_counts_as_rising_only_against_the_same_groups():
+    assert lr_rising({0: [0.1, 0.2]}, {0: [0.1, 0.1]}) and not lr_rising({0: [0.1]}, {0: [0.1]})
+    assert not lr_rising({0: [0.2]}, {0: [0.1, 0.1]})  # a group added: nothing to compare
+    assert not lr_rising({0: [torch.tensor(0.2)]}, {0: [torch.tensor(0.1)]})  # not a float
+    assert not lr_rising({1: [0.2]}, {0: [0.1]})  # an optimizer seen for the first time
+
+
+def test_update_meter_measures_one_sgd_step_per_layer_and_group_and_masks_frozen_parameters():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    net[1].bias.requires_grad_(False)
+    opt = torch.optim.SGD(
+        [{"params": net[0].parameters(), "lr": 0.1}, {"params": net[1].parameters()}], lr=0.01
+    )
+    layout = ParamLayout.build([opt], net, torch.device("cpu"))
+    assert layout.layer_names == ["0", "1"] and layout.group_names == ["group0", "group1"]
+    assert layout.judged_layers() == {"group0": ["0"], "group1": ["1"]} and layout.stray(net) == []
+    net(torch.randn(5, 4)).square().sum().backward()
+    w = {n: p.detach().clone() for n, p in net.named_parameters()}
+    g = {n: p.grad.detach().clone() for n, p in net.named_parameters() if p.grad is not None}
+    meter = UpdateMeter(layout)
+    meter.snapshot(0, step=12)
+    opt.step()
+    meter.measure(judged=True, low=1e-5, high=1e-1)
+    assert meter.pending == {} and meter.step == 12
+    tallies: dict[str, LayerTally] = {}
+    metrics = meter.read(meter.acc.flatten(), tallies)
+
+    def ratio(names, lr):
+        update = math.sqrt(sum(float((lr * g[n]).square().sum()) for n in names))
+        return update / math.sqrt(sum(float(w[n].square().sum()) for n in names))
+
+    assert metrics["0/update_ratio"] == pytest.approx(ratio(["0.weight", "0.bias"], 0.1), rel=1e-5)
+    assert metrics["1/update_ratio"] == pytest.approx(ratio(["1.weight"], 0.01), rel=1e-5)  # frozen bias out
+    assert metrics["param_group/group0/update_ratio"] == pytest.approx(metrics["0/update_ratio"])
+    assert tallies["0"].steps == 1 and tallies["0"].above == float(metrics["0/update_ratio"] > 1e-1)
+    rows = ratio_rows(layout.layer_names, layout.group_names, layout.judged, tallies, {"0": 2.0})
+    norms = [r["grad norm (last interval)"] for r in rows]
+    assert norms[0] == 2.0 and math.isnan(norms[1])
+    meter.reset()
+    assert not meter.acc.any()
 
 
 def test_spike_found_at_its_step_with_its_size_and_the_layer_that_jumped_first():
