@@ -505,7 +505,10 @@ class CycleToggle(pl.Callback):
         elif not on and self._callbacks is None:
             self._parked = [spec for monitor in self.monitors for spec in _park_hooks(monitor)]
             self._callbacks = trainer.callbacks
-            trainer.callbacks = [c for c in trainer.callbacks if all(c is not m for m in self.monitors)]
+            # a monitor's helper callbacks (the throughput monitor's clocks: ``.monitor``) leave with it
+            owned = [c for c in trainer.callbacks if any(getattr(c, "monitor", None) is m for m in self.monitors)]
+            gone = [*self.monitors, *owned]
+            trainer.callbacks = [c for c in trainer.callbacks if all(c is not m for m in gone)]
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._last is not None:
