@@ -417,29 +417,32 @@ class ConvDataModule(LightningDataModule):
 
     def build_predict_dataset(self) -> Dataset:
         """The :class:`ImageListDataset` of ``predict_dir`` (see the ``predict_dir`` and ``predict_resize``
-        arguments); also decides its batch size. For segmentation, TIFF files and ``.zarr`` stores are not
-        loaded: the dataset (an ``io.PredictImages``) gives them as ``io.StreamedImage`` items, one per
-        batch, which the task reads window by window.
+        arguments); also decides its batch size. For segmentation and detection, TIFF files and ``.zarr``
+        stores are not loaded: the dataset (a ``datasets.PredictImages``) gives them as
+        ``datasets.StreamedImage`` items, one per batch, which the task reads window by window.
 
         Raises:
             DataValidationError: naming ``predict_dir`` when it is unset, missing or holds no image, or the
-                file that is unreadable; for segmentation, naming two images that share a file stem (their
-                predicted masks would be written to the same ``<stem>.png``).
+                file that is unreadable; naming two images that share a file stem where their outputs
+                would: for segmentation (``<stem>.png``/``<stem>.tif``), for streamed detection
+                (``<stem>.json``).
         """
         if self.predict_dir is None:
             raise DataValidationError(f"{type(self).__name__}: predict_dir is not set")
-        from .io import PredictImages, is_streamed_image
+        from .datasets import PredictImages
+        from .io import is_streamed_image
 
-        streams = self.task == "segmentation"
+        streams = self.task in ("segmentation", "detection")
         found = scan_predict_folder(self.predict_dir, "predict_dir", streamed=streams)
         paths = [path for path, _ in found]
-        if self.task == "segmentation":
+        if streams:
             stems: dict[str, Path] = {}
-            for path in paths:
+            named = paths if self.task == "segmentation" else [p for p in paths if is_streamed_image(p)]
+            for path in named:
                 if path.stem in stems:
                     raise DataValidationError(
                         f"{path}: predict_dir holds two images with the stem {path.stem!r} ({stems[path.stem].name}); "
-                        "their masks would both be written to the same file: rename one"
+                        "their predictions would both be written to the same file: rename one"
                     )
                 stems[path.stem] = path
         resize = self.task == "classification" if self.predict_resize is None else bool(self.predict_resize)
@@ -451,7 +454,8 @@ class ConvDataModule(LightningDataModule):
         if not any(streamed):
             return dataset
         self._predict_batch_size = 1
-        return PredictImages(dataset, streamed, self.mean, self.std)
+        collate = detection_collate if self.task == "detection" else None
+        return PredictImages(dataset, streamed, self.mean, self.std, collate)
 
     def build_datasets(self, splits: Sequence[str]) -> None:
         """Extension point: set ``self.<split>_dataset`` for each split of ``splits`` (a subset of
@@ -632,15 +636,13 @@ class ConvDataModule(LightningDataModule):
             return self._loader(self.test_dataset, "test", shuffle=False)
         if self.predict_dataset is None:
             self.predict_dataset = self.build_predict_dataset()
-        if getattr(self.predict_dataset, "streams_images", False):  # io.PredictImages: one file a batch
-            from .io import collate_predict
-
+        if getattr(self.predict_dataset, "streams_images", False):  # datasets.PredictImages: one file a batch
             return DataLoader(
                 self.predict_dataset,  # type: ignore[arg-type]
                 batch_size=1,
                 shuffle=False,
                 num_workers=self.loader_workers,
-                collate_fn=collate_predict,
+                collate_fn=self.predict_dataset.collate_fn,  # type: ignore[attr-defined]
             )
         return self._loader(
             self.predict_dataset, "predict", shuffle=False, batch_size=self._predict_batch_size

@@ -1,5 +1,6 @@
 """torch Datasets over files on disk: labelled images, image/mask pairs, COCO detection records, and the
-unlabelled images of a predict folder.
+unlabelled images of a predict folder (loaded, or :class:`StreamedImage` items the tasks read window by
+window).
 
 They hold lists of paths (built and checked by the data modules) and decode one example per
 ``__getitem__``, so the same code serves the generated shapes and real datasets.
@@ -270,3 +271,93 @@ def detection_collate(
     images = [image for image, _ in batch]
     targets = [target for _, target in batch]
     return images, targets
+
+
+class StreamedImage:
+    """A ``predict_dir`` image the data module does not load: the task reads it window by window (what the
+    segmentation and detection tasks do for a TIFF or Zarr file: they never hold the whole image, mask
+    or detections).
+
+    Attributes:
+        path: the file (or ``.zarr`` folder).
+        index: its position in the folder.
+        in_channels, mean, std: what the loaded images get: channels and normalisation (0..1 scale).
+
+    Example:
+        >>> StreamedImage("slide.tif", 0, 3, (0.5,) * 3, (0.25,) * 3).path.name
+        'slide.tif'
+    """
+
+    def __init__(
+        self, path: str | Path, index: int, in_channels: int, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
+        self.path = Path(path)
+        self.index = int(index)
+        self.in_channels = int(in_channels)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+
+    def __repr__(self) -> str:
+        return f"StreamedImage({str(self.path)!r}, index={self.index})"
+
+
+class PredictImages:
+    """The ``predict_dir`` dataset when it holds streamed images: item ``i`` is a :class:`StreamedImage`
+    for a TIFF or Zarr file, else the loaded item of ``dataset`` (an ``ImageListDataset``).
+    :func:`collate_predict` makes one-item batches of them.
+
+    Args:
+        dataset: the dataset of every file (its ``paths``).
+        streamed: per file, whether it is streamed.
+        mean, std: the normalisation the streamed images get.
+        collate: how the loaded items are batched (``None``: ``default_collate``; detection:
+            :func:`detection_collate`).
+    """
+
+    streams_images = True
+
+    def __init__(
+        self,
+        dataset: Any,
+        streamed: Sequence[bool],
+        mean: Sequence[float],
+        std: Sequence[float],
+        collate: Callable[[list[Any]], Any] | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.streamed = list(streamed)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.collate = collate
+
+    def collate_fn(self, items: list[Any]) -> Any:
+        """:func:`collate_predict` with this dataset's collation of loaded items."""
+        return collate_predict(items, self.collate)
+
+    @property
+    def paths(self) -> list[Path]:
+        """The files, in order (the writers name their outputs after them)."""
+        return list(self.dataset.paths)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        if self.streamed[index]:
+            return StreamedImage(
+                self.dataset.paths[index], index, self.dataset.in_channels, self.mean, self.std
+            )
+        return self.dataset[index]
+
+
+def collate_predict(items: list[Any], collate: Callable[[list[Any]], Any] | None = None) -> Any:
+    """A batch of :class:`PredictImages` items: a streamed image alone as itself, else ``collate``
+    (default: ``default_collate``)."""
+    if any(isinstance(item, StreamedImage) for item in items):
+        if len(items) != 1:
+            raise ValueError("streamed images are predicted one per batch (batch_size=1)")
+        return items[0]
+    if collate is not None:
+        return collate(items)
+    from torch.utils.data import default_collate
+
+    return default_collate(items)

@@ -6,7 +6,6 @@ user can act on (which file, what is wrong, what was expected) instead of a stac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,8 @@ import numpy as np
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-# Segmentation streams these from disk at predict time, window by window (never loaded whole): TIFF
-# (tiled or striped, BigTIFF, OME-TIFF) files and Zarr stores (folders).
+# Segmentation and detection stream these from disk at predict time, window by window (never loaded
+# whole): TIFF (tiled or striped, BigTIFF, OME-TIFF) files and Zarr stores (folders).
 STREAMED_EXTENSIONS = (".tif", ".tiff", ".btf", ".zarr")
 
 
@@ -84,7 +83,8 @@ def scan_predict_folder(
 
 
 def is_streamed_image(path: str | Path) -> bool:
-    """Whether segmentation streams ``path`` at predict time (a TIFF file or a ``.zarr`` store)."""
+    """Whether segmentation and detection stream ``path`` at predict time (a TIFF file or a ``.zarr``
+    store)."""
     return Path(path).suffix.lower() in STREAMED_EXTENSIONS
 
 
@@ -121,81 +121,6 @@ def streamed_image_size(path: str | Path) -> tuple[int, int]:
     return int(width), int(height)
 
 
-class StreamedImage:
-    """A ``predict_dir`` image the data module does not load: the task reads it window by window (what a
-    segmentation task does for a TIFF or Zarr file: it never holds the whole image or mask).
-
-    Attributes:
-        path: the file (or ``.zarr`` folder).
-        index: its position in the folder.
-        in_channels, mean, std: what the loaded images get: channels and normalisation (0..1 scale).
-
-    Example:
-        >>> StreamedImage("slide.tif", 0, 3, (0.5,) * 3, (0.25,) * 3).path.name
-        'slide.tif'
-    """
-
-    def __init__(
-        self, path: str | Path, index: int, in_channels: int, mean: Sequence[float], std: Sequence[float]
-    ) -> None:
-        self.path = Path(path)
-        self.index = int(index)
-        self.in_channels = int(in_channels)
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
-
-    def __repr__(self) -> str:
-        return f"StreamedImage({str(self.path)!r}, index={self.index})"
-
-
-class PredictImages:
-    """The ``predict_dir`` dataset when it holds streamed images: item ``i`` is a :class:`StreamedImage`
-    for a TIFF or Zarr file, else the loaded item of ``dataset`` (an ``ImageListDataset``).
-    :func:`collate_predict` makes one-item batches of them.
-
-    Args:
-        dataset: the dataset of every file (its ``paths``).
-        streamed: per file, whether it is streamed.
-        mean, std: the normalisation the streamed images get.
-    """
-
-    streams_images = True
-
-    def __init__(
-        self, dataset: Any, streamed: Sequence[bool], mean: Sequence[float], std: Sequence[float]
-    ) -> None:
-        self.dataset = dataset
-        self.streamed = list(streamed)
-        self.mean, self.std = tuple(mean), tuple(std)
-
-    @property
-    def paths(self) -> list[Path]:
-        """The files, in order (the writers name their outputs after them)."""
-        return list(self.dataset.paths)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Any:
-        if self.streamed[index]:
-            return StreamedImage(
-                self.dataset.paths[index], index, self.dataset.in_channels, self.mean, self.std
-            )
-        return self.dataset[index]
-
-
-def collate_predict(items: list[Any]) -> Any:
-    """A batch of :class:`PredictImages` items: a streamed image alone as itself, else the default
-    collation."""
-    if any(isinstance(item, StreamedImage) for item in items):
-        if len(items) != 1:
-            raise ValueError("streamed images are predicted one per batch (batch_size=1)")
-        return items[0]
-    from torch.utils.data import default_collate
-
-    return default_collate(items)
-
-
 def check_inside_root(path: str | Path, root: str | Path, allow_outside: bool, what: str = "file") -> None:
     """Raise when ``path`` (after following symlinks) lies outside ``root`` and that is not allowed."""
     real, real_root = Path(path).resolve(), Path(root).resolve()
@@ -229,17 +154,23 @@ def verify_image(path: str | Path) -> tuple[int, int]:
     return size
 
 
-def _to_uint8(array: np.ndarray) -> np.ndarray:
+def _to_uint8(array: np.ndarray, bits: int | None = None) -> np.ndarray:
+    """8-bit pixels from a deeper image, by the scale rule every path shares (the streamed one too:
+    ``lightning_convnets.predict.large.pixels_to_unit``): integers over their bit depth's full range
+    (``bits``, else the dtype's: 16-bit / 65535, whatever the image's own peak, so that a dark 16-bit
+    image stays dark and every image of a sensor gets the same scale), bool as 0/1, floats taken as 0..1
+    (clipped)."""
     if array.dtype == np.uint8:
         return array
     if array.dtype == bool:
         return array.astype(np.uint8) * 255
-    # 16-bit PNGs and float TIFFs: rescale their full range to 8 bits.
-    is_float = np.issubdtype(array.dtype, np.floating)
-    array = array.astype(np.float64)
-    peak = array.max(initial=0)
-    top = 1.0 if is_float and peak <= 1.0 else (65535.0 if peak > 255 else 255.0)
-    return np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        unit = np.clip(array.astype(np.float64), 0.0, 1.0)
+    else:
+        if bits is None:
+            bits = 16 if array.dtype.itemsize <= 2 else 8 * array.dtype.itemsize
+        unit = np.clip(array.astype(np.float64) / (2.0**bits - 1), 0.0, 1.0)
+    return (unit * 255.0 + 0.5).astype(np.uint8)
 
 
 def convert_channels(image: Image.Image, in_channels: int) -> np.ndarray:
@@ -247,7 +178,9 @@ def convert_channels(image: Image.Image, in_channels: int) -> np.ndarray:
 
     Rules: transparency (RGBA, LA, palette with transparency) is composited onto black; grayscale is
     replicated to 3 channels when ``in_channels == 3``; colour is converted to luminance when
-    ``in_channels == 1``; 16-bit images are rescaled to 8 bits.
+    ``in_channels == 1``; 16-bit images are rescaled to 8 bits over the 16-bit range (``value / 65535``,
+    never by the image's own peak; PIL's 32-bit integer mode ``I``, which is how it opens 16-bit PNGs and
+    TIFFs, counts as 16-bit); float images are taken as 0..1.
     """
     if in_channels not in (1, 3):
         raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
@@ -258,7 +191,7 @@ def convert_channels(image: Image.Image, in_channels: int) -> np.ndarray:
         rgb = rgba[..., :3] * (rgba[..., 3:] / 255.0)
         image = Image.fromarray((rgb + 0.5).astype(np.uint8), mode="RGB")
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F", "1"):
-        gray = _to_uint8(np.asarray(image))
+        gray = _to_uint8(np.asarray(image), bits=16 if image.mode.startswith("I") else None)
         image = Image.fromarray(gray, mode="L")
     array = np.asarray(image.convert("RGB" if in_channels == 3 else "L"))
     if in_channels == 1:

@@ -1,4 +1,5 @@
-"""Images larger than memory: windows read from TIFF / Zarr / memmaps, masks written tile by tile.
+"""Images larger than memory: windows read from TIFF / Zarr / memmaps, masks written tile by tile
+(detection: ``tests/test_large_detection.py``).
 
 Small generated images (90-200 px) and small tiles stand for the slides: what is checked is that the
 streamed result equals one whole forward (valid U-Net) or today's in-memory tiled path (blended tiles),
@@ -19,13 +20,14 @@ import tifffile
 import torch
 import torch.nn.functional as F
 import zarr
+from lightning_convnets.datamodules.io import load_image
 from PIL import Image
 from torch import nn
 
 from lightning_convnets.backbones import create_backbone
 from lightning_convnets.cli import ConvNetsCLI
 from lightning_convnets.predict import large, readers
-from lightning_convnets.predict.large import LargeImagePredictor, TiffTileSink, predict_large
+from lightning_convnets.predict.large import LargeImagePredictor, TiffTileSink, pixels_to_unit, predict_large
 from lightning_convnets.predict.readers import ArrayReader, ImageReadError, open_image
 from lightning_convnets.predict.tiling import TiledPredictor, TilingOptions, mirror_pad, segmentation_logits
 from lightning_convnets.tasks import SemanticSegmenter
@@ -295,7 +297,9 @@ def test_a_disk_that_fills_up_leaves_no_file_under_the_final_name(tmp_path, monk
 # ------------------------------------------------------------------------------------------- python
 def test_predict_large_with_a_task_uses_its_mask_rule(tmp_path) -> None:
     torch.manual_seed(0)
-    model = SemanticSegmenter("unet", num_classes=2, binary=True, backbone_kwargs={"width": 4, "depth": 2}, threshold=0.3)
+    model = SemanticSegmenter(
+        "unet", num_classes=2, binary=True, backbone_kwargs={"width": 4, "depth": 2}, threshold=0.3
+    )
     model.eval()
     image = picture(100, 90)
     source = write_input(tmp_path, image, "tif")
@@ -422,19 +426,61 @@ def test_cli_predict_dir_streams_without_a_checkpoint(slides, tmp_path) -> None:
     _check_masks(cli, slides)
 
 
-def test_streamed_predict_refuses_tta_by_name(slides, tmp_path) -> None:
-    with pytest.raises(ValueError, match=r"slide\.tif: tta='flip' is not available for images streamed"):
-        ConvNetsCLI(
-            args=[
-                "predict",
-                "--config",
-                str(CONFIG),
-                *_common(tmp_path),
-                "--data.init_args.predict_dir",
-                str(slides),
-                "--model.init_args.tile_size",
-                "32",
-                "--model.init_args.tta",
-                "flip",
-            ]
-        )
+def test_cli_streams_with_tta_as_the_in_memory_tiled_path_does(slides, tmp_path) -> None:
+    cli = ConvNetsCLI(
+        args=[
+            "predict",
+            "--config",
+            str(CONFIG),
+            *_common(tmp_path),
+            "--data.init_args.predict_dir",
+            str(slides),
+            "--model.init_args.tile_size",
+            "32",
+            "--model.init_args.tta",
+            "flip+vflip",
+        ]
+    )
+    _check_masks(cli, slides)  # the streamed TIFF's mask agrees with the PNG's (in memory, tiled + TTA)
+
+
+@pytest.mark.parametrize(
+    ("padding", "tta"), [("same", "flip"), ("same", "flip+vflip+scales=0.5,1"), ("valid", "flip+vflip")]
+)
+def test_streamed_tta_equals_the_in_memory_tiled_tta(tmp_path, padding, tta) -> None:
+    torch.manual_seed(0)
+    model = DenseNet(3, width=4, depth=2, padding=padding).eval()
+    image = picture(100, 84, seed=5)
+    source = write_input(tmp_path, image, "tif")
+    options = TilingOptions(tile_size=32, tile_overlap=8, tile_batch_size=3, tta=tta)
+    with torch.no_grad():
+        expected = segmentation_logits(model, normalised(image)[None], options)[0].argmax(0)
+        plain = segmentation_logits(model, normalised(image)[None], TilingOptions(32, 8, 3))[0].argmax(0)
+    result = predict_large(model, source, tmp_path / "mask.tif", tile_size=32, overlap=8, batch_size=3,
+                           mean=MEAN, std=STD, tta=tta, progress=False)  # fmt: skip
+    mask = torch.from_numpy(tifffile.imread(result.output).astype(np.int64))
+    assert (mask == expected).float().mean() > 0.999
+    assert not torch.equal(expected, plain)  # the views changed the prediction: TTA did run
+
+
+def test_rescaled_tta_views_on_a_valid_padding_network_are_refused_on_tiles(tmp_path) -> None:
+    model = DenseNet(3, width=4, depth=2, padding="valid").eval()
+    with pytest.raises(ValueError, match=r"tta scales \[0\.75, 1\.0, 1\.25\] rescale the image"):
+        LargeImagePredictor(model, tile_size=32, tta="flip+scales", progress=False)
+    # in memory, the whole image is rescaled around the exact tiles instead
+    logits = segmentation_logits(model, torch.rand(1, 3, 70, 60), TilingOptions(32, tta="flip+scales"))
+    assert logits.shape == (1, 3, 70, 60)
+
+
+def test_16_bit_pixels_get_one_scale_in_the_streamed_and_the_loaded_path(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    for peak in (200, 4095, 65535):  # a dark image, a 12-bit camera's, the full range
+        deep = rng.integers(0, peak + 1, (20, 30), dtype=np.uint16)
+        Image.fromarray(deep).save(tmp_path / "deep.png")
+        tifffile.imwrite(tmp_path / "deep.tif", deep)
+        loaded = load_image(tmp_path / "deep.png", in_channels=1)[..., 0] / 255.0
+        streamed = pixels_to_unit(open_image(tmp_path / "deep.tif").read(0, 0, 20, 30))[..., 0]
+        assert np.abs(loaded - streamed).max() <= 0.5 / 255 + 1e-6, peak
+        assert np.allclose(streamed, deep / 65535.0)  # the dtype's range, never the image's peak
+    floats = np.linspace(-0.5, 1.5, 12, dtype=np.float32).reshape(3, 4)
+    assert pixels_to_unit(floats).min() == 0.0 and pixels_to_unit(floats).max() == 1.0

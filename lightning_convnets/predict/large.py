@@ -20,6 +20,7 @@ padding (exact: equals one forward of the whole mirror-padded image) and blended
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import queue
@@ -36,17 +37,24 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_convnets.nn.boxes import MergeMethod, merge_detections
 from lightning_convnets.predict.readers import ImageReader, open_image
 from lightning_convnets.predict.tiling import (
     NetworkGeometry,
+    TiledDetector,
     TiledPredictor,
     Window,
+    check_image,
     expected_channels,
     network_geometry,
     reflect_indices,
 )
+from lightning_convnets.predict.tta import TTAConfig
 
 __all__ = [
+    "DetectionRecords",
+    "LargeDetections",
+    "LargeImageDetector",
     "LargeImagePredictor",
     "LargePrediction",
     "OutputSink",
@@ -54,10 +62,14 @@ __all__ = [
     "TiffTileSink",
     "ZarrSink",
     "open_sink",
+    "pixels_to_unit",
     "predict_large",
+    "predict_large_detections",
 ]
 
 TIFF_OUTPUT_SUFFIXES = (".tif", ".tiff")
+#: the tile side the tasks stream an image with when they are given no ``tile_size``
+STREAMED_TILE_SIZE = 512
 
 
 @runtime_checkable
@@ -388,7 +400,33 @@ def _default_probabilities(logits: Tensor) -> Tensor:
     return logits.softmax(0) if logits.shape[0] > 1 else torch.sigmoid(logits)
 
 
+# Pixels to the 0..1 scale, the rule of the in-memory path too (datamodules' image loading): integers by
+# their dtype's maximum (uint8 / 255, uint16 / 65535, whatever the image's own peak), bool as 0/1, floats
+# taken as 0..1 already (clipped to it).
 _SCALES = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0, np.dtype(bool): 1.0}
+
+
+def pixels_to_unit(array: np.ndarray) -> np.ndarray:
+    """``float32`` pixels on the 0..1 scale: ``uint8`` / 255, ``uint16`` / 65535 (the dtype's maximum,
+    never the image's peak: a dark 16-bit image stays dark), ``bool`` as 0/1, floats clipped to 0..1.
+
+    Raises:
+        ValueError: for another dtype.
+
+    Example:
+        >>> (pixels_to_unit(np.array([0, 255, 65535], np.uint16)) * 65535).round().tolist()
+        [0.0, 255.0, 65535.0]
+    """
+    dtype = np.dtype(array.dtype)
+    out = array.astype(np.float32)
+    if np.issubdtype(dtype, np.floating):
+        return np.clip(out, 0.0, 1.0, out=out)
+    scale = _SCALES.get(dtype)
+    if scale is None:
+        raise ValueError(f"pixels of dtype {dtype}; expected uint8, uint16, bool or floats")
+    if scale != 1.0:
+        out *= 1.0 / scale
+    return out
 
 
 class _Prefetcher:
@@ -418,7 +456,67 @@ class _Prefetcher:
                     future.cancel()
 
 
-class LargeImagePredictor:
+class _WindowInput:
+    """The input side of streaming: a model's channels and normalisation, windows read and normalised."""
+
+    def __init__(self, model: Any, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+        self.model = model
+        self.channels = expected_channels(model)
+        self.mean = None if mean is None else np.asarray(mean, np.float32)
+        self.std = None if std is None else np.asarray(std, np.float32)
+        if self.std is not None and (self.std <= 0).any():
+            raise ValueError(f"{type(self).__name__}: std must be positive, got {list(self.std)}")
+
+    def check_reader(self, reader: ImageReader) -> None:
+        """Raise a ``ValueError`` naming the file unless its channels and dtype can be fed to the model."""
+        channels = reader.shape[2]
+        if (
+            self.channels is not None
+            and channels != self.channels
+            and not (channels == 1 and self.channels == 3)
+        ):
+            raise ValueError(
+                f"{reader.path}: the image has {channels} channels; the network's first convolution takes "
+                f"{self.channels} (a 1-channel image is repeated to 3; other counts are refused)"
+            )
+        dtype = np.dtype(reader.dtype)
+        if dtype not in _SCALES and not np.issubdtype(dtype, np.floating):
+            raise ValueError(
+                f"{reader.path}: pixels of dtype {dtype}; expected uint8, uint16, bool or floats"
+            )
+        for name, stats in (("mean", self.mean), ("std", self.std)):
+            width = self.channels or channels
+            if stats is not None and len(stats) not in (1, width):
+                raise ValueError(
+                    f"{reader.path}: {name} has {len(stats)} values; the network takes {width} channels"
+                )
+
+    def _tensor(self, window: np.ndarray, dtype: np.dtype) -> Tensor:
+        array = pixels_to_unit(window)
+        if array.shape[2] == 1 and self.channels == 3:
+            array = np.repeat(array, 3, axis=2)
+        if self.mean is not None:
+            array -= self.mean
+        if self.std is not None:
+            array /= self.std
+        return torch.from_numpy(array).permute(2, 0, 1)
+
+    def _window(self, reader: ImageReader, y0: int, h: int, x0: int, w: int) -> Tensor:
+        """The input window ``h x w`` at ``(y0, x0)`` (may reach outside: mirrored), as a ``(C, h, w)`` float
+        tensor; only the pixels inside the image are read."""
+        height, width = reader.shape[:2]
+        rows = reflect_indices(y0, h, height).numpy()
+        cols = reflect_indices(x0, w, width).numpy()
+        r0, c0 = int(rows.min()), int(cols.min())
+        data = reader.read(r0, c0, int(rows.max()) + 1 - r0, int(cols.max()) + 1 - c0)
+        if data.shape[0] != h or rows[0] != r0 or not (np.diff(rows) == 1).all():
+            data = data[rows - r0]
+        if data.shape[1] != w or cols[0] != c0 or not (np.diff(cols) == 1).all():
+            data = data[:, cols - c0]
+        return self._tensor(data, np.dtype(reader.dtype))
+
+
+class LargeImagePredictor(_WindowInput):
     """Segment an image read window by window into a mask written tile by tile.
 
     Args:
@@ -426,8 +524,8 @@ class LargeImagePredictor:
             (e.g. a :class:`~lightning_convnets.tasks.SemanticSegmenter`).
         tile_size, overlap, batch_size, window, geometry, device: as :class:`TiledPredictor`.
         mean, std: per-channel normalisation on the 0..1 scale (the data module's ``mean``/``std``);
-            ``None``: none. Pixels are first scaled to 0..1: ``uint8`` / 255, ``uint16`` / 65535, floats
-            as they are.
+            ``None``: none. Pixels are first scaled to 0..1 by :func:`pixels_to_unit` (``uint8`` / 255,
+            ``uint16`` / 65535, floats clipped to 0..1), the rule of the in-memory path.
         reduce: finished logits ``(K, h, w)`` -> class indices ``(h, w)`` (default: argmax; one channel:
             logit > 0).
         probabilities: finished logits -> per-class probabilities ``(K, h, w)`` (default: softmax; one
@@ -439,6 +537,8 @@ class LargeImagePredictor:
         output_tile: the output file's tile (chunk) side.
         compression: the TIFF output's compression (``"zlib"``, ``"lzma"``, ``None``).
         probability_dtype: the probabilities' file: ``"uint8"`` (``p * 255``, rounded) or ``"float32"``.
+        tta: test-time augmentation per tile batch (``"flip"``, ``"flip+vflip"``; rescaled views need a
+            same-padding network), as :class:`TiledPredictor` does in memory: both paths agree.
 
     Example:
         >>> import tempfile, tifffile
@@ -474,21 +574,17 @@ class LargeImagePredictor:
         output_tile: int = 256,
         compression: str | None = "zlib",
         probability_dtype: Literal["uint8", "float32"] = "uint8",
+        tta: str | TTAConfig = "none",
     ) -> None:
         if probability_dtype not in ("uint8", "float32"):
             raise ValueError(
                 f"LargeImagePredictor: probability_dtype must be 'uint8' or 'float32', got {probability_dtype!r}"
             )
         self.probability_dtype = probability_dtype
+        super().__init__(model, mean, std)
         self.tiler = TiledPredictor(
-            model, tile_size, overlap, batch_size, window, geometry or network_geometry(model), device
+            model, tile_size, overlap, batch_size, window, geometry or network_geometry(model), device, tta
         )
-        self.model = model
-        self.channels = expected_channels(model)
-        self.mean = None if mean is None else np.asarray(mean, np.float32)
-        self.std = None if std is None else np.asarray(std, np.float32)
-        if self.std is not None and (self.std <= 0).any():
-            raise ValueError(f"LargeImagePredictor: std must be positive, got {list(self.std)}")
         self.reduce = reduce or _default_reduce
         self.to_probabilities = probabilities or _default_probabilities
         self.prefetch = prefetch
@@ -497,58 +593,6 @@ class LargeImagePredictor:
         self.progress = progress
         self.output_tile = output_tile
         self.compression = compression
-
-    # ------------------------------------------------------------------------------------ inputs
-    def check_reader(self, reader: ImageReader) -> None:
-        """Raise a ``ValueError`` naming the file unless its channels and dtype can be fed to the model."""
-        channels = reader.shape[2]
-        if (
-            self.channels is not None
-            and channels != self.channels
-            and not (channels == 1 and self.channels == 3)
-        ):
-            raise ValueError(
-                f"{reader.path}: the image has {channels} channels; the network's first convolution takes "
-                f"{self.channels} (a 1-channel image is repeated to 3; other counts are refused)"
-            )
-        dtype = np.dtype(reader.dtype)
-        if dtype not in _SCALES and not np.issubdtype(dtype, np.floating):
-            raise ValueError(
-                f"{reader.path}: pixels of dtype {dtype}; expected uint8, uint16, bool or floats"
-            )
-        for name, stats in (("mean", self.mean), ("std", self.std)):
-            width = self.channels or channels
-            if stats is not None and len(stats) not in (1, width):
-                raise ValueError(
-                    f"{reader.path}: {name} has {len(stats)} values; the network takes {width} channels"
-                )
-
-    def _tensor(self, window: np.ndarray, dtype: np.dtype) -> Tensor:
-        array = window.astype(np.float32)
-        scale = _SCALES.get(dtype)
-        if scale is not None and scale != 1.0:
-            array *= 1.0 / scale
-        if array.shape[2] == 1 and self.channels == 3:
-            array = np.repeat(array, 3, axis=2)
-        if self.mean is not None:
-            array -= self.mean
-        if self.std is not None:
-            array /= self.std
-        return torch.from_numpy(array).permute(2, 0, 1)
-
-    def _window(self, reader: ImageReader, y0: int, h: int, x0: int, w: int) -> Tensor:
-        """The input window ``h x w`` at ``(y0, x0)`` (may reach outside: mirrored), as a ``(C, h, w)`` float
-        tensor; only the pixels inside the image are read."""
-        height, width = reader.shape[:2]
-        rows = reflect_indices(y0, h, height).numpy()
-        cols = reflect_indices(x0, w, width).numpy()
-        r0, c0 = int(rows.min()), int(cols.min())
-        data = reader.read(r0, c0, int(rows.max()) + 1 - r0, int(cols.max()) + 1 - c0)
-        if data.shape[0] != h or rows[0] != r0 or not (np.diff(rows) == 1).all():
-            data = data[rows - r0]
-        if data.shape[1] != w or cols[0] != c0 or not (np.diff(cols) == 1).all():
-            data = data[:, cols - c0]
-        return self._tensor(data, np.dtype(reader.dtype))
 
     def first_input(self, source: Any) -> Tensor:
         """The first tile's input window ``(1, C, h, w)``, as the network sees it: what ``fast_predict``
@@ -784,3 +828,539 @@ def predict_large(
         model, tile_size, overlap, batch_size, mean=mean, std=std, progress=progress, **options
     )
     return predictor.predict(source, output, probabilities, level=level)
+
+
+# ---------------------------------------------------------------------------------------- detection
+class _JsonArrayFile:
+    """A json document whose one array is written record by record, under a temporary name renamed by
+    :meth:`commit` (nothing under the final name on failure)."""
+
+    def __init__(self, path: Path, head: str, tail: str) -> None:
+        self.path = Path(path)
+        self.tmp = _temporary(self.path)
+        self._tail = tail
+        self._first = True
+        self._file: Any = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.tmp, "w", encoding="utf-8")  # noqa: SIM115 - closed by commit/abort
+            self._file.write(head)
+        except OSError as err:
+            self.abort()
+            raise OSError(f"{self.path}: cannot create the output ({type(err).__name__}: {err})") from err
+
+    def add(self, records: Sequence[dict[str, Any]]) -> None:
+        try:
+            for record in records:
+                self._file.write(("\n" if self._first else ",\n") + json.dumps(record))
+                self._first = False
+        except OSError as err:
+            self.abort()
+            raise OSError(f"{self.path}: writing the output failed: {type(err).__name__}: {err}") from err
+
+    def commit(self) -> None:
+        try:
+            self._file.write("\n" + self._tail)
+            self._file.close()
+        except OSError as err:
+            self.abort()
+            raise OSError(f"{self.path}: writing the output failed: {type(err).__name__}: {err}") from err
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp.unlink()
+
+
+class DetectionRecords:
+    """Detections of one image streamed to a COCO results json and/or a GeoJSON-like FeatureCollection,
+    record by record (never the whole list in memory), both under temporary names renamed by
+    :meth:`commit`.
+
+    * COCO: ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...]`` (``COCO.loadRes`` input);
+    * GeoJSON: ``{"type": "FeatureCollection", "properties": {source, width, height}, "features": [...]}``,
+      one ``Polygon`` feature per box in pixel coordinates (x right, y down: the ring
+      ``(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)``), with properties ``label`` (0-based),
+      ``class_name``, ``category_id`` and ``score``.
+
+    Args:
+        coco, geojson: the files (at least one).
+        image_id: the COCO ``image_id`` of every record.
+        class_names: name of each 0-based label (default: the label as text).
+        category_ids: the dataset's category id of each label (default: the label).
+        source, height, width: the image, recorded in the GeoJSON's properties.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> out = DetectionRecords(folder / "a.json", folder / "a.geojson", class_names=["cell"])
+        >>> out.write({"boxes": torch.tensor([[1.0, 2, 5, 9]]), "scores": torch.tensor([0.5]),
+        ...            "labels": torch.tensor([0])})
+        1
+        >>> out.commit()
+        >>> json.loads((folder / "a.json").read_text())
+        [{'image_id': 0, 'category_id': 0, 'bbox': [1.0, 2.0, 4.0, 7.0], 'score': 0.5}]
+        >>> json.loads((folder / "a.geojson").read_text())["features"][0]["properties"]
+        {'label': 0, 'class_name': 'cell', 'category_id': 0, 'score': 0.5}
+    """
+
+    def __init__(
+        self,
+        coco: str | Path | None = None,
+        geojson: str | Path | None = None,
+        image_id: int = 0,
+        class_names: Sequence[str] | None = None,
+        category_ids: Sequence[int] | None = None,
+        source: str = "",
+        height: int = 0,
+        width: int = 0,
+    ) -> None:
+        if coco is None and geojson is None:
+            raise ValueError("DetectionRecords: give coco= (a .json path) and/or geojson= (a .geojson path)")
+        for name, target, suffixes in (
+            ("coco", coco, (".json",)),
+            ("geojson", geojson, (".geojson", ".json")),
+        ):
+            if target is not None and Path(target).suffix.lower() not in suffixes:
+                raise ValueError(f"{target}: {name} output must end in {' or '.join(suffixes)}")
+        self.image_id = int(image_id)
+        self.class_names = None if class_names is None else [str(n) for n in class_names]
+        self.category_ids = None if category_ids is None else [int(i) for i in category_ids]
+        self.count = 0
+        self._coco: _JsonArrayFile | None = None
+        self._geojson: _JsonArrayFile | None = None
+        if coco is not None:
+            self._coco = _JsonArrayFile(Path(coco), "[", "]\n")
+        if geojson is not None:
+            head = json.dumps(
+                {
+                    "type": "FeatureCollection",
+                    "properties": {
+                        "source": source,
+                        "width": int(width),
+                        "height": int(height),
+                        "coordinates": "pixels, x right, y down",
+                    },
+                }
+            )
+            try:
+                self._geojson = _JsonArrayFile(Path(geojson), head[:-1] + ', "features": [', "]}\n")
+            except BaseException:
+                self.abort()
+                raise
+
+    def _category(self, label: int) -> int:
+        if self.category_ids is None:
+            return label
+        if not 0 <= label < len(self.category_ids):
+            raise ValueError(
+                f"label {label} has no category id (category_ids has {len(self.category_ids)} entries)"
+            )
+        return self.category_ids[label]
+
+    def _name(self, label: int) -> str:
+        if self.class_names is not None and 0 <= label < len(self.class_names):
+            return self.class_names[label]
+        return str(label)
+
+    def write(self, detections: dict[str, Tensor]) -> int:
+        """Append ``boxes`` (xyxy image pixels), ``scores``, 0-based ``labels``; returns how many."""
+        boxes = detections["boxes"].reshape(-1, 4).float().cpu().tolist()
+        scores = detections["scores"].reshape(-1).float().cpu().tolist()
+        labels = [int(v) for v in detections["labels"].reshape(-1).cpu().tolist()]
+        coco, features = [], []
+        for (x0, y0, x1, y1), score, label in zip(boxes, scores, labels):
+            x0, y0, x1, y1 = (round(v, 2) for v in (x0, y0, x1, y1))
+            score = round(float(score), 5)
+            category = self._category(label)
+            coco.append({"image_id": self.image_id, "category_id": category,
+                         "bbox": [x0, y0, round(x1 - x0, 2), round(y1 - y0, 2)], "score": score})  # fmt: skip
+            ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+            features.append(
+                {
+                    "type": "Feature",
+                    "geometry": {"type": "Polygon", "coordinates": [ring]},
+                    "properties": {
+                        "label": label,
+                        "class_name": self._name(label),
+                        "category_id": category,
+                        "score": score,
+                    },
+                }
+            )
+        try:
+            if self._coco is not None:
+                self._coco.add(coco)
+            if self._geojson is not None:
+                self._geojson.add(features)
+        except BaseException:
+            self.abort()
+            raise
+        self.count += len(coco)
+        return len(coco)
+
+    def commit(self) -> None:
+        """Finish both files and rename them to their final names."""
+        try:
+            for part in (self._coco, self._geojson):
+                if part is not None:
+                    part.commit()
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Delete the temporary files."""
+        for part in (self._coco, self._geojson):
+            if part is not None:
+                part.abort()
+
+
+@dataclass  # not frozen: Lightning's apply_to_collection rebuilds dataclasses a predict_step returns
+class LargeDetections:
+    """What :func:`predict_large_detections` wrote.
+
+    Attributes:
+        source: the input (its path).
+        coco: the COCO results json, or ``None``.
+        geojson: the GeoJSON FeatureCollection, or ``None``.
+        height, width: the image's size.
+        tiles: tiles run.
+        detections: detections written.
+        seconds: wall time of the prediction.
+    """
+
+    source: str
+    coco: Path | None
+    geojson: Path | None
+    height: int
+    width: int
+    tiles: int
+    detections: int
+    seconds: float
+
+    @property
+    def mpix_per_s(self) -> float:
+        """Input megapixels per second."""
+        return self.height * self.width / 1e6 / max(self.seconds, 1e-9)
+
+
+def _box_clusters(boxes: Tensor, labels: Tensor) -> Tensor:
+    """Per box, the smallest index of its cluster: boxes of one class joined while the bounding boxes of
+    their clusters intersect (every box a merge could join to another lies in one cluster)."""
+    n = boxes.shape[0]
+    comp = torch.arange(n)
+    if n == 0:
+        return comp
+    same = labels[:, None] == labels[None, :]
+    while True:
+        hull = torch.stack(
+            [
+                torch.full((n,), math.inf).scatter_reduce(0, comp, boxes[:, 0], "amin"),
+                torch.full((n,), math.inf).scatter_reduce(0, comp, boxes[:, 1], "amin"),
+                torch.full((n,), -math.inf).scatter_reduce(0, comp, boxes[:, 2], "amax"),
+                torch.full((n,), -math.inf).scatter_reduce(0, comp, boxes[:, 3], "amax"),
+            ],
+            1,
+        )[comp]
+        meet = (
+            same
+            & (
+                torch.minimum(hull[:, None, 2], hull[None, :, 2])
+                > torch.maximum(hull[:, None, 0], hull[None, :, 0])
+            )
+            & (
+                torch.minimum(hull[:, None, 3], hull[None, :, 3])
+                > torch.maximum(hull[:, None, 1], hull[None, :, 1])
+            )
+        )
+        new = torch.where(meet, comp[None, :].expand(n, n), comp[:, None].expand(n, n)).amin(1)
+        new = torch.minimum(new, comp)
+        while not torch.equal(new[new], new):
+            new = new[new]
+        if torch.equal(new, comp):
+            return comp
+        comp = new
+
+
+class _PendingBoxes:
+    """Kept tile detections (image pixels, on the CPU) not yet merged: those a later tile row may still
+    merge with."""
+
+    def __init__(self) -> None:
+        self.parts: list[dict[str, Tensor]] = []
+
+    def add(self, detections: dict[str, Tensor]) -> None:
+        if detections["boxes"].shape[0]:
+            self.parts.append({k: detections[k].detach().to("cpu") for k in ("boxes", "scores", "labels")})
+
+    def __len__(self) -> int:
+        return sum(p["boxes"].shape[0] for p in self.parts)
+
+    def pop_final(self, limit: float) -> dict[str, Tensor] | None:
+        """The clusters lying wholly above row ``limit`` (no later box can reach them), removed."""
+        if not self.parts:
+            return None
+        boxes = torch.cat([p["boxes"] for p in self.parts])
+        scores = torch.cat([p["scores"] for p in self.parts])
+        labels = torch.cat([p["labels"] for p in self.parts])
+        comp = _box_clusters(boxes, labels)
+        bottom = torch.full((boxes.shape[0],), -math.inf).scatter_reduce(0, comp, boxes[:, 3], "amax")
+        final = bottom[comp] <= limit
+        rest = ~final
+        self.parts = (
+            [{"boxes": boxes[rest], "scores": scores[rest], "labels": labels[rest]}] if rest.any() else []
+        )
+        if not final.any():
+            return None
+        return {"boxes": boxes[final], "scores": scores[final], "labels": labels[final]}
+
+
+class LargeImageDetector(_WindowInput):
+    """Detect objects in an image read window by window, streaming the detections to files as tile rows
+    finish.
+
+    The tiles are :class:`~lightning_convnets.predict.tiling.TiledDetector`'s (overlapping, reaching every
+    edge; boxes cut by an inner tile border dropped) and so is the merge (class-wise NMS or weighted box
+    fusion); the result equals the in-memory tiled detection of the whole image (without its per-image
+    ``max_detections``). Boxes wait in memory only while a later tile row may still merge with them: after
+    each tile row, the clusters of kept boxes lying wholly above the next row's first pixel are merged and
+    written (:class:`DetectionRecords`).
+
+    Args:
+        detector: a list of ``[C, h, w]`` tiles to one dict (``boxes`` xyxy tile pixels, ``scores``,
+            0-based ``labels``) each, e.g. an :class:`~lightning_convnets.tasks.ObjectDetector`.
+        tile_size, overlap, batch_size, merge, iou_threshold, edge_margin, multiple, tta: as
+            :class:`~lightning_convnets.predict.tiling.TiledDetector` (``tta`` per tile).
+        mean, std: per-channel normalisation on the 0..1 scale (pixels scaled by :func:`pixels_to_unit`).
+        score_threshold: write only merged detections scoring at least this.
+        device: where tiles run (default: the detector's parameters').
+        prefetch: read the next tile batch in a background thread while the detector runs.
+        progress: show a progress bar (tiles done, Mpix/s, time left).
+
+    Example:
+        >>> import tempfile, tifffile
+        >>> def toy(tiles):  # a 5x5 box around each bright pixel
+        ...     out = []
+        ...     for t in tiles:
+        ...         ys, xs = (t[0] > 0.5).nonzero(as_tuple=True)
+        ...         xy = torch.stack([xs, ys, xs, ys], 1).float() + torch.tensor([-2.0, -2, 3, 3])
+        ...         out.append({"boxes": xy, "scores": torch.ones(len(xs)), "labels": torch.zeros(len(xs)).long()})
+        ...     return out
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> image = np.zeros((100, 90), np.uint8); image[50, 60] = 255
+        >>> tifffile.imwrite(folder / "in.tif", image, tile=(32, 32))
+        >>> found = LargeImageDetector(toy, tile_size=40, overlap=16, progress=False).predict(
+        ...     folder / "in.tif", coco=folder / "in.json")
+        >>> found.detections, json.loads(found.coco.read_text())[0]["bbox"]
+        (1, [58.0, 48.0, 5.0, 5.0])
+    """
+
+    def __init__(
+        self,
+        detector: Callable[[list[Tensor]], Any],
+        tile_size: int = 512,
+        overlap: int | None = None,
+        batch_size: int = 4,
+        merge: MergeMethod = "nms",
+        iou_threshold: float = 0.5,
+        edge_margin: int = 2,
+        multiple: int = 1,
+        tta: str | TTAConfig = "none",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        score_threshold: float = 0.0,
+        device: torch.device | str | None = None,
+        prefetch: bool = True,
+        progress: bool = True,
+    ) -> None:
+        super().__init__(detector, mean, std)
+        self.tiler = TiledDetector(
+            detector, tile_size, overlap, batch_size, merge, iou_threshold, edge_margin, None, multiple, tta
+        )
+        if device is None and isinstance(detector, nn.Module):
+            device = next((p.device for p in detector.parameters()), None)
+        self.device = None if device is None else torch.device(device)
+        self.score_threshold = float(score_threshold)
+        self.prefetch = prefetch
+        self.progress = progress
+
+    def first_input(self, source: Any) -> list[Tensor]:
+        """The first tile ``[C, h, w]`` (in a list), as the detector sees it: what ``fast_predict`` builds and
+        checks its folded copy on."""
+        reader = open_image(source)
+        try:
+            self.check_reader(reader)
+            y, x, th, tw = self.tiler.tiles(*reader.shape[:2])[0]
+            return [self._window(reader, y, th, x, tw)]
+        finally:
+            if reader is not source:
+                reader.close()
+
+    def predict(
+        self,
+        source: Any,
+        coco: str | Path | None = None,
+        geojson: str | Path | None = None,
+        image_id: int = 0,
+        class_names: Sequence[str] | None = None,
+        category_ids: Sequence[int] | None = None,
+        level: int = 0,
+    ) -> LargeDetections:
+        """Detect objects in ``source`` (a path, array or reader; see
+        :func:`~lightning_convnets.predict.readers.open_image`) into ``coco`` (a COCO results ``.json``)
+        and/or ``geojson`` (a ``.geojson`` FeatureCollection); see :class:`DetectionRecords`.
+
+        Raises:
+            ImageReadError: naming the input when it is missing, unreadable or truncated.
+            ValueError: naming the input when its channels or dtype do not fit the detector, or an output
+                of an unknown type.
+            OSError: naming the output when writing fails (nothing is left under its name).
+        """
+        reader = open_image(source, level=level)
+        model = self.model
+        was_training = isinstance(model, nn.Module) and model.training
+        records: DetectionRecords | None = None
+        try:
+            self.check_reader(reader)
+            height, width = reader.shape[:2]
+            records = DetectionRecords(
+                coco, geojson, image_id, class_names, category_ids, str(reader.path), height, width
+            )
+            if was_training:
+                model.eval()  # type: ignore[union-attr]
+            start = time.perf_counter()
+            with torch.inference_mode():
+                tiles = self._run(reader, records)
+            records.commit()
+            seconds = time.perf_counter() - start
+        except BaseException:
+            if records is not None:
+                records.abort()
+            raise
+        finally:
+            if was_training:
+                model.train()  # type: ignore[union-attr]
+            if reader is not source:
+                reader.close()
+        return LargeDetections(
+            str(reader.path),
+            None if coco is None else Path(coco),
+            None if geojson is None else Path(geojson),
+            height,
+            width,
+            tiles,
+            records.count,
+            seconds,
+        )
+
+    def _emit(self, records: DetectionRecords, final: dict[str, Tensor] | None) -> None:
+        if final is None:
+            return
+        tiler = self.tiler
+        merged = merge_detections([final], tiler.merge, tiler.iou_threshold, 1, None)
+        if self.score_threshold > 0:
+            keep = merged["scores"] >= self.score_threshold
+            merged = {k: v[keep] for k, v in merged.items()}
+        records.write(merged)
+
+    def _run(self, reader: ImageReader, records: DetectionRecords) -> int:
+        tiler = self.tiler
+        height, width = reader.shape[:2]
+        tiles = tiler.tiles(height, width)
+        rows = sorted({y for y, _, _, _ in tiles})
+        after = dict(zip(rows, [*rows[1:], None]))
+        batches = [tiles[i : i + tiler.batch_size] for i in range(0, len(tiles), tiler.batch_size)]
+        pin = self.device is not None and self.device.type == "cuda"
+
+        def load(batch: list[tuple[int, int, int, int]]) -> list[Tensor]:
+            windows = [self._window(reader, y, th, x, tw) for y, x, th, tw in batch]
+            return [w.pin_memory() for w in windows] if pin else windows
+
+        pending = _PendingBoxes()
+        # a later row's kept boxes start at or below its first pixel (plus a negative edge margin)
+        reach = min(float(tiler.edge_margin), 0.0)
+        bar = _progress(len(tiles), height * width, reader.path, self.progress)
+        try:
+            for batch, inputs in _Prefetcher(load, batches, self.prefetch):
+                if self.device is not None:
+                    inputs = [t.to(self.device, non_blocking=True) for t in inputs]
+                if batch[0] == tiles[0]:
+                    check_image(inputs[0], self.model, f"{reader.path}", dims=(3,))
+                for tile, det in zip(batch, tiler.detect_tiles(inputs)):
+                    pending.add(tiler.keep(det, tile, height, width))
+                    y, x, _, tw = tile
+                    if x + tw >= width:  # the tile row is complete
+                        below = after[y]
+                        self._emit(records, pending.pop_final(math.inf if below is None else below + reach))
+                bar.update(len(batch))
+        finally:
+            bar.close()
+        assert len(pending) == 0
+        return len(tiles)
+
+
+def predict_large_detections(
+    detector: Callable[[list[Tensor]], Any],
+    source: Any,
+    coco: str | Path | None = None,
+    geojson: str | Path | None = None,
+    tile_size: int = 512,
+    overlap: int | None = None,
+    batch_size: int = 4,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    class_names: Sequence[str] | None = None,
+    category_ids: Sequence[int] | None = None,
+    image_id: int = 0,
+    level: int = 0,
+    progress: bool = True,
+    **options: Any,
+) -> LargeDetections:
+    """Detect objects in an image larger than memory, tile by tile, streaming the detections to a COCO
+    results json and/or a GeoJSON FeatureCollection (one call).
+
+    ``detector`` may be a detection task (its ``size_divisor``, ``category_ids`` and class names are used
+    when not given) or any callable from a list of tiles to detection dicts. ``mean``/``std`` must be the
+    normalisation it was trained with (the data module's ``mean``/``std``).
+
+    Args:
+        detector: the detector (or task), in eval mode for the call.
+        source: the image: a path (TIFF, BigTIFF, OME-TIFF, ``.zarr``, ``.npy``, PNG...), an array or a reader.
+        coco: the COCO results file (``.json``).
+        geojson: the GeoJSON FeatureCollection (``.geojson``): box polygons in pixel coordinates.
+        tile_size, overlap, batch_size: the tiling (see :class:`~lightning_convnets.predict.tiling.TiledDetector`).
+        mean, std: per-channel normalisation on the 0..1 scale.
+        class_names, category_ids: per 0-based label, its name and dataset category id.
+        image_id: the COCO records' ``image_id``.
+        level: the input's pyramid level (0: full resolution).
+        progress: show a progress bar (tiles done, Mpix/s, time left).
+        **options: the other arguments of :class:`LargeImageDetector` (``merge``, ``iou_threshold``,
+            ``edge_margin``, ``multiple``, ``tta``, ``score_threshold``, ``device``, ``prefetch``).
+
+    Example:
+        >>> import tempfile, tifffile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> tifffile.imwrite(folder / "scene.tif", np.zeros((100, 80, 3), np.uint8), tile=(32, 32))
+        >>> nothing = lambda tiles: [{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+        ...                           "labels": torch.zeros(0, dtype=torch.long)} for _ in tiles]
+        >>> result = predict_large_detections(nothing, folder / "scene.tif", folder / "scene.json",
+        ...                                   folder / "scene.geojson", tile_size=64, progress=False)
+        >>> result.tiles, json.loads(result.coco.read_text()), json.loads(result.geojson.read_text())["features"]
+        (4, [], [])
+    """
+    if "multiple" not in options and isinstance(getattr(detector, "size_divisor", None), int):
+        options["multiple"] = detector.size_divisor  # type: ignore[attr-defined]
+    if category_ids is None and getattr(detector, "category_ids", None) is not None:
+        category_ids = list(detector.category_ids)  # type: ignore[attr-defined]
+    names = getattr(detector, "class_names", None)
+    count = getattr(detector, "num_classes", None)
+    if class_names is None and callable(names) and isinstance(count, int):
+        class_names = names(count)
+    runner = LargeImageDetector(
+        detector, tile_size, overlap, batch_size, mean=mean, std=std, progress=progress, **options
+    )
+    return runner.predict(source, coco, geojson, image_id, class_names, category_ids, level)

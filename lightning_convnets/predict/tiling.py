@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_convnets.nn.boxes import MergeMethod, merge_detections, weighted_box_fusion
-from lightning_convnets.predict.tta import detect_tta, parse_tta, segment_tta
+from lightning_convnets.predict.tta import TTAConfig, detect_tta, parse_tta, segment_tta
 
 __all__ = [
     "TiledDetector",
@@ -216,6 +216,11 @@ def check_image(image: Tensor, model: Any, what: str, dims: tuple[int, ...] = (3
     raise ValueError(message)
 
 
+def _flip(x: Tensor, hflip: bool, vflip: bool) -> Tensor:
+    dims = [d for d, on in ((-1, hflip), (-2, vflip)) if on]
+    return x.flip(dims) if dims else x
+
+
 def _model_device(model: Any) -> torch.device | None:
     if isinstance(model, nn.Module):
         for p in model.parameters():
@@ -246,6 +251,11 @@ class TiledPredictor:
             :func:`network_geometry`.
         device: where tiles are run (default: the model's parameters' device); the image and the output
             stay where the image is.
+        tta: test-time augmentation applied to every tile batch (see
+            :func:`~lightning_convnets.predict.tta.parse_tta`): each tile's logits are the mean over the
+            views, flipped (and, for same padding, resized) back. Rescaled views need same padding: a
+            valid-padding tile is an exact window, which a rescaled copy is not (:func:`segmentation_logits`
+            rescales the whole image around the tiles instead).
 
     Example:
         >>> from lightning_convnets.backbones import create_backbone
@@ -267,6 +277,7 @@ class TiledPredictor:
         window: Window = "gaussian",
         geometry: NetworkGeometry | None = None,
         device: torch.device | str | None = None,
+        tta: str | TTAConfig = "none",
     ) -> None:
         if not isinstance(tile_size, int) or tile_size < 1:
             raise ValueError(f"TiledPredictor: tile_size must be a positive int, got {tile_size!r}")
@@ -302,6 +313,13 @@ class TiledPredictor:
                 )
             self.overlap = overlap
             self.step = self.tile_out - overlap
+        self.tta = parse_tta(tta)
+        if self.mode == "overlap-tile" and self.tta.scales != (1.0,):
+            raise ValueError(
+                f"TiledPredictor: tta scales {list(self.tta.scales)} rescale the image, which the exact tiles of "
+                "a valid-padding network cannot do tile by tile; use flips on tiles (tta='flip' or "
+                "'flip+vflip') or rescale the whole image (segmentation_logits does)"
+            )
 
     def _valid_size(self, n: int) -> int:
         g = self.geometry
@@ -336,10 +354,27 @@ class TiledPredictor:
         return self._axis(size)
 
     def forward_batch(self, batch: Tensor) -> Tensor:
-        """Float logits ``(B, K, h, w)`` of a batch of input windows (moved to :attr:`device` first)."""
+        """Float logits ``(B, K, h, w)`` of a batch of input windows (moved to :attr:`device` first): the
+        mean over the :attr:`tta` views, each flipped (and resized) back."""
         if self.device is not None:
             batch = batch.to(self.device, non_blocking=True)
-        return _call_dense(self.model, batch).float()
+        if self.tta.is_identity:
+            return _call_dense(self.model, batch).float()
+        size = tuple(batch.shape[-2:])
+        m = self.geometry.multiple
+        views = self.tta.views()
+        total: Tensor | None = None
+        for scale, hflip, vflip in views:
+            x = batch
+            if scale != 1.0:
+                scaled = tuple(max(m, round(n * scale / m) * m) for n in size)
+                x = F.interpolate(x, size=scaled, mode="bilinear", align_corners=False)
+            logits = _flip(_call_dense(self.model, _flip(x, hflip, vflip)).float(), hflip, vflip)
+            if scale != 1.0:
+                logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+            total = logits if total is None else total + logits
+        assert total is not None
+        return total / len(views)
 
     def blend_weight(self, height: int, width: int) -> Tensor:
         """The blending weights ``(height, width)`` of one tile (same padding: :attr:`window` over the
@@ -501,6 +536,9 @@ class TiledDetector:
         edge_margin: pixels from an inner tile border within which a box counts as cut.
         max_detections: keep the best this many per image (``None``: all).
         multiple: round the tile side up to this (the detector's size divisor; avoids zero padding).
+        tta: test-time augmentation applied to every tile (see
+            :func:`~lightning_convnets.predict.tta.detect_tta`): a tile's detections are its views' boxes
+            mapped back and fused, before the tiles are merged.
 
     Example:
         >>> def toy(images):  # a 5x5 box around each lit pixel
@@ -527,6 +565,7 @@ class TiledDetector:
         edge_margin: int = 2,
         max_detections: int | None = None,
         multiple: int = 1,
+        tta: str | TTAConfig = "none",
     ) -> None:
         if not isinstance(tile_size, int) or tile_size < 1:
             raise ValueError(f"TiledDetector: tile_size must be a positive int, got {tile_size!r}")
@@ -545,12 +584,49 @@ class TiledDetector:
         self.iou_threshold = iou_threshold
         self.edge_margin = edge_margin
         self.max_detections = max_detections
+        self.tta = parse_tta(tta)
 
     def tiles(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
         """``(y, x, tile height, tile width)`` of every tile of an image."""
         th, tw = min(self.tile, height), min(self.tile, width)
         step = self.tile - self.overlap
         return [(y, x, th, tw) for y in tile_starts(height, th, step) for x in tile_starts(width, tw, step)]
+
+    def detect_tiles(self, tiles: list[Tensor]) -> Detections:
+        """Detections of a batch of tiles ``[C, h, w]`` in tile pixels (their :attr:`tta` views fused)."""
+        if self.tta.is_identity:
+            return self.detector(tiles)
+        return detect_tta(self.detector, tiles, self.tta)
+
+    def keep(
+        self, detections: dict[str, Tensor], tile: tuple[int, int, int, int], height: int, width: int
+    ) -> dict[str, Tensor]:
+        """One tile's detections in image pixels, without the boxes cut by a tile border that lies inside
+        the image (within :attr:`edge_margin` of it).
+
+        Args:
+            detections: the tile's ``boxes`` (xyxy tile pixels), ``scores``, ``labels``.
+            tile: ``(y, x, tile height, tile width)`` as :meth:`tiles` gives it.
+            height, width: the image's size.
+        """
+        y, x, th, tw = tile
+        m = self.edge_margin
+        boxes = detections["boxes"].reshape(-1, 4).float()
+        cut = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+        if x > 0:
+            cut |= boxes[:, 0] < m
+        if x + tw < width:
+            cut |= boxes[:, 2] > tw - m
+        if y > 0:
+            cut |= boxes[:, 1] < m
+        if y + th < height:
+            cut |= boxes[:, 3] > th - m
+        keep = ~cut
+        return {
+            "boxes": boxes[keep] + boxes.new_tensor([x, y, x, y]),
+            "scores": detections["scores"].reshape(-1)[keep],
+            "labels": detections["labels"].reshape(-1)[keep],
+        }
 
     @torch.no_grad()
     def __call__(self, image: Tensor) -> dict[str, Tensor]:
@@ -559,30 +635,10 @@ class TiledDetector:
         h, w = image.shape[-2:]
         tiles = self.tiles(h, w)
         kept: list[dict[str, Tensor]] = []
-        m = self.edge_margin
         for start in range(0, len(tiles), self.batch_size):
             chunk = tiles[start : start + self.batch_size]
-            dets = self.detector([image[:, y : y + th, x : x + tw] for y, x, th, tw in chunk])
-            for (y, x, th, tw), det in zip(chunk, dets):
-                boxes = det["boxes"].reshape(-1, 4).float()
-                cut = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
-                if x > 0:
-                    cut |= boxes[:, 0] < m
-                if x + tw < w:
-                    cut |= boxes[:, 2] > tw - m
-                if y > 0:
-                    cut |= boxes[:, 1] < m
-                if y + th < h:
-                    cut |= boxes[:, 3] > th - m
-                keep = ~cut
-                offset = boxes.new_tensor([x, y, x, y])
-                kept.append(
-                    {
-                        "boxes": boxes[keep] + offset,
-                        "scores": det["scores"].reshape(-1)[keep],
-                        "labels": det["labels"].reshape(-1)[keep],
-                    }
-                )
+            dets = self.detect_tiles([image[:, y : y + th, x : x + tw] for y, x, th, tw in chunk])
+            kept.extend(self.keep(det, tile, h, w) for tile, det in zip(chunk, dets))
         return merge_detections(kept, self.merge, self.iou_threshold, 1, self.max_detections)
 
 
@@ -649,21 +705,26 @@ def segmentation_logits(model: Any, images: Tensor, options: TilingOptions) -> T
     if tile_size is None and geometry.border > 0:
         tile_size = max(h, w)
     if tile_size is not None:
+        # test-time augmentation runs per tile batch (what streamed images do too: both paths agree), except
+        # the rescaled views of a valid-padding network, whose exact tiles cannot be rescaled: the whole
+        # image is rescaled around the tiles for them
+        config = parse_tta(options.tta)
+        around = TTAConfig()
+        if geometry.border > 0:
+            around = TTAConfig(scales=config.scales)
+            config = TTAConfig(hflip=config.hflip, vflip=config.vflip)
         tiler = TiledPredictor(
-            model, tile_size, options.tile_overlap, options.tile_batch_size, geometry=geometry
+            model, tile_size, options.tile_overlap, options.tile_batch_size, geometry=geometry, tta=config
         )
+        return segment_tta(tiler.predict, images, around, multiple=1)
 
-        def dense(x: Tensor) -> Tensor:
-            return tiler.predict(x)
-    else:
+    def dense(x: Tensor) -> Tensor:
+        logits = _call_dense(model, x)
+        if logits.shape[-2:] != x.shape[-2:]:
+            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits
 
-        def dense(x: Tensor) -> Tensor:
-            logits = _call_dense(model, x)
-            if logits.shape[-2:] != x.shape[-2:]:
-                logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-            return logits
-
-    return segment_tta(dense, images, options.tta, multiple=1 if tile_size is not None else geometry.multiple)
+    return segment_tta(dense, images, options.tta, multiple=geometry.multiple)
 
 
 def example_input(
@@ -706,7 +767,7 @@ def detect(
     image; tiles are rounded up to a multiple of ``size_divisor``."""
     for image in images:
         check_image(image, detector, f"{type(detector).__name__} (tiled / TTA detection)", dims=(3,))
-    if options.tile_size is not None:
+    if options.tile_size is not None:  # test-time augmentation per tile (as on streamed images)
         tiler = TiledDetector(
             detector,
             options.tile_size,
@@ -714,10 +775,7 @@ def detect(
             options.tile_batch_size,
             max_detections=max_detections,
             multiple=size_divisor,
+            tta=options.tta,
         )
-
-        def run(ims: list[Tensor]) -> Detections:
-            return [tiler(im) for im in ims]
-    else:
-        run = detector
-    return detect_tta(run, list(images), options.tta, max_detections=max_detections)
+        return [tiler(im) for im in images]
+    return detect_tta(detector, list(images), options.tta, max_detections=max_detections)

@@ -8,7 +8,10 @@
   streamed image (TIFF, Zarr: :mod:`lightning_convnets.predict.large`) gets ``<stem>.tif`` instead, a
   tiled TIFF the task wrote tile by tile (:meth:`MaskPNGWriter.streamed_mask_path`).
 * :class:`CocoResultsWriter`: one COCO results json (``pycocotools``' ``COCO.loadRes`` / ``COCOeval``
-  input), plus ``boxes_overlay.png``: the first images with their true and predicted boxes.
+  input), plus ``boxes_overlay.png``: the first images with their true and predicted boxes. A streamed
+  image (TIFF, Zarr) gets its own files instead, ``detections/<stem>.json`` (COCO records) and
+  ``detections/<stem>.geojson`` (box polygons), which the task wrote tile row by tile row
+  (:meth:`CocoResultsWriter.streamed_detection_paths`).
 
 The tasks attach theirs automatically in ``predict`` when no writer is configured; rows and files are
 named after the source image when the dataset exposes its file paths (an attribute ``paths``, ``files``,
@@ -41,7 +44,7 @@ from lightning_convnets.drawing import (
     plot_mask_overlays,
     save_figure,
 )
-from lightning_convnets.predict.large import LargePrediction
+from lightning_convnets.predict.large import LargeDetections, LargePrediction
 
 __all__ = [
     "BatchContext",
@@ -427,6 +430,12 @@ class CocoResultsWriter(CheckedBatchWriter):
     The overlay figure (``boxes_overlay.png`` next to the json) shows the first ``num_figure_images``
     images with the detections scoring at least ``figure_score_threshold``.
 
+    A streamed image (a TIFF or Zarr file of ``predict_dir``: the task reads it window by window) is not
+    in that json: its detections go to ``<folder>/detections/<stem>.json`` (COCO records, ``image_id`` its
+    index in the folder) and ``<stem>.geojson`` (a FeatureCollection of box polygons in pixel coordinates,
+    with ``label``, ``class_name``, ``category_id``, ``score``), written as its tile rows finish
+    (:mod:`lightning_convnets.predict.large`); ``score_threshold`` does not apply to them.
+
     Args:
         output: json path (default: ``<trainer.log_dir>/predictions/coco_results.json``).
         category_ids: category id of each 0-based label.
@@ -480,14 +489,36 @@ class CocoResultsWriter(CheckedBatchWriter):
             )
         self._ids = None if ids is None else [int(i) for i in ids]
 
-    expected = "a list of per-image dicts with boxes, scores and labels"
+    expected = (
+        "a list of per-image dicts with boxes, scores and labels, or streamed detections "
+        "(predict.large.LargeDetections)"
+    )
+
+    def streamed_detection_paths(self, source: str | Path) -> tuple[Path, Path]:
+        """Where the detections of a streamed image (a TIFF or Zarr file, detected tile by tile, see
+        :mod:`lightning_convnets.predict.large`) go: ``detections/<stem>.json`` (COCO records) and
+        ``detections/<stem>.geojson``, next to the results json."""
+        if self.path is None:
+            raise RuntimeError("CocoResultsWriter: the output path is set in on_predict_start")
+        folder = self.path.parent / "detections"
+        stem = Path(source).stem
+        return folder / f"{stem}.json", folder / f"{stem}.geojson"
 
     def accepts(self, prediction: Any) -> bool:
-        """A list of per-image detection dicts."""
+        """A list of per-image detection dicts, or detections already written (``LargeDetections``)."""
+        if isinstance(prediction, LargeDetections):
+            return True
         return isinstance(prediction, list | tuple) and all(isinstance(p, dict) for p in prediction)
 
     def write_batch(self, prediction: Any, at: BatchContext) -> None:
-        """The batch's detections above ``score_threshold``, as COCO results."""
+        """The batch's detections above ``score_threshold``, as COCO results (streamed ones are on disk
+        already: reported)."""
+        if isinstance(prediction, LargeDetections):
+            rank_zero_info(
+                f"{prediction.detections} detections of {prediction.source} written to "
+                f"{', '.join(str(p) for p in (prediction.coco, prediction.geojson) if p is not None)}"
+            )
+            return
         kept = []
         for det in prediction:
             keep = torch.as_tensor(det["scores"]) >= self.score_threshold

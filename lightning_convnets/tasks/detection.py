@@ -17,6 +17,7 @@ torchvision's detector protocol), so the task itself has no per-family code.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -27,8 +28,10 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from lightning_convnets import drawing
 from lightning_convnets.nn.detectors import DETECTOR_FAMILIES, DetectorFamily, clean_target, detector_family
-from lightning_convnets.predict import tiling
+from lightning_convnets.predict import large, tiling
+from lightning_convnets.predict.readers import open_image
 from lightning_convnets.predict.writers import CocoResultsWriter
+from lightning_convnets.tasks.adapters import attached_trainer
 from lightning_convnets.tasks.base import BackboneSpec, ConvNetTask
 
 FAMILIES = tuple(DETECTOR_FAMILIES)
@@ -334,10 +337,15 @@ class ObjectDetector(ConvNetTask):
             )
         return loss, detections, targets, images
 
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Detections:
+    def predict_step(
+        self, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> Detections | large.LargeDetections:
         """Per image ``boxes`` (xyxy input pixels), ``scores``, 0-based ``labels`` and ``image_size``
         (``[H, W]`` of the input); ``image_id`` and ``orig_size`` are passed through from the targets
-        when the batch has them (the COCO writer uses them)."""
+        when the batch has them (the COCO writer uses them). For a streamed image (a ``predict_dir`` TIFF
+        or Zarr file), its detections streamed to files tile row by tile row (:meth:`predict_streamed`)."""
+        if isinstance(batch, large.StreamedSource):
+            return self.predict_streamed(batch)
         images, targets = self._split_batch(batch)
         # the folded copy is built and checked on what the network sees: a tile under tiled detection
         example = tiling.example_input(self, images, self.tiling_options, self.size_divisor)
@@ -350,6 +358,67 @@ class ObjectDetector(ConvNetTask):
                     if key in targets[i]:
                         det[key] = targets[i][key]
         return detections
+
+    def predict_streamed(
+        self,
+        item: large.StreamedSource,
+        coco: str | Path | None = None,
+        geojson: str | Path | None = None,
+    ) -> large.LargeDetections:
+        """Detect objects in an image larger than memory, read window by window, streaming the detections
+        to a COCO results json and a GeoJSON FeatureCollection as tile rows finish
+        (:class:`~lightning_convnets.predict.large.LargeImageDetector`) with this task's tiling options
+        (``tile_size``, default 512 here; ``tile_overlap``, ``tile_batch_size``; ``tta`` per tile) and
+        label mapping (``category_ids``, class names). ``top_k`` limits each tile's detections, not the
+        image's. ``fast_predict``'s folded copy is built and checked on the first tile.
+
+        Args:
+            item: the image: ``path``, ``mean``, ``std`` (and ``index``: the records' ``image_id``), a data
+                module's ``StreamedImage``.
+            coco, geojson: the files (default: the :class:`CocoResultsWriter`'s folder,
+                ``detections/<stem>.json`` and ``detections/<stem>.geojson``).
+        """
+        options = self.tiling_options
+        trainer = attached_trainer(self)
+        if coco is None and geojson is None:
+            coco, geojson = self._streamed_paths(trainer, item.path)
+        runner = large.LargeImageDetector(
+            self,
+            options.tile_size or large.STREAMED_TILE_SIZE,
+            options.tile_overlap,
+            options.tile_batch_size,
+            multiple=self.size_divisor,
+            tta=options.tta,
+            mean=item.mean,
+            std=item.std,
+            progress=trainer is not None and trainer.progress_bar_callback is not None,
+        )
+        reader = open_image(item.path)
+        try:
+            example = [t.to(self.device) for t in runner.first_input(reader)]
+            with self.fused_for_predict(example):
+                return runner.predict(
+                    reader,
+                    coco,
+                    geojson,
+                    image_id=int(getattr(item, "index", 0)),
+                    class_names=self.class_names(self.num_classes or 0),
+                    category_ids=self.category_ids,
+                )
+        finally:
+            reader.close()
+
+    @staticmethod
+    def _streamed_paths(trainer: Any, source: str | Path) -> tuple[Path, Path]:
+        for callback in getattr(trainer, "callbacks", None) or []:
+            if isinstance(callback, CocoResultsWriter) and callback.path is not None:
+                return callback.streamed_detection_paths(source)
+        root = Path((trainer.log_dir or trainer.default_root_dir) if trainer is not None else ".")
+        stem = Path(source).stem
+        return (
+            root / "predictions" / "detections" / f"{stem}.json",
+            root / "predictions" / "detections" / f"{stem}.geojson",
+        )
 
     # ------------------------------------------------------------------------------------ logging
     def epoch_metrics(self, stage: str) -> dict[str, Tensor]:

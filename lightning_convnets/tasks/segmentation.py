@@ -30,7 +30,7 @@ from lightning_convnets.tasks.base import BackboneSpec, ConvNetTask
 
 _STAGES = ("train_", "val_", "test_")
 # tile side of streamed images (TIFF, Zarr) when the task has no tile_size
-STREAMED_TILE_SIZE = 512
+STREAMED_TILE_SIZE = large.STREAMED_TILE_SIZE
 
 
 class SemanticSegmenter(ConvNetTask):
@@ -268,21 +268,24 @@ class SemanticSegmenter(ConvNetTask):
     ) -> large.LargePrediction:
         """Segment an image larger than memory, read window by window, into a mask written tile by tile
         (:class:`~lightning_convnets.predict.large.LargeImagePredictor`) with this task's tiling options
-        (``tile_size``, default 512 here; ``tile_overlap``, ``tile_batch_size``). ``fast_predict``'s
-        folded copy is built and checked on the first tile's window.
+        (``tile_size``, default 512 here; ``tile_overlap``, ``tile_batch_size``; ``tta`` per tile batch,
+        as the in-memory tiled path does). ``fast_predict``'s folded copy is built and checked on the first
+        tile's window.
 
         Args:
             item: the image: ``path``, ``mean``, ``std`` (a data module's ``StreamedImage``).
             output: the mask file (default: the :class:`MaskPNGWriter`'s folder, ``<stem>.tif``).
 
         Raises:
-            ValueError: naming the file, for test-time augmentation (not available on streamed images).
+            ValueError: naming the file, for rescaled test-time augmentation views (``scales``) with a
+                valid-padding network (its exact tiles cannot be rescaled one by one; flips can).
         """
         options = self.tiling_options
-        if not parse_tta(options.tta).is_identity:
+        if self.border > 0 and parse_tta(options.tta).scales != (1.0,):
             raise ValueError(
-                f"{item.path}: tta={options.tta!r} is not available for images streamed from disk (TIFF, "
-                "Zarr); predict them with tta='none'"
+                f"{item.path}: tta={options.tta!r} rescales the image, which the exact tiles of a valid-padding "
+                "network cannot do on an image streamed from disk (TIFF, Zarr); use flips (tta='flip' or "
+                "'flip+vflip')"
             )
         trainer = attached_trainer(self)
         if output is None:
@@ -295,6 +298,7 @@ class SemanticSegmenter(ConvNetTask):
             mean=item.mean,
             std=item.std,
             reduce=lambda logits: self.to_mask(logits[None])[0],
+            tta=options.tta,
             progress=trainer is not None and trainer.progress_bar_callback is not None,
         )
         reader = open_image(item.path)
