@@ -539,23 +539,46 @@ class ActivationVarianceMonitor(MonitorCallback):
 
     # ------------------------------------------------------------------ checkpointing
     def extra_state(self) -> dict[str, Any]:
-        # the moments' shifts and the interval's partial sums: a resumed run continues them exactly
+        # this rank's logging interval so far: the moments' shifts and partial sums, the units' alive counts
+        # and the earliest non-finite activation not yet reduced: a resumed run continues them exactly
         bank = getattr(self, "_bank", None)  # none before attach, or when the monitor stepped aside
-        return {"nonfinite": self.nonfinite, "moments": bank.saved() if bank is not None else {}}
+        units = {
+            name: {"alive": alive.detach().cpu().clone(), "seen": seen.detach().cpu().clone()}
+            for name, (_, alive, seen) in self._units.items()
+            if alive is not None
+        }
+        code = self._first_nonfinite.code
+        return {
+            "nonfinite": self.nonfinite,
+            "moments": bank.saved() if bank is not None else {},
+            "units": units,
+            "nonfinite_code": None if code is None else float(code),  # a save reads the device anyway
+        }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.nonfinite = state.get("nonfinite")
         self._restored_moments = dict(state.get("moments") or {})
+        self._restored_units = dict(state.get("units") or {})
+        self._restored_code = state.get("nonfinite_code")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Put restored moments (a resumed run) back, on the model's device."""
+        """Put restored moments, unit counts and non-finite code (a resumed run) back, on the model's
+        device."""
+        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
         restored = getattr(self, "_restored_moments", None)
-        if not restored:
-            return
         self._restored_moments = {}
         bank = getattr(self, "_bank", None)  # none when the monitor stepped aside
-        if bank is not None:
-            bank.restore(restored, next((p.device for p in pl_module.parameters()), torch.device("cpu")))
+        if restored and bank is not None:
+            bank.restore(restored, device)
+        units = self.__dict__.pop("_restored_units", None) or {}
+        for name, saved in units.items():
+            state = self._units.get(name)
+            if state is not None and state[1] is None:
+                state[1] = saved["alive"].to(device)
+                state[2] = saved["seen"].to(device)
+        code = self.__dict__.pop("_restored_code", None)
+        if code is not None and self._first_nonfinite.code is None:
+            self._first_nonfinite.code = torch.tensor(float(code), dtype=torch.float64, device=device)
 
 
 def unit_kind(module: nn.Module) -> str | None:

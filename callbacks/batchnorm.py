@@ -242,6 +242,7 @@ class BatchNormDriftMonitor(MonitorCallback):
         self._rebind_pending = False
         self._ring_planned = False
         self._use_slot(0)
+        self._restore_interval()
         self._buffers_ready = True
 
     def _bind(self) -> None:
@@ -431,6 +432,10 @@ class BatchNormDriftMonitor(MonitorCallback):
         state = checkpoint.get("state_dict")
         if isinstance(state, dict):
             bn_ranks.write_running_stats(state, [(lay.name, lay.module) for lay in self.layers])
+        # and the monitor's state (collected before this hook too): no batch has run since this sync
+        interval = ((checkpoint.get("callbacks") or {}).get(self.state_key) or {}).get("extra", {}).get("interval")
+        if isinstance(interval, dict):
+            interval["dirty"] = False
 
     @torch.no_grad()
     def sync_running_stats(self, trainer: pl.Trainer, pl_module: nn.Module | None = None) -> None:
@@ -508,10 +513,47 @@ class BatchNormDriftMonitor(MonitorCallback):
         )
 
     def extra_state(self) -> dict[str, Any]:
-        return {"syncs": list(self.syncs)}
+        """The syncs, and the logging interval so far (this rank's): the ring's batches processed into the
+        interval's sums (the same numbers as processing them later: the ring adds batch by batch), the
+        drift reference (the running statistics at the interval's start), the last recorded batch's old
+        statistics and sizes (the cross-rank keys and ``elements`` read them), and whether a batch ran
+        since the last sync. A checkpoint inside an interval then resumes it exactly."""
+        state: dict[str, Any] = {"syncs": list(self.syncs)}
+        if self._buffers_ready:
+            ring = self.ring
+            ring.flush()
+            state["interval"] = {
+                "channels": int(ring.total),
+                "sums": ring.sums.detach().cpu().clone(),
+                "zmax": ring.zmax.detach().cpu().clone(),
+                "forwards": ring.forwards.detach().cpu().clone(),
+                "start_mean": self._start_mean.detach().cpu().clone(),
+                "start_var": self._start_var.detach().cpu().clone(),
+                "old": ring.old.detach().cpu().clone(),
+                "elements": [int(e) for e in self._elements],
+                "dirty": bool(self._dirty),
+            }
+        return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.syncs = list(state.get("syncs", []))
+        self._restored_interval = state.get("interval")  # put back by _allocate, on the model's device
+        if self._restored_interval is not None:
+            self._dirty = bool(self._restored_interval.get("dirty", self._dirty))
+
+    def _restore_interval(self) -> None:
+        """Continue the checkpoint's logging interval (:meth:`extra_state`), if it was saved for these
+        layers (the same channel count); else start a fresh one."""
+        saved = self.__dict__.pop("_restored_interval", None)
+        ring = self.ring
+        if not saved or int(saved.get("channels", -1)) != ring.total or len(saved["elements"]) != len(self.layers):
+            return
+        for name, target in (("sums", ring.sums), ("zmax", ring.zmax), ("forwards", ring.forwards)):
+            target.copy_(saved[name])
+        self._start_mean = saved["start_mean"].to(ring.sums.device, self.ring.stat_dtype)
+        self._start_var = saved["start_var"].to(ring.sums.device, self.ring.stat_dtype)
+        ring.old.copy_(saved["old"])
+        self._elements = list(saved["elements"])
 
 
 # names that lived here before PreciseBN and pooling moved (one release, with a DeprecationWarning)

@@ -100,8 +100,7 @@ def _guard(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     if getattr(fn, "_monitor_guarded", False):
         return fn
 
-    @functools.wraps(fn)
-    def guarded(self: MonitorCallback, *args: Any, **kwargs: Any) -> Any:
+    def run(self: MonitorCallback, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not self.active and name not in _ALWAYS_RUN:
             if name == "on_train_batch_end":
                 self._failed_rank_flush(args[0])
@@ -122,6 +121,25 @@ def _guard(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             return None
         finally:
             self._guard_depth -= 1
+
+    if name != "on_save_checkpoint":
+
+        @functools.wraps(fn)
+        def guarded(self: MonitorCallback, *args: Any, **kwargs: Any) -> Any:
+            return run(self, args, kwargs)
+
+    else:
+
+        @functools.wraps(fn)
+        def guarded(self: MonitorCallback, *args: Any, **kwargs: Any) -> Any:
+            if self._guard_depth:  # super().on_save_checkpoint(...): the outermost call gathers
+                return run(self, args, kwargs)
+            # every rank gathers the monitors' extra states at each save whatever the hook did (the monitor
+            # may be off, the hook may have raised): a rank that skipped the gather would hang the others
+            try:
+                return run(self, args, kwargs)
+            finally:
+                self._share_rank_states(*args, **kwargs)
 
     guarded._monitor_guarded = True  # type: ignore[attr-defined]
     return guarded
@@ -468,7 +486,24 @@ class MonitorCallback(ForwardHooks, RecordingSchedule, Callback):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "history": list(self.history), "extra": self.extra_state()}
+        """The checkpointed state: the history, where the logging interval stands (``last_flush_step``,
+        ``batches_since_flush``: a resumed run flushes on the same steps, and under gradient accumulation
+        never flushes the checkpoint's step a second time) and this rank's :meth:`extra_state`. Under DDP
+        :meth:`on_save_checkpoint` adds every rank's ``extra`` as ``extra_ranks`` (rank order)."""
+        try:
+            extra = self.extra_state()
+        except Exception as err:  # a monitor must not cost the run its checkpoint
+            if self.strict:
+                raise
+            self.fail("state_dict", err)
+            extra = {}
+        return {
+            "version": 2,
+            "history": list(self.history),
+            "extra": extra,
+            "last_flush_step": int(self._last_flush_step),
+            "batches_since_flush": int(self._batches_since_flush),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "history" not in state_dict:
@@ -477,7 +512,80 @@ class MonitorCallback(ForwardHooks, RecordingSchedule, Callback):
                 f"(keys: {sorted(state_dict)})"
             )
         self.history = list(state_dict["history"])[-self.max_history :]
-        self.load_extra_state(state_dict.get("extra", {}))
+        # version 1 checkpoints have neither: the interval restarts (at most one duplicate row)
+        self._last_flush_step = int(state_dict.get("last_flush_step", -1))
+        self._batches_since_flush = int(state_dict.get("batches_since_flush", 0))
+        self.load_extra_state(_own_rank_entry(state_dict))
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Nothing of its own; under DDP the guard then gathers every rank's ``extra`` into the
+        checkpoint (:meth:`_share_rank_states`), whatever a subclass's override did."""
+
+    def _share_rank_states(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Under DDP, gather every rank's ``extra`` (what :meth:`state_dict` just put into this rank's
+        ``checkpoint``) and store the list as ``extra_ranks``: one ``all_gather_object`` per monitor and
+        save. Lightning builds the checkpoint on every rank at each save (``trainer.save_checkpoint`` is
+        collective), and this runs from the guard of ``on_save_checkpoint`` on every rank, active or not,
+        so every rank takes part; no other step pays anything."""
+        if int(getattr(trainer, "world_size", 1) or 1) <= 1 or not _distributed():
+            return
+        import torch.distributed as dist
+
+        states = checkpoint.get("callbacks") if isinstance(checkpoint, dict) else None
+        entry = states.get(self.state_key) if isinstance(states, dict) else None
+        own = entry.get("extra") if isinstance(entry, dict) else None
+        gathered: list[Any] = [None] * dist.get_world_size()
+        try:
+            dist.all_gather_object(gathered, _to_cpu(own))
+        except Exception as err:
+            if self.strict:
+                raise
+            self.fail("on_save_checkpoint (gathering every rank's state)", err, trainer)
+            return
+        if isinstance(entry, dict):
+            entry["extra_ranks"] = gathered
+
+
+def _own_rank_entry(state: dict[str, Any]) -> dict[str, Any]:
+    """The ``extra`` state this process resumes with from a monitor's checkpointed ``state``: its own
+    rank's entry of ``extra_ranks`` when the checkpoint has one per rank of the current world, else
+    ``extra`` (rank zero's: a single-process checkpoint, an older one, or another world size).
+
+    Example:
+        >>> _own_rank_entry({"history": [], "extra": {"n": 0}, "extra_ranks": [{"n": 0}, {"n": 1}]})  # one process
+        {'n': 0}
+    """
+    extra = state.get("extra") or {}
+    ranks = state.get("extra_ranks")
+    if _distributed() and isinstance(ranks, list | tuple):
+        import torch.distributed as dist
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if len(ranks) == world and isinstance(ranks[rank], dict):
+            return ranks[rank]
+    return extra
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _to_cpu(value: Any) -> Any:
+    """``value`` with every tensor moved to the CPU (what travels in ``all_gather_object``: a pickled device
+    tensor would be unpickled onto the sender's device)."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple) and not hasattr(value, "_fields"):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 for _name in _GUARDED_HOOKS & set(vars(MonitorCallback)):

@@ -540,6 +540,12 @@ class ThroughputMonitor(MonitorCallback):
         self.num_workers = _num_workers(trainer)
         self.cpus = _cpus_per_process(trainer)
         start = int(trainer.global_step)
+        restored = self.__dict__.pop("_restored_targets", None)
+        if restored is not None and not self._compiled:  # a resumed run: the steps the checkpoint planned
+            targets, flops_step = restored
+            self._sync_targets = [s for s in targets if s >= start]
+            self._flops_step = None if flops_step is None else int(flops_step)
+            return
         if self.count_flops and self.flops_per_step is None and not self._compiled:
             self._flops_step = self._next_quiet(trainer, max(start, WARMUP_STEPS - 1), set())
         taken = {self._flops_step} if self._flops_step is not None else set()
@@ -807,7 +813,31 @@ class ThroughputMonitor(MonitorCallback):
             "sync_counts": list(self.sync_counts),
             "sync_counted_steps": list(self.sync_counted_steps),
             "sync_where": [list(w) for w in self.sync_where],
+            # the logging interval so far (timed steps and images are counts; the rest wall-clock seconds,
+            # which a resumed run cannot repeat) and the steps still to be counted: a resumed run counts
+            # FLOPs and host syncs on the steps the uninterrupted one would
+            "interval": self._interval_at_save(),
+            "sync_targets": [int(s) for s in self._sync_targets],
+            "flops_step": self._flops_step,
         }
+
+    def _interval_at_save(self) -> list[float]:
+        """The open interval as a checkpoint keeps it: with the steps whose device clocks are still pending
+        (a save waits for the device anyway) and the step in flight, whose end Lightning runs after the
+        save (a resumed run never sees it end, the uninterrupted one counts it): host clocks up to now."""
+        if self._cuda and self._pending:
+            torch.cuda.synchronize()
+            self._read_events()
+        acc = [float(v) for v in self._acc]
+        t = self._t
+        in_flight = t.get("first_end", -math.inf) > t.get("first_start", math.inf) > t.get("last_end", -math.inf)
+        if self._timed and in_flight and "last_start" in t:
+            now = time.perf_counter()
+            compute = t["first_end"] - t["last_start"]
+            callbacks = (t["last_start"] - t["first_start"]) + (now - t["first_end"])
+            step = (self._gap, compute, callbacks, 1.0, float(self._images), self._gap + compute + callbacks)
+            acc = [a + v for a, v in zip(acc, step)]
+        return acc
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.totals.update(state.get("totals") or {})
@@ -815,6 +845,11 @@ class ThroughputMonitor(MonitorCallback):
         self.sync_counts = list(state.get("sync_counts") or [])
         self.sync_counted_steps = list(state.get("sync_counted_steps") or [])
         self.sync_where = [tuple(w) for w in state.get("sync_where") or []]
+        interval = state.get("interval")
+        if isinstance(interval, list | tuple) and len(interval) == len(self._acc):
+            self._acc = [float(v) for v in interval]
+        if "sync_targets" in state:  # else (an older checkpoint) on_train_start picks them afresh
+            self._restored_targets = ([int(s) for s in state["sync_targets"]], state.get("flops_step"))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._leave_modes(trainer)

