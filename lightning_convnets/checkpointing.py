@@ -200,6 +200,21 @@ class AtomicModelCheckpoint(ModelCheckpoint):
             warnings.filterwarnings("ignore", message=_DIRPATH_CHANGED, category=UserWarning)
             super().load_state_dict(state_dict)
 
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Remember that the checkpoint's step is saved: Lightning's ``ModelCheckpoint`` starts counting
+        from step 0 again, so a run resumed at step S under gradient accumulation would write ``last.ckpt``
+        again after its first micro-batch, between the micro-batches of step S + 1 (a checkpoint that loses
+        that micro-batch's gradient if the run dies right after it)."""
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        if "global_step" in checkpoint:
+            self.mark_saved_at(int(checkpoint["global_step"]))
+
+    def mark_saved_at(self, step: int) -> None:
+        """Tell ``ModelCheckpoint`` that ``step`` is already saved. Lightning has no public call for it: this
+        adapter is the one writer of its private ``_last_global_step_saved``
+        (``tests/test_checkpoint_layout.py`` fails loudly if an upgrade renames it)."""
+        self._last_global_step_saved = step
+
     def save_last_now(self, trainer: Trainer) -> None:
         """Write ``last.ckpt`` now when ``save_last`` is step-triggered. Lightning has no public call for it:
         this adapter is the one reader of ``ModelCheckpoint``'s private members

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_convnets.checkpointing import atomic_torch_save, find_last_checkpoint
+from lightning_convnets.checkpointing import AtomicModelCheckpoint, atomic_torch_save, find_last_checkpoint
 from lightning_convnets.cli import ConvNetsCLI
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
@@ -105,3 +105,18 @@ def test_lightning_keeps_the_model_checkpoint_members_the_save_last_adapter_read
         "monitor_candidates",
     ]
     assert hasattr(ModelCheckpoint(every_n_train_steps=3), "_every_n_train_steps")
+
+
+def test_lightning_keeps_the_member_the_resumed_step_adapter_writes():
+    """AtomicModelCheckpoint.mark_saved_at writes ModelCheckpoint._last_global_step_saved (no public way to
+    say the checkpoint's step is saved); ModelCheckpoint must still read it to skip a save at that step."""
+    import inspect
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    assert ModelCheckpoint()._last_global_step_saved == 0, "Lightning renamed ModelCheckpoint._last_global_step_saved"
+    source = inspect.getsource(ModelCheckpoint._should_skip_saving_checkpoint)
+    assert "_last_global_step_saved" in source, "ModelCheckpoint no longer skips a step it saved already"
+    checkpoint = AtomicModelCheckpoint(save_last=True, every_n_train_steps=3)
+    checkpoint.mark_saved_at(21)
+    assert checkpoint._last_global_step_saved == 21

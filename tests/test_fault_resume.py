@@ -403,11 +403,7 @@ def check_resumed(
         final_c = torch.load(killed / f"resumed-final-rank{rank}.pt", weights_only=True)
         assert state_differences(final_a, final_c, f"rank {rank}") == [], f"rank {rank} ended elsewhere"
 
-    # Under accumulation the resumed run saves last.ckpt again after its first micro-batch (Lightning's
-    # ModelCheckpoint does not checkpoint the step it last saved at: see
-    # test_a_resumed_run_does_not_save_again_between_micro_batches); the ThroughputMonitor leaves the step
-    # after a save untimed, so its count of timed micro-batches is one lower: left out there.
-    differing = monitor_differences(a, c, expected=monitors, timed_counts=accumulate == 1)
+    differing = monitor_differences(a, c, expected=monitors)
     known = known or {}
     unexpected = {k: v for k, v in differing.items() if k not in known}
     assert not unexpected, f"monitor states differ after the resume: {unexpected}"
@@ -503,15 +499,6 @@ def test_two_ddp_ranks_with_dropout_and_their_own_random_streams_resume_exactly(
     assert run_case(tmp_path, kill_after=11, world=2, dropout=0.5, rank_seeds=True, monitors=False) == (1, 2, 9)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Lightning's ModelCheckpoint does not checkpoint the step it last saved at (_last_global_step_saved "
-    "starts at 0): a run resumed at step S under gradient accumulation saves last.ckpt again after its first "
-    "micro-batch, between the micro-batches of step S + 1 (a checkpoint that loses that micro-batch's "
-    "gradient if the run dies right after it). Fix: lightning_convnets.checkpointing.AtomicModelCheckpoint "
-    "sets it to the checkpoint's global_step when it loads its state.",
-)
 def test_a_resumed_run_does_not_save_again_between_micro_batches(tmp_path):
     shapes, killed = tmp_path / "shapes", tmp_path / "killed"
     options: dict[str, Any] = {"shapes": shapes, "accumulate": 2, "monitors": False}
