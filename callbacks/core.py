@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from . import diagnosis, hooks, moments, packing, report, schedule
+from . import diagnosis, hooks, moments, nonfinite, packing, report, schedule
 from .deprecated import moved_names
 from .hooks import ForwardHooks
 from .schedule import RecordingSchedule
@@ -381,6 +381,10 @@ class MonitorCallback(ForwardHooks, RecordingSchedule, Callback):
         if not metrics:
             return {}
         prefixed = {f"{self.monitor_name}/{k}": float(v) for k, v in metrics.items()}
+        guard = getattr(pl_module, "nonfinite_guard", None)
+        if getattr(guard, "mode", None) in ("skip", "rollback"):
+            # the steps the task skipped so far (a host counter: no sync), next to what the monitor saw
+            prefixed[f"{self.monitor_name}/skipped_steps"] = float(getattr(guard, "skipped", 0))
         self.append_history({"step": float(trainer.global_step), **prefixed})
         self.log_metrics(trainer, prefixed)
         return prefixed
@@ -470,6 +474,9 @@ class MonitorCallback(ForwardHooks, RecordingSchedule, Callback):
         if self.failure is not None:
             diag.add([self.failure])
         monitors = [cb for cb in trainer.callbacks if isinstance(cb, MonitorCallback)]
+        if all(id(m) in diag.contributors for m in monitors if m is not self):
+            # the last monitor to finish adds what the task did about bad steps (nonfinite="skip"/"rollback")
+            diag.add(nonfinite.training_findings(pl_module))
         diag.contribute(trainer, self, monitors, strict=self.strict)
 
     def _report_tables(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:

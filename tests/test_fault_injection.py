@@ -15,6 +15,7 @@ Exact resume after SIGKILL is tested in ``test_fault_resume.py``.
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -203,10 +204,10 @@ QUICKSTART = {"num_train": 4000, "batch_size": 64, "max_epochs": 3, "width": 8} 
 
 
 def _quickstart(
-    tmp_path: Path, size: dict[str, int], fault: Callback | None, **model: Any
+    tmp_path: Path, size: dict[str, int], fault: Callback | list[Callback] | None, **model: Any
 ) -> tuple[float, Any]:
-    """The quickstart config (optimizer, schedule, seed, data) through the CLI, at ``size``, with ``fault``;
-    returns the final ``val/acc`` and the model."""
+    """The quickstart config (optimizer, schedule, seed, data) through the CLI, at ``size``, with ``fault``
+    (one callback or several); returns the final ``val/acc`` and the model."""
     args = [
         "--config",
         str(CONFIGS / "quickstart.yaml"),
@@ -229,7 +230,7 @@ def _quickstart(
     ]
     cli = ConvNetsCLI(args=args, run=False)
     if fault is not None:
-        cli.trainer.callbacks.append(fault)
+        cli.trainer.callbacks.extend(fault if isinstance(fault, list) else [fault])
     cli.trainer.fit(cli.model, cli.datamodule)
     return float(cli.trainer.callback_metrics["val/acc"]), cli.model
 
@@ -296,3 +297,21 @@ def test_rollback_gives_up_with_a_named_error_listing_every_rollback(tmp_path):
         RollbackLimitError, match=r"step 11 .*max_rollbacks=1 rollbacks.*step 10: non-finite loss"
     ):
         _quickstart(tmp_path, size, NaNBatch(10, count=2), **dict(ROLLBACK, max_rollbacks=1))
+
+
+def test_the_diagnosis_lists_every_rollback_and_the_monitors_record_the_skips(tmp_path):
+    from lightning_convnets.callbacks import BatchNormDriftMonitor
+
+    size = dict(SHORT, max_epochs=1)
+    steps = size["num_train"] // size["batch_size"]
+    monitor = BatchNormDriftMonitor(log_every_n_steps=4)
+    fault = NaNBatch(steps // 2)
+    with pytest.warns(UserWarning, match="rollback 1 of at most 5"):
+        _, cli_model = _quickstart(tmp_path, size, [fault, monitor], **ROLLBACK)
+    rows = json.loads((tmp_path / "diagnosis.json").read_text())
+    rollbacks = [r for r in rows if r["kind"] == "rollback"]
+    assert [(r["step"], r["layers"]) for r in rollbacks] == [(steps // 2, ["backbone.conv1"])], rows
+    assert cli_model.nonfinite_guard.skipped == 1
+    skipped = [e["batchnorm/skipped_steps"] for e in monitor.history]
+    assert skipped[0] == 0 and skipped[-1] == 1, skipped  # the monitor's record shows the step it did not see
+

@@ -263,9 +263,9 @@ class ConvNetTask(
 
     # ------------------------------------------------------------------------- optimizer and schedule
     def on_train_epoch_start(self) -> None:
-        """Freeze or unfreeze the backbone for this epoch; on a resumed run, restore the random streams."""
+        """Freeze or unfreeze the backbone for this epoch (a resumed run's random streams come back at its
+        first training batch: :class:`~lightning_convnets.tasks.state.CheckpointStateHooks`)."""
         self.apply_freeze_schedule(self.current_epoch)
-        self.restore_random_streams()
 
     def configure_optimizers(self) -> Any:
         """The optimizer over :meth:`parameter_groups` and the scheduler (``total_steps`` filled in)."""

@@ -55,13 +55,6 @@ class CheckpointStateHooks:
     holds ``num_classes``, ``nonfinite_guard`` and builds its head with ``_build``). Saved under the
     checkpoint's ``"lightning_convnets"`` key."""
 
-    def restore_random_streams(self) -> None:
-        """Kept for :meth:`ConvNetTask.on_train_epoch_start`, which calls it at each epoch's start: it does
-        nothing now. The streams are put back at the resumed run's first training batch
-        (:meth:`on_train_batch_start`): the epoch's loader iterator, made after the epoch starts, draws a
-        seed from the torch stream, which the uninterrupted run did at that epoch's start, before the
-        checkpoint."""
-
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
         """On a resumed run's first training batch, continue every random stream where the checkpoint
         left it (this rank's own: :func:`own_rank_state`), just before the batch trains: in the
@@ -82,6 +75,7 @@ class CheckpointStateHooks:
             "num_classes": self.num_classes,
             "rng": state,
             "skipped_steps": self.nonfinite_guard.skipped,
+            "nonfinite": self.nonfinite_guard.state_dict(),  # skips, rollbacks, the spike rule's history
         }
         ranks = gather_rank_states(state)
         if ranks is not None:
@@ -92,7 +86,7 @@ class CheckpointStateHooks:
         ``load_from_checkpoint`` needs no datamodule)."""
         ours = checkpoint.get("lightning_convnets") or {}
         self.__dict__["_rng_to_restore"] = own_rank_state(ours.get("rng"), ours.get("rng_ranks"))
-        self.nonfinite_guard.skipped = int(ours.get("skipped_steps", 0))
+        self.nonfinite_guard.load_state_dict(ours.get("nonfinite") or {"skipped": ours.get("skipped_steps", 0)})
         saved = ours.get("num_classes")
         if saved is None:
             return
