@@ -403,6 +403,49 @@ class StepRing:
     def clear(self) -> None:
         self._rows.clear()
 
+    def state(self) -> dict[str, Any]:
+        """The ring as it stands, for a checkpoint (CPU copies): both tensors whole (a ring put back by
+        :meth:`load` is this one bit for bit, columns that a step did not write included), its rows (``[slot,
+        step, micro-batches with a loss, optimizers written]``) and the next slot."""
+        rows = [[int(at), int(step), int(parts), sorted(map(int, o))] for at, step, parts, o in self._rows]
+        return {
+            "loss": self.loss.detach().cpu().clone(),
+            "grads": self.grads.detach().cpu().clone(),
+            "rows": rows,
+            "next": int(self._next),
+        }
+
+    def load(self, state: dict[str, Any]) -> bool:
+        """Put back what :meth:`state` returned, onto this ring's device and dtype; ``False`` (nothing
+        changed) when it holds another number of parameters. A ring of another capacity (another logging
+        interval) takes the newest rows that fit, from slot 0.
+
+        Example:
+            >>> ring = StepRing(capacity=4, params=3, device=torch.device("cpu"))
+            >>> ring.begin(7); ring.add_loss(torch.tensor(2.0)); saved = ring.state()
+            >>> again = StepRing(capacity=4, params=3, device=torch.device("cpu"))
+            >>> again.load(saved), again.rows(), float(again.loss[0])
+            (True, [(7, 0, 1, frozenset())], 2.0)
+        """
+        loss, grads = state["loss"], state["grads"]
+        if grads.dim() != 2 or grads.shape[1] != self.grads.shape[1] or loss.shape[0] != grads.shape[0]:
+            return False
+        rows = [[int(at), int(step), int(parts), set(map(int, o))] for at, step, parts, o in state["rows"]]
+        if grads.shape[0] == self.capacity:
+            self.loss.copy_(loss)
+            self.grads.copy_(grads)
+            self._next = int(state["next"]) % self.capacity
+        else:
+            rows = rows[len(rows) - min(len(rows), self.capacity) :]
+            slots = torch.tensor([row[0] for row in rows], dtype=torch.long)
+            self.loss[: len(rows)].copy_(loss[slots])
+            self.grads[: len(rows)].copy_(grads[slots])
+            for i, row in enumerate(rows):
+                row[0] = i
+            self._next = len(rows) % self.capacity
+        self._rows = deque(rows)
+        return True
+
 
 class SpikeTail:
     """The last steps seen (host side, after the interval's collective): their steps, losses and

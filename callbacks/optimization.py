@@ -161,6 +161,7 @@ class OptimizationMonitor(MonitorCallback):
         self._previous_lrs: dict[int, list[Any]] = {}
         self._spikes_on = self.loss_spikes
         self._loss_checked = False
+        self._restored_interval: dict[str, Any] | None = None  # a checkpoint's open interval (a resume)
 
     def failure_hint(self, hook: str, error: BaseException) -> str:
         return (
@@ -182,6 +183,7 @@ class OptimizationMonitor(MonitorCallback):
     # ------------------------------------------------------------------ Lightning hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._build(trainer, pl_module)
+        self._restore_interval()
         if self.layout is not None and not self.layout.total:
             self.step_aside("no optimizer holds a trainable parameter: nothing to measure")
 
@@ -393,13 +395,24 @@ class OptimizationMonitor(MonitorCallback):
 
     # ------------------------------------------------------------------ checkpointing
     def extra_state(self) -> dict[str, Any]:
-        return {
+        """The run so far (tallies, spikes, the band's tail, where judging began, the learning rates of the
+        latest recorded steps) and the open logging interval (CPU copies): the update-ratio accumulators
+        and the ring of steps (losses, gradient norms). A checkpoint inside an interval then resumes it
+        exactly: the resumed run's next flush is the uninterrupted run's."""
+        state: dict[str, Any] = {
             "tallies": {k: [t.steps, t.below, t.above, t.sum_log] for k, t in self.tallies.items()},
             "spikes": [s.to_dict() for s in self.spikes],
             "tail": self._tail.state(),
             "judged_from": self.judged_from,
-            "previous_lrs": {str(k): v for k, v in self._previous_lrs.items()},
+            "previous_lrs": _lrs_state(self._previous_lrs),
+            "lrs": _lrs_state(self._lrs),
         }
+        if self._meter is not None:
+            state["interval"] = {
+                **self._meter.state(),
+                "ring": self._ring.state() if self._ring is not None else None,
+            }
+        return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.tallies = {k: LayerTally(*map(float, v)) for k, v in state.get("tallies", {}).items()}
@@ -407,3 +420,32 @@ class OptimizationMonitor(MonitorCallback):
         self._tail.load(state.get("tail", {}))
         self.judged_from = state.get("judged_from")
         self._previous_lrs = {int(k): list(v) for k, v in state.get("previous_lrs", {}).items()}
+        self._lrs = {int(k): list(v) for k, v in (state.get("lrs") or {}).items()}
+        # put back by on_train_start once the layout is built (a checkpoint without it: a fresh interval)
+        self._restored_interval = state.get("interval")
+
+    def _restore_interval(self) -> None:
+        """Continue the checkpoint's logging interval (:meth:`extra_state`) if it was measured on these
+        layers and groups; else the interval starts afresh (at most one interval's numbers lost)."""
+        saved, self._restored_interval = self._restored_interval, None
+        meter = self._meter
+        if not saved or meter is None:
+            return
+        if not meter.load(saved):
+            rank_zero_info(
+                f"{type(self).__name__}: the checkpoint's open logging interval was measured on other layers "
+                "or parameter groups; the interval starts afresh"
+            )
+            return
+        ring = saved.get("ring")
+        if ring is not None and self._ring is not None and not self._ring.load(ring):
+            meter.reset()  # the ratios without their steps' gradient norms and losses: start afresh together
+
+
+def _lrs_state(lrs: dict[int, list[Any]]) -> dict[str, list[Any]]:
+    """Recorded learning rates for a checkpoint: string keys, a tensor rate as a CPU copy."""
+
+    def cpu(value: Any) -> Any:
+        return value.detach().cpu().clone() if isinstance(value, Tensor) else value
+
+    return {str(k): [cpu(v) for v in rates] for k, rates in lrs.items()}

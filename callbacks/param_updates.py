@@ -279,3 +279,34 @@ class UpdateMeter:
     def reset(self) -> None:
         """Zero the accumulators (a new interval)."""
         self.acc.zero_()
+
+    def state(self) -> dict[str, Any]:
+        """The interval's accumulators, for a checkpoint (a CPU copy), with the layer and group names they
+        belong to. Not the parameter copies of :meth:`snapshot`: they live only from an optimizer step to
+        the end of its batch, and Lightning saves between batches."""
+        layout = self.layout
+        return {
+            "layers": list(layout.layer_names),
+            "groups": list(layout.group_names),
+            "acc": self.acc.detach().cpu().clone(),
+        }
+
+    def load(self, state: dict[str, Any]) -> bool:
+        """Put back what :meth:`state` returned; ``False`` (nothing changed) when it was measured on other
+        layers or groups.
+
+        Example:
+            >>> net = nn.Sequential(nn.Linear(4, 2))
+            >>> layout = ParamLayout.build([torch.optim.SGD(net.parameters(), 0.1)], net, torch.device("cpu"))
+            >>> meter = UpdateMeter(layout); meter.acc += 1; again = UpdateMeter(layout)
+            >>> again.load(meter.state()), float(again.acc.sum())
+            (True, 12.0)
+        """
+        layout, acc = self.layout, state.get("acc")
+        same = list(state.get("layers", ())) == layout.layer_names and list(state.get("groups", ())) == (
+            layout.group_names
+        )
+        if not same or not isinstance(acc, Tensor) or tuple(acc.shape) != tuple(self.acc.shape):
+            return False
+        self.acc.copy_(acc)
+        return True

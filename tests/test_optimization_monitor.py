@@ -462,6 +462,84 @@ def test_resumed_fit_goes_on_with_its_history(tmp_path):
     assert second.tallies["head"].steps == first.tallies["head"].steps + 10
 
 
+def resume_inside_an_interval(tmp_path, strip=()):
+    """A: 30 steps (two epochs of 15 batches), the monitor flushing every 10, a checkpoint at step 15 (the
+    end of epoch 0: a plain loader resumes exactly there), inside the interval 10..20; C: a fresh monitor
+    resumed from that checkpoint (``strip``: keys of its extra state removed first, as an older checkpoint
+    lacks them). Returns A's and C's monitors."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    options = {**QUIET, "enable_checkpointing": True, "log_every_n_steps": 10, "max_steps": 30}
+    loader = DataLoader(data(n=120), batch_size=8)  # 15 batches per epoch
+    straight = OptimizationMonitor(log_every_n_steps=10, strict=True)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=15, save_top_k=-1)
+    torch.manual_seed(0)
+    pl.Trainer(callbacks=[straight, ckpt], default_root_dir=tmp_path, **options).fit(Net(), loader)
+    path = tmp_path / "epoch=0-step=15.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    (key,) = [k for k in checkpoint["callbacks"] if k.startswith("OptimizationMonitor")]
+    extra = checkpoint["callbacks"][key]["extra"]
+    assert extra["interval"]["ring"]["rows"], "the checkpoint is not inside an interval"
+    if strip:
+        for name in strip:
+            extra.pop(name)
+        path = tmp_path / "older.ckpt"
+        torch.save(checkpoint, path)
+    resumed = OptimizationMonitor(log_every_n_steps=10, strict=True)
+    torch.manual_seed(0)
+    again = ModelCheckpoint(dirpath=tmp_path / "c", every_n_train_steps=15, save_top_k=-1)
+    trainer = pl.Trainer(callbacks=[resumed, again], default_root_dir=tmp_path / "c", **options)
+    trainer.fit(Net(), loader, ckpt_path=str(path))
+    return straight, resumed
+
+
+def test_a_checkpoint_inside_an_interval_resumes_it_exactly(tmp_path):
+    from ddp_utils import state_differences
+
+    straight, resumed = resume_inside_an_interval(tmp_path)
+    # the next flush (step 20: steps 10-14 before the checkpoint, 15-19 after) and the one after it are
+    # the uninterrupted run's, bit for bit, and so is the whole checkpointed state at the end
+    assert [e["step"] for e in resumed.history] == [10.0, 20.0, 30.0]
+    assert state_differences(resumed.history, straight.history, "history") == []
+    assert state_differences(resumed.state_dict(), straight.state_dict(), "state") == []
+    assert resumed.tallies == straight.tallies and resumed._tail.steps == straight._tail.steps
+
+
+def test_an_older_checkpoint_without_the_interval_still_loads_and_starts_a_fresh_interval(tmp_path):
+    straight, resumed = resume_inside_an_interval(tmp_path, strip=("interval", "lrs"))
+    assert [e["step"] for e in resumed.history] == [10.0, 20.0, 30.0]
+    assert resumed.history[0] == straight.history[0] and resumed.history[2] == straight.history[2]
+    # steps 10-14 are lost: the flush at step 20 counts 5 steps, not 10 (what the interval's state is for)
+    assert resumed.history[1] != straight.history[1]
+    assert resumed.tallies["head"].steps == straight.tallies["head"].steps - 5
+
+
+def test_a_ring_or_accumulators_of_other_layers_are_not_put_back():
+    def layout_of(net: nn.Module) -> ParamLayout:
+        return ParamLayout.build([torch.optim.SGD(net.parameters(), lr=0.1)], net, torch.device("cpu"))
+
+    layout = layout_of(nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)))
+    meter = UpdateMeter(layout)
+    meter.acc += 1.0
+    # the same parameter count, other layer names ("2", not "1"): not these accumulators
+    elsewhere = UpdateMeter(layout_of(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))))
+    assert not elsewhere.load(meter.state()) and float(elsewhere.acc.abs().sum()) == 0.0
+    ring = StepRing(capacity=4, params=layout.total, device=torch.device("cpu"))
+    for step in range(6):  # wraps around: rows of steps 2..5 in slots 2, 3, 0, 1
+        ring.begin(step)
+        ring.add_loss(torch.tensor(float(step)))
+        ring.put_grads(0, 0, layout.total, [torch.tensor(float(step))] * layout.total)
+    assert not StepRing(4, layout.total + 1, torch.device("cpu")).load(ring.state())
+    same = StepRing(4, layout.total, torch.device("cpu"))
+    assert same.load(ring.state()) and same.rows() == ring.rows() and torch.equal(same.grads, ring.grads)
+    smaller = StepRing(3, layout.total, torch.device("cpu"))  # another interval: the newest rows that fit
+    assert smaller.load(ring.state())
+    assert [(step, slot) for step, slot, _, _ in smaller.rows()] == [(3, 0), (4, 1), (5, 2)]
+    assert smaller.loss.tolist() == [3.0, 4.0, 5.0] and smaller.grads[:, 0].tolist() == [3.0, 4.0, 5.0]
+    smaller.begin(6)  # the next row takes the oldest slot
+    assert smaller.rows()[-1][:2] == (6, 0)
+
+
 # --------------------------------------------------------------------------------------------------
 # Cost: no host read on quiet steps
 # --------------------------------------------------------------------------------------------------

@@ -179,15 +179,28 @@ def test_totals_and_syncs_come_back_from_a_checkpoint():
 
 
 def test_through_the_cli(tmp_path):
-    from lightning_convnets.cli import main
+    # the monitor and its options given on the command line (`--trainer.callbacks+=`) to the quickstart,
+    # whose own ThroughputMonitor is left out of the config first (Lightning refuses two with one state key)
+    import yaml
 
-    main([
-        "fit", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"),
+    from lightning_convnets.cli import ConvNetsCLI
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml").read_text())
+    callbacks = config["trainer"]["callbacks"]
+    kept = [c for c in callbacks if not c["class_path"].endswith(".ThroughputMonitor")]
+    assert len(kept) == len(callbacks) - 1, "the quickstart lists no ThroughputMonitor any more"
+    config["trainer"]["callbacks"] = kept
+    (tmp_path / "quickstart.yaml").write_text(yaml.safe_dump(config))
+    cli = ConvNetsCLI(args=[
+        "fit", "--config", str(tmp_path / "quickstart.yaml"),
         "--trainer.max_steps=12", "--trainer.limit_val_batches=0", f"--trainer.logger.init_args.save_dir={tmp_path}",
         f"--trainer.default_root_dir={tmp_path}",
         '--trainer.callbacks+={"class_path": "lightning_convnets.callbacks.throughput.ThroughputMonitor", '
         '"init_args": {"sync_steps": [3]}}',
-    ])
+    ])  # fmt: skip
+    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, ThroughputMonitor)]
+    assert monitor.sync_steps == (3,) and monitor.sync_counted_steps and monitor.sync_counted_steps[0] >= 3
+    assert monitor.totals["steps"] > 0 and cli.trainer.global_step == 12
     rows = json.loads(next(tmp_path.rglob("diagnosis.json")).read_text())
     assert {"compute_bound", "throughput"} <= {r["kind"] for r in rows if r["monitor"] == "throughput"}
 
