@@ -42,6 +42,7 @@ from lightning_convnets.callbacks import (
     ActivationVarianceMonitor,
     BatchNormDriftMonitor,
     GradientShatteringMonitor,
+    OptimizationMonitor,
     ThroughputMonitor,
 )
 from lightning_convnets.datamodules import ShapesDataModule
@@ -216,6 +217,7 @@ def fit(
         BatchNormDriftMonitor(log_every_n_steps=monitor_every),
         GradientShatteringMonitor(every_n_steps=4, num_points=8),
         ThroughputMonitor(log_every_n_steps=monitor_every, sync_steps=(5, 11, 20)),
+        OptimizationMonitor(log_every_n_steps=monitor_every),
     ]
     callbacks = [
         *(watching if monitors else []),
@@ -354,7 +356,7 @@ def check_resumed(
     accumulate: int = 1,
     last_a: Path | None = None,
     last_c: Path | None = None,
-    monitors: int = 4,
+    monitors: int = 5,
     known: dict[str, str] | None = None,
 ) -> None:
     """The stitched batches equal A's on every rank, every image is counted as often, and the final
@@ -433,7 +435,7 @@ def run_case(tmp_path: Path, kill_after: int, **options: Any) -> tuple[int, int,
     with ddp_hygiene():
         run_fit(killed, "resumed", shapes=shapes, ckpt_path=str(last), **options)
     check_resumed(
-        straight, killed, position, world=world, accumulate=accumulate, monitors=4 if options.get("monitors", True) else 0
+        straight, killed, position, world=world, accumulate=accumulate, monitors=5 if options.get("monitors", True) else 0
     )
     return position
 
