@@ -2,17 +2,19 @@
 
 Owns :class:`ActivationVarianceMonitor`: its hooks on the stem and every residual block it recognises
 (ours, torchvision's, timm's, and user blocks declaring ``residual_branch``), or on the conv/linear layers
-of a model without blocks, and the metrics it logs (mean, variance, growth, branch ratio, dead channels,
-the first non-finite module). Which modules are measured is
-:func:`~lightning_convnets.callbacks.targets.find_targets` (the targets protocol); where the first NaN/Inf
-came from is :class:`~lightning_convnets.callbacks.nonfinite.FirstNonFinite`; the judging lives in
+of a model without blocks, the moments they feed, its interval, checkpointed state and figure, and
+:func:`activation_findings` (which rule reads which layers of the latest history entry). Which modules are
+measured is :func:`~lightning_convnets.callbacks.targets.find_targets` (the targets protocol); the metrics
+from the merged moments are :func:`~lightning_convnets.callbacks.depth_metrics.target_metrics`; the dead
+and saturated units are :class:`~lightning_convnets.callbacks.units.UnitCounts` (whose names are
+re-exported here); where the first NaN/Inf came from is
+:class:`~lightning_convnets.callbacks.nonfinite.FirstNonFinite`; the rules live in
 :mod:`lightning_convnets.callbacks.diagnosis`. Details (targets protocol, logged keys, the non-finite
 search) are in ``docs/monitors.md``.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -23,12 +25,22 @@ from torch import Tensor, nn
 
 from . import diagnosis, plots
 from .core import MonitorCallback, MonitorConfigError
+from .depth_metrics import geomean_growth, target_metrics
 from .diagnosis import Finding
 from .hooks import is_compiled
-from .moments import MomentBank, Moments, ShiftedMoments
+from .moments import MomentBank, ShiftedMoments
 from .nonfinite import FirstNonFinite, decode
 from .packing import PackedStats, StatsPacker
 from .targets import Target, find_targets, identity_aliases
+from .units import (
+    KIND_SATURATED,
+    SATURATED_FRACTION,
+    SATURATION_MARGIN,
+    UnitCounts,
+    alive_per_channel,
+    saturated_units,
+    unit_kind,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl
@@ -39,24 +51,20 @@ __all__ = [
     "SATURATED_FRACTION",
     "SATURATION_MARGIN",
     "ActivationVarianceMonitor",
+    "UnitCounts",
+    "activation_findings",
     "alive_per_channel",
+    "measured_targets",
     "saturated_units",
     "unit_kind",
 ]
-
-KIND_SATURATED = "saturated_units"
-SATURATED_FRACTION = 0.25
-"""Share of a sigmoid/tanh layer's channels saturated for a whole interval that makes a warning."""
-SATURATION_MARGIN = 0.01
-"""How close to a bound (sigmoid: 0 or 1; tanh: -1 or 1) an output counts as saturated (tanh: |x| > 2.6;
-sigmoid: |x| > 4.6 before it)."""
 
 
 class ActivationVarianceMonitor(MonitorCallback):
     """Per-layer activation mean and variance along the depth, residual branch ratios, dead ReLUs,
     explosion / vanishing and the first non-finite module.
 
-    See the module docstring for the targets protocol and the logged keys (all under
+    ``docs/monitors.md`` has the targets protocol and the logged keys (all under
     ``activation_variance/``). Hooks are registered in ``setup`` (before Lightning compiles the model) and
     gated on ``module.training``: under ``torch.compile`` they are traced into the graph, the monitor's
     on/off switch and ``sample_every_n_steps`` become guards (two graph variants: recording and not),
@@ -131,22 +139,7 @@ class ActivationVarianceMonitor(MonitorCallback):
         super().__init__(
             log_every_n_steps, max_history, sample_every_n_steps, train_only, strict, dense_steps
         )
-        if not explode_growth > 1:
-            raise MonitorConfigError(f"ActivationVarianceMonitor: explode_growth must be > 1, got {explode_growth}")
-        if not 0 < vanish_growth < 1:
-            raise MonitorConfigError(
-                f"ActivationVarianceMonitor: vanish_growth must be in (0, 1), got {vanish_growth}"
-            )
-        for arg, value in (("dead_threshold", dead_threshold), ("saturated_threshold", saturated_threshold)):
-            if not 0 < value <= 1:
-                raise MonitorConfigError(f"ActivationVarianceMonitor: {arg} must be in (0, 1], got {value}")
-        if names is not None:
-            try:
-                re.compile(names)
-            except re.error as err:
-                raise MonitorConfigError(
-                    f"ActivationVarianceMonitor: names is not a valid regex ({names!r}): {err}"
-                ) from err
+        _check_options(explode_growth, vanish_growth, dead_threshold, saturated_threshold, names)
         self.blocks = blocks
         self.stem = stem
         self.types = tuple(types)
@@ -156,7 +149,7 @@ class ActivationVarianceMonitor(MonitorCallback):
         self.dead_threshold = dead_threshold
         self.units = units
         self.saturated_threshold = saturated_threshold
-        self._units: dict[str, list[Any]] = {}  # layer -> [kind, alive per channel, elements seen]
+        self.unit_counts = UnitCounts()  # per ReLU/sigmoid/tanh module: alive elements per channel
         self.num_curves = num_curves
         self.targets: list[Target] = []
         self._moments: dict[str, ShiftedMoments] = {}
@@ -167,23 +160,9 @@ class ActivationVarianceMonitor(MonitorCallback):
 
     # ------------------------------------------------------------------ hooks
     def attach(self, trainer: pl.Trainer | None, pl_module: nn.Module) -> None:
-        self.targets = find_targets(pl_module, self.blocks, self.stem, self.types, self.names)
-        if not self.targets and (self.types or self.names):
-            raise MonitorConfigError(
-                f"ActivationVarianceMonitor: no module of {type(pl_module).__name__} matches types="
-                f"{list(self.types)} / names={self.names!r}; check the names against "
-                "[n for n, _ in model.named_modules()]"
-            )
-        if not self.targets:
-            # no residual block and no stem (a U-Net, a plain CNN, a transformer): per-layer statistics
-            for fallback in ("conv", "linear"):
-                self.targets = find_targets(pl_module, blocks=False, stem=False, types=(fallback,))
-                if self.targets:
-                    rank_zero_info(
-                        f"ActivationVarianceMonitor: no residual block or stem in {type(pl_module).__name__}; "
-                        f"measuring its {len(self.targets)} {fallback} layers instead"
-                    )
-                    break
+        self.targets = measured_targets(
+            pl_module, blocks=self.blocks, stem=self.stem, types=self.types, names=self.names
+        )
         if not self.targets:
             self.step_aside(
                 f"nothing to measure in {type(pl_module).__name__}: no residual block, stem, conv or linear "
@@ -217,34 +196,19 @@ class ActivationVarianceMonitor(MonitorCallback):
                     self._hook(target.shortcut, [(shortcut_key, out)])
                 elif measure_shortcut:
                     self._hook(target.module, [(shortcut_key, lambda a: a[0])], pre=True)
-        self._units = {}
+        self.unit_counts = UnitCounts()
         if self.units:
-            measured = {id(t.module) for t in self.targets}
-            for name, module in pl_module.named_modules():
-                kind = unit_kind(module)
-                if kind is not None and id(module) not in measured:
-                    self._hook_unit(name, module, kind)
+            for name, module in self.unit_counts.add_modules(pl_module, {id(t.module) for t in self.targets}):
+                self._hook_unit(name, module)
 
-    def _hook_unit(self, name: str, module: nn.Module, kind: str) -> None:
-        """Count, per channel, the elements of ``module``'s output that are alive (neither zero after a ReLU
-        nor within the margin of a sigmoid/tanh bound): on the device, no host read."""
-        state: list[Any] = [kind, None, None]
-        self._units[name] = state
+    def _hook_unit(self, name: str, module: nn.Module) -> None:
+        """Count the alive units of ``module``'s output (:meth:`UnitCounts.update`: on the device)."""
+        update = self.unit_counts.update
 
         def hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             try:  # registered unwrapped (guard=False): one frame less on every forward
-                if not self.is_recording(mod):
-                    return
-                if not isinstance(output, Tensor) or not output.is_floating_point() or output.dim() < 2:
-                    return
-                if state[1] is not None and output.shape[1] != state[1].numel():
-                    return  # a module reused at another width: the first width only (static shapes)
-                alive = alive_per_channel(output.detach(), kind)
-                if state[1] is None:
-                    state[1] = torch.zeros_like(alive)
-                    state[2] = torch.zeros((), dtype=torch.float64, device=alive.device)
-                state[1] += alive
-                state[2] += output.numel() // output.shape[1]
+                if self.is_recording(mod):
+                    update(name, output)
             except Exception as err:
                 self.hook_error(mod, err)
 
@@ -375,67 +339,21 @@ class ActivationVarianceMonitor(MonitorCallback):
             bank.settle()  # the folded batches' counts (deferred by fold)
         for key, moments in self._moments.items():
             packer.running(key, moments)
-        for name, (_, alive, seen) in self._units.items():
-            if alive is not None:
-                packer.sum(f"unit/{name}/alive", alive)
-                packer.sum(f"unit/{name}/seen", seen)
+        self.unit_counts.pack(packer)
         if packer.entries:
             self._first_nonfinite.pack(packer, packer.entries[0][2][0].device)
 
     def reset_interval(self) -> None:
         self._bank.reset()
-        for state in self._units.values():
-            if state[1] is not None:
-                state[1].zero_()
-                state[2].zero_()
+        self.unit_counts.reset()
 
     def compute_metrics(
         self, trainer: pl.Trainer | None, pl_module: nn.Module, stats: PackedStats
     ) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        chain: list[tuple[str, float]] = []  # (name, var) of every measured target output, in depth order
-        block_vars: list[tuple[str, float]] = []
-        first_bad: str | None = None
-        for index, target in enumerate(self.targets):
-            out = stats.get(f"{index}/out")
-            if not isinstance(out, Moments) or float(out.count.sum()) == 0:
-                continue
-            name = target.name
-            _, mean, var = out.pooled()
-            metrics[f"{name}/mean"] = mean
-            metrics[f"{name}/var"] = var
-            channel_var = out.var
-            metrics[f"{name}/var_ch_min"] = float(channel_var.min())
-            metrics[f"{name}/var_ch_max"] = float(channel_var.max())
-            dead = (out.mean == 0) & (out.m2 == 0)
-            metrics[f"{name}/dead_fraction"] = float(dead.double().mean())
-            if chain:
-                metrics[f"{name}/growth"] = _ratio(var, chain[-1][1])
-            chain.append((name, var))
-            if target.kind in ("block", "plain"):
-                block_vars.append((name, var))
-            finite = math.isfinite(var) and math.isfinite(mean)
-            if target.residual:
-                shortcut_key = self._aliases.get(f"{index}/shortcut", f"{index}/shortcut")
-                shortcut, branch = stats.get(shortcut_key), stats.get(f"{index}/branch")
-                total = stats.get(f"{index}/sum", out)
-                if isinstance(shortcut, Moments) and isinstance(branch, Moments):
-                    x_var, f_var = shortcut.pooled()[2], branch.pooled()[2]
-                    metrics[f"{name}/shortcut_var"] = x_var
-                    metrics[f"{name}/branch_var"] = f_var
-                    metrics[f"{name}/branch_ratio"] = _ratio(f_var, x_var)
-                    finite = finite and math.isfinite(x_var) and math.isfinite(f_var)
-                if isinstance(total, Moments):
-                    metrics[f"{name}/sum_var"] = total.pooled()[2]
-            if not finite and first_bad is None:
-                first_bad = name  # fallback when no step was tracked (e.g. NaN already in the first batch)
-        for name, (kind, _, _) in self._units.items():
-            alive, seen = stats.get(f"unit/{name}/alive"), stats.get(f"unit/{name}/seen")
-            if alive is not None and seen is not None and float(seen.sum()) > 0:
-                key = "dead_fraction" if kind == "relu" else "saturated_fraction"
-                metrics[f"{name}/{key}"] = float((alive == 0).double().mean())
+        metrics, block_vars, first_bad = target_metrics(self.targets, self._aliases, stats)
+        metrics.update(self.unit_counts.metrics(stats))
         if len(block_vars) >= 2:
-            metrics["growth_per_block"] = _geomean_growth([v for _, v in block_vars])
+            metrics["growth_per_block"] = geomean_growth(block_vars)
         found = decode(stats.get("nonfinite"))  # (step, target index), None while every value was finite
         if self.nonfinite is None and (found is not None or first_bad is not None):
             if found is not None:
@@ -491,38 +409,18 @@ class ActivationVarianceMonitor(MonitorCallback):
 
     # ------------------------------------------------------------------ reporting
     def diagnose(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Finding]:
-        """The first non-finite module, then (from the latest history entry) the variance along the
-        depth, dead ReLUs and dominant residual branches: rules of
-        :mod:`lightning_convnets.callbacks.diagnosis`."""
-        findings = [diagnosis.nonfinite_activation(self.nonfinite, self.monitor_name)]
-        if self.history:
-            last, prefix = self.history[-1], self.monitor_name
-            step = int(last["step"])
-            names = [t.name for t in self.targets] + [n for n, u in self._units.items() if u[0] == "relu"]
-            saturating = [n for n, u in self._units.items() if u[0] != "relu"]
-            blocks = [t.name for t in self.targets if t.kind in ("block", "plain")]
-            # a branch ratio says how far a block is from the identity only where the shortcut is one
-            identity = [t.name for t in self.targets if t.residual and not t.projection]
-            findings += [
-                diagnosis.variance_growth(
-                    diagnosis.depth_points(last, blocks, prefix), step, prefix, self.explode_growth,
-                    self.vanish_growth,
-                ),
-                diagnosis.dead_relus(
-                    diagnosis.latest_values(last, names, "dead_fraction", prefix), step, self.dead_threshold,
-                    prefix,
-                ),
-                diagnosis.dominant_branches(
-                    diagnosis.latest_values(last, identity, "branch_ratio", prefix), step, monitor=prefix
-                ),
-                saturated_units(
-                    diagnosis.latest_values(last, saturating, "saturated_fraction", prefix),
-                    step,
-                    self.saturated_threshold,
-                    prefix,
-                ),
-            ]
-        return [f for f in findings if f is not None]
+        """:func:`activation_findings` of the latest history entry (the rules' calls, in one pure function)."""
+        return activation_findings(
+            self.history[-1] if self.history else None,
+            self.nonfinite,
+            self.targets,
+            self.unit_counts,
+            self.explode_growth,
+            self.vanish_growth,
+            self.dead_threshold,
+            self.saturated_threshold,
+            self.monitor_name,
+        )
 
     def figures(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Figure]:
         if not self.history or not trainer.is_global_zero:
@@ -542,16 +440,11 @@ class ActivationVarianceMonitor(MonitorCallback):
         # this rank's logging interval so far: the moments' shifts and partial sums, the units' alive counts
         # and the earliest non-finite activation not yet reduced: a resumed run continues them exactly
         bank = getattr(self, "_bank", None)  # none before attach, or when the monitor stepped aside
-        units = {
-            name: {"alive": alive.detach().cpu().clone(), "seen": seen.detach().cpu().clone()}
-            for name, (_, alive, seen) in self._units.items()
-            if alive is not None
-        }
         code = self._first_nonfinite.code
         return {
             "nonfinite": self.nonfinite,
             "moments": bank.saved() if bank is not None else {},
-            "units": units,
+            "units": self.unit_counts.state_dict(),
             "nonfinite_code": None if code is None else float(code),  # a save reads the device anyway
         }
 
@@ -570,90 +463,119 @@ class ActivationVarianceMonitor(MonitorCallback):
         bank = getattr(self, "_bank", None)  # none when the monitor stepped aside
         if restored and bank is not None:
             bank.restore(restored, device)
-        units = self.__dict__.pop("_restored_units", None) or {}
-        for name, saved in units.items():
-            state = self._units.get(name)
-            if state is not None and state[1] is None:
-                state[1] = saved["alive"].to(device)
-                state[2] = saved["seen"].to(device)
+        self.unit_counts.load_state_dict(self.__dict__.pop("_restored_units", None) or {}, device)
         code = self.__dict__.pop("_restored_code", None)
         if code is not None and self._first_nonfinite.code is None:
             self._first_nonfinite.code = torch.tensor(float(code), dtype=torch.float64, device=device)
 
 
-def unit_kind(module: nn.Module) -> str | None:
-    """``"relu"``, ``"sigmoid"`` or ``"tanh"`` for the activation modules whose units are counted, else
-    ``None``.
+def _check_options(
+    explode_growth: float,
+    vanish_growth: float,
+    dead_threshold: float,
+    saturated_threshold: float,
+    names: str | None,
+) -> None:
+    """Raise :class:`MonitorConfigError` naming the first of the monitor's options out of its range."""
+    if not explode_growth > 1:
+        raise MonitorConfigError(
+            f"ActivationVarianceMonitor: explode_growth must be > 1, got {explode_growth}"
+        )
+    if not 0 < vanish_growth < 1:
+        raise MonitorConfigError(
+            f"ActivationVarianceMonitor: vanish_growth must be in (0, 1), got {vanish_growth}"
+        )
+    for arg, value in (("dead_threshold", dead_threshold), ("saturated_threshold", saturated_threshold)):
+        if not 0 < value <= 1:
+            raise MonitorConfigError(f"ActivationVarianceMonitor: {arg} must be in (0, 1], got {value}")
+    if names is not None:
+        try:
+            re.compile(names)
+        except re.error as err:
+            raise MonitorConfigError(
+                f"ActivationVarianceMonitor: names is not a valid regex ({names!r}): {err}"
+            ) from err
+
+
+def measured_targets(model: nn.Module, **options: Any) -> list[Target]:
+    """The targets the monitor measures in ``model``: :func:`~lightning_convnets.callbacks.targets.find_targets`
+    with ``options`` (its keyword arguments: ``blocks``, ``stem``, ``types``, ``names``); when it finds nothing
+    (no residual block or stem: a U-Net, a plain CNN, a transformer) and no ``types``/``names`` were asked
+    for, the conv layers, else the linear layers. ``[]`` when there is nothing to measure.
+
+    Raises:
+        MonitorConfigError: ``types`` or ``names`` given and no module matches.
 
     Example:
-        >>> unit_kind(nn.Tanh()), unit_kind(nn.Conv2d(1, 1, 1))
-        ('tanh', None)
+        >>> [t.name for t in measured_targets(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)))]
+        ['0', '2']
     """
-    for types, kind in ((nn.ReLU, "relu"), (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh")):
-        if isinstance(module, types):
-            return kind
-    return None
+    targets = find_targets(model, **options)
+    types, names = tuple(options.get("types", ())), options.get("names")
+    if not targets and (types or names):
+        raise MonitorConfigError(
+            f"ActivationVarianceMonitor: no module of {type(model).__name__} matches types="
+            f"{list(types)} / names={names!r}; check the names against "
+            "[n for n, _ in model.named_modules()]"
+        )
+    if not targets:
+        # no residual block and no stem (a U-Net, a plain CNN, a transformer): per-layer statistics
+        for fallback in ("conv", "linear"):
+            targets = find_targets(model, blocks=False, stem=False, types=(fallback,))
+            if targets:
+                rank_zero_info(
+                    f"ActivationVarianceMonitor: no residual block or stem in {type(model).__name__}; "
+                    f"measuring its {len(targets)} {fallback} layers instead"
+                )
+                break
+    return targets
 
 
-def alive_per_channel(output: Tensor, kind: str, margin: float = SATURATION_MARGIN) -> Tensor:
-    """Per channel (dimension 1), how many elements of ``output`` are alive: positive after a ReLU, further
-    than ``margin`` from 0 and 1 after a sigmoid, from -1 and 1 after a tanh (float64, on the device).
-
-    Example:
-        >>> alive_per_channel(torch.tensor([[0.0, 0.5], [0.0, 2.0]]), "relu").tolist()
-        [0.0, 2.0]
-    """
-    if kind == "relu":
-        alive = output > 0
-    elif kind == "sigmoid":
-        alive = (output > margin) & (output < 1 - margin)
-    else:
-        alive = output.abs() < 1 - margin
-    dims = [d for d in range(output.dim()) if d != 1]
-    return alive.sum(dim=dims, dtype=torch.float64)
-
-
-def saturated_units(
-    fractions: Mapping[str, float],
-    step: int,
-    threshold: float = SATURATED_FRACTION,
+def activation_findings(
+    entry: Mapping[str, float] | None,
+    nonfinite: Mapping[str, Any] | None,
+    targets: Sequence[Target],
+    units: UnitCounts,
+    explode_growth: float = diagnosis.EXPLODE_GROWTH,
+    vanish_growth: float = diagnosis.VANISH_GROWTH,
+    dead_threshold: float = 0.25,
+    saturated_threshold: float = SATURATED_FRACTION,
     monitor: str = "activation_variance",
-) -> Finding | None:
-    """Sigmoid/tanh layers with at least ``threshold`` of their channels saturated for a whole interval
-    (``layer -> fraction``, depth order), as one warning naming them all, the worst first in the message.
+) -> list[Finding]:
+    """The activation monitor's findings: the first non-finite module (``nonfinite = {"step", "layer"}``),
+    then, from the latest history ``entry`` (keys ``<monitor>/<layer>/<metric>``), the variance along the
+    depth of the blocks, dead ReLUs (targets and counted ReLU units), dominant residual branches (identity
+    shortcuts only) and saturated sigmoid/tanh units: one call of a rule each
+    (:mod:`lightning_convnets.callbacks.diagnosis`, :func:`saturated_units`).
 
     Example:
-        >>> saturated_units({"net.3": 0.5, "net.5": 0.0}, 10).layers
-        ['net.3']
+        >>> from lightning_convnets.callbacks.targets import Target
+        >>> entry = {"step": 9.0, "activation_variance/net.1/dead_fraction": 0.5}
+        >>> [f.kind for f in activation_findings(entry, None, [Target("net.1", nn.Identity(), "layer")], UnitCounts())]
+        ['dead_relu']
     """
-    hits = [(n, f) for n, f in fractions.items() if math.isfinite(f) and f >= threshold]
-    if not hits:
-        return None
-    name, worst = max(hits, key=lambda h: h[1])
-    more = f" ({len(hits) - 1} more layer(s) at {threshold:.0%} or above)" if len(hits) > 1 else ""
-    return Finding(
-        monitor,
-        "warning",
-        [n for n, _ in hits],
-        f"{worst:.0%} of the channels of {name} are saturated (within {SATURATION_MARGIN} of a bound of the "
-        f"sigmoid/tanh on every recorded example) for a whole interval at step {step}{more}: their gradient "
-        "is near zero",
-        "scale the inputs of the activation down (normalise them: BatchNorm/LayerNorm before it), check the "
-        "weight and bias initialisation of the layer before (Xavier/Glorot for tanh), lower the learning rate",
-        step=step,
-        values={"saturated_fraction": worst},
-        kind=KIND_SATURATED,
-    )
-
-
-def _ratio(a: float, b: float) -> float:
-    if b == 0 or not math.isfinite(b):
-        return math.inf if a > 0 else math.nan
-    return a / b
-
-
-def _geomean_growth(variances: list[float]) -> float:
-    first, last = variances[0], variances[-1]
-    if first <= 0 or last <= 0 or not (math.isfinite(first) and math.isfinite(last)):
-        return math.nan
-    return (last / first) ** (1.0 / (len(variances) - 1))
+    findings = [diagnosis.nonfinite_activation(nonfinite, monitor)]
+    if entry is not None:
+        step = int(entry["step"])
+        names = [t.name for t in targets] + units.names("relu")
+        blocks = [t.name for t in targets if t.kind in ("block", "plain")]
+        # a branch ratio says how far a block is from the identity only where the shortcut is one
+        identity = [t.name for t in targets if t.residual and not t.projection]
+        findings += [
+            diagnosis.variance_growth(
+                diagnosis.depth_points(entry, blocks, monitor), step, monitor, explode_growth, vanish_growth
+            ),
+            diagnosis.dead_relus(
+                diagnosis.latest_values(entry, names, "dead_fraction", monitor), step, dead_threshold, monitor
+            ),
+            diagnosis.dominant_branches(
+                diagnosis.latest_values(entry, identity, "branch_ratio", monitor), step, monitor=monitor
+            ),
+            saturated_units(
+                diagnosis.latest_values(entry, units.names("sigmoid", "tanh"), "saturated_fraction", monitor),
+                step,
+                saturated_threshold,
+                monitor,
+            ),
+        ]
+    return [f for f in findings if f is not None]

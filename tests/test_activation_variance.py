@@ -1,5 +1,7 @@
 """ActivationVarianceMonitor: the seed's "variance doubles at each layer" acceptance, any LightningModule,
-bf16 + accumulation, torch.compile, resume, non-finite detection, and that observing changes nothing."""
+bf16 + accumulation, torch.compile, resume, non-finite detection, and that observing changes nothing; its
+parts directly: the unit counts (``UnitCounts``), the metrics along the depth (``target_metrics``), the
+findings assembly (``activation_findings``)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,13 @@ import torch
 import torchvision
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from lightning_convnets.callbacks import ActivationVarianceMonitor
+from lightning_convnets.callbacks import ActivationVarianceMonitor, activation_variance, units
+from lightning_convnets.callbacks.activation_variance import activation_findings, measured_targets
+from lightning_convnets.callbacks.depth_metrics import geomean_growth, target_metrics
+from lightning_convnets.callbacks.moments import merge_moments
+from lightning_convnets.callbacks.packing import StatsPacker
+from lightning_convnets.callbacks.targets import Target
+from lightning_convnets.callbacks.units import UnitCounts
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -541,7 +549,9 @@ def test_activations_reuse_one_difference_buffer_per_size_class_and_log_exactly_
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    takes: list[tuple[int, torch.Tensor, int]] = []  # (elements taken, the buffer (kept: no address reuse), its size)
+    takes: list[
+        tuple[int, torch.Tensor, int]
+    ] = []  # (elements taken, the buffer (kept: no address reuse), its size)
 
     def spy_on_takes(monitor):
         bank, take = monitor._bank, monitor._bank.take
@@ -610,7 +620,9 @@ def test_a_projection_shortcut_is_no_branch_dominates_alarm_an_identity_one_is(t
     projected = nn.Sequential(stem, _Stage(8, project=True, shortcut_scale=0.01), _Stage(8, project=False))
     assert _branch_findings(tmp_path, projected) == []
     # an identity shortcut with a branch 30x too loud is flagged, and only that block
-    loud = nn.Sequential(stem, _Stage(8, project=True, shortcut_scale=0.01), _Stage(8, False, branch_scale=30.0))
+    loud = nn.Sequential(
+        stem, _Stage(8, project=True, shortcut_scale=0.01), _Stage(8, False, branch_scale=30.0)
+    )
     (finding,) = _branch_findings(tmp_path, loud)
     assert finding.layers == ["net.2"] and finding.values["max_branch_ratio"] > 4
     assert "zero_init_residual" in finding.suggestion
@@ -618,7 +630,9 @@ def test_a_projection_shortcut_is_no_branch_dominates_alarm_an_identity_one_is(t
 
 def test_saturated_tanh_and_sigmoid_channels_are_counted_and_named():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Conv2d(4, 4, 1), nn.Sigmoid(), nn.Conv2d(4, 2, 1), nn.ReLU())
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Conv2d(4, 4, 1), nn.Sigmoid(), nn.Conv2d(4, 2, 1), nn.ReLU()
+    )
     with torch.no_grad():
         net[0].bias[:2] = 20.0  # two of four tanh channels sit at +1
         net[2].bias[:1] = -30.0  # one of four sigmoid channels sits at 0
@@ -630,12 +644,19 @@ def test_saturated_tanh_and_sigmoid_channels_are_counted_and_named():
     assert metrics["5/dead_fraction"] == 1.0
     monitor.append_history({"step": 3.0, **{f"activation_variance/{k}": v for k, v in metrics.items()}})
     findings = {f.kind: f for f in monitor.diagnose(None, None)}
-    assert findings["saturated_units"].layers == ["1", "3"] and "50% of the channels of 1" in findings["saturated_units"].message
+    assert (
+        findings["saturated_units"].layers == ["1", "3"]
+        and "50% of the channels of 1" in findings["saturated_units"].message
+    )
     assert findings["dead_relu"].layers == ["5"]
     # the healthy twin: default initialisation saturates nothing; units=False counts nothing
-    quiet = ActivationVarianceMonitor().measure(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh()), torch.randn(4, 3, 8, 8))
+    quiet = ActivationVarianceMonitor().measure(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh()), torch.randn(4, 3, 8, 8)
+    )
     assert quiet["1/saturated_fraction"] == 0.0
-    assert not any("saturated" in k for k in ActivationVarianceMonitor(units=False).measure(net, torch.randn(2, 3, 8, 8)))
+    assert not any(
+        "saturated" in k for k in ActivationVarianceMonitor(units=False).measure(net, torch.randn(2, 3, 8, 8))
+    )
     with pytest.raises(ValueError, match="saturated_threshold must be in"):
         ActivationVarianceMonitor(saturated_threshold=0.0)
 
@@ -653,3 +674,126 @@ def test_units_on_a_module_reused_at_two_widths_keep_the_first_width():
 
     metrics = ActivationVarianceMonitor(types=("conv",)).measure(Reuse(), torch.randn(2, 3, 4, 4))
     assert 0.0 <= metrics["relu/dead_fraction"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------------- the parts
+def test_unit_counts_count_alive_channels_merge_ranks_reset_and_resume():
+    counts = UnitCounts()
+    counts.add("relu", "relu")
+    counts.add("tanh", "tanh")
+    counts.add("sig", "sigmoid")
+    assert counts.names() == ["relu", "tanh", "sig"] and counts.names("sigmoid", "tanh") == ["tanh", "sig"]
+    assert counts.alive("relu") is None  # nothing allocated before the first output
+    counts.update("relu", torch.tensor([[0.0, 1.0, 0.0], [0.0, 2.0, 0.0]]))
+    counts.update("relu", torch.ones(2, 5))  # another width: the first width only
+    counts.update("relu", torch.ones(3, dtype=torch.long))  # not a floating batch: ignored
+    counts.update("tanh", torch.tensor([[[0.995, 0.0]], [[-1.0, 0.2]]]))  # (2, 1, 2): one channel
+    counts.update("sig", (torch.ones(2, 2),))  # not a tensor: ignored
+    assert counts.alive("relu").tolist() == [0.0, 2.0, 0.0] and counts.seen("relu").item() == 2.0
+    assert counts.alive("tanh").tolist() == [2.0] and counts.seen("tanh").item() == 4.0
+    assert counts.alive("sig") is None
+    # two ranks: the counts are summed, then a channel is dead where no rank saw it alive
+    packer = StatsPacker()
+    counts.pack(packer)
+    other = packer.flat().clone()
+    other[:3] = torch.tensor([1.0, 0.0, 0.0])  # rank 1's relu: channel 0 alive once
+    metrics = counts.metrics(packer.unpack(torch.stack([packer.flat(), other])))
+    assert metrics == {"relu/dead_fraction": 1 / 3, "tanh/saturated_fraction": 0.0}
+    saved = counts.state_dict()
+    assert sorted(saved) == ["relu", "tanh"] and saved["relu"]["alive"].tolist() == [0.0, 2.0, 0.0]
+    counts.reset()
+    assert counts.alive("relu").tolist() == [0.0, 0.0, 0.0] and counts.seen("tanh").item() == 0.0
+    assert counts.metrics(StatsPacker().unpack(torch.zeros(1, 0))) == {}
+    # a resumed run: the saved counts go back where nothing was counted yet, on the given device
+    fresh = UnitCounts()
+    fresh.add("relu", "relu")
+    fresh.add("tanh", "tanh")
+    fresh.update("tanh", torch.zeros(1, 1, 3))
+    fresh.load_state_dict({**saved, "gone": saved["relu"]}, "cpu")
+    assert fresh.alive("relu").tolist() == [0.0, 2.0, 0.0] and fresh.seen("relu").item() == 2.0
+    assert fresh.seen("tanh").item() == 3.0  # already counted in this run: kept
+    with pytest.raises(ValueError, match="kind must be 'relu', 'sigmoid' or 'tanh', got 'gelu'"):
+        counts.add("x", "gelu")
+    net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU(), nn.Tanh(), nn.GELU())
+    added = UnitCounts().add_modules(net, skip={id(net[2])})
+    assert [name for name, _ in added] == ["1"] and added[0][1] is net[1]
+
+
+def _one_moment(variance: float, mean: float = 0.0, count: float = 4.0):
+    """The merged moments of one rank and one channel with this population variance."""
+    return merge_moments(torch.tensor([[count]]), torch.tensor([[mean]]), torch.tensor([[count * variance]]))
+
+
+def test_target_metrics_read_growth_and_branch_ratio_from_the_moments():
+    stem = Target("stem", nn.Identity(), "stem")
+    block = Target("b1", nn.Identity(), "block", add=nn.Identity())
+    block2 = Target("b2", nn.Identity(), "block", add=nn.Identity())
+    layer = Target("head", nn.Identity(), "layer")
+    stats = {
+        "0/out": _one_moment(1.0),
+        "1/out": _one_moment(2.0), "1/shortcut": _one_moment(1.0), "1/branch": _one_moment(1.0),
+        "2/out": _one_moment(8.0), "2/branch": _one_moment(6.0),  # its shortcut is b1's output (an alias)
+        "3/out": _one_moment(math.inf),
+    }  # fmt: skip
+    metrics, blocks, first_bad = target_metrics([stem, block, block2, layer], {"2/shortcut": "1/out"}, stats)
+    assert blocks == [2.0, 8.0] and geomean_growth(blocks) == 4.0
+    assert metrics["b1/growth"] == 2.0 and metrics["b1/branch_ratio"] == 1.0 and metrics["b1/sum_var"] == 2.0
+    assert (
+        metrics["b2/shortcut_var"] == 2.0
+        and metrics["b2/branch_ratio"] == 3.0
+        and metrics["b2/growth"] == 4.0
+    )
+    assert metrics["stem/dead_fraction"] == 0.0 and "stem/branch_ratio" not in metrics
+    assert first_bad == "head"
+    # a target that saw nothing is left out, and the growth skips it
+    metrics, blocks, first_bad = target_metrics([stem, layer], {}, {"0/out": _one_moment(1.0)})
+    assert sorted(metrics) == [
+        "stem/dead_fraction",
+        "stem/mean",
+        "stem/var",
+        "stem/var_ch_max",
+        "stem/var_ch_min",
+    ]
+    assert (blocks, first_bad) == ([], None)
+    assert math.isnan(geomean_growth([0.0, 1.0]))
+
+
+def test_activation_findings_are_one_rule_call_each_on_the_latest_entry():
+    targets = [
+        Target("stem", nn.Identity(), "stem"),
+        Target("b1", nn.Identity(), "block", add=nn.Identity()),
+        Target("b2", nn.Identity(), "block", add=nn.Identity(), projection=True),
+    ]
+    counts = UnitCounts()
+    counts.add("act", "relu")
+    counts.add("gate", "sigmoid")
+    entry = {"step": 7.0}
+    for name, metric, value in (
+        ("stem", "var", 1.0), ("b1", "var", 1.0), ("b2", "var", 1.0), ("act", "dead_fraction", 0.5),
+        ("gate", "saturated_fraction", 0.5), ("b1", "branch_ratio", 30.0), ("b2", "branch_ratio", 30.0),
+    ):  # fmt: skip
+        entry[f"activation_variance/{name}/{metric}"] = value
+    findings = activation_findings(entry, {"step": 3, "layer": "b1"}, targets, counts)
+    assert [f.kind for f in findings] == [
+        "nonfinite",
+        "variance_stable",
+        "dead_relu",
+        "branch_dominates",
+        "saturated_units",
+    ]
+    by_kind = {f.kind: f for f in findings}
+    assert by_kind["dead_relu"].layers == ["act"] and by_kind["saturated_units"].layers == ["gate"]
+    assert by_kind["branch_dominates"].layers == ["b1"]  # a projection shortcut's ratio is not judged
+    assert all(f.step == 7 for f in findings[1:])
+    # stricter thresholds turn the findings off; no history: the non-finite record only
+    quiet = activation_findings(entry, None, targets, counts, dead_threshold=0.9, saturated_threshold=0.9)
+    assert [f.kind for f in quiet] == ["variance_stable", "branch_dominates"]
+    assert activation_findings(None, None, targets, counts) == []
+    assert measured_targets(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)))[1].name == "2"
+
+
+def test_unit_names_keep_their_import_path_from_the_monitor_module():
+    for name in units.__all__:
+        if name != "UnitCounts":
+            assert getattr(activation_variance, name) is getattr(units, name), name
+    assert activation_variance.UnitCounts is UnitCounts and "UnitCounts" in activation_variance.__all__
