@@ -1,27 +1,33 @@
-"""The shared LightningDataModule base: loader settings, transforms, dataset metadata, seeded splits.
+"""The shared LightningDataModule base: its arguments, the metadata tasks read, transforms, setup, the
+extension points and the checkpoint state.
 
 Start with :class:`ConvDataModule`: it declares every argument the data modules share (they forward them
-with ``**kwargs``), builds the loaders in one place and calls the two methods a subclass implements,
-``resolve_class_names`` and ``build_datasets`` (``docs/data.md``, "Write your own data module").
+with ``**kwargs``) and calls the two methods a subclass implements, ``resolve_class_names`` and
+``build_datasets`` (``docs/data.md``, "Write your own data module"). Its loaders come from
+``loading.SplitLoaders`` (with ``auto_num_workers``), the training order and its resume from
+``sampling.TrainingOrder``, the ``predict_dir`` side from ``predicting.PredictFolder``; the seeded
+splits a subclass carves (``carve_splits``) live in ``splits``.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from .datasets import ImageListDataset, detection_collate
-from .io import DataValidationError, scan_predict_folder
-from .sampling import ResumableSampler
+from .io import DataValidationError
+from .loading import SplitLoaders
+from .loading import auto_num_workers as auto_num_workers  # its old home: kept importable from here
+from .predicting import PredictFolder
+from .sampling import ResumableSampler, TrainingOrder
+from .splits import carve_splits as carve_splits  # the splits' old home: kept importable from here
+from .splits import seeded_split as seeded_split
+from .splits import stratified_split as stratified_split
 from .transforms import TransformSpec, build_pipeline
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -45,93 +51,6 @@ def _fit_stats(
     return values
 
 
-def seeded_split(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
-    """Split ``range(n)`` into consecutive parts of a seeded permutation.
-
-    ``fractions`` are the shares of all parts but the first, which takes the rest (so rounding never
-    loses an example). Returns sorted index arrays, first part first.
-
-    Example:
-        >>> parts = seeded_split(10, [0.2, 0.1], seed=0)
-        >>> [len(part) for part in parts], sorted(i for part in parts for i in part.tolist()) == list(range(10))
-        ([7, 2, 1], True)
-    """
-    order = np.random.default_rng(seed).permutation(n)
-    sizes = [round(f * n) for f in fractions]
-    if sum(sizes) > n:
-        raise ValueError(f"split fractions {list(fractions)} leave no examples out of {n}")
-    parts, start = [], n - sum(sizes)
-    parts.append(np.sort(order[:start]))
-    for size in sizes:
-        parts.append(np.sort(order[start : start + size]))
-        start += size
-    return parts
-
-
-def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: int) -> list[np.ndarray]:
-    """Like :func:`seeded_split` but keeping the class balance in every part.
-
-    Part sizes match :func:`seeded_split` (``round(fraction * n)``); each class contributes its share,
-    the rounding remainders going to the classes with the largest fractional shares.
-    """
-    labels = np.asarray(labels)
-    classes = np.unique(labels)
-    members = [
-        np.random.default_rng([seed, offset]).permutation(np.flatnonzero(labels == cls))
-        for offset, cls in enumerate(classes)
-    ]
-    counts = np.array([len(m) for m in members])
-    taken = np.zeros(len(classes), np.int64)
-    parts: list[np.ndarray] = []
-    for fraction in fractions:
-        quota = fraction * counts
-        sizes = np.floor(quota).astype(np.int64)
-        missing = round(fraction * len(labels)) - int(sizes.sum())
-        room = counts - taken - sizes
-        for i in np.argsort(-(quota - sizes), kind="stable"):
-            if missing <= 0:
-                break
-            if room[i] > 0:
-                sizes[i] += 1
-                missing -= 1
-        sizes = np.minimum(sizes, counts - taken)
-        parts.append(np.concatenate([m[t : t + k] for m, t, k in zip(members, taken, sizes)]))
-        taken += sizes
-    rest = np.concatenate([m[t:] for m, t in zip(members, taken)])
-    return [np.sort(p).astype(np.int64) for p in [rest, *parts]]
-
-
-def carve_splits(
-    samples: dict[str, list],
-    fractions: Mapping[str, float],
-    seed: int,
-    label: Callable[[Any], int] | None = None,
-) -> dict[str, list]:
-    """Fill the splits missing from ``samples`` by carving ``fractions`` out of ``samples["train"]``.
-
-    A split already in ``samples`` (it had its own folder or file) or with a fraction of 0 is left
-    alone. With ``label`` (a sample's class), the carving keeps the class balance
-    (:func:`stratified_split`), else it is a plain :func:`seeded_split`. Returns ``samples``, updated.
-
-    Example:
-        >>> out = carve_splits({"train": list("abcdefghij")}, {"val": 0.2, "test": 0.0}, seed=0)
-        >>> {split: len(items) for split, items in out.items()}
-        {'train': 8, 'val': 2}
-    """
-    carve = [(split, f) for split, f in fractions.items() if split not in samples and f > 0]
-    if carve:
-        pool = samples["train"]
-        shares = [f for _, f in carve]
-        if label is None:
-            parts = seeded_split(len(pool), shares, seed)
-        else:
-            parts = stratified_split([label(item) for item in pool], shares, seed)
-        samples["train"] = [pool[i] for i in parts[0]]
-        for (split, _), idx in zip(carve, parts[1:]):
-            samples[split] = [pool[i] for i in idx]
-    return samples
-
-
 def describe_change(saved: Sequence[Any], now: Sequence[Any]) -> str:
     """``"removed [...], added [...]"`` or ``"reordered"``: how ``now`` differs from ``saved``.
 
@@ -145,46 +64,7 @@ def describe_change(saved: Sequence[Any], now: Sequence[Any]) -> str:
     return ", ".join(parts) or "same entries, reordered"
 
 
-def _world_and_rank(trainer: Any) -> tuple[int, int]:
-    """``(trainer.world_size, trainer.global_rank)``, ``(1, 0)`` without a trainer."""
-    if trainer is None:
-        return 1, 0
-    return max(1, int(getattr(trainer, "world_size", 1) or 1)), int(getattr(trainer, "global_rank", 0) or 0)
-
-
-def auto_num_workers(cpus: int | None = None, processes: int = 1) -> int:
-    """DataLoader workers for ``num_workers="auto"``: ``0`` when a training process has at most two CPUs of
-    its own, else ``min(8, cpus_per_process - 1)`` (one core stays with the training step).
-
-    Two CPUs are the line because a worker then takes one of the two cores the step's own threads use:
-    on a 2-core machine one worker delivered fewer images/s than the main process for every task's
-    shapes loader, which alone ran 4-10x faster than the step (``benchmarks/bench_data.py``). The environment variable ``LIGHTNING_CONVNETS_NUM_WORKERS`` (an int)
-    overrides the rule.
-
-    Args:
-        cpus: CPUs this process may run on (default: its affinity set, else ``os.cpu_count()``).
-        processes: training processes sharing them (DDP ranks on this machine).
-
-    Example:
-        >>> auto_num_workers(cpus=2), auto_num_workers(cpus=4), auto_num_workers(cpus=64), auto_num_workers(16, 4)
-        (0, 3, 8, 3)
-    """
-    override = os.environ.get("LIGHTNING_CONVNETS_NUM_WORKERS")
-    if override is not None and cpus is None:
-        try:
-            value = int(override)
-        except ValueError:
-            value = -1
-        if value < 0:
-            raise ValueError(f"LIGHTNING_CONVNETS_NUM_WORKERS must be an int >= 0, got {override!r}")
-        return value
-    if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_process = cpus // max(1, processes)
-    return 0 if per_process <= 2 else min(8, per_process - 1)
-
-
-class ConvDataModule(LightningDataModule):
+class ConvDataModule(SplitLoaders, PredictFolder, LightningDataModule):
     """Base of every data module here: loaders, transforms, and the metadata tasks read.
 
     Subclasses set ``task`` and implement the two extension points, :meth:`resolve_class_names` and
@@ -315,15 +195,13 @@ class ConvDataModule(LightningDataModule):
         self.predict_resize = predict_resize
         self._predict_batch_size = batch_size
         self._class_names: list[str] | None = None
-        self._shuffle_seed: int | None = None  # seed of the training order (drawn once, checkpointed)
-        # (epoch, positions of its order consumed by all ranks) and the world size that wrote them
-        self._resume_position: tuple[int, int] | None = None
-        self._resume_world_size = 1
+        # the training order's seed and the position a checkpoint recorded (sampling.TrainingOrder)
+        self.training_order = TrainingOrder(type(self).__name__)
         self.train_sampler: ResumableSampler | None = None
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
-        self.predict_dataset: ImageListDataset | None = None
+        self.predict_dataset: Dataset | None = None
 
     # ----------------------------------------------------------------- metadata the tasks read
     @property
@@ -372,7 +250,7 @@ class ConvDataModule(LightningDataModule):
 
     _resolve_class_names = resolve_class_names  # the old name (deprecated): see _adopt_old_extension_names
 
-    # ----------------------------------------------------------------------- transforms, loaders
+    # ------------------------------------------------------------------------- transforms, setup
     def pipeline(self, train: bool, keep_size: bool = False) -> Callable[..., dict[str, Any]]:
         """The albumentations pipeline for the training (``train=True``) or evaluation splits;
         ``keep_size=True`` leaves out the resize to ``image_size``."""
@@ -414,48 +292,6 @@ class ConvDataModule(LightningDataModule):
         # hyperparameters that share a key with different values (None against 5).
         if "num_classes" in self.hparams and self.hparams["num_classes"] is None:
             self.save_hyperparameters({"num_classes": self.num_classes})
-
-    def build_predict_dataset(self) -> Dataset:
-        """The :class:`ImageListDataset` of ``predict_dir`` (see the ``predict_dir`` and ``predict_resize``
-        arguments); also decides its batch size. For segmentation and detection, TIFF files and ``.zarr``
-        stores are not loaded: the dataset (a ``datasets.PredictImages``) gives them as
-        ``datasets.StreamedImage`` items, one per batch, which the task reads window by window.
-
-        Raises:
-            DataValidationError: naming ``predict_dir`` when it is unset, missing or holds no image, or the
-                file that is unreadable; naming two images that share a file stem where their outputs
-                would: for segmentation (``<stem>.png``/``<stem>.tif``), for streamed detection
-                (``<stem>.json``).
-        """
-        if self.predict_dir is None:
-            raise DataValidationError(f"{type(self).__name__}: predict_dir is not set")
-        from .datasets import PredictImages
-        from .io import is_streamed_image
-
-        streams = self.task in ("segmentation", "detection")
-        found = scan_predict_folder(self.predict_dir, "predict_dir", streamed=streams)
-        paths = [path for path, _ in found]
-        if streams:
-            stems: dict[str, Path] = {}
-            named = paths if self.task == "segmentation" else [p for p in paths if is_streamed_image(p)]
-            for path in named:
-                if path.stem in stems:
-                    raise DataValidationError(
-                        f"{path}: predict_dir holds two images with the stem {path.stem!r} ({stems[path.stem].name}); "
-                        "their predictions would both be written to the same file: rename one"
-                    )
-                stems[path.stem] = path
-        resize = self.task == "classification" if self.predict_resize is None else bool(self.predict_resize)
-        same_size = (resize and self.image_size is not None) or len({size for _, size in found}) == 1
-        self._predict_batch_size = self.batch_size if same_size or self.task == "detection" else 1
-        pipeline = self.pipeline(train=False, keep_size=not resize)
-        dataset = ImageListDataset(paths, pipeline, self.in_channels, detection=self.task == "detection")
-        streamed = [streams and is_streamed_image(path) for path in paths]
-        if not any(streamed):
-            return dataset
-        self._predict_batch_size = 1
-        collate = detection_collate if self.task == "detection" else None
-        return PredictImages(dataset, streamed, self.mean, self.std, collate)
 
     def build_datasets(self, splits: Sequence[str]) -> None:
         """Extension point: set ``self.<split>_dataset`` for each split of ``splits`` (a subset of
@@ -502,15 +338,7 @@ class ConvDataModule(LightningDataModule):
         """The state a resume needs: split seed, label mapping, class names, and the position in the
         training order (epoch, images consumed) for an exact mid-epoch resume."""
         state: dict[str, Any] = {"version": 1, "seed": int(self.seed), **self.identity_state()}
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None and self._shuffle_seed is not None:
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            world = _world_and_rank(trainer)[0]
-            state["shuffle_seed"] = int(self._shuffle_seed)
-            state["epoch"] = int(trainer.current_epoch)
-            # positions of the epoch's order consumed by all ranks together (each rank took as many)
-            state["images_consumed"] = int(done) * self.batch_size * world
-            state["world_size"] = world
+        state.update(self.training_order.state(getattr(self, "trainer", None), self.batch_size))
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -539,114 +367,7 @@ class ConvDataModule(LightningDataModule):
                     f"the data now gives {now[key]} ({describe_change(list(state_dict[key]), now[key])}); a "
                     f"resume needs the same {key} in the same order: restore the data, or start a new run"
                 )
-        if "shuffle_seed" in state_dict:
-            self._shuffle_seed = int(state_dict["shuffle_seed"])
-            self._resume_position = (int(state_dict["epoch"]), int(state_dict["images_consumed"]))
-            self._resume_world_size = int(state_dict.get("world_size", 1))
-
-    def _training_sampler(self, dataset: Dataset) -> ResumableSampler:
-        """The training loader's sampler: the seeded order of :class:`ResumableSampler`, dealt to the ranks
-        under DDP (rank and world size from the trainer; a ``DistributedSampler``, so Lightning keeps it),
-        starting where a checkpoint left off."""
-        trainer = getattr(self, "trainer", None)
-        world, rank = _world_and_rank(trainer)
-        if self._shuffle_seed is None:
-            seed = int(torch.randint(0, 2**31 - 1, ()).item())
-            if world > 1:  # every rank must deal the same order: rank zero's seed
-                seed = int(trainer.strategy.broadcast(seed, src=0))
-            self._shuffle_seed = seed
-        sampler = ResumableSampler(
-            len(dataset),
-            self._shuffle_seed,
-            seeded_indices=getattr(dataset, "accepts_seeded_index", False),
-            num_replicas=world,
-            rank=rank,
-        )
-        if self._resume_position is not None:
-            epoch, consumed = self._resume_position
-            self._resume_position = None
-            finished = consumed >= len(dataset)
-            if self._resume_world_size != world and not finished:
-                rank_zero_warn(
-                    f"{type(self).__name__}: the checkpoint was written mid-epoch by {self._resume_world_size} process(es) "
-                    f"and this run has {world}: the rest of epoch {epoch} (from position {consumed} of "
-                    f"{len(dataset)}) is dealt to the new ranks, and the resumed run may see a few images "
-                    "of that epoch once more or once less than an uninterrupted one"
-                )
-            # Lightning may iterate the loader before it calls set_epoch (workers start eagerly): start
-            # at the epoch the resumed run continues, skipping what that epoch already consumed.
-            if finished:
-                sampler.set_epoch(epoch + 1)
-            else:
-                sampler.set_epoch(epoch)
-                sampler.resume(epoch, consumed)
-        self.train_sampler = sampler
-        return sampler
-
-    @property
-    def loader_workers(self) -> int:
-        """The worker processes the loaders use: ``num_workers``, with ``"auto"`` resolved for this machine
-        and the number of training processes on it (:func:`auto_num_workers`)."""
-        if self.num_workers != "auto":
-            return int(self.num_workers)
-        trainer = getattr(self, "trainer", None)
-        processes = 1
-        if trainer is not None:
-            processes = max(1, int(getattr(trainer, "num_devices", 1) or 1))
-        return auto_num_workers(processes=processes)
-
-    def _loader(
-        self, dataset: Dataset | None, split: str, shuffle: bool, batch_size: int | None = None
-    ) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(
-                f"{type(self).__name__} has no {split} split: call setup() first, or, if it ran, "
-                f"{type(self).__name__}.build_datasets built no {split}_dataset (the data has no {split} split)"
-            )
-        sampler = self._training_sampler(dataset) if shuffle else None
-        workers = self.loader_workers
-        return DataLoader(
-            dataset,
-            batch_size=batch_size or self.batch_size,
-            shuffle=shuffle and sampler is None,
-            sampler=sampler,
-            num_workers=workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=workers > 0 and self.persistent_workers is not False,
-            drop_last=self.drop_last and shuffle,
-            collate_fn=detection_collate if self.task == "detection" else None,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled loader of the training split."""
-        return self._loader(self.train_dataset, "train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Loader of the validation split."""
-        return self._loader(self.val_dataset, "val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Loader of the test split."""
-        return self._loader(self.test_dataset, "test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """Loader of the ``predict_dir`` images when given (built here if ``setup`` has not run), else of
-        the test split."""
-        if self.predict_dir is None:
-            return self._loader(self.test_dataset, "test", shuffle=False)
-        if self.predict_dataset is None:
-            self.predict_dataset = self.build_predict_dataset()
-        if getattr(self.predict_dataset, "streams_images", False):  # datasets.PredictImages: one file a batch
-            return DataLoader(
-                self.predict_dataset,  # type: ignore[arg-type]
-                batch_size=1,
-                shuffle=False,
-                num_workers=self.loader_workers,
-                collate_fn=self.predict_dataset.collate_fn,  # type: ignore[attr-defined]
-            )
-        return self._loader(
-            self.predict_dataset, "predict", shuffle=False, batch_size=self._predict_batch_size
-        )
+        self.training_order.load_state(state_dict)
 
 
 # The extension points' old private names, kept for one release: new name -> old name.

@@ -10,16 +10,20 @@ offset, so the data module can put ``(epoch, positions consumed)`` in the checkp
 exactly. It is a ``DistributedSampler``, so Lightning keeps it instead of putting its own in its place.
 It also hands every index out with its own augmentation seed (:class:`SeededIndex`), so the random
 augmentations of an image do not depend on what the process did before (a resumed run draws the same
-flips as an uninterrupted one, in the main process and in workers alike).
+flips as an uninterrupted one, in the main process and in workers alike). :class:`TrainingOrder` is the
+data module's side: the run's shuffle seed, the position a checkpoint recorded, and the sampler of this
+rank that continues from it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from typing import NamedTuple
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DistributedSampler
 
 
@@ -124,3 +128,92 @@ class ResumableSampler(DistributedSampler):
     def __len__(self) -> int:
         """Indices per rank in a whole epoch, ``ceil(n / num_replicas)`` (a resumed epoch yields fewer)."""
         return self.num_samples
+
+
+def world_and_rank(trainer: Any) -> tuple[int, int]:
+    """``(trainer.world_size, trainer.global_rank)``, ``(1, 0)`` without a trainer."""
+    if trainer is None:
+        return 1, 0
+    return max(1, int(getattr(trainer, "world_size", 1) or 1)), int(getattr(trainer, "global_rank", 0) or 0)
+
+
+class TrainingOrder:
+    """A data module's training order: the run's shuffle seed (drawn once, rank zero's under DDP), the
+    position a checkpoint recorded, and the :class:`ResumableSampler` of this rank that continues from it.
+
+    Its checkpoint entries (:meth:`state`) are ``shuffle_seed``, ``epoch``, ``images_consumed`` (positions of
+    the epoch's order consumed by all ranks together) and ``world_size``; :meth:`load_state` takes them back
+    and the next :meth:`sampler` starts there, once.
+
+    Args:
+        owner: the name its warnings give (the data module's class name).
+
+    Example:
+        >>> order = TrainingOrder("Mine")
+        >>> order.load_state({"shuffle_seed": 7, "epoch": 2, "images_consumed": 4})
+        >>> sampler = order.sampler(6, trainer=None)  # epoch 2, its first 4 positions done
+        >>> sampler.seed, sampler.epoch, len(list(sampler)), len(list(sampler))
+        (7, 2, 2, 6)
+        >>> order.state(trainer=None, batch_size=2)  # without a trainer there is no position to record
+        {}
+    """
+
+    def __init__(self, owner: str = "ConvDataModule") -> None:
+        self.owner = owner
+        self.seed: int | None = None  # drawn once, checkpointed
+        # (epoch, positions of its order consumed by all ranks) and the world size that wrote them
+        self.resume_position: tuple[int, int] | None = None
+        self.resume_world_size = 1
+
+    def state(self, trainer: Any, batch_size: int) -> dict[str, int]:
+        """The checkpoint entries of the position reached (none before a training loader was built or
+        without a trainer)."""
+        if trainer is None or self.seed is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        world = world_and_rank(trainer)[0]
+        return {
+            "shuffle_seed": int(self.seed),
+            "epoch": int(trainer.current_epoch),
+            # positions of the epoch's order consumed by all ranks together (each rank took as many)
+            "images_consumed": int(done) * batch_size * world,
+            "world_size": world,
+        }
+
+    def load_state(self, state_dict: Mapping[str, Any]) -> None:
+        """Take the seed and position of a checkpoint's entries (a checkpoint without them: nothing)."""
+        if "shuffle_seed" in state_dict:
+            self.seed = int(state_dict["shuffle_seed"])
+            self.resume_position = (int(state_dict["epoch"]), int(state_dict["images_consumed"]))
+            self.resume_world_size = int(state_dict.get("world_size", 1))
+
+    def sampler(self, n: int, trainer: Any, seeded_indices: bool = False) -> ResumableSampler:
+        """The sampler of this rank (rank and world size from ``trainer``) over ``n`` examples, starting
+        where a loaded checkpoint left off; the seed is drawn at the first call (under DDP rank zero's,
+        sent to every rank through ``trainer.strategy.broadcast``)."""
+        world, rank = world_and_rank(trainer)
+        if self.seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+            if world > 1:  # every rank must deal the same order: rank zero's seed
+                seed = int(trainer.strategy.broadcast(seed, src=0))
+            self.seed = seed
+        sampler = ResumableSampler(n, self.seed, seeded_indices=seeded_indices, num_replicas=world, rank=rank)
+        if self.resume_position is not None:
+            epoch, consumed = self.resume_position
+            self.resume_position = None
+            finished = consumed >= n
+            if self.resume_world_size != world and not finished:
+                rank_zero_warn(
+                    f"{self.owner}: the checkpoint was written mid-epoch by {self.resume_world_size} process(es) "
+                    f"and this run has {world}: the rest of epoch {epoch} (from position {consumed} of "
+                    f"{n}) is dealt to the new ranks, and the resumed run may see a few images "
+                    "of that epoch once more or once less than an uninterrupted one"
+                )
+            # Lightning may iterate the loader before it calls set_epoch (workers start eagerly): start
+            # at the epoch the resumed run continues, skipping what that epoch already consumed.
+            if finished:
+                sampler.set_epoch(epoch + 1)
+            else:
+                sampler.set_epoch(epoch)
+                sampler.resume(epoch, consumed)
+        return sampler
