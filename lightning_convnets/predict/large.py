@@ -58,6 +58,7 @@ __all__ = [
     "LargeImagePredictor",
     "LargePrediction",
     "OutputSink",
+    "StreamedRun",
     "StreamedSource",
     "TiffTileSink",
     "ZarrSink",
@@ -365,22 +366,18 @@ def open_sink(
 
 
 # --------------------------------------------------------------------------------------- prediction
-@dataclass  # not frozen: Lightning's apply_to_collection rebuilds dataclasses a predict_step returns
-class LargePrediction:
-    """What :func:`predict_large` wrote.
+@dataclass
+class StreamedRun:
+    """What every streamed prediction reports.
 
     Attributes:
         source: the input (its path).
-        output: the class mask file.
-        probabilities: the per-class probabilities file, or ``None``.
         height, width: the image's size.
-        tiles: tiles predicted.
+        tiles: tiles run.
         seconds: wall time of the prediction.
     """
 
     source: str
-    output: Path
-    probabilities: Path | None
     height: int
     width: int
     tiles: int
@@ -390,6 +387,19 @@ class LargePrediction:
     def mpix_per_s(self) -> float:
         """Input megapixels per second."""
         return self.height * self.width / 1e6 / max(self.seconds, 1e-9)
+
+
+@dataclass(kw_only=True)  # not frozen: Lightning's apply_to_collection rebuilds what a predict_step returns
+class LargePrediction(StreamedRun):
+    """What :func:`predict_large` wrote (and :class:`StreamedRun`'s numbers).
+
+    Attributes:
+        output: the class mask file.
+        probabilities: the per-class probabilities file, or ``None``.
+    """
+
+    output: Path
+    probabilities: Path | None = None
 
 
 def _default_reduce(logits: Tensor) -> Tensor:
@@ -664,7 +674,7 @@ class LargeImagePredictor(_WindowInput):
             if reader is not source:
                 reader.close()
         height, width = reader.shape[:2]
-        return LargePrediction(str(reader.path), output, probabilities, height, width, tiles, seconds)
+        return LargePrediction(str(reader.path), height, width, tiles, seconds, output=output, probabilities=probabilities)
 
     def _open_sinks(
         self, reader: ImageReader, classes: int, output: Path, probabilities: Path | None, sinks: list
@@ -1019,33 +1029,19 @@ class DetectionRecords:
                 part.abort()
 
 
-@dataclass  # not frozen: Lightning's apply_to_collection rebuilds dataclasses a predict_step returns
-class LargeDetections:
-    """What :func:`predict_large_detections` wrote.
+@dataclass(kw_only=True)  # not frozen: Lightning's apply_to_collection rebuilds what a predict_step returns
+class LargeDetections(StreamedRun):
+    """What :func:`predict_large_detections` wrote (and :class:`StreamedRun`'s numbers).
 
     Attributes:
-        source: the input (its path).
         coco: the COCO results json, or ``None``.
         geojson: the GeoJSON FeatureCollection, or ``None``.
-        height, width: the image's size.
-        tiles: tiles run.
         detections: detections written.
-        seconds: wall time of the prediction.
     """
 
-    source: str
     coco: Path | None
     geojson: Path | None
-    height: int
-    width: int
-    tiles: int
     detections: int
-    seconds: float
-
-    @property
-    def mpix_per_s(self) -> float:
-        """Input megapixels per second."""
-        return self.height * self.width / 1e6 / max(self.seconds, 1e-9)
 
 
 def _box_clusters(boxes: Tensor, labels: Tensor) -> Tensor:
@@ -1248,13 +1244,13 @@ class LargeImageDetector(_WindowInput):
                 reader.close()
         return LargeDetections(
             str(reader.path),
-            None if coco is None else Path(coco),
-            None if geojson is None else Path(geojson),
             height,
             width,
             tiles,
-            records.count,
             seconds,
+            coco=None if coco is None else Path(coco),
+            geojson=None if geojson is None else Path(geojson),
+            detections=records.count,
         )
 
     def _emit(self, records: DetectionRecords, final: dict[str, Tensor] | None) -> None:
