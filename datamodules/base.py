@@ -163,20 +163,11 @@ class ConvDataModule(SplitLoaders, PredictFolder, LightningDataModule):
         # Arguments this kind of data does not use stay out (Lightning refuses module and datamodule
         # hyperparameters that share a key with different values, e.g. a segmenter's ignore_index).
         self.save_hyperparameters(ignore=["default_mean", "default_std", *_UNUSED_BY_TASK[self.task]])
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers != "auto" and (
-            isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
-        ):
-            raise ValueError(f"num_workers must be an int >= 0 or 'auto', got {num_workers!r}")
+        self.set_loader_options(batch_size, num_workers, pin_memory, persistent_workers)
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
         if image_size is not None and image_size < 1:
             raise ValueError(f"image_size must be positive or None, got {image_size}")
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
         self.image_size = image_size
         self._in_channels = in_channels
         self._mean = _fit_stats(mean, in_channels, default_mean or self.default_mean, "mean")

@@ -80,6 +80,24 @@ class SplitLoaders:
     drop_last: bool
     training_order: TrainingOrder
     train_sampler: ResumableSampler | None
+
+    def set_loader_options(
+        self, batch_size: int, num_workers: int | str, pin_memory: bool, persistent_workers: bool | None
+    ) -> None:
+        """Check and keep the loader arguments (``num_workers="auto"``: :func:`auto_num_workers` when the
+        loaders are built).
+
+        Raises:
+            ValueError: naming ``batch_size`` or ``num_workers`` and what they must be.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers != "auto" and (
+            isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
+        ):
+            raise ValueError(f"num_workers must be an int >= 0 or 'auto', got {num_workers!r}")
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
     train_dataset: Dataset | None
     val_dataset: Dataset | None
     test_dataset: Dataset | None
