@@ -526,6 +526,31 @@ class _WindowInput:
         return self._tensor(data, np.dtype(reader.dtype))
 
 
+@contextlib.contextmanager
+def streaming_run(model: Any, reader: ImageReader, source: Any, outputs: list[Any]) -> Iterator[None]:
+    """The frame of one streamed prediction: the model in eval mode under ``torch.inference_mode``; every
+    output in ``outputs`` (appended to while the run goes: a sink with ``commit``/``abort``) committed to
+    its final name on success and aborted (its temporary file removed) on any failure; the model's mode
+    restored; ``reader`` closed unless the caller passed it in (``source``)."""
+    was_training = isinstance(model, nn.Module) and model.training
+    try:
+        if was_training:
+            model.eval()
+        with torch.inference_mode():
+            yield
+        for output in outputs:
+            output.commit()
+    except BaseException:
+        for output in outputs:
+            output.abort()
+        raise
+    finally:
+        if was_training:
+            model.train()
+        if reader is not source:
+            reader.close()
+
+
 class LargeImagePredictor(_WindowInput):
     """Segment an image read window by window into a mask written tile by tile.
 
@@ -652,27 +677,11 @@ class LargeImagePredictor(_WindowInput):
                 raise ValueError(f"{target}: the output must end in .tif, .tiff or .zarr")
         reader = open_image(source, level=level)
         sinks: list[OutputSink] = []
-        model = self.model
-        was_training = isinstance(model, nn.Module) and model.training
-        try:
+        with streaming_run(self.model, reader, source, sinks):
             self.check_reader(reader)
-            if was_training:
-                model.eval()  # type: ignore[union-attr]
             start = time.perf_counter()
-            with torch.inference_mode():
-                tiles = self._run(reader, output, probabilities, sinks)
-            for sink in sinks:
-                sink.commit()
-            seconds = time.perf_counter() - start
-        except BaseException:
-            for sink in sinks:
-                sink.abort()
-            raise
-        finally:
-            if was_training:
-                model.train()  # type: ignore[union-attr]
-            if reader is not source:
-                reader.close()
+            tiles = self._run(reader, output, probabilities, sinks)
+        seconds = time.perf_counter() - start
         height, width = reader.shape[:2]
         return LargePrediction(str(reader.path), height, width, tiles, seconds, output=output, probabilities=probabilities)
 
@@ -1217,31 +1226,17 @@ class LargeImageDetector(_WindowInput):
             OSError: naming the output when writing fails (nothing is left under its name).
         """
         reader = open_image(source, level=level)
-        model = self.model
-        was_training = isinstance(model, nn.Module) and model.training
-        records: DetectionRecords | None = None
-        try:
+        outputs: list[DetectionRecords] = []
+        with streaming_run(self.model, reader, source, outputs):
             self.check_reader(reader)
             height, width = reader.shape[:2]
             records = DetectionRecords(
                 coco, geojson, image_id, class_names, category_ids, str(reader.path), height, width
             )
-            if was_training:
-                model.eval()  # type: ignore[union-attr]
+            outputs.append(records)
             start = time.perf_counter()
-            with torch.inference_mode():
-                tiles = self._run(reader, records)
-            records.commit()
-            seconds = time.perf_counter() - start
-        except BaseException:
-            if records is not None:
-                records.abort()
-            raise
-        finally:
-            if was_training:
-                model.train()  # type: ignore[union-attr]
-            if reader is not source:
-                reader.close()
+            tiles = self._run(reader, records)
+        seconds = time.perf_counter() - start
         return LargeDetections(
             str(reader.path),
             height,
