@@ -1,9 +1,12 @@
 """The BatchNorm monitor: running-statistics drift, train/test discrepancy, cross-rank disagreement.
 
 Owns :class:`BatchNormDriftMonitor`: its pre-hooks on the BN layers, which batches it records, the
-reduction and metrics of an interval, the syncs and recalibrations it runs during fit, and its findings.
-The ring of recorded batches and the discrepancy arithmetic are
-:class:`~lightning_convnets.callbacks.bn_ring.BatchNormRing`'s; PreciseBN
+reduction and metrics of an interval, when it syncs or recalibrates during fit, its findings and figure,
+and its checkpointed state (the syncs, the open interval). The ring of recorded batches, the discrepancy
+arithmetic and the interval's saved state are
+:class:`~lightning_convnets.callbacks.bn_ring.BatchNormRing`'s; the syncs and recalibrations themselves
+:class:`~lightning_convnets.callbacks.bn_sync.RunningStatsSync`'s (a base of the monitor); its report table
+:func:`~lightning_convnets.callbacks.report.batchnorm_tables`; PreciseBN
 (:func:`~lightning_convnets.callbacks.precise_bn.recalibrate_batchnorm`) and cross-rank pooling
 (:func:`~lightning_convnets.callbacks.precise_bn.pool_running_stats`) live in
 :mod:`~lightning_convnets.callbacks.precise_bn`. The method, every logged key, what DDP's buffer
@@ -12,19 +15,18 @@ broadcast does and the costs are in ``docs/monitors.md``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import bn_ranks, diagnosis, plots, precise_bn, report
 from . import core as _core
 from .bn_ring import QUANTITIES, BatchNormRing, interval_metrics
+from .bn_sync import RunningStatsSync, SyncMode
 from .core import MonitorCallback, MonitorConfigError
 from .deprecated import moved_names
 from .packing import PackedStats, StatsPacker
@@ -37,7 +39,35 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["BatchNormDriftMonitor"]
 
-SyncMode = Literal["broadcast", "pooled"]
+
+def _check_options(
+    sync: str | None,
+    recalibrate_batches: int | None,
+    z_threshold: float,
+    var_ratio_threshold: float,
+    rank_threshold: float,
+    drift_threshold: float,
+) -> None:
+    """Raise :class:`MonitorConfigError` naming the first bad argument of :class:`BatchNormDriftMonitor`."""
+    if sync not in (None, "broadcast", "pooled"):
+        raise MonitorConfigError(
+            f"BatchNormDriftMonitor: sync must be 'broadcast', 'pooled' or None, got {sync!r}"
+        )
+    if recalibrate_batches is not None and recalibrate_batches < 1:
+        raise MonitorConfigError(
+            f"BatchNormDriftMonitor: recalibrate_batches must be >= 1 or None, got {recalibrate_batches}"
+        )
+    for label, value in (
+        ("z_threshold", z_threshold),
+        ("rank_threshold", rank_threshold),
+        ("drift_threshold", drift_threshold),
+    ):
+        if not value > 0:
+            raise MonitorConfigError(f"BatchNormDriftMonitor: {label} must be > 0, got {value}")
+    if not var_ratio_threshold > 1:
+        raise MonitorConfigError(
+            f"BatchNormDriftMonitor: var_ratio_threshold must be > 1, got {var_ratio_threshold}"
+        )
 
 
 @dataclass
@@ -48,7 +78,7 @@ class _Layer:
     channels: int
 
 
-class BatchNormDriftMonitor(MonitorCallback):
+class BatchNormDriftMonitor(RunningStatsSync, MonitorCallback):
     """Drift of BN running statistics, their train/test discrepancy, cross-rank disagreement; optional
     synchronisation and PreciseBN recalibration before evaluation.
 
@@ -131,25 +161,9 @@ class BatchNormDriftMonitor(MonitorCallback):
             strict=strict,
             dense_steps=dense_steps,
         )
-        if sync not in (None, "broadcast", "pooled"):
-            raise MonitorConfigError(
-                f"BatchNormDriftMonitor: sync must be 'broadcast', 'pooled' or None, got {sync!r}"
-            )
-        if recalibrate_batches is not None and recalibrate_batches < 1:
-            raise MonitorConfigError(
-                f"BatchNormDriftMonitor: recalibrate_batches must be >= 1 or None, got {recalibrate_batches}"
-            )
-        for label, value in (
-            ("z_threshold", z_threshold),
-            ("rank_threshold", rank_threshold),
-            ("drift_threshold", drift_threshold),
-        ):
-            if not value > 0:
-                raise MonitorConfigError(f"BatchNormDriftMonitor: {label} must be > 0, got {value}")
-        if not var_ratio_threshold > 1:
-            raise MonitorConfigError(
-                f"BatchNormDriftMonitor: var_ratio_threshold must be > 1, got {var_ratio_threshold}"
-            )
+        _check_options(
+            sync, recalibrate_batches, z_threshold, var_ratio_threshold, rank_threshold, drift_threshold
+        )
         self.sync = sync
         self.recalibrate_batches = recalibrate_batches
         self.recalibrate_forward = recalibrate_forward
@@ -169,7 +183,9 @@ class BatchNormDriftMonitor(MonitorCallback):
 
     # ------------------------------------------------------------------ hooks
     def attach(self, trainer: pl.Trainer | None, pl_module: nn.Module) -> None:
-        found = [(n, m) for n, m in precise_bn.batchnorm_layers(pl_module) if m.momentum is None or m.momentum > 0]
+        found = [
+            (n, m) for n, m in precise_bn.batchnorm_layers(pl_module) if m.momentum is None or m.momentum > 0
+        ]
         if not found:
             self.layers = []
             self.step_aside(
@@ -231,8 +247,7 @@ class BatchNormDriftMonitor(MonitorCallback):
         """On-device buffers, once the model sits on its device (``on_train_start``)."""
         self.ring = self.ring_class([lay.module for lay in self.layers])
         self._bind()
-        mean, var = self._current()
-        self._start_mean, self._start_var = mean.to(self.ring.stat_dtype), var.to(self.ring.stat_dtype)
+        self.ring.start(*self._current())  # the drift reference
         # Layers whose running statistics are copied by the batch's first BN forward, all in one
         # _foreach_copy_, instead of two copies in each layer's pre-hook: decided after the first recorded
         # batch, for the layers that ran exactly one training forward in it (a layer called twice per
@@ -384,7 +399,7 @@ class BatchNormDriftMonitor(MonitorCallback):
         packer.sum("forwards", ring.forwards)
         packer.sum("sums", ring.sums)
         packer.max("zmax", ring.zmax)
-        packer.sum("drift", ring.drift(self._start_mean, self._start_var, new_mean, new_var))
+        packer.sum("drift", ring.drift(ring.start_mean, ring.start_var, new_mean, new_var))
         packer.sum("elements", torch.tensor(self._elements, dtype=torch.float64, device=device))
         packer.sum("nbt", self._nbt())
         if self._use_cross_rank(trainer):
@@ -394,9 +409,7 @@ class BatchNormDriftMonitor(MonitorCallback):
         if not self._buffers_ready:
             return
         self.ring.reset()
-        mean, var = self._current()
-        self._start_mean.copy_(mean)
-        self._start_var.copy_(var)
+        self.ring.start(*self._current())
 
     def compute_metrics(
         self, trainer: pl.Trainer | None, pl_module: nn.Module, stats: PackedStats
@@ -425,52 +438,7 @@ class BatchNormDriftMonitor(MonitorCallback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if not self._dirty or self.sync is None or trainer.world_size == 1:
-            return
-        self.sync_running_stats(trainer, pl_module)
-        # Lightning collected the model state dict before this hook: write the synced values into it
-        state = checkpoint.get("state_dict")
-        if isinstance(state, dict):
-            bn_ranks.write_running_stats(state, [(lay.name, lay.module) for lay in self.layers])
-        # and the monitor's state (collected before this hook too): no batch has run since this sync
-        interval = ((checkpoint.get("callbacks") or {}).get(self.state_key) or {}).get("extra", {}).get("interval")
-        if isinstance(interval, dict):
-            interval["dirty"] = False
-
-    @torch.no_grad()
-    def sync_running_stats(self, trainer: pl.Trainer, pl_module: nn.Module | None = None) -> None:
-        """Make every rank's running statistics identical (``sync`` mode) with one ``all_gather``; records
-        the spread before the sync in :attr:`syncs` and logs it as ``batchnorm/rank_spread_before_sync``.
-        A no-op without ``sync`` or with a single process."""
-        if self.sync is None or trainer.world_size == 1 or not self.layers:
-            return
-        payload = self.sync_payload()
-        gathered = trainer.strategy.all_gather(payload).reshape(-1, payload.numel())
-        before = self.apply_sync(gathered, step=trainer.global_step)
-        self.log_metrics(trainer, {f"{self.monitor_name}/rank_spread_before_sync": before})
-
-    def sync_payload(self) -> Tensor:
-        """This rank's part of a sync: running means, variances, batches tracked and batch elements per
-        channel of every layer, as one float64 vector (what :meth:`sync_running_stats` gathers)."""
-        return bn_ranks.sync_payload([lay.module for lay in self.layers], self._elements)
-
-    def apply_sync(self, gathered: Tensor, step: int = 0) -> float:
-        """Set the running statistics from every rank's :meth:`sync_payload` (``gathered``: ``[world, size]``)
-        per ``sync`` (:func:`~lightning_convnets.callbacks.bn_ranks.apply_sync`: rank 0's or pooled) and
-        record the largest spread before the sync, which it returns, in :attr:`syncs`."""
-        self._dirty = False
-        before = bn_ranks.apply_sync([lay.module for lay in self.layers], gathered, self.sync)
-        self.syncs.append({"step": float(step), "rank_spread_before": before})
-        self.syncs = self.syncs[-self.max_history :]
-        return before
-
-    def recalibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """PreciseBN on ``recalibrate_batches`` batches of the trainer's train dataloader, pooled across
-        ranks through the strategy's ``all_gather``
-        (:func:`~lightning_convnets.callbacks.precise_bn.recalibrate_in_fit`)."""
-        done = precise_bn.recalibrate_in_fit(trainer, pl_module, self.recalibrate_batches, self.recalibrate_forward)
-        if not done:
-            rank_zero_warn("BatchNormDriftMonitor: no train dataloader to recalibrate BN with; skipped")
+        self.sync_into_checkpoint(trainer, pl_module, checkpoint)
 
     # ------------------------------------------------------------------ report
     def _series(self, layer: str, key: str) -> list[tuple[int, float]]:
@@ -489,18 +457,16 @@ class BatchNormDriftMonitor(MonitorCallback):
             return {}
         return {"discrepancy": self.plot()}
 
-    def tables(self, trainer: pl.Trainer | None, pl_module: nn.Module | None) -> dict[str, list[dict[str, Any]]]:
-        """Per BN layer at the end (the latest history entry): channels, batch elements per channel, z-shift,
-        batch/running variance ratio, KL, drift (and the cross-rank keys under DDP)."""
-        if not self.history:
-            return {}
-        last = self.history[-1]
-        sizes = {lay.name: {"channels": lay.channels, "elements": e} for lay, e in zip(self.layers, self._elements)}
-        rows = []
-        for row in report.layer_rows(last, self.monitor_name, list(sizes)):
-            name, ratio = row.pop("layer"), row.pop("log_var_ratio", math.nan)
-            rows.append({"layer": name, **sizes[name], "var_ratio": math.exp(ratio), **row})
-        return {f"BN drift per layer at step {int(last['step'])}": rows}
+    def tables(
+        self, trainer: pl.Trainer | None, pl_module: nn.Module | None
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Per BN layer at the end (:func:`~lightning_convnets.callbacks.report.batchnorm_tables`): channels,
+        batch elements per channel, z-shift, batch/running variance ratio, KL, drift (and the cross-rank keys
+        under DDP)."""
+        sizes = {
+            lay.name: {"channels": lay.channels, "elements": e} for lay, e in zip(self.layers, self._elements)
+        }
+        return report.batchnorm_tables(self.history, self.monitor_name, sizes)
 
     def plot(self) -> Figure:
         """z-shift and batch/running variance ratio of every layer over training (one line per layer;
@@ -513,26 +479,14 @@ class BatchNormDriftMonitor(MonitorCallback):
         )
 
     def extra_state(self) -> dict[str, Any]:
-        """The syncs, and the logging interval so far (this rank's): the ring's batches processed into the
-        interval's sums (the same numbers as processing them later: the ring adds batch by batch), the
-        drift reference (the running statistics at the interval's start), the last recorded batch's old
-        statistics and sizes (the cross-rank keys and ``elements`` read them), and whether a batch ran
-        since the last sync. A checkpoint inside an interval then resumes it exactly."""
+        """The syncs, and the logging interval so far (this rank's): the ring's sums, drift reference and last
+        old statistics (:meth:`BatchNormRing.state_dict`), the last recorded batch's sizes (the cross-rank
+        keys and ``elements`` read them), and whether a batch ran since the last sync. A checkpoint inside an
+        interval then resumes it exactly."""
         state: dict[str, Any] = {"syncs": list(self.syncs)}
         if self._buffers_ready:
-            ring = self.ring
-            ring.flush()
-            state["interval"] = {
-                "channels": int(ring.total),
-                "sums": ring.sums.detach().cpu().clone(),
-                "zmax": ring.zmax.detach().cpu().clone(),
-                "forwards": ring.forwards.detach().cpu().clone(),
-                "start_mean": self._start_mean.detach().cpu().clone(),
-                "start_var": self._start_var.detach().cpu().clone(),
-                "old": ring.old.detach().cpu().clone(),
-                "elements": [int(e) for e in self._elements],
-                "dirty": bool(self._dirty),
-            }
+            elements = [int(e) for e in self._elements]
+            state["interval"] = {**self.ring.state_dict(), "elements": elements, "dirty": bool(self._dirty)}
         return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -543,17 +497,10 @@ class BatchNormDriftMonitor(MonitorCallback):
 
     def _restore_interval(self) -> None:
         """Continue the checkpoint's logging interval (:meth:`extra_state`), if it was saved for these
-        layers (the same channel count); else start a fresh one."""
+        layers (as many layers and channels); else start a fresh one."""
         saved = self.__dict__.pop("_restored_interval", None)
-        ring = self.ring
-        if not saved or int(saved.get("channels", -1)) != ring.total or len(saved["elements"]) != len(self.layers):
-            return
-        for name, target in (("sums", ring.sums), ("zmax", ring.zmax), ("forwards", ring.forwards)):
-            target.copy_(saved[name])
-        self._start_mean = saved["start_mean"].to(ring.sums.device, self.ring.stat_dtype)
-        self._start_var = saved["start_var"].to(ring.sums.device, self.ring.stat_dtype)
-        ring.old.copy_(saved["old"])
-        self._elements = list(saved["elements"])
+        if saved and len(saved["elements"]) == len(self.layers) and self.ring.load_state_dict(saved):
+            self._elements = list(saved["elements"])
 
 
 # names that lived here before PreciseBN and pooling moved (one release, with a DeprecationWarning)

@@ -2,11 +2,12 @@
 
 Owns :class:`BatchNormRing`: the layers' channel layout and per-channel constants (momenta, epsilons),
 the running statistics just before and after each recorded batch (a ring of up to ``size`` batches,
-processed together), the recovery of each batch's statistics from its running-stat update, and the
-interval's per-layer sums of the discrepancies (:data:`QUANTITIES`). Which batches are recorded, and the
-forward hooks that write the old statistics in, are
-:class:`~lightning_convnets.callbacks.batchnorm.BatchNormDriftMonitor`'s; the method is in
-``docs/monitors.md``.
+processed together), the recovery of each batch's statistics from its running-stat update, the
+interval's per-layer sums of the discrepancies (:data:`QUANTITIES`), its drift reference (the running
+statistics at its start) and its checkpointed state (:meth:`BatchNormRing.state_dict`,
+:meth:`BatchNormRing.load_state_dict`). Which batches are recorded, and the forward hooks that write the
+old statistics in, are :class:`~lightning_convnets.callbacks.batchnorm.BatchNormDriftMonitor`'s; the method
+is in ``docs/monitors.md``.
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ class BatchNormRing:
         (1.0, 10.0)
     """
 
-    def __init__(self, modules: Sequence[_BatchNorm], size: int = 1, *, segment_reduce: bool | None = None) -> None:
+    def __init__(
+        self, modules: Sequence[_BatchNorm], size: int = 1, *, segment_reduce: bool | None = None
+    ) -> None:
         if not modules:
             raise ValueError("BatchNormRing: modules must hold at least one BatchNorm layer")
         if size < 1:
@@ -88,6 +91,8 @@ class BatchNormRing:
         self.zmax = torch.zeros(count, **f64)
         self.forwards = torch.zeros(count, **f64)
         self.chosen: list[int] | None = None  # layers whose old statistics are copied at batch start
+        self.start_mean: Tensor | None = None  # the drift reference (start): running statistics at its start
+        self.start_var: Tensor | None = None
         self.bind()
         self.resize(size)
 
@@ -213,7 +218,10 @@ class BatchNormRing:
     def _snapshot_lists(self) -> list[tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]]:
         chosen = self.chosen or []
         means, variances = [self.means[i] for i in chosen], [self.variances[i] for i in chosen]
-        return [([mv[i] for i in chosen], [vv[i] for i in chosen], means, variances) for _, mv, vv, _ in self.slots]
+        return [
+            ([mv[i] for i in chosen], [vv[i] for i in chosen], means, variances)
+            for _, mv, vv, _ in self.slots
+        ]
 
     def capture_old(self) -> None:
         """Copy every layer's running statistics into the current slot as the batch's old ones (what the
@@ -233,7 +241,9 @@ class BatchNormRing:
         self.metas[k] = (called, elements)
         if self.any_cumulative:  # their momentum is 1 / num_batches_tracked after the update
             if self.nbt is None:
-                self.nbt = torch.zeros(self.size, len(self.modules), dtype=torch.float64, device=self.buffer.device)
+                self.nbt = torch.zeros(
+                    self.size, len(self.modules), dtype=torch.float64, device=self.buffer.device
+                )
             self.nbt[k].copy_(self.num_batches_tracked())
         self.filled = k + 1
         if self.filled == self.size:
@@ -276,7 +286,9 @@ class BatchNormRing:
         log_ratio = torch.log(ratio, out=rows[2])
         torch.abs(log_ratio, out=rows[3])
         torch.sub(ratio, 1, out=rows[4]).sub_(log_ratio).add_(z_sq).mul_(0.5)
-        per_layer = self._per_layer(work[:5], "sum").permute(1, 2, 0) / self.channels[:, None]  # [n, layers, 5]
+        per_layer = (
+            self._per_layer(work[:5], "sum").permute(1, 2, 0) / self.channels[:, None]
+        )  # [n, layers, 5]
         per_layer = per_layer.nan_to_num_(nan=0.0).mul_(mask[..., None])
         for k in range(n):  # the interval's sums add the batches one by one, in order
             self.sums.add_(per_layer[k])
@@ -290,6 +302,15 @@ class BatchNormRing:
         self.zmax.zero_()
         self.forwards.zero_()
 
+    def start(self, mean: Tensor, var: Tensor) -> None:
+        """Take the running statistics ``mean``/``var`` (flat per channel) as the interval's drift reference,
+        :attr:`start_mean`/:attr:`start_var` (in the statistics' dtype; :meth:`drift` measures from them)."""
+        if self.start_mean is None or self.start_var is None:
+            self.start_mean, self.start_var = mean.to(self.stat_dtype), var.to(self.stat_dtype)
+        else:
+            self.start_mean.copy_(mean)
+            self.start_var.copy_(var)
+
     def drift(self, start_mean: Tensor, start_var: Tensor, new_mean: Tensor, new_var: Tensor) -> Tensor:
         """How far the running statistics moved between two snapshots (flat per channel, float64), per
         layer (``[layers, 2]``): the mean over channels of the squared mean change in starting standard
@@ -300,6 +321,45 @@ class BatchNormRing:
         drift = torch.zeros(len(self.modules), 2, dtype=torch.float64, device=self.sums.device)
         drift.index_add_(0, self.layer_index, torch.stack([drift_mean, drift_var], 1))
         return drift / self.channels[:, None]
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """The interval so far, as CPU copies: the batches held, processed (:meth:`flush`: the same numbers
+        as processing them later, the ring adds batch by batch) into ``sums``, ``zmax`` and ``forwards``, the
+        drift reference ``start_mean``/``start_var`` (:meth:`start`) and the current slot's old statistics
+        ``old`` (the cross-rank keys read them); ``channels`` checks the layout at :meth:`load_state_dict`.
+
+        Example:
+            >>> import torch
+            >>> bn = torch.nn.BatchNorm1d(2, momentum=0.5).train()
+            >>> ring = BatchNormRing([bn])
+            >>> ring.start(bn.running_mean.double(), bn.running_var.double())
+            >>> ring.capture_old(); _ = bn(torch.tensor([[1.0, 4.0], [3.0, 4.0]])); ring.record((True,), (2,))
+            >>> again = BatchNormRing([bn])
+            >>> again.load_state_dict(ring.state_dict()), round(float(again.sums[0, 1]), 3), again.start_mean.tolist()
+            (True, 10.0, [0.0, 0.0])
+            >>> again.load_state_dict({**ring.state_dict(), "channels": 3})  # saved for other layers
+            False
+        """
+        self.flush()
+        state: dict[str, Any] = {"channels": int(self.total)}
+        for name in ("sums", "zmax", "forwards", "start_mean", "start_var", "old"):
+            if getattr(self, name) is not None:  # no drift reference before the first start()
+                state[name] = getattr(self, name).detach().cpu().clone()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> bool:
+        """Continue the interval of :meth:`state_dict` (onto the ring's device) if it was saved for as many
+        channels; returns whether it did (else nothing changes: a fresh interval)."""
+        if int(state.get("channels", -1)) != self.total:
+            return False
+        for name in ("sums", "zmax", "forwards"):
+            getattr(self, name).copy_(state[name])
+        if "start_mean" in state and "start_var" in state:
+            self.start_mean = state["start_mean"].to(self.sums.device, self.stat_dtype)
+            self.start_var = state["start_var"].to(self.sums.device, self.stat_dtype)
+        self.old.copy_(state["old"])
+        return True
 
     # ------------------------------------------------------------------ helpers of the arithmetic
     def _per_batch(self, keys: list[Any], make: Callable[[Any], Tensor]) -> Tensor:
@@ -314,7 +374,9 @@ class BatchNormRing:
         if mask is None:  # the same layers run in nearly every batch: no host-to-device copy per step
             if len(self._masks) >= CACHE_CAP:
                 self._masks.clear()
-            mask = self._masks[called] = torch.tensor(called, dtype=torch.float64, device=self.channels.device)
+            mask = self._masks[called] = torch.tensor(
+                called, dtype=torch.float64, device=self.channels.device
+            )
         return mask
 
     def _factor(self, elements: tuple[int, ...]) -> Tensor:
@@ -323,7 +385,9 @@ class BatchNormRing:
             if len(self._factors) >= CACHE_CAP:
                 self._factors.clear()
             factors = [(n - 1) / n if n > 1 else 1.0 for n in elements]
-            factor = self._factors[elements] = torch.tensor(factors, dtype=torch.float64, device=self.channels.device)
+            factor = self._factors[elements] = torch.tensor(
+                factors, dtype=torch.float64, device=self.channels.device
+            )
         return factor
 
     def _per_layer(self, quantities: Tensor, reduce: str) -> Tensor:
@@ -345,9 +409,11 @@ class BatchNormRing:
         zeros = torch.zeros(n * layers, rows, dtype=quantities.dtype, device=quantities.device)
         if reduce == "sum":
             return zeros.index_add_(0, index, flat).view(n, layers, rows).permute(2, 0, 1)
-        return zeros.scatter_reduce_(0, index[:, None].expand_as(flat), flat, "amax", include_self=True).view(
-            n, layers, rows
-        ).permute(2, 0, 1)
+        return (
+            zeros.scatter_reduce_(0, index[:, None].expand_as(flat), flat, "amax", include_self=True)
+            .view(n, layers, rows)
+            .permute(2, 0, 1)
+        )
 
 
 def interval_metrics(

@@ -1,24 +1,26 @@
-"""The monitors' core: :class:`MonitorCallback` and the guard every monitor runs under.
+"""The monitors' core: :class:`MonitorCallback`, the base class of every monitor.
 
 Owns the subclass API (``attach``, ``pack``, ``compute_metrics``, ``reset_interval``, ``diagnose``,
-``figures``, ``tables``, ``extra_state``), the guard (an unexpected exception switches one monitor off with one warning
-and an ``error`` row; ``strict=True`` re-raises; :class:`MonitorConfigError` always raises), the one
-collective per logging interval (:meth:`MonitorCallback.flush`), the any-logger output, the bounded
-checkpointed history, the monitor's part of the end-of-fit diagnosis, and :func:`observers_paused`.
-Around it: :mod:`~lightning_convnets.callbacks.moments` (streaming moments),
-:mod:`~lightning_convnets.callbacks.packing` (what travels in the collective),
+``figures``, ``tables``, ``extra_state``), what the guard does with a failure (an unexpected exception
+switches one monitor off with one warning and an ``error`` row: :meth:`MonitorCallback.fail`; a rank that
+switched off keeps taking part in the collective), the one collective per logging interval
+(:meth:`MonitorCallback.flush`), the any-logger output, the bounded history, and
+:func:`observers_paused`. Around it: :mod:`~lightning_convnets.callbacks.guard` (the wrapper of every
+Lightning hook, ``strict``, :class:`MonitorConfigError`), :mod:`~lightning_convnets.callbacks.moments`
+(streaming moments), :mod:`~lightning_convnets.callbacks.packing` (what travels in the collective),
 :mod:`~lightning_convnets.callbacks.schedule` (which steps are recorded),
-:mod:`~lightning_convnets.callbacks.hooks` (forward hooks, compiled models) and
-:mod:`~lightning_convnets.callbacks.diagnosis` (findings and the report). The full API and the cost model
-are in ``docs/monitors.md``.
+:mod:`~lightning_convnets.callbacks.hooks` (forward hooks, compiled models),
+:mod:`~lightning_convnets.callbacks.monitor_state` (the checkpointed state: versions, the per-rank gather,
+the resume), :mod:`~lightning_convnets.callbacks.end_of_fit` (the monitor's part of the end-of-fit
+diagnosis) and :mod:`~lightning_convnets.callbacks.diagnosis` (findings and the report). The full API and
+the cost model are in ``docs/monitors.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -26,9 +28,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from . import diagnosis, hooks, moments, nonfinite, packing, report, schedule
+from . import diagnosis, end_of_fit, hooks, moments, packing, schedule
 from .deprecated import moved_names
+from .guard import GUARDED_HOOKS, STRICT_ENV, MonitorConfigError, guard_hook, strict_default
 from .hooks import ForwardHooks
+from .monitor_state import MonitorState, share_rank_states
+from .monitor_state import cached_state_key as _cached_state_key  # the monitors' state_key (shattering)
 from .schedule import RecordingSchedule
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,7 +43,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from .diagnosis import Finding
     from .packing import PackedStats, StatsPacker
 
-__all__ = ["DEFAULT_MAX_HISTORY", "MonitorCallback", "MonitorConfigError", "observers_paused", "strict_default"]
+__all__ = [
+    "DEFAULT_MAX_HISTORY",
+    "STRICT_ENV",
+    "MonitorCallback",
+    "MonitorConfigError",
+    "observers_paused",
+    "strict_default",
+]
 
 DEFAULT_MAX_HISTORY = 1000
 """History cap (entries) of every monitor unless ``max_history`` says otherwise."""
@@ -61,88 +73,6 @@ def observers_paused() -> Iterator[None]:
         yield
     finally:
         _PAUSED -= 1
-
-
-STRICT_ENV = "LIGHTNING_CONVNETS_STRICT_MONITORS"
-"""Environment variable: ``1`` makes every monitor built with ``strict=None`` strict (CI, tests)."""
-
-
-def strict_default() -> bool:
-    """Whether monitors built with ``strict=None`` re-raise (``LIGHTNING_CONVNETS_STRICT_MONITORS=1``)."""
-    import os
-
-    return os.environ.get(STRICT_ENV, "").strip().lower() in ("1", "true", "yes")
-
-
-class MonitorConfigError(ValueError):
-    """A mistake in a monitor's configuration that is visible before training (a bad argument, an option
-    naming a module the model does not have). The guard always lets it through: it is raised in
-    ``setup``, before any training step, so nothing of the run is lost."""
-
-
-# Lightning hooks (and checkpoint hooks) whose body runs under the guard in every monitor class
-_GUARDED_HOOKS = frozenset(
-    {name for name in vars(Callback) if name.startswith("on_")} | {"setup", "teardown", "load_state_dict"}
-)
-# hooks that still run once the monitor is off: hook removal, and the end-of-fit report (which then
-# carries the monitor's ``error`` row)
-_ALWAYS_RUN = frozenset({"teardown", "on_fit_end"})
-
-
-def _trainer_of(args: tuple[Any, ...]) -> Any:
-    return args[0] if args and hasattr(args[0], "global_step") else None
-
-
-def _guard(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run ``fn`` (a monitor's Lightning hook) so that an unexpected exception switches the monitor off
-    instead of ending the run (see :meth:`MonitorCallback.fail`). Nested calls (``super().hook(...)``)
-    run bare: the outermost guard handles the exception."""
-    if getattr(fn, "_monitor_guarded", False):
-        return fn
-
-    def run(self: MonitorCallback, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if not self.active and name not in _ALWAYS_RUN:
-            if name == "on_train_batch_end":
-                self._failed_rank_flush(args[0])
-            elif name == "on_train_end":
-                self._failed_rank_flush(args[0], at_end=True)
-            return None
-        if self._guard_depth:
-            return fn(self, *args, **kwargs)
-        self._guard_depth += 1
-        try:
-            return fn(self, *args, **kwargs)
-        except MonitorConfigError:
-            raise
-        except Exception as err:
-            if self.strict:
-                raise
-            self.fail(name, err, _trainer_of(args))
-            return None
-        finally:
-            self._guard_depth -= 1
-
-    if name != "on_save_checkpoint":
-
-        @functools.wraps(fn)
-        def guarded(self: MonitorCallback, *args: Any, **kwargs: Any) -> Any:
-            return run(self, args, kwargs)
-
-    else:
-
-        @functools.wraps(fn)
-        def guarded(self: MonitorCallback, *args: Any, **kwargs: Any) -> Any:
-            if self._guard_depth:  # super().on_save_checkpoint(...): the outermost call gathers
-                return run(self, args, kwargs)
-            # every rank gathers the monitors' extra states at each save whatever the hook did (the monitor
-            # may be off, the hook may have raised): a rank that skipped the gather would hang the others
-            try:
-                return run(self, args, kwargs)
-            finally:
-                self._share_rank_states(*args, **kwargs)
-
-    guarded._monitor_guarded = True  # type: ignore[attr-defined]
-    return guarded
 
 
 class MonitorCallback(ForwardHooks, RecordingSchedule, Callback):
@@ -202,8 +132,8 @@ class MonitorCallback(ForwardHooks, RecordingSchedule, Callback):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        for name in _GUARDED_HOOKS & set(vars(cls)):
-            setattr(cls, name, _guard(name, vars(cls)[name]))
+        for name in GUARDED_HOOKS & set(vars(cls)):
+            setattr(cls, name, guard_hook(name, vars(cls)[name]))
 
     def __init__(
         self,
@@ -305,8 +235,7 @@ class MonitorCallback(ForwardHooks, RecordingSchedule, Callback):
         step = int(trainer.global_step) if trainer is not None else None
         where = f" at step {step}" if step is not None else ""
         message = (
-            f"{type(self).__name__} switched itself off{where}: {hook} raised {type(error).__name__}: "
-            f"{error}"
+            f"{type(self).__name__} switched itself off{where}: {hook} raised {type(error).__name__}: {error}"
         )
         hint = self.failure_hint(hook, error)
         suggestion = f"{hint}; training went on without this monitor (strict=True raises instead)"
@@ -422,7 +351,6 @@ class MonitorCallback(ForwardHooks, RecordingSchedule, Callback):
         if self._flush_due(trainer):
             self.flush(trainer, pl_module)
 
-
     def _failed_rank_flush(self, trainer: pl.Trainer, at_end: bool = False) -> None:
         """On a rank where the monitor failed (DDP): send the flag and a NaN payload of the usual length
         at the usual steps, so the other ranks' collective completes and they switch off too."""
@@ -444,45 +372,10 @@ class MonitorCallback(ForwardHooks, RecordingSchedule, Callback):
             self.flush(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_convnets.figures import log_figure
-
-        diag = diagnosis.diagnosis_for(trainer)
-        if self.failure is None:
-            try:
-                for key, fig in self.figures(trainer, pl_module).items():
-                    png = log_figure(trainer, f"monitors/{self.monitor_name}/{key}", fig)
-                    if png is not None:  # rank zero: the PNG copy just written, embedded in the HTML page
-                        diag.add_figure(self.monitor_name, key, png)
-            except Exception as err:  # a plotting problem must not hide the diagnosis
-                if self.strict:
-                    raise
-                rank_zero_warn(f"{type(self).__name__}: could not draw its figures: {err}")
-            if trainer.is_global_zero:
-                try:
-                    diag.add_tables(self.monitor_name, self._report_tables(trainer, pl_module))
-                except Exception as err:  # a table problem must not hide the diagnosis either
-                    if self.strict:
-                        raise
-                    rank_zero_warn(f"{type(self).__name__}: could not build its report tables: {err}")
-            try:
-                diag.add(self.diagnose(trainer, pl_module))
-            except Exception as err:
-                if self.strict:
-                    raise
-                self.fail("diagnose", err, trainer)
-        diag.add(self.notes)
-        if self.failure is not None:
-            diag.add([self.failure])
+        # figures, tables, findings, notes, the error row; the last monitor adds the task's rollback rows
         monitors = [cb for cb in trainer.callbacks if isinstance(cb, MonitorCallback)]
-        if all(id(m) in diag.contributors for m in monitors if m is not self):
-            # the last monitor to finish adds what the task did about bad steps (nonfinite="skip"/"rollback")
-            diag.add(nonfinite.training_findings(pl_module))
-        diag.contribute(trainer, self, monitors, strict=self.strict)
-
-    def _report_tables(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        if type(self).tables is MonitorCallback.tables:
-            return report.history_tables(self.history, self.monitor_name)
-        return self.tables(trainer, pl_module)
+        own_tables = type(self).tables is not MonitorCallback.tables
+        end_of_fit.contribute(self, trainer, pl_module, monitors, own_tables=own_tables)
 
     @property
     def state_key(self) -> str:
@@ -493,10 +386,11 @@ class MonitorCallback(ForwardHooks, RecordingSchedule, Callback):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """The checkpointed state: the history, where the logging interval stands (``last_flush_step``,
-        ``batches_since_flush``: a resumed run flushes on the same steps, and under gradient accumulation
-        never flushes the checkpoint's step a second time) and this rank's :meth:`extra_state`. Under DDP
-        :meth:`on_save_checkpoint` adds every rank's ``extra`` as ``extra_ranks`` (rank order)."""
+        """The checkpointed state (:class:`~lightning_convnets.callbacks.monitor_state.MonitorState`): the
+        history, where the logging interval stands (``last_flush_step``, ``batches_since_flush``: a resumed
+        run flushes on the same steps, and under gradient accumulation never flushes the checkpoint's step a
+        second time) and this rank's :meth:`extra_state`. Under DDP :meth:`on_save_checkpoint` adds every
+        rank's ``extra`` as ``extra_ranks`` (rank order)."""
         try:
             extra = self.extra_state()
         except Exception as err:  # a monitor must not cost the run its checkpoint
@@ -504,25 +398,15 @@ class MonitorCallback(ForwardHooks, RecordingSchedule, Callback):
                 raise
             self.fail("state_dict", err)
             extra = {}
-        return {
-            "version": 2,
-            "history": list(self.history),
-            "extra": extra,
-            "last_flush_step": int(self._last_flush_step),
-            "batches_since_flush": int(self._batches_since_flush),
-        }
+        return MonitorState(self.history, extra, self._last_flush_step, self._batches_since_flush).to_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "history" not in state_dict:
-            raise KeyError(
-                f"{type(self).__name__}.load_state_dict: checkpoint state has no 'history' "
-                f"(keys: {sorted(state_dict)})"
-            )
-        self.history = list(state_dict["history"])[-self.max_history :]
+        state = MonitorState.from_dict(state_dict, owner=type(self).__name__)  # this rank's extra
+        self.history = state.history[-self.max_history :]
         # version 1 checkpoints have neither: the interval restarts (at most one duplicate row)
-        self._last_flush_step = int(state_dict.get("last_flush_step", -1))
-        self._batches_since_flush = int(state_dict.get("batches_since_flush", 0))
-        self.load_extra_state(_own_rank_entry(state_dict))
+        self._last_flush_step = state.last_flush_step
+        self._batches_since_flush = state.batches_since_flush
+        self.load_extra_state(state.extra)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -533,82 +417,23 @@ class MonitorCallback(ForwardHooks, RecordingSchedule, Callback):
     def _share_rank_states(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """Under DDP, gather every rank's ``extra`` (what :meth:`state_dict` just put into this rank's
-        ``checkpoint``) and store the list as ``extra_ranks``: one ``all_gather_object`` per monitor and
-        save. Lightning builds the checkpoint on every rank at each save (``trainer.save_checkpoint`` is
-        collective), and this runs from the guard of ``on_save_checkpoint`` on every rank, active or not,
-        so every rank takes part; no other step pays anything."""
-        if int(getattr(trainer, "world_size", 1) or 1) <= 1 or not _distributed():
+        """Under DDP, every rank's ``extra`` into the checkpoint as ``extra_ranks``
+        (:func:`~lightning_convnets.callbacks.monitor_state.share_rank_states`: one ``all_gather_object`` per
+        monitor and save). It runs from the guard of ``on_save_checkpoint`` on every rank, active or not, so
+        every rank takes part; no other step pays anything."""
+        if int(getattr(trainer, "world_size", 1) or 1) <= 1:
             return
-        import torch.distributed as dist
-
-        states = checkpoint.get("callbacks") if isinstance(checkpoint, dict) else None
-        entry = states.get(self.state_key) if isinstance(states, dict) else None
-        own = entry.get("extra") if isinstance(entry, dict) else None
-        gathered: list[Any] = [None] * dist.get_world_size()
         try:
-            dist.all_gather_object(gathered, _to_cpu(own))
+            share_rank_states(checkpoint, self.state_key)
         except Exception as err:
             if self.strict:
                 raise
             self.fail("on_save_checkpoint (gathering every rank's state)", err, trainer)
-            return
-        if isinstance(entry, dict):
-            entry["extra_ranks"] = gathered
 
 
-def _own_rank_entry(state: dict[str, Any]) -> dict[str, Any]:
-    """The ``extra`` state this process resumes with from a monitor's checkpointed ``state``: its own
-    rank's entry of ``extra_ranks`` when the checkpoint has one per rank of the current world, else
-    ``extra`` (rank zero's: a single-process checkpoint, an older one, or another world size).
-
-    Example:
-        >>> _own_rank_entry({"history": [], "extra": {"n": 0}, "extra_ranks": [{"n": 0}, {"n": 1}]})  # one process
-        {'n': 0}
-    """
-    extra = state.get("extra") or {}
-    ranks = state.get("extra_ranks")
-    if _distributed() and isinstance(ranks, list | tuple):
-        import torch.distributed as dist
-
-        world, rank = dist.get_world_size(), dist.get_rank()
-        if len(ranks) == world and isinstance(ranks[rank], dict):
-            return ranks[rank]
-    return extra
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def _to_cpu(value: Any) -> Any:
-    """``value`` with every tensor moved to the CPU (what travels in ``all_gather_object``: a pickled device
-    tensor would be unpickled onto the sender's device)."""
-    if isinstance(value, Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, list | tuple) and not hasattr(value, "_fields"):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
-
-
-for _name in _GUARDED_HOOKS & set(vars(MonitorCallback)):
-    setattr(MonitorCallback, _name, _guard(_name, vars(MonitorCallback)[_name]))
+for _name in GUARDED_HOOKS & set(vars(MonitorCallback)):
+    setattr(MonitorCallback, _name, guard_hook(_name, vars(MonitorCallback)[_name]))
 del _name
-
-
-def _cached_state_key(callback: Callback, **key: Any) -> str:
-    """``callback._generate_state_key(**key)``, formatted once per distinct ``key``: Lightning reads
-    ``state_key`` around every callback hook call (several per step and callback), and formatting it costs
-    about a microsecond each time."""
-    values = tuple(key.values())
-    cached = callback.__dict__.get("_state_key_cache")
-    if cached is None or cached[0] != values:
-        cached = callback.__dict__["_state_key_cache"] = (values, callback._generate_state_key(**key))
-    return cached[1]
 
 
 # names that lived here before the split (one release, with a DeprecationWarning naming their home)

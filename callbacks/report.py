@@ -4,7 +4,8 @@ Owns :func:`render_html` (the findings coloured by severity with their suggestio
 embedded as base64 PNG data URIs, the per-layer tables: one file, no script, no external asset, every
 string escaped) and the helpers that build per-layer tables from a monitor's history (:func:`layer_rows`,
 :func:`history_tables`: the tables of a monitor that does not write its own
-:meth:`~lightning_convnets.callbacks.core.MonitorCallback.tables`). It imports nothing else of the package:
+:meth:`~lightning_convnets.callbacks.core.MonitorCallback.tables`; the BatchNorm monitor's
+:func:`batchnorm_tables`). It imports nothing else of the package:
 :class:`~lightning_convnets.callbacks.diagnosis.Diagnosis` gathers the findings, figures and tables at the
 end of fit and calls :func:`render_html` from ``Diagnosis.write``. What the page shows: ``docs/monitors.md``.
 """
@@ -20,6 +21,7 @@ from typing import Any
 __all__ = [
     "MAX_TABLE_ROWS",
     "PNG_SIGNATURE",
+    "batchnorm_tables",
     "history_tables",
     "layer_rows",
     "png_data_uri",
@@ -87,7 +89,9 @@ def png_data_uri(png: bytes) -> str:
         'data:image/png;base64,iVBORw0KGgo='
     """
     if not bytes(png[:8]) == PNG_SIGNATURE:
-        raise ValueError(f"png_data_uri: expected PNG bytes (starting {PNG_SIGNATURE!r}), got {bytes(png[:8])!r}")
+        raise ValueError(
+            f"png_data_uri: expected PNG bytes (starting {PNG_SIGNATURE!r}), got {bytes(png[:8])!r}"
+        )
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
@@ -106,7 +110,11 @@ def layer_rows(
     for name in layers:
         head = f"{prefix}/{name}/"
         if keys is None:
-            values = {k[len(head) :]: v for k, v in entry.items() if k.startswith(head) and "/" not in k[len(head) :]}
+            values = {
+                k[len(head) :]: v
+                for k, v in entry.items()
+                if k.startswith(head) and "/" not in k[len(head) :]
+            }
         else:
             values = {k: entry[head + k] for k in keys if head + k in entry}
         if values:
@@ -148,6 +156,29 @@ def history_tables(history: Sequence[Mapping[str, float]], prefix: str) -> dict[
     if summary:
         tables[f"summary at step {step}"] = summary
     return tables
+
+
+def batchnorm_tables(
+    history: Sequence[Mapping[str, float]], prefix: str, sizes: Mapping[str, Mapping[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """The BatchNorm monitor's table: one row per layer of ``sizes`` (``layer -> {"channels": ...,
+    "elements": ...}``, in that order) that the latest history entry has values for, with the sizes, the
+    batch/running variance ratio (``exp`` of the logged ``log_var_ratio``; NaN without one) and the other
+    logged keys of the layer. ``{}`` without history.
+
+    Example:
+        >>> entry = {"step": 8.0, "bn/l1/z_shift": 0.5, "bn/l1/log_var_ratio": 0.0, "bn/l1/mean_drift": 0.1}
+        >>> batchnorm_tables([entry], "bn", {"l1": {"channels": 4, "elements": 64}})
+        {'BN drift per layer at step 8': [{'layer': 'l1', 'channels': 4, 'elements': 64, 'var_ratio': 1.0, 'z_shift': 0.5, 'mean_drift': 0.1}]}
+    """
+    if not history:
+        return {}
+    last = history[-1]
+    rows = []
+    for row in layer_rows(last, prefix, list(sizes)):
+        name, ratio = row.pop("layer"), row.pop("log_var_ratio", math.nan)
+        rows.append({"layer": name, **sizes[name], "var_ratio": math.exp(ratio), **row})
+    return {f"BN drift per layer at step {int(last['step'])}": rows}
 
 
 # ------------------------------------------------------------------------------------------ rendering
@@ -208,7 +239,9 @@ def _finding(index: int, f: Mapping[str, Any]) -> list[str]:
     ]
     layers = list(f.get("layers") or [])
     if layers:
-        out.append('<p class="layers">layers: ' + ", ".join(f"<code>{_esc(n)}</code>" for n in layers) + "</p>")
+        out.append(
+            '<p class="layers">layers: ' + ", ".join(f"<code>{_esc(n)}</code>" for n in layers) + "</p>"
+        )
     if f.get("suggestion"):
         out.append(f'<p class="suggestion"><strong>Try:</strong> {_esc(f["suggestion"])}</p>')
     if f.get("step") is not None:

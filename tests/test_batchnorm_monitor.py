@@ -675,3 +675,38 @@ def test_stochastic_weight_averaging_replacing_the_buffers_is_followed(tmp_path)
     logged = monitor.history[-1]
     assert logged["step"] == trainer.global_step
     assert logged["batchnorm/bn/z_shift"] == pytest.approx(math.sqrt(sum(swa_epoch) / 4), rel=1e-4)
+
+
+def test_ring_state_resumes_an_open_interval_exactly():
+    """BatchNormRing.state_dict mid-interval (a batch still held in the ring), loaded into a fresh ring on a
+    copy of the layers: the continued interval's sums, maxima, forwards and drift reference are bit for bit
+    those of the uninterrupted ring; a state saved for other layers is refused and changes nothing."""
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(8, 3, 4, 4, generator=gen) * (1 + i) + i for i in range(5)]
+
+    def run(bn, ring, xs):
+        for x in xs:
+            ring.capture_old()
+            bn(x)
+            ring.record((True,), (x.numel() // 3,))
+
+    bn = nn.BatchNorm2d(3).train()
+    ring = BatchNormRing([bn], size=2)
+    ring.start(bn.running_mean.double(), bn.running_var.double())
+    run(bn, ring, batches[:3])  # the third batch is still held in the ring
+    state = ring.state_dict()
+    assert list(state) == ["channels", "sums", "zmax", "forwards", "start_mean", "start_var", "old"]
+    assert all(v.device.type == "cpu" for k, v in state.items() if k != "channels") and ring.filled == 0
+    twin = copy.deepcopy(bn)
+    resumed = BatchNormRing([twin], size=2)
+    assert resumed.load_state_dict(state)
+    run(bn, ring, batches[3:])
+    run(twin, resumed, batches[3:])
+    ring.flush(), resumed.flush()
+    for name in ("sums", "zmax", "forwards", "start_mean", "start_var"):
+        assert torch.equal(getattr(ring, name), getattr(resumed, name)), name
+    assert float(resumed.forwards[0]) == 5.0
+    other = BatchNormRing([nn.BatchNorm2d(4)])
+    assert (
+        not other.load_state_dict(state) and float(other.forwards.sum()) == 0.0 and other.start_mean is None
+    )

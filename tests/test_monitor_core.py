@@ -330,8 +330,37 @@ def test_names_moved_out_of_the_core_still_import_from_it_with_a_deprecation_war
 
     core = importlib.import_module("lightning_convnets.callbacks.core")
     new = importlib.import_module(f"lightning_convnets.callbacks.{home}")
-    with pytest.warns(DeprecationWarning, match=f"callbacks.core.{name} moved to lightning_convnets.callbacks.{home}"):
+    with pytest.warns(
+        DeprecationWarning, match=f"callbacks.core.{name} moved to lightning_convnets.callbacks.{home}"
+    ):
         old = getattr(core, name)
     assert old is getattr(new, name)
     with pytest.raises(AttributeError, match="no_such_name"):
         core.no_such_name  # noqa: B018
+
+
+def test_checkpointed_state_versions_and_the_guard_module_are_the_cores():
+    from lightning_convnets.callbacks import core, guard, monitor_state
+
+    # the names the monitors import from the core are the guard's and the state module's very objects
+    assert core.MonitorConfigError is guard.MonitorConfigError and core.strict_default is guard.strict_default
+    assert core._cached_state_key is monitor_state.cached_state_key
+    monitor = CountingMonitor(log_every_n_steps=3)
+    monitor.append_history({"step": 3.0, "counting/forwards": 2.0})
+    monitor._last_flush_step, monitor._batches_since_flush = 3, 1
+    state = monitor.state_dict()
+    assert list(state) == ["version", "history", "extra", "last_flush_step", "batches_since_flush"]
+    assert state["version"] == monitor_state.STATE_VERSION == 2
+    fresh = CountingMonitor(log_every_n_steps=3)
+    # one process: rank 0's "extra", not an entry of "extra_ranks"
+    with_ranks = {**state, "extra": {"mine": 0}, "extra_ranks": [{"other": 1}, {"other": 2}]}
+    assert monitor_state.MonitorState.from_dict(with_ranks).extra == {"mine": 0}
+    fresh.load_state_dict(with_ranks)
+    assert (fresh.history, fresh._last_flush_step, fresh._batches_since_flush) == (monitor.history, 3, 1)
+    old = CountingMonitor(log_every_n_steps=3)
+    old.load_state_dict({"history": state["history"], "extra": {}})  # version 1: the interval restarts
+    assert (old._last_flush_step, old._batches_since_flush) == (-1, 0)
+    with pytest.raises(
+        KeyError, match=r"CountingMonitor\.load_state_dict: checkpoint state has no 'history'"
+    ):
+        old.load_state_dict({"extra": {}})
