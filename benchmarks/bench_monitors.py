@@ -364,7 +364,7 @@ SWEEP = (
     ("resnet18", 32, 64, 16),
     ("resnet18", 32, 128, 16),
 )
-TARGET = 0.02  # all three monitors at their defaults, amortised with the probe, per step
+TARGET = 0.02  # every monitor of lightning_convnets.callbacks at their defaults, amortised with the probe, per step
 
 
 def build_backbone_classifier(name: str, width: int) -> nn.Module:
@@ -785,7 +785,7 @@ def run_sweep(
     specs: list[tuple[str, int, int, int]], min_cycles: int, max_cycles: int, seconds: float, root: str,
     null: bool = False, threads: int = 1, device: str = "cpu",
 ) -> dict:
-    """Per row: one fit with all three monitors at their defaults toggled on and off in blocks of one
+    """Per row: one fit with every monitor at their defaults toggled on and off in blocks of one
     logging interval (:func:`run_cycles`), the shattering probe timed directly and amortised over its
     default interval at that batch size. ``--null``: one more row, three no-op callbacks toggled the same
     way on the first network (the method's own bias)."""
@@ -845,7 +845,7 @@ def sweep_markdown(sweep: dict[str, Any], setup: dict[str, Any]) -> str:
         f"{setup['load_average_at_start'][0]:.1f} at start, {setup['load_average_at_end'][0]:.1f} at end; "
         f"{setup['minutes']:.1f} minutes; device: {setup.get('device', 'cpu')}, timed by process CPU on the CPU, by wall clock on a GPU). Per row one fit (CPU-stem network, SGD, 32 or 64 px), each in a "
         "fresh process: a warm-up past the monitors' dense phase (every step recorded below step 50), then "
-        "cycles of one logging interval (50 steps) with all three monitors at their defaults and 50 steps "
+        "cycles of one logging interval (50 steps) with every monitor at their defaults and 50 steps "
         "without them (out of the trainer's callbacks, no hook in any module), neighbours in one fit. "
         "**per step** = CPU of the on blocks / CPU of the off blocks around them - 1 (each on block against "
         "the mean of the off blocks before and after it, which cancels a linear drift of the step time "
@@ -901,7 +901,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--sweep",
         action="store_true",
-        help="depth sweep of all three monitors (ResNet-18..200, two 64x64 nets)",
+        help="depth sweep of every monitor (ResNet-18..200, two 64x64 nets)",
     )
     parser.add_argument(
         "--model", nargs="+", default=None, help="with --sweep: backbone names to run (default: the sweep's)"
@@ -1012,8 +1012,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
-_SWEEP_TITLE = "## Depth and batch sweep: all three monitors at their defaults"
-_OLD_SWEEP_TITLES = ("## Depth sweep: all three monitors at their defaults",)
+_SWEEP_TITLE = "## Depth and batch sweep: every monitor at its defaults"
+_OLD_SWEEP_TITLES = (
+    "## Depth sweep: all three monitors at their defaults",
+    "## Depth and batch sweep: all three monitors at their defaults",
+)
 
 
 def _write_keeping_sweep(path: Path, text: str, sweep_table: str | None = None) -> None:

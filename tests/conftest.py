@@ -38,3 +38,21 @@ def class_count_error(tmp_path):
         return str(caught.value)
 
     return run
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _nothing_written_into_the_repository_root():
+    """A test writes into its ``tmp_path``, never into the working tree: a Trainer without
+    ``default_root_dir`` puts ``lightning_logs/`` and the monitors' ``diagnosis.*`` into the working
+    directory. Fails the session naming what appeared (hidden files and caches aside)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def entries() -> set[str]:
+        return {p.name for p in root.iterdir() if not p.name.startswith((".", "__"))}
+
+    before = entries()
+    yield
+    new = sorted(entries() - before)
+    assert not new, f"tests wrote into the repository root: {new} (give the Trainer default_root_dir=tmp_path)"

@@ -10,6 +10,7 @@ and two DDP ranks.
 from __future__ import annotations
 
 import math
+import tempfile
 
 import lightning.pytorch as pl
 import pytest
@@ -91,8 +92,8 @@ def data(n: int = 256, seed: int = 0, size: int = 8, noise: float = 1.0) -> Tens
 def fit(model, monitor, steps=30, loader=None, tmp_path=None, **kw) -> pl.Trainer:
     torch.manual_seed(0)
     options = {**QUIET, "max_steps": steps, "log_every_n_steps": 10, **kw}
-    if tmp_path is not None:
-        options["default_root_dir"] = tmp_path
+    # never the working directory: the end-of-fit report is written into the run's log folder
+    options["default_root_dir"] = tmp_path if tmp_path is not None else tempfile.mkdtemp(prefix="optimization-")
     trainer = pl.Trainer(callbacks=[monitor] if monitor is not None else [], **options)
     trainer.fit(model, loader or DataLoader(data(), batch_size=8))
     return trainer
@@ -269,7 +270,9 @@ def test_update_ratio_matches_the_hand_computation_per_layer_and_group(tmp_path)
     before, monitor = Before(), OptimizationMonitor(log_every_n_steps=1)
     model = Net(features_lr=0.05, head_lr=0.2, momentum=0.0)
     torch.manual_seed(0)
-    trainer = pl.Trainer(callbacks=[before, monitor], max_steps=1, log_every_n_steps=1, **QUIET)
+    trainer = pl.Trainer(
+        callbacks=[before, monitor], max_steps=1, log_every_n_steps=1, default_root_dir=tmp_path, **QUIET
+    )
     trainer.fit(model, DataLoader(data(), batch_size=8))
     (entry,) = monitor.history
     w, g = before.weights, before.grads
