@@ -12,6 +12,7 @@ from torch import nn
 from lightning_convnets.backbones import create_backbone
 from lightning_convnets.predict import tiling
 from lightning_convnets.predict.tiling import (
+    BlendAccumulator,
     NetworkGeometry,
     TiledDetector,
     TiledPredictor,
@@ -214,6 +215,48 @@ def test_blended_tiles_take_any_image_size_and_stream_the_reduction() -> None:
         # Memory bound: never more than batch_size tiles of at most tile_size per forward.
         assert all(c[0] <= 4 and c[2] <= 24 and c[3] <= 24 and c[2] % 4 == 0 and c[3] % 4 == 0 for c in calls)
     assert tiler.predict(torch.rand(2, 3, 30, 40)).shape == (2, 4, 30, 40)
+
+
+def test_the_blend_accumulator_gives_the_weighted_mean_of_covering_tiles_block_by_block() -> None:
+    # Against a plain reference that holds the whole image: every pixel handed back exactly once, with the
+    # weighted mean of the tiles covering it (the tiles added in the same order: equal to the last bit).
+    torch.manual_seed(0)
+    for h, w, tile, step in [(70, 53, 24, 16), (100, 90, 32, 4), (24, 24, 24, 16), (13, 90, 16, 12)]:
+        ys, xs = tiling.tile_starts(h, tile, step), tiling.tile_starts(w, tile, step)
+        weight = torch.rand(tile, tile) + 0.1
+        tiles = {(r, c): torch.randn(2, 3, tile, tile) for r in range(len(ys)) for c in range(len(xs))}
+        acc, wsum = torch.zeros(2, 3, h, w), torch.zeros(h, w)
+        blender = BlendAccumulator(h, w, ys, xs, weight)
+        out, seen = torch.full((2, 3, h, w), float("nan")), torch.zeros(h, w, dtype=torch.int64)
+        for (r, c), value in tiles.items():
+            hh, ww = min(tile, h - ys[r]), min(tile, w - xs[c])
+            acc[..., ys[r] : ys[r] + hh, xs[c] : xs[c] + ww] += (value * weight)[..., :hh, :ww]
+            wsum[ys[r] : ys[r] + hh, xs[c] : xs[c] + ww] += weight[:hh, :ww]
+            for y, x, block in blender.add(r, c, value):
+                out[..., y : y + block.shape[-2], x : x + block.shape[-1]] = block
+                seen[y : y + block.shape[-2], x : x + block.shape[-1]] += 1
+        assert torch.equal(seen, torch.ones(h, w, dtype=torch.int64)), (h, w)
+        assert torch.equal(out, acc / wsum), (h, w)
+
+
+def test_the_blend_accumulator_holds_the_overlap_band_not_a_strip_of_tile_rows() -> None:
+    # What grows with the image width is the band of rows the next tile row overlaps (overlap x width),
+    # not tile rows x width: a 64-px tile with 16 px of overlap on a 4096-px-wide image holds under a
+    # third of the strip of tile rows, and the same whatever the height.
+    tile, overlap, classes = 64, 16, 3
+    held = {}
+    for h, w in [(256, 4096), (1024, 4096), (256, 512)]:
+        ys, xs = tiling.tile_starts(h, tile, tile - overlap), tiling.tile_starts(w, tile, tile - overlap)
+        blender = BlendAccumulator(h, w, ys, xs, torch.ones(tile, tile))
+        most = 0
+        for r in range(len(ys)):
+            for c in range(len(xs)):
+                blender.add(r, c, torch.zeros(classes, tile, tile))
+                most = max(most, blender.held_values)
+        held[h, w] = most
+        assert most <= (classes + 1) * (overlap * w + tile * 2 * tile), (h, w, most)
+    assert held[256, 4096] == held[1024, 4096] < (classes + 1) * tile * 4096 / 3
+    assert held[256, 512] < held[256, 4096] / 4
 
 
 def test_tiled_predictor_rejects_bad_options() -> None:

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from lightning_convnets.nn.boxes import MergeMethod, merge_detections
 from lightning_convnets.predict.readers import ImageReader, open_image
 from lightning_convnets.predict.tiling import (
+    BlendAccumulator,
     NetworkGeometry,
     TiledDetector,
     TiledPredictor,
@@ -728,10 +729,9 @@ class LargeImagePredictor(_WindowInput):
             return windows.pin_memory() if pin else windows
 
         bar = _progress(len(tiles), height * width, reader.path, self.progress)
-        blend = tiler.mode == "blend"
-        weight = tiler.blend_weight(th, tw) if blend else None
-        acc: Tensor | None = None
-        wsum = torch.zeros(th, width) if blend else None
+        blender = None
+        if tiler.mode == "blend":
+            blender = BlendAccumulator(height, width, ys, xs, tiler.blend_weight(th, tw))
         try:
             for batch, inputs in _Prefetcher(load, batches, self.prefetch):
                 logits = self._forward(inputs)
@@ -739,30 +739,15 @@ class LargeImagePredictor(_WindowInput):
                 if not sinks:
                     self._open_sinks(reader, logits.shape[1], output, probabilities, sinks)
                 for (r, c, y, x), tile in zip(batch, logits):
-                    last = c == len(xs) - 1
-                    if not blend:
-                        hh, ww = min(th, height - y), min(tw, width - x)
-                        self._emit(sinks, y, x, tile[:, :hh, :ww])
-                        if last:
-                            end = ys[r + 1] if r + 1 < len(ys) else height
-                            for sink in sinks:
-                                sink.rows_done(end)
-                        continue
-                    assert weight is not None and wsum is not None
-                    tile = tile.to("cpu")
-                    if acc is None:
-                        acc = tile.new_zeros((tile.shape[0], th, width))
-                    ww = min(tw, width - x)
-                    acc[:, :, x : x + ww] += (tile * weight)[:, :, :ww]
-                    wsum[:, x : x + ww] += weight[:, :ww]
-                    if last:  # a tile row is complete: its rows above the next row are final
-                        end = ys[r + 1] if r + 1 < len(ys) else min(y + th, height)
-                        done = end - y
-                        self._emit(sinks, y, 0, acc[:, :done] / wsum[:done])
+                    if blender is None:
+                        self._emit(sinks, y, x, tile[:, : min(th, height - y), : min(tw, width - x)])
+                    else:
+                        for by, bx, value in blender.add(r, c, tile.to("cpu")):
+                            self._emit(sinks, by, bx, value)
+                    if c == len(xs) - 1:  # a tile row is complete: its rows above the next row are final
+                        end = ys[r + 1] if r + 1 < len(ys) else height
                         for sink in sinks:
                             sink.rows_done(end)
-                        acc = torch.cat([acc[:, done:], acc.new_zeros((acc.shape[0], done, width))], dim=1)
-                        wsum = torch.cat([wsum[done:], wsum.new_zeros((done, width))], dim=0)
                 bar.update(len(batch))
         finally:
             bar.close()

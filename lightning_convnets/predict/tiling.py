@@ -26,6 +26,7 @@ from lightning_convnets.nn.boxes import MergeMethod, merge_detections, weighted_
 from lightning_convnets.predict.tta import TTAConfig, detect_tta, parse_tta, segment_tta
 
 __all__ = [
+    "BlendAccumulator",
     "TiledDetector",
     "TiledPredictor",
     "TilingOptions",
@@ -486,31 +487,107 @@ class TiledPredictor:
         h, w = image.shape[-2:]
         th, _, ys = self._axis(h)
         tw, _, xs = self._axis(w)
-        weight = self.blend_weight(th, tw).to(image.device)
+        blender = BlendAccumulator(h, w, ys, xs, self.blend_weight(th, tw).to(image.device))
         out: Tensor | None = None
-        acc: Tensor | None = None  # weighted logits of the current strip of tile rows: (K, th, w)
-        wsum = torch.zeros(th, w, device=image.device)
         for tiles, logits in self._tiles(image):
             self._check_out(logits, th, tw)
-            for (r, c, y, x), tile in zip(tiles, logits):
-                tile = tile.to(image.device)
-                if acc is None:
-                    acc = tile.new_zeros((tile.shape[0], th, w))
-                ww = min(tw, w - x)
-                acc[:, :, x : x + ww] += (tile * weight)[:, :, :ww]
-                wsum[:, x : x + ww] += weight[:, :ww]
-                if c == len(xs) - 1:  # a tile row is complete: its rows above the next row are final
-                    end = ys[r + 1] if r + 1 < len(ys) else min(y + th, h)
-                    done = end - y
-                    value = acc[:, :done] / wsum[:done]
+            for (r, c, _, _), tile in zip(tiles, logits):
+                for y, x, value in blender.add(r, c, tile.to(image.device)):
                     value = reduce(value) if reduce is not None else value
                     if out is None:
                         out = value.new_empty((*value.shape[:-2], h, w))
-                    out[..., y:end, :] = value
-                    acc = torch.cat([acc[:, done:], acc.new_zeros((acc.shape[0], done, w))], dim=1)
-                    wsum = torch.cat([wsum[done:], wsum.new_zeros((done, w))], dim=0)
+                    out[..., y : y + value.shape[-2], x : x + value.shape[-1]] = value
         assert out is not None
         return out
+
+
+class BlendAccumulator:
+    """Blends same-padding tiles added in raster order and hands back each region once no later tile
+    touches it, so that neither the whole output nor a strip of tile rows across the width is held.
+
+    A pixel's value is the weighted mean of the tiles covering it (``sum(w * tile) / sum(w)``), summed in
+    the order the tiles arrive. What is kept: the current tile row's columns not yet finished (at most one
+    tile wide) and the band of rows that the next tile row overlaps (``overlap`` rows by the image width,
+    with its weight sums): memory grows with the width only through that band, not through a strip of
+    ``tile`` rows.
+
+    Args:
+        height: image rows.
+        width: image columns.
+        ys: tile origins along the rows (increasing, as :meth:`TiledPredictor.plan` gives them).
+        xs: tile origins along the columns.
+        weight: the blending weights ``(tile_h, tile_w)`` of one tile.
+
+    Example:
+        >>> blender = BlendAccumulator(6, 6, [0, 2], [0, 2], torch.ones(4, 4))
+        >>> blocks = [b for r in range(2) for c in range(2) for b in blender.add(r, c, torch.ones(1, 4, 4))]
+        >>> [(y, x, tuple(v.shape)) for y, x, v in blocks]
+        [(0, 0, (1, 2, 2)), (0, 2, (1, 2, 4)), (2, 0, (1, 4, 2)), (2, 2, (1, 4, 4))]
+    """
+
+    def __init__(self, height: int, width: int, ys: Sequence[int], xs: Sequence[int], weight: Tensor) -> None:
+        self.height, self.width = height, width
+        self.ys, self.xs = list(ys), list(xs)
+        self.weight = weight
+        th = weight.shape[0]
+        # rows of tile row r + 1 that tile rows up to r have already touched
+        self._band_rows = max([th - (b - a) for a, b in zip(self.ys, self.ys[1:])], default=0)
+        self._band: Tensor | None = None  # weighted sums of those rows, (..., band rows, width)
+        self._band_w: Tensor | None = None  # their weight sums
+        self._carried = 0  # how many band rows the current tile row starts with
+        self._start = 0  # first column of the current tile row not yet handed back
+        self._acc: Tensor | None = None  # (..., th, columns from _start)
+        self._acc_w: Tensor | None = None
+
+    @property
+    def held_values(self) -> int:
+        """How many values (logits and weight sums) the accumulator holds now: its whole memory."""
+        held = [self._acc, self._acc_w, self._band, self._band_w]
+        return sum(t.untyped_storage().nbytes() // t.element_size() for t in held if t is not None)
+
+    def add(self, r: int, c: int, tile: Tensor) -> list[tuple[int, int, Tensor]]:
+        """Add tile ``(r, c)`` (logits ``(..., tile_h, tile_w)``); return the regions it finished as
+        ``(y, x, blended values (..., h, w))``."""
+        y, x = self.ys[r], self.xs[c]
+        th = self.weight.shape[0]
+        ww = min(self.weight.shape[1], self.width - x)
+        if c == 0:
+            self._start = 0
+            self._acc = tile.new_zeros((*tile.shape[:-2], th, 0))
+            self._acc_w = self.weight.new_zeros((th, 0))
+        assert self._acc is not None and self._acc_w is not None
+        have = self._start + self._acc.shape[-1]
+        if x + ww > have:  # new columns start from what the tile rows above left in them
+            new = tile.new_zeros((*tile.shape[:-2], th, x + ww - have))
+            new_w = self.weight.new_zeros((th, x + ww - have))
+            if self._carried:
+                assert self._band is not None and self._band_w is not None
+                new[..., : self._carried, :] = self._band[..., : self._carried, have : x + ww]
+                new_w[: self._carried] = self._band_w[: self._carried, have : x + ww]
+            self._acc = torch.cat([self._acc, new], dim=-1)
+            self._acc_w = torch.cat([self._acc_w, new_w], dim=-1)
+        a = x - self._start
+        self._acc[..., a : a + ww] += (tile * self.weight)[..., :ww]
+        self._acc_w[:, a : a + ww] += self.weight[:, :ww]
+        # columns left of the next tile are final in this tile row; rows above the next tile row are final
+        end_x = self.xs[c + 1] if c + 1 < len(self.xs) else self.width
+        last_row = r + 1 == len(self.ys)
+        done = min(th, self.height - y) if last_row else self.ys[r + 1] - y
+        n = end_x - self._start
+        value = self._acc[..., :done, :n] / self._acc_w[:done, :n]
+        if not last_row and th > done:
+            if self._band is None:
+                self._band = tile.new_empty((*tile.shape[:-2], self._band_rows, self.width))
+                self._band_w = self.weight.new_empty((self._band_rows, self.width))
+            assert self._band_w is not None
+            self._band[..., : th - done, self._start : end_x] = self._acc[..., done:, :n]
+            self._band_w[: th - done, self._start : end_x] = self._acc_w[done:, :n]
+        finished = [(y, self._start, value)]
+        self._acc, self._acc_w = self._acc[..., n:], self._acc_w[:, n:]
+        self._start = end_x
+        if c + 1 == len(self.xs):
+            self._carried = th - done if not last_row else 0
+        return finished
 
 
 # ------------------------------------------------------------------------------- detection tiling
