@@ -750,16 +750,20 @@ class NoOpMonitor(pl.Callback):
     """A callback that does nothing, toggled like a monitor: the null run of the on/off method."""
 
 
-def _sweep_child(queue: Any, spec: tuple[str, int, int, int], kwargs: dict[str, Any], null: bool) -> None:
+def _sweep_child(
+    queue: Any, spec: tuple[str, int, int, int], kwargs: dict[str, Any], null: bool, only: str | None = None
+) -> None:
     global _DEVICE
     torch.set_num_threads(kwargs.pop("threads"))
     _DEVICE = kwargs.pop("device")
     try:
         name, size, batch, width = spec
         monitors = available_monitors()
+        if only is not None:
+            monitors = {only: monitors[only]}
         make = (lambda: [NoOpMonitor() for _ in range(3)]) if null else (lambda: [cls() for cls in monitors.values()])
         result = run_cycles(name, size, batch, width, make, **kwargs)
-        if not null and _DEVICE == "cpu":
+        if not null and only is None and _DEVICE == "cpu":
             result["memory"] = _memory(name, size, batch, width)
         queue.put(("ok", result))
     except Exception as err:  # report, don't hang the parent
@@ -768,11 +772,14 @@ def _sweep_child(queue: Any, spec: tuple[str, int, int, int], kwargs: dict[str, 
         queue.put(("error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
 
 
-def _isolated_row(spec: tuple[str, int, int, int], kwargs: dict[str, Any], null: bool = False) -> dict[str, Any]:
-    """One row in a forked child (a fresh allocator and nothing cached from the rows before)."""
+def _isolated_row(
+    spec: tuple[str, int, int, int], kwargs: dict[str, Any], null: bool = False, only: str | None = None
+) -> dict[str, Any]:
+    """One row in a forked child (a fresh allocator and nothing cached from the rows before); ``only``: that
+    monitor alone."""
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    process = ctx.Process(target=_sweep_child, args=(queue, spec, dict(kwargs), null))
+    process = ctx.Process(target=_sweep_child, args=(queue, spec, dict(kwargs), null, only))
     process.start()
     status, payload = queue.get()
     process.join()
@@ -783,22 +790,27 @@ def _isolated_row(spec: tuple[str, int, int, int], kwargs: dict[str, Any], null:
 
 def run_sweep(
     specs: list[tuple[str, int, int, int]], min_cycles: int, max_cycles: int, seconds: float, root: str,
-    null: bool = False, threads: int = 1, device: str = "cpu",
+    null: bool = False, threads: int = 1, device: str = "cpu", apart: bool = False,
 ) -> dict:
     """Per row: one fit with every monitor at their defaults toggled on and off in blocks of one
     logging interval (:func:`run_cycles`), the shattering probe timed directly and amortised over its
     default interval at that batch size. ``--null``: one more row, three no-op callbacks toggled the same
-    way on the first network (the method's own bias)."""
+    way on the first network (the method's own bias). ``apart``: after each row, one row per monitor alone
+    (which monitor costs what)."""
     kwargs = dict(
         min_cycles=min_cycles, max_cycles=max_cycles, seconds=seconds, root=root, threads=threads, device=device
     )
     rows = []
-    jobs = [(spec, False) for spec in specs] + ([(specs[0], True)] if null and specs else [])
-    for (name, size, batch, width), is_null in jobs:
-        res = _isolated_row((name, size, batch, width), kwargs, null=is_null)
+    singles = list(available_monitors()) if apart else []
+    jobs = [(spec, False, only) for spec in specs for only in [None, *singles]]
+    jobs += [(specs[0], True, None)] if null and specs else []
+    for (name, size, batch, width), is_null, only in jobs:
+        res = _isolated_row((name, size, batch, width), kwargs, null=is_null, only=only)
+        label = " (null: three no-op callbacks)" if is_null else f" [{only} alone]" if only else ""
         row = {
-            "model": name + (" (null: three no-op callbacks)" if is_null else ""),
+            "model": name + label,
             "null": is_null,
+            "only": only,
             "image_size": size,
             "batch": batch,
             "width": width,
@@ -919,6 +931,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--null",
         action="store_true",
         help="with --sweep: also a null row (three no-op callbacks toggled like the monitors, first network)",
+    )
+    parser.add_argument(
+        "--apart",
+        action="store_true",
+        help="with --sweep: after each row, one row per monitor alone; writes monitors_apart.{json,md}",
     )
     parser.add_argument(
         "--device",
@@ -1060,13 +1077,21 @@ def _main_sweep(args: argparse.Namespace) -> dict[str, Any]:
     setup["device"] = args.device if args.device == "cpu" else f"cuda ({torch.cuda.get_device_name(0)})"
     sweep = run_sweep(
         specs, args.cycles, max(args.cycles, args.max_cycles), args.row_seconds, args.root, null=args.null,
-        threads=args.threads or 1, device=args.device,
+        threads=args.threads or 1, device=args.device, apart=args.apart,
     )
     setup["load_average_at_end"] = os.getloadavg()
     setup["minutes"] = (time.perf_counter() - begin) / 60
     results = {"setup": setup, **sweep}
     args.out.mkdir(parents=True, exist_ok=True)
     table = sweep_markdown(sweep, setup)
+    if args.apart:  # its own files: the table of all monitors together stays where it is
+        (args.out / "monitors_apart.json").write_text(json.dumps(results, indent=2))
+        (args.out / "monitors_apart.md").write_text(
+            "# Each monitor alone (CPU)\n\nThe first row of each network: all five monitors; then each monitor "
+            "alone, toggled the same way.\n\n" + table
+        )
+        print(table)
+        return results
     if args.device == "cuda":  # its own files: the CPU table stays where it is
         (args.out / "monitors_cuda.json").write_text(json.dumps(results, indent=2))
         (args.out / "monitors_cuda.md").write_text(
