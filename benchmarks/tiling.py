@@ -40,6 +40,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -232,15 +233,19 @@ def _large_child(padding: str, method: str, size: int, cache: str) -> dict[str, 
     }
 
 
-def large_part(sizes: list[int], in_memory_sizes: list[int], cache: Path) -> list[dict[str, Any]]:
+def large_part(
+    sizes: list[int], in_memory_sizes: list[int], cache: Path, paddings: Sequence[str] = ("valid", "same")
+) -> list[dict[str, Any]]:
     rows = []
     for size in sizes:  # generated once, in this (parent) process: not counted in any row
         synthetic_tiff(size, cache)
-    for padding in ("valid", "same"):
+    for padding in paddings:
         for size in sizes:
             methods = ["streamed"] + (["in memory"] if size in in_memory_sizes else [])
             for method in methods:
+                load = os.getloadavg()[0]
                 rows.append(_run_child(["large", padding, method, str(size), str(cache)]))
+                rows[-1]["load"] = [round(load, 2), round(os.getloadavg()[0], 2)]
                 print(rows[-1], flush=True)
     return rows
 
@@ -260,9 +265,9 @@ def _paper_estimate(rows: list[dict[str, Any]]) -> list[str]:
         mpix = 100_000 * 100_000 / 1e6
         hours = mpix / big["mpix_per_s"] / 3600
         # what grows with the width: the writer's bands (~3 x 256 rows of uint8) and, same padding, the blend
-        # strip (2 classes x 256 rows float32 logits + weights)
-        width_mib = 100_000 * 256 * (3 + (2 * 4 + 4 if padding == "same" else 0)) / 2**20
-        grown = width_mib - big["size"] * 256 * (3 + (2 * 4 + 4 if padding == "same" else 0)) / 2**20
+        # band (the 64 overlap rows: 2 classes of float32 logits + the weight sums)
+        per_px = 256 * 3 + (64 * (2 * 4 + 4) if padding == "same" else 0)
+        grown = (100_000 - big["size"]) * per_px / 2**20
         lines.append(
             f"* {padding} padding: {big['peak_rss_mib']:.0f} MiB at {big['size']} px + ~{grown:.0f} MiB of "
             f"width-proportional buffers -> ~{big['peak_rss_mib'] + grown:.0f} MiB peak; at {big['mpix_per_s']} "
@@ -349,12 +354,14 @@ def write_report(
     tta: list[dict[str, Any]],
     loadavg: tuple[str, str],
     large: list[dict[str, Any]] | None = None,
+    command: str = "",
 ) -> None:
     lines = [
         "# Tiled prediction and test-time augmentation",
         "",
-        "Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tiling.py` (CPU, one thread, shared machine;",
-        f"load average before / after: {loadavg[0]} / {loadavg[1]}).",
+        f"Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tiling.py{command}` (CPU, one thread;",
+        f"load average before / after: {loadavg[0]} / {loadavg[1]}). Parts and rows not run by this command",
+        "are kept from the run before (rows without a load column: a quiet machine, load 0.8 -> 1.0).",
         "",
     ]
     if memory:
@@ -386,17 +393,18 @@ def write_report(
             f"U-Net width 8, depth 3, 2 classes; {LARGE_TILE}-px tiles, batch {LARGE_BATCH}, one thread; synthetic",
             "RGB tiled TIFFs (256-px tiles, deflate). `peak RSS`: the whole process (imports, model, reader,",
             "writer). `in memory`: the whole TIFF read, the in-memory tiled path, the mask written at the end.",
+            "`load`: the 1-minute load average before / after the row (Mpix/s is trustworthy below ~1.5).",
             "",
-            "| padding | method | image | tiles | wall s | Mpix/s | peak RSS MiB |",
-            "|---|---|---|---|---|---|---|",
+            "| padding | method | image | tiles | wall s | Mpix/s | peak RSS MiB | load |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in large:
             if "error" in r:
-                lines.append(f"| {' '.join(r['args'])} | failed: {r['error']} (rc {r['rc']}) | | | | | |")
+                lines.append(f"| {' '.join(r['args'])} | failed: {r['error']} (rc {r['rc']}) | | | | | | |")
                 continue
             lines.append(
                 f"| {r['padding']} | {r['method']} | {r['size']}x{r['size']} | {r['tiles']} | {r['wall_s']} | "
-                f"{r['mpix_per_s']} | {r['peak_rss_mib']} |"
+                f"{r['mpix_per_s']} | {r['peak_rss_mib']} | {' / '.join(map(str, r.get('load', ['-'])))} |"
             )
         lines += ["", "100,000 x 100,000 RGB (30 GB raw), estimated from the largest streamed rows:", ""]
         lines += _paper_estimate(large)
@@ -426,6 +434,13 @@ def main() -> None:
     parser.add_argument(
         "--cache", type=Path, default=DEFAULT_CACHE, help="where the synthetic TIFFs are kept"
     )
+    parser.add_argument(
+        "--paddings",
+        nargs="+",
+        choices=["valid", "same"],
+        default=["valid", "same"],
+        help="part large: these paddings only (the other's rows are kept from the last run)",
+    )
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -442,13 +457,15 @@ def main() -> None:
     memory = memory_part(args.sizes) if args.part in ("memory", "both") else previous.get("memory", [])
     tta = tta_part(args.max_steps) if args.part in ("tta", "both") else previous.get("tta", [])
     if args.part == "large":
-        large = large_part(args.large_sizes, args.in_memory_sizes, args.cache.expanduser())
+        large = large_part(args.large_sizes, args.in_memory_sizes, args.cache.expanduser(), args.paddings)
+        large = [r for r in previous.get("large", []) if r.get("padding") not in args.paddings] + large
     else:
         large = previous.get("large", [])
     load_after = Path("/proc/loadavg").read_text().strip()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "tiling.json").write_text(json.dumps({"memory": memory, "tta": tta, "large": large}, indent=1))
-    write_report(memory, tta, (load_before, load_after), large)
+    command = "".join(" " + a for a in sys.argv[1:])
+    write_report(memory, tta, (load_before, load_after), large, command)
     print((RESULTS / "tiling.md").read_text())
 
 

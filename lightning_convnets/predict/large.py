@@ -12,8 +12,9 @@ under the final name.
 
 The tiling is :class:`~lightning_convnets.predict.tiling.TiledPredictor`'s: overlap-tile for valid
 padding (exact: equals one forward of the whole mirror-padded image) and blended tiles for same padding
-(the accumulator covers one strip of tile rows). Memory: a few tile batches, the blend strip
-(``K x tile x width`` floats, same padding only) and the sink's unfinished bands of output rows
+(:class:`~lightning_convnets.predict.tiling.BlendAccumulator` hands back each region once no later tile
+touches it). Memory: a few tile batches, the blend band (``(K + 1) x overlap x width`` floats: the rows
+the next tile row overlaps, same padding only) and the sink's unfinished bands of output rows
 (``~2 x output tile x width`` bytes per output channel). The story: ``docs/tiling.md``.
 """
 
