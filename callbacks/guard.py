@@ -96,7 +96,23 @@ def guard_hook(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
         @functools.wraps(fn)
         def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
-            return run(self, args, kwargs)
+            # ``run`` inlined for an active monitor: Lightning calls these hooks on every step
+            if not self.active:
+                return run(self, args, kwargs)
+            if self._guard_depth:
+                return fn(self, *args, **kwargs)
+            self._guard_depth += 1
+            try:
+                return fn(self, *args, **kwargs)
+            except MonitorConfigError:
+                raise
+            except Exception as err:
+                if self.strict:
+                    raise
+                self.fail(name, err, _trainer_of(args))
+                return None
+            finally:
+                self._guard_depth -= 1
 
     else:
 

@@ -122,6 +122,7 @@ class Spike:
     sigmas: float  # (loss - median) / (1.4826 MAD); inf when the loss is non-finite or the MAD is 0
     ratio: float  # loss / median (nan when the median is not positive)
     jump: Jump | None = None
+    norms_recorded: bool = True  # False: some step before it has no gradient norms (per-step norms off)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,13 +140,24 @@ def robust_band(values: Sequence[float]) -> tuple[float, float]:
         >>> [round(v, 4) for v in robust_band([1.0, 1.1, 0.9, 1.0, 50.0])]  # the outlier moves neither
         [1.0, 0.1483]
     """
-    finite = [v for v in values if math.isfinite(v)]
+    finite = sorted(float(v) for v in values if math.isfinite(v))
     if not finite:
         return math.nan, math.nan
-    t = torch.tensor(finite, dtype=torch.float64)
-    median = float(t.median()) if len(finite) % 2 else float(t.quantile(0.5))
-    mad = float((t - median).abs().quantile(0.5))
+    median = _middle(finite)
+    mad = _middle(sorted(abs(v - median) for v in finite))
     return median, MAD_SCALE * mad
+
+
+def _middle(ordered: list[float]) -> float:
+    """``torch.quantile(t, 0.5)`` of sorted float64 values, bit for bit, on the host (a flush searches
+    every step of its interval: two tensor quantiles per step cost ~2 ms on a CPU): the middle value, or
+    torch's linear interpolation between the two middle ones (``lerp`` at weight 0.5:
+    ``b - (b - a) * 0.5``)."""
+    n = len(ordered)
+    if n % 2:
+        return ordered[n // 2]
+    a, b = ordered[n // 2 - 1], ordered[n // 2]
+    return b - (b - a) * 0.5
 
 
 def _size(value: float, median: float, sigma: float) -> tuple[float, float]:
@@ -241,7 +253,14 @@ def find_spikes(
         over_ratio = not (median > 0) or not math.isfinite(loss) or ratio >= min_ratio
         if z > sigmas and over_ratio:
             jump = first_jump(steps, grads, layers, i)
-            found.append(Spike(int(steps[i]), float(loss), median, z, ratio, jump))
+            spike = Spike(int(steps[i]), float(loss), median, z, ratio, jump)
+            if (
+                jump is None
+                and grads.shape[1]
+                and grads[max(0, i - JUMP_LOOKBACK - 1) : i + 1].isnan().all(1).any()
+            ):
+                spike.norms_recorded = False  # a step of the search has no norms: the cause is unknown
+            found.append(spike)
     return found
 
 
@@ -256,9 +275,16 @@ def loss_spike_finding(spike: Spike, monitor: str, followers: Sequence[Spike] = 
         sig = f"{spike.sigmas:.0f} robust sigmas" if math.isfinite(spike.sigmas) else "far"
         size = f"loss {spike.loss:.4g} is {sig} above the band (median {spike.median:.4g}{ratio})"
     jump = spike.jump
-    if jump is None:
-        cause = "no layer's gradient norm left its band before it (look at the batch: corrupted or mislabelled data)"
+    if jump is None and not spike.norms_recorded:
+        cause = (
+            "the layers' gradient norms of the steps before it were not measured (per-step gradient norms "
+            "are off on a CPU; OptimizationMonitor(grad_norms_every_step=True) measures them and names the "
+            "layer whose norm jumped first)"
+        )
         layers: list[str] = []
+    elif jump is None:
+        cause = "no layer's gradient norm left its band before it (look at the batch: corrupted or mislabelled data)"
+        layers = []
     elif jump.nonfinite:
         cause = f"first non-finite gradient: {jump.layer} at step {jump.step}"
         layers = [jump.layer]
@@ -363,11 +389,34 @@ class StepRing:
         self, capacity: int, params: int, device: torch.device, dtype: torch.dtype = torch.float32
     ) -> None:
         self.capacity = capacity
-        self.loss = torch.zeros(capacity, device=device, dtype=torch.float64)
+        self._loss = torch.zeros(capacity, device=device, dtype=torch.float64)
+        self._loss_slots = self._loss.unbind(0)  # views of its elements: a write is one op, no indexing
+        # the losses of the steps since the last read, detached, written into ``loss`` when it is read
+        # (the same ops in the same order, bit for bit; a quiet step then pays one detach)
+        self._held: list[tuple[int, bool, Tensor]] = []
         self.grads = torch.zeros(capacity, params, device=device, dtype=dtype)
-        # per row, in order: [slot, step, micro-batches with a loss, optimizers whose norms it holds]
+        # per row, in order: [slot, step, micro-batches with a loss, optimizers whose norms it holds,
+        # optimizers that stepped without their norms measured (per-step norms off: a quiet step)]
         self._rows: deque[list[Any]] = deque()
         self._next = 0
+
+    @property
+    def loss(self) -> Tensor:
+        """The loss of each slot (float64; micro-batches summed), the held losses written in first."""
+        if self._held:
+            self.settle()
+        return self._loss
+
+    def settle(self) -> None:
+        """Write the held losses into their slots, in the order they came."""
+        held, self._held = self._held, []
+        for slot, first, value in held:
+            if value.dim():
+                value = value.reshape(())
+            if first:
+                self._loss_slots[slot].copy_(value)
+            else:
+                self._loss_slots[slot].add_(value)
 
     def begin(self, step: int) -> None:
         """Open the row of optimizer step ``step`` (a later micro-batch of the same step reuses it)."""
@@ -375,17 +424,16 @@ class StepRing:
             return
         if len(self._rows) == self.capacity:
             self._rows.popleft()  # more steps than an interval: the oldest row is given up
-        self._rows.append([self._next, step, 0, set()])
+        self._rows.append([self._next, step, 0, set(), set()])
         self._next = (self._next + 1) % self.capacity
 
     def add_loss(self, loss: Tensor) -> None:
         if not self._rows:
             return
         row = self._rows[-1]
-        if row[2] == 0:
-            self.loss[row[0]].copy_(loss.detach().reshape(()))
-        else:
-            self.loss[row[0]].add_(loss.detach().reshape(()))
+        self._held.append((row[0], row[2] == 0, loss.detach()))
+        if len(self._held) >= self.capacity:  # no read for a whole ring (no flush): write them now
+            self.settle()
         row[2] += 1
 
     def put_grads(self, optimizer: int, start: int, stop: int, norms: list[Tensor]) -> None:
@@ -396,18 +444,34 @@ class StepRing:
         torch.stack(norms, out=self.grads[row[0], start:stop])
         row[3].add(optimizer)
 
+    def stepped_unmeasured(self, optimizer: int) -> None:
+        """Optimizer ``optimizer`` stepped in the current row without its gradient norms measured (no
+        tensor op: the row's loss still counts, its norms read as not recorded)."""
+        if self._rows:
+            self._rows[-1][4].add(optimizer)
+
     def rows(self) -> list[tuple[int, int, int, frozenset[int]]]:
         """``(step, slot, micro-batches with a loss, optimizers written)`` of each row, oldest first."""
-        return [(step, slot, parts, frozenset(opts)) for slot, step, parts, opts in self._rows]
+        return [(step, slot, parts, frozenset(opts)) for slot, step, parts, opts, _ in self._rows]
+
+    def unmeasured(self) -> list[frozenset[int]]:
+        """Per row of :meth:`rows`: the optimizers that stepped without their norms measured."""
+        return [frozenset(bare) for *_, bare in self._rows]
 
     def clear(self) -> None:
+        if self._held:
+            self.settle()  # the slots keep their last values, as a checkpoint of the whole ring shows
         self._rows.clear()
 
     def state(self) -> dict[str, Any]:
         """The ring as it stands, for a checkpoint (CPU copies): both tensors whole (a ring put back by
         :meth:`load` is this one bit for bit, columns that a step did not write included), its rows (``[slot,
-        step, micro-batches with a loss, optimizers written]``) and the next slot."""
-        rows = [[int(at), int(step), int(parts), sorted(map(int, o))] for at, step, parts, o in self._rows]
+        step, micro-batches with a loss, optimizers written, optimizers stepped unmeasured]``) and the next
+        slot."""
+        rows = [
+            [int(at), int(step), int(parts), sorted(map(int, o)), sorted(map(int, bare))]
+            for at, step, parts, o, bare in self._rows
+        ]
         return {
             "loss": self.loss.detach().cpu().clone(),
             "grads": self.grads.detach().cpu().clone(),
@@ -430,7 +494,11 @@ class StepRing:
         loss, grads = state["loss"], state["grads"]
         if grads.dim() != 2 or grads.shape[1] != self.grads.shape[1] or loss.shape[0] != grads.shape[0]:
             return False
-        rows = [[int(at), int(step), int(parts), set(map(int, o))] for at, step, parts, o in state["rows"]]
+        # rows of checkpoints written before per-step norms could be off have four fields
+        rows = [
+            [int(r[0]), int(r[1]), int(r[2]), set(map(int, r[3])), set(map(int, r[4]) if len(r) > 4 else ())]
+            for r in state["rows"]
+        ]
         if grads.shape[0] == self.capacity:
             self.loss.copy_(loss)
             self.grads.copy_(grads)

@@ -67,9 +67,11 @@ class OptimizationMonitor(MonitorCallback):
     momentum, Adam's scaling, weight decay, clipping and a skipped AMP step are all in it, for any
     optimizer. Memory: one copy of the stepping optimizer's trainable parameters, held from the optimizer
     step to the end of the batch, on recorded steps only (the activations are freed by then, so it rarely
-    raises the step's peak). Every step it also writes the step's loss and each parameter's gradient norm
-    (``torch._foreach_norm``, before clipping, after AMP unscaling) into a ring on the device: two or three
-    tensor ops, no host read. Everything is reduced in the core's one collective per logging interval.
+    raises the step's peak). Every step it also writes the step's loss into a ring on the device (one
+    tensor op, no host read), and each parameter's gradient norm (``torch._foreach_norm``, before clipping,
+    after AMP unscaling): every step on a GPU (one fused kernel), on the recorded steps only on a CPU (where
+    it loops over the parameters and reads every gradient; ``grad_norms_every_step``). Everything is
+    reduced in the core's one collective per logging interval.
 
     The loss is the training step's output: ``outputs["loss"]`` under automatic optimization (Lightning
     divides it by the accumulation factor: the step's micro-batches are summed), the returned tensor or
@@ -89,11 +91,16 @@ class OptimizationMonitor(MonitorCallback):
             on recorded steps only.
         spike_sigmas: a loss this many robust sigmas above the band is a spike (with ``SPIKE_MIN_RATIO``).
         spike_window: previous steps forming the band.
+        grad_norms_every_step: measure every layer's gradient norm on every step (with ``loss_spikes``),
+            so that a spike names the layer whose norm jumped first. ``None`` (default): on a GPU yes; on
+            a CPU only on the recorded steps (every step of the dense phase, then one in 50), where a
+            spike after the dense phase is still found (the loss is recorded every step) but its cause is
+            not named, and ``<layer>/grad_norm`` is the mean over the interval's recorded steps.
         sample_every_n_steps, dense_steps, max_history, strict: as in
             :class:`~lightning_convnets.callbacks.core.MonitorCallback`.
 
     Logged (under ``optimization/``): ``<layer>/update_ratio`` (geometric mean over the interval's recorded
-    steps), ``<layer>/grad_norm`` (mean over its steps), ``param_group/<group>/update_ratio`` and ``/lr``,
+    steps), ``<layer>/grad_norm`` (mean over its steps with norms), ``param_group/<group>/update_ratio`` and ``/lr``,
     ``loss_median`` and ``loss_spikes`` (spikes found in the interval).
 
     Raises:
@@ -119,6 +126,7 @@ class OptimizationMonitor(MonitorCallback):
         loss_spikes: bool = True,
         spike_sigmas: float = _spikes.SPIKE_SIGMAS,
         spike_window: int = _spikes.BAND_WINDOW,
+        grad_norms_every_step: bool | None = None,
         sample_every_n_steps: int | None = None,
         dense_steps: int | None = None,
         max_history: int = 1000,
@@ -149,6 +157,8 @@ class OptimizationMonitor(MonitorCallback):
         self.loss_spikes = bool(loss_spikes)
         self.spike_sigmas = float(spike_sigmas)
         self.spike_window = spike_window
+        self.grad_norms_every_step = grad_norms_every_step
+        self._norms_every_step = bool(grad_norms_every_step)  # resolved for the device by _build
         self.layout: ParamLayout | None = None
         self.tallies: dict[str, LayerTally] = {}
         self.spikes: list[Spike] = []
@@ -175,6 +185,10 @@ class OptimizationMonitor(MonitorCallback):
         layout = self.layout = ParamLayout.build(trainer.optimizers, pl_module, device)
         self._meter = UpdateMeter(layout)
         capacity, total = self.interval(trainer) + 2, layout.total
+        every = self.grad_norms_every_step
+        # default: one fused kernel on a GPU; on a CPU _foreach_norm loops over the parameters, reading
+        # every gradient (~0.5% of a small network's step), so the norms wait for the recorded steps
+        self._norms_every_step = device.type != "cpu" if every is None else bool(every)
         self._ring = StepRing(capacity, total, device, layout.dtype) if total else None
         # trainable parameters that no optimizer holds never change: a frequent bug
         stray = layout.stray(pl_module) if layout.optimizers else []
@@ -213,12 +227,15 @@ class OptimizationMonitor(MonitorCallback):
         params = layout.params[o]
         if not params:
             return
+        if not (self._recording or (self.loss_spikes and self._norms_every_step)):
+            if self.loss_spikes:  # a quiet step with per-step norms off: the loss counts, no norms, no op
+                self._ring.stepped_unmeasured(o)
+            return
         start = layout.starts[o]
         with torch.no_grad():
-            if self.loss_spikes or self._recording:
-                grads = [p.grad if p.grad is not None else layout.zero for p in params]
-                norms = torch._foreach_norm(grads, 2, dtype=layout.dtype)
-                self._ring.put_grads(o, start, start + len(params), list(norms))
+            grads = [p.grad if p.grad is not None else layout.zero for p in params]
+            norms = torch._foreach_norm(grads, 2, dtype=layout.dtype)
+            self._ring.put_grads(o, start, start + len(params), list(norms))
             meter = self._meter
             if self._recording and meter is not None and o not in meter.pending:
                 meter.snapshot(o, trainer.global_step)  # the step being taken (it moves on after it)
@@ -296,24 +313,33 @@ class OptimizationMonitor(MonitorCallback):
         n_layers = len(layout.layer_names)
         grads_all = stats["grad_norms"].reshape(-1, n_layers)
         world = max(1, int(getattr(trainer, "world_size", 1) or 1))
-        steps, losses, grads = [], [], []
-        owner = torch.tensor(layout.layer_optimizer, dtype=torch.long)
-        for step, slot, parts, written in rows:
-            if not written:
+        steps, losses, slots, partial = [], [], [], []
+        loss_values = stats["loss"].tolist() if self._spikes_on and "loss" in stats else None
+        divide_by_parts = not pl_module.automatic_optimization
+        every = len(layout.optimizers)
+        for (step, slot, parts, written), unmeasured in zip(rows, self._ring.unmeasured()):
+            if not written and not unmeasured:
                 continue
-            row = grads_all[slot].clone()
-            row[row.isnan()] = math.inf  # a NaN gradient: non-finite (NaN from here on means not written)
-            if len(written) < len(layout.optimizers):
-                row[~torch.tensor([int(o) in written for o in owner.tolist()])] = math.nan
+            if len(written) < every:
+                partial.append((len(slots), written))
             steps.append(step)
-            grads.append(row)
+            slots.append(slot)
             loss = None
-            if self._spikes_on and parts > 0 and "loss" in stats:
-                divisor = world * (1 if pl_module.automatic_optimization else parts)
-                loss = float(stats["loss"][slot]) / divisor
+            if loss_values is not None and parts > 0:
+                loss = float(loss_values[slot]) / (world * (parts if divide_by_parts else 1))
             losses.append(loss)
-        if grads:
-            block = torch.stack(grads)
+        if slots:
+            # one gather of the interval's rows (host side), then the marks: a NaN gradient is non-finite
+            # (inf), NaN from here on means not written (an optimizer that did not step, or no norms)
+            block = grads_all[torch.tensor(slots, dtype=torch.long)]
+            block[block.isnan()] = math.inf
+            if partial:
+                owners = layout.layer_optimizer
+                for i, written in partial:
+                    if not written:
+                        block[i] = math.nan
+                    else:
+                        block[i, torch.tensor([int(o) not in written for o in owners])] = math.nan
             with torch.no_grad():
                 finite = torch.where(block.isfinite(), block, math.nan)
                 means = finite.nanmean(0)

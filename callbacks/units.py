@@ -179,7 +179,11 @@ def alive_per_channel(output: Tensor, kind: str, margin: float = SATURATION_MARG
     else:
         alive = output.abs() < 1 - margin
     dims = [d for d in range(output.dim()) if d != 1]
-    return alive.sum(dim=dims, dtype=torch.float64)
+    # counted in integers (exact in any order, so the float64 result is the same bit for bit): a bool
+    # reduction into int32 runs about twice as fast on a CPU as one into float64
+    per_channel = output.numel() // max(1, output.shape[1]) if output.dim() > 1 else output.numel()
+    counts = alive.sum(dim=dims, dtype=torch.int32 if per_channel < 2**31 else torch.int64)
+    return counts.to(torch.float64)
 
 
 def saturated_units(
