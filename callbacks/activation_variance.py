@@ -198,8 +198,24 @@ class ActivationVarianceMonitor(MonitorCallback):
                     self._hook(target.module, [(shortcut_key, lambda a: a[0])], pre=True)
         self.unit_counts = UnitCounts()
         if self.units:
-            for name, module in self.unit_counts.add_modules(pl_module, {id(t.module) for t in self.targets}):
+            added = self.unit_counts.add_modules(pl_module, {id(t.module) for t in self.targets})
+            for name, module in added:
                 self._hook_unit(name, module)
+            if not added and not any(unit_kind(t.module) for t in self.targets):
+                self._note_once(
+                    f"dead and saturated units not counted: {type(pl_module).__name__} has no nn.ReLU, "
+                    "nn.Sigmoid or nn.Tanh module (functional calls such as F.relu are invisible to module "
+                    "hooks; GELU, SiLU and the like have no dead-unit rule); the variances go on",
+                    "write the activations as modules (nn.ReLU(inplace=True) costs the same as F.relu)",
+                )
+
+    def _note_once(self, reason: str, suggestion: str) -> None:
+        """An ``info`` row (and one log line) about what this model does not let the monitor measure, once
+        per fit however often the hooks are attached."""
+        if any(note.message == reason for note in self.notes):
+            return
+        self.notes.append(diagnosis.not_applicable(self.monitor_name, reason, suggestion))
+        rank_zero_info(f"{type(self).__name__}: {reason}")
 
     def _hook_unit(self, name: str, module: nn.Module) -> None:
         """Count the alive units of ``module``'s output (:meth:`UnitCounts.update`: on the device)."""

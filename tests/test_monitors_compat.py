@@ -385,6 +385,42 @@ def test_timm_transformer_without_batchnorm(tmp_path):
     assert {t.kind for t in watched.callbacks[0].targets} == {"layer"}  # per-layer statistics
 
 
+class FunctionalActivations(pl.LightningModule):
+    """Activations written as ``F.relu`` calls, no activation module anywhere: the usual tutorial style."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn(self.conv1(x)))
+        return self.head(F.relu(self.conv2(x)).mean((2, 3)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def test_functional_activations_get_one_row_saying_units_are_not_counted(tmp_path):
+    # four steps logged every two: the hooks are attached on several recorded steps, the row is said once
+    watched = assert_same_training_and_logged(FunctionalActivations, tuple_loader, tmp_path)
+    activation = watched.callbacks[0]
+    assert activation.active and activation.failure is None
+    (note,) = activation.notes
+    assert note.severity == "info" and "F.relu" in note.message and "FunctionalActivations" in note.message
+    assert "nn.ReLU(inplace=True)" in note.suggestion
+    # a network with activation modules counts its units and gets no such row
+    modules = fit(Plain, tuple_loader, monitors(), tmp_path / "modules")
+    assert modules.callbacks[0].notes == []
+    assert any(k.endswith("/dead_fraction") for k in modules.logger.keys), sorted(modules.logger.keys)
+
+
 def test_torchvision_detector_with_list_batches(tmp_path):
     watched = assert_same_training_and_logged(TorchvisionDetector, detection_loader, tmp_path, max_steps=2)
     assert watched.callbacks[2].start.shape == (3, 32, 32)
