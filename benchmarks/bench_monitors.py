@@ -14,9 +14,12 @@ Usage::
 
     .venv/bin/python benchmarks/bench_monitors.py                 # full run (a few minutes)
     .venv/bin/python benchmarks/bench_monitors.py --steps 30 --models ours   # quick look
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_monitors.py --sweep --model preact_resnet18 \
+        --batch 16 --threads 1 --apart --null --out <folder>     # each monitor alone (~4 minutes)
 
 Writes ``benchmarks/results/monitors.json`` and ``benchmarks/results/monitors.md``; ``--sweep`` writes
-``monitors_depth.{json,md}`` and puts its table into ``monitors.md`` as the last section.
+``monitors_depth.{json,md}`` and puts its table into ``monitors.md`` as the last section; ``--apart``
+writes ``monitors_apart.{json,md}`` instead.
 """
 
 from __future__ import annotations
