@@ -70,7 +70,8 @@ def guard_hook(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     if getattr(fn, "_monitor_guarded", False):
         return fn
 
-    def run(self: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # one Python frame around the hook: Lightning calls these on every step
         if not self.active and name not in ALWAYS_RUN:
             if name == "on_train_batch_end":
                 self._failed_rank_flush(args[0])
@@ -93,37 +94,17 @@ def guard_hook(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             self._guard_depth -= 1
 
     if name != "on_save_checkpoint":
-
-        @functools.wraps(fn)
-        def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
-            # ``run`` inlined for an active monitor: Lightning calls these hooks on every step
-            if not self.active:
-                return run(self, args, kwargs)
-            if self._guard_depth:
-                return fn(self, *args, **kwargs)
-            self._guard_depth += 1
-            try:
-                return fn(self, *args, **kwargs)
-            except MonitorConfigError:
-                raise
-            except Exception as err:
-                if self.strict:
-                    raise
-                self.fail(name, err, _trainer_of(args))
-                return None
-            finally:
-                self._guard_depth -= 1
-
+        guarded = functools.wraps(fn)(call)
     else:
 
         @functools.wraps(fn)
         def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
             if self._guard_depth:  # super().on_save_checkpoint(...): the outermost call gathers
-                return run(self, args, kwargs)
+                return call(self, *args, **kwargs)
             # every rank gathers the monitors' extra states at each save whatever the hook did (the monitor
             # may be off, the hook may have raised): a rank that skipped the gather would hang the others
             try:
-                return run(self, args, kwargs)
+                return call(self, *args, **kwargs)
             finally:
                 self._share_rank_states(*args, **kwargs)
 
